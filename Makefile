@@ -1,0 +1,53 @@
+# Two commands set everything up on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The device machines' stack (Python 3.12, jax 0.11.2, flax 0.12.10, ...), tested on CPU.
+PYTHON312 ?= $(shell command -v python3.12 || echo $(HOME)/.pyenv/versions/3.12.1/bin/python3)
+VENV312 ?= .venv312
+DEVICE_STACK := jax==0.11.2 flax==0.12.10 optax==0.2.8 orbax-checkpoint==0.12.4 einops==0.8.2 \
+	transformers==5.17.0 safetensors==0.8.0 tqdm rich pytest pytest-xdist
+PYTEST_ARGS ?= -n 2 -q
+
+.PHONY: demo test test-device-stack test-gpu lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+$(VENV312)/.installed: pyproject.toml
+	$(PYTHON312) -m venv $(VENV312)
+	$(VENV312)/bin/python -m pip install -q --upgrade pip
+	$(VENV312)/bin/python -m pip install -q $(DEVICE_STACK)
+	$(VENV312)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m examples.demo
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Same suite on the GPU machines' versions (no torch there: the torch parity tests skip).
+test-device-stack: $(VENV312)/.installed
+	$(VENV312)/bin/python -m pytest $(PYTEST_ARGS)
+
+# On a GPU machine with the packages installed (the device image): the full-size kernel checks.
+test-gpu:
+	PYTHONPATH=. python3 -m pytest -m "gpu or not gpu" -q -p no:cacheprovider
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format:
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf $(VENV) $(VENV312) .pytest_cache

@@ -1,0 +1,142 @@
+"""Small building blocks shared by the mixers: linear layers with PyTorch's default init, the causal depthwise conv,
+and the norms. Every parameter carries ``logical_axes`` metadata (see ``mamba_jax.sharding``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = Sequence[str | None]
+
+
+def torch_uniform_init(fan_in: int) -> nnx.Initializer:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's default for Linear/Conv weights (kaiming_uniform, a=sqrt(5))
+    and biases."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def with_axes(variable: nnx.Variable, axes: Axes) -> nnx.Variable:
+    """Attach logical axis names to a variable (one per dimension)."""
+    if len(axes) != variable.value.ndim:
+        raise ValueError(f"logical axes {tuple(axes)} do not match a parameter of shape {variable.value.shape}")
+    variable.set_metadata(logical_axes=tuple(axes))
+    return variable
+
+
+def param(rngs: nnx.Rngs, init: nnx.Initializer, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
+    """A parameter drawn from ``init`` with logical axes attached."""
+    return with_axes(nnx.Param(init(rngs.params(), tuple(shape), dtype)), axes)
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    *,
+    axes: tuple[str | None, str | None],
+    use_bias: bool,
+    rngs: nnx.Rngs,
+    dtype=None,
+    param_dtype=jnp.float32,
+    kernel_init: nnx.Initializer | None = None,
+    bias_init: nnx.Initializer | None = None,
+) -> nnx.Linear:
+    """``nnx.Linear`` with torch's default init (unless given) and logical axes on kernel (in, out) and bias (out,)."""
+    default = torch_uniform_init(in_features)
+    layer = nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=kernel_init or default,
+        bias_init=bias_init or default,
+        rngs=rngs,
+    )
+    with_axes(layer.kernel, axes)
+    if use_bias:
+        with_axes(layer.bias, axes[1:])
+    return layer
+
+
+class CausalConv1d(nnx.Module):
+    """Depthwise causal conv over time, as torch's ``Conv1d(c, c, w, groups=c, padding=w-1)`` truncated to l.
+
+    kernel (w, c): ``kernel[w-1]`` multiplies the current step, ``kernel[0]`` the step w-1 back. bias (c,).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        width: int,
+        *,
+        use_bias: bool = True,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+    ):
+        init = torch_uniform_init(width)  # fan_in of a depthwise conv = 1 input channel * width
+        self.kernel = param(rngs, init, (width, channels), param_dtype, ("conv", "inner"))
+        self.bias = param(rngs, init, (channels,), param_dtype, ("inner",)) if use_bias else None
+        self.width = width
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (b, l, c) -> (b, l, c)."""
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        kernel = self.kernel.value.astype(dtype)
+        length = x.shape[1]
+        padded = jnp.pad(x, ((0, 0), (self.width - 1, 0), (0, 0)))
+        y = sum(padded[:, k : k + length] * kernel[k] for k in range(self.width))
+        if self.bias is not None:
+            y = y + self.bias.value.astype(dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x**2) + eps) * weight, computed in float32; weight (d,)."""
+
+    def __init__(
+        self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs | None = None, dtype=None, param_dtype=jnp.float32
+    ):
+        del rngs  # ones-initialised; accepted for a uniform constructor signature
+        self.weight = with_axes(nnx.Param(jnp.ones((dim,), param_dtype)), ("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., d) -> (..., d) in ``dtype`` (default: x's dtype)."""
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight.value.astype(jnp.float32)).astype(self.dtype or x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, computed in float32; weight, bias (d,)."""
+
+    def __init__(
+        self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs | None = None, dtype=None, param_dtype=jnp.float32
+    ):
+        del rngs
+        self.weight = with_axes(nnx.Param(jnp.ones((dim,), param_dtype)), ("norm",))
+        self.bias = with_axes(nnx.Param(jnp.zeros((dim,), param_dtype)), ("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., d) -> (..., d) in ``dtype`` (default: x's dtype)."""
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.weight.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+        return y.astype(self.dtype or x.dtype)
