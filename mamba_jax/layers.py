@@ -26,8 +26,8 @@ def torch_uniform_init(fan_in: int) -> nnx.Initializer:
 
 def with_axes(variable: nnx.Variable, axes: Axes) -> nnx.Variable:
     """Attach logical axis names to a variable (one per dimension)."""
-    if len(axes) != variable.value.ndim:
-        raise ValueError(f"logical axes {tuple(axes)} do not match a parameter of shape {variable.value.shape}")
+    if len(axes) != len(variable.shape):
+        raise ValueError(f"logical axes {tuple(axes)} do not match a parameter of shape {variable.shape}")
     variable.set_metadata(logical_axes=tuple(axes))
     return variable
 
@@ -93,12 +93,12 @@ class CausalConv1d(nnx.Module):
         """x (b, l, c) -> (b, l, c)."""
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
-        kernel = self.kernel.value.astype(dtype)
+        kernel = self.kernel[...].astype(dtype)
         length = x.shape[1]
         padded = jnp.pad(x, ((0, 0), (self.width - 1, 0), (0, 0)))
         y = sum(padded[:, k : k + length] * kernel[k] for k in range(self.width))
         if self.bias is not None:
-            y = y + self.bias.value.astype(dtype)
+            y = y + self.bias[...].astype(dtype)
         return y
 
 
@@ -117,7 +117,7 @@ class RMSNorm(nnx.Module):
         """x (..., d) -> (..., d) in ``dtype`` (default: x's dtype)."""
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.weight.value.astype(jnp.float32)).astype(self.dtype or x.dtype)
+        return (y * self.weight[...].astype(jnp.float32)).astype(self.dtype or x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -138,5 +138,5 @@ class LayerNorm(nnx.Module):
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.weight.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype or x.dtype)

@@ -1,0 +1,246 @@
+"""The Mamba-2 (SSD) mixer and its gated RMSNorm (mamba_ssm ``modules/mamba2.py``, ``ops/triton/layernorm_gated.py``).
+
+Data flow of ``Mamba2`` (shape legend in docs/architecture.md; ``dm = d_inner - d_ssm`` is the optional gated-MLP
+branch, usually 0):
+
+    in_proj(u) -> [z0 (dm), x0 (dm), z (d_ssm), xBC (d_ssm + 2*g*n), dt (h)]
+    xBC = silu(conv1d(xBC)) -> [x (h*p), B (g*n), C (g*n)]
+    y = SSD(x, dt, A=-exp(A_log), B, C, D, dt_bias, softplus, dt_limit)       (b, l, h, p)
+    y = norm(y, z) if rmsnorm else y * silu(z)                               (b, l, d_ssm)
+    out = out_proj([silu(z0) * x0, y])                                       (b, l, d)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mamba_jax.layers import CausalConv1d, linear, param, with_axes
+from pallas_kernels.ssd import mamba_chunk_scan
+
+
+class RMSNormGated(nnx.Module):
+    """RMSNorm over groups of ``group_size`` channels, gated by silu(z), computed in float32; weight (dim,).
+
+    norm_before_gate=False: out = rmsnorm(x * silu(z)) * weight (what Mamba-2 uses).
+    norm_before_gate=True:  out = rmsnorm(x) * weight * silu(z).
+    Without z it is a plain (grouped) RMSNorm.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float = 1e-5,
+        group_size: int | None = None,
+        norm_before_gate: bool = False,
+        *,
+        rngs: nnx.Rngs | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+    ):
+        del rngs  # ones-initialised; accepted for a uniform constructor signature
+        group_size = dim if group_size is None else group_size
+        if group_size <= 0 or dim % group_size != 0:
+            raise ValueError(f"RMSNormGated: group_size must be a positive divisor of dim={dim}, got {group_size}")
+        self.weight = with_axes(nnx.Param(jnp.ones((dim,), param_dtype)), ("inner",))
+        self.dim = dim
+        self.eps = eps
+        self.group_size = group_size
+        self.norm_before_gate = norm_before_gate
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, z: jax.Array | None = None) -> jax.Array:
+        """x (..., dim), z like x or None -> (..., dim) in ``dtype`` (default: x's dtype)."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"RMSNormGated: x must have last dimension {self.dim}, got shape {x.shape}")
+        if z is not None and z.shape != x.shape:
+            raise ValueError(f"RMSNormGated: z must have x's shape {x.shape}, got {z.shape}")
+        x32 = x.astype(jnp.float32)
+        gate = None if z is None else jax.nn.silu(z.astype(jnp.float32))
+        if gate is not None and not self.norm_before_gate:
+            x32 = x32 * gate
+        groups = x32.reshape(*x.shape[:-1], self.dim // self.group_size, self.group_size)
+        groups = groups * jax.lax.rsqrt(jnp.mean(groups * groups, axis=-1, keepdims=True) + self.eps)
+        y = groups.reshape(x.shape) * self.weight[...].astype(jnp.float32)
+        if gate is not None and self.norm_before_gate:
+            y = y * gate
+        return y.astype(self.dtype or x.dtype)
+
+
+def _dt_bias_init(dt_min: float, dt_max: float, dt_init_floor: float) -> nnx.Initializer:
+    """softplus^-1(dt) with dt log-uniform in [dt_min, dt_max], floored at dt_init_floor, so that
+    softplus(dt_bias) starts in that range."""
+
+    def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+        log_lo, log_hi = math.log(dt_min), math.log(dt_max)
+        dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32) * (log_hi - log_lo) + log_lo)
+        dt = jnp.maximum(dt, dt_init_floor)
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+    return init
+
+
+def _a_log_init(a_min: float, a_max: float) -> nnx.Initializer:
+    """log of A ~ U(a_min, a_max); the decay rate of a head is A = -exp(A_log)."""
+
+    def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+        return jnp.log(jax.random.uniform(key, shape, jnp.float32, a_min, a_max)).astype(dtype)
+
+    return init
+
+
+class Mamba2(nnx.Module):
+    """The Mamba-2 mixer: x (b, l, d) -> (b, l, d). Arguments and parameter names are mamba_ssm's.
+
+    Parameters: in_proj kernel (d, 2*di + 2*g*n + h); conv1d kernel (w, d_ssm + 2*g*n), bias; dt_bias (h,);
+    A_log (h,) float32; D (h,) or (d_ssm,) if D_has_hdim, float32; norm.weight (d_ssm,) if rmsnorm;
+    out_proj kernel (di, d). h = d_ssm / headdim.
+
+    Torch-only arguments: ``use_mem_eff_path`` (a fused-kernel switch; XLA fuses on its own, the maths is the same),
+    ``layer_idx`` and ``sequence_parallel`` are accepted and ignored; ``process_group`` and ``device`` must be None
+    (parallelism and placement come from the logical-axis sharding rules in ``mamba_jax.sharding``).
+    ``ssd_implementation`` is passed to ``mamba_chunk_scan(implementation=...)``; None picks the platform's best.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        d_conv: int = 4,
+        conv_init: float | None = None,
+        expand: int = 2,
+        headdim: int = 64,
+        d_ssm: int | None = None,
+        ngroups: int = 1,
+        A_init_range: tuple[float, float] = (1, 16),
+        D_has_hdim: bool = False,
+        rmsnorm: bool = True,
+        norm_before_gate: bool = False,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_limit: tuple[float, float] = (0.0, float("inf")),
+        bias: bool = False,
+        conv_bias: bool = True,
+        chunk_size: int = 256,
+        use_mem_eff_path: bool = True,
+        layer_idx: int | None = None,
+        process_group=None,
+        sequence_parallel: bool = True,
+        device=None,
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        ssd_implementation: str | None = None,
+    ):
+        del use_mem_eff_path, layer_idx, sequence_parallel  # see the class docstring
+        if process_group is not None:
+            raise ValueError(
+                f"Mamba2: process_group must be None (use the mamba_jax.sharding rules), got {process_group!r}"
+            )
+        if device is not None:
+            raise ValueError(f"Mamba2: device must be None (place arrays with jax sharding instead), got {device!r}")
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("headdim", headdim)):
+            _check_positive_int(name, value)
+        _check_positive_int("ngroups", ngroups)
+        _check_positive_int("chunk_size", chunk_size)
+        d_inner = expand * d_model
+        if d_inner != int(d_inner) or d_inner <= 0:
+            raise ValueError(f"Mamba2: expand * d_model must be a positive integer, got {expand} * {d_model}")
+        d_inner = int(d_inner)
+        d_ssm = d_inner if d_ssm is None else d_ssm
+        if not isinstance(d_ssm, int) or not 0 < d_ssm <= d_inner:
+            raise ValueError(f"Mamba2: d_ssm must be an int in (0, d_inner={d_inner}], got {d_ssm!r}")
+        if d_ssm % headdim != 0:
+            raise ValueError(f"Mamba2: headdim={headdim} must divide d_ssm={d_ssm}")
+        nheads = d_ssm // headdim
+        if nheads % ngroups != 0:
+            raise ValueError(f"Mamba2: ngroups={ngroups} must divide the number of heads d_ssm/headdim={nheads}")
+        if not 0 < A_init_range[0] <= A_init_range[1]:
+            raise ValueError(f"Mamba2: A_init_range must satisfy 0 < low <= high, got {tuple(A_init_range)}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"Mamba2: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if not 0 <= dt_limit[0] <= dt_limit[1]:
+            raise ValueError(f"Mamba2: dt_limit must satisfy 0 <= low <= high, got {tuple(dt_limit)}")
+
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_inner = d_inner
+        self.d_ssm = d_ssm
+        self.headdim = headdim
+        self.nheads = nheads
+        self.ngroups = ngroups
+        self.D_has_hdim = D_has_hdim
+        self.rmsnorm = rmsnorm
+        self.dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
+        self.chunk_size = chunk_size
+        self.ssd_implementation = ssd_implementation
+
+        conv_dim = d_ssm + 2 * ngroups * d_state
+        d_in_proj = 2 * d_inner + 2 * ngroups * d_state + nheads
+        common = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.in_proj = linear(d_model, d_in_proj, axes=("embed", "proj"), use_bias=bias, **common)
+        self.conv1d = CausalConv1d(conv_dim, d_conv, use_bias=conv_bias, **common)
+        if conv_init is not None:
+            self.conv1d.kernel[...] = jax.random.uniform(
+                rngs.params(), (d_conv, conv_dim), param_dtype, -conv_init, conv_init
+            )
+        self.dt_bias = param(rngs, _dt_bias_init(dt_min, dt_max, dt_init_floor), (nheads,), param_dtype, ("heads",))
+        # A_log and D stay float32 whatever param_dtype is (docs/architecture.md): a 16-bit A_log would quantise the
+        # per-head decay rates exp(dt * A) that the whole state depends on.
+        self.A_log = param(rngs, _a_log_init(*A_init_range), (nheads,), jnp.float32, ("heads",))
+        d_shape, d_axes = ((d_ssm,), ("inner",)) if D_has_hdim else ((nheads,), ("heads",))
+        self.D = with_axes(nnx.Param(jnp.ones(d_shape, jnp.float32)), d_axes)
+        self.norm = (
+            RMSNormGated(d_ssm, eps=1e-5, group_size=d_ssm // ngroups, norm_before_gate=norm_before_gate, **common)
+            if rmsnorm
+            else None
+        )
+        self.out_proj = linear(d_inner, d_model, axes=("inner", "embed"), use_bias=bias, **common)
+
+    def __call__(self, u: jax.Array) -> jax.Array:
+        """u (b, l, d) -> (b, l, d)."""
+        if u.ndim != 3 or u.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba2: input must have shape (batch, seqlen, {self.d_model}), got {u.shape}")
+        b, l, _ = u.shape
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        d_mlp = self.d_inner - self.d_ssm
+
+        zxbcdt = self.in_proj(u)
+        sizes = [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * g * n]
+        z0, x0, z, xbc, dt = jnp.split(zxbcdt, np.cumsum(sizes).tolist(), axis=-1)
+        xbc = jax.nn.silu(self.conv1d(xbc))
+        x, B, C = jnp.split(xbc, [self.d_ssm, self.d_ssm + g * n], axis=-1)
+
+        A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+        D = self.D[...].reshape(h, p) if self.D_has_hdim else self.D[...]
+        y = mamba_chunk_scan(
+            x.reshape(b, l, h, p),
+            dt,
+            A,
+            B.reshape(b, l, g, n),
+            C.reshape(b, l, g, n),
+            self.chunk_size,
+            D=D,
+            z=None if self.rmsnorm else z.reshape(b, l, h, p),  # without the norm the scan applies silu(z)
+            dt_bias=self.dt_bias[...],
+            dt_softplus=True,
+            dt_limit=self.dt_limit,
+            implementation=self.ssd_implementation,
+        )
+        y = y.reshape(b, l, self.d_ssm)
+        if self.norm is not None:
+            y = self.norm(y, z)
+        if d_mlp > 0:
+            y = jnp.concatenate([jax.nn.silu(z0) * x0, y], axis=-1)
+        return self.out_proj(y)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"Mamba2: {name} must be a positive int, got {value!r}")
