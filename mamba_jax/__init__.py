@@ -1,5 +1,19 @@
 """mamba-jax: Mamba and Mamba-2 selective state space models in JAX / Flax NNX."""
 
+from mamba_jax.block import Block
+from mamba_jax.config import PRESETS, MambaConfig
 from mamba_jax.layers import LayerNorm, RMSNorm
+from mamba_jax.mamba1 import Mamba
+from mamba_jax.model import MambaLMHeadModel, MixerModel, create_block
 
-__all__ = ["LayerNorm", "RMSNorm"]
+__all__ = [
+    "PRESETS",
+    "Block",
+    "LayerNorm",
+    "Mamba",
+    "MambaConfig",
+    "MambaLMHeadModel",
+    "MixerModel",
+    "RMSNorm",
+    "create_block",
+]

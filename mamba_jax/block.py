@@ -1,0 +1,58 @@
+"""Block: one pre-norm residual layer of the language model, with mamba_ssm's residual semantics
+(``modules/block.py``). Shapes: b batch, l seqlen, d d_model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Block(nnx.Module):
+    """residual = hidden + residual; hidden = mixer(norm(residual)) [; residual += hidden; hidden = mlp(norm2(...))].
+
+    mamba_ssm carries the residual stream separately from the branch output, so a block returns both and the next
+    block (or the final norm) adds them. With ``residual_in_fp32`` the residual is kept in float32, so the sum never
+    rounds to a 16-bit activation dtype. ``mixer`` and ``mlp`` are any modules mapping (b, l, d) -> (b, l, d);
+    ``norm`` / ``norm2`` are RMSNorm or LayerNorm and set the dtype the mixer / mlp see.
+    """
+
+    def __init__(
+        self,
+        mixer: nnx.Module,
+        norm: nnx.Module,
+        mlp: nnx.Module | None = None,
+        norm2: nnx.Module | None = None,
+        *,
+        residual_in_fp32: bool = True,
+    ):
+        if (mlp is None) != (norm2 is None):
+            raise ValueError(
+                f"Block: mlp and norm2 come together, found mlp={type(mlp).__name__}, norm2={type(norm2).__name__}"
+            )
+        self.norm = norm
+        self.mixer = mixer
+        self.norm2 = norm2
+        self.mlp = mlp
+        self.residual_in_fp32 = residual_in_fp32
+
+    def _add_and_norm(self, norm: nnx.Module, hidden: jax.Array, residual: jax.Array | None):
+        """-> (norm(hidden + residual), hidden + residual), the sum in float32 when residual_in_fp32 (as mamba_ssm's
+        fused add + norm kernel computes it)."""
+        if self.residual_in_fp32:
+            hidden = hidden.astype(jnp.float32)
+        residual = hidden if residual is None else hidden + residual
+        return norm(residual), residual
+
+    def __call__(self, hidden: jax.Array, residual: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """hidden (b, l, d), residual (b, l, d) or None (first block) -> (hidden, residual), both (b, l, d).
+
+        hidden is the last branch's output; the block's full output is hidden + residual.
+        """
+        hidden_normed, residual = self._add_and_norm(self.norm, hidden, residual)
+        hidden = self.mixer(hidden_normed)
+        if self.mlp is not None:
+            hidden_normed, residual = self._add_and_norm(self.norm2, hidden, residual)
+            hidden = self.mlp(hidden_normed)
+        return hidden, residual

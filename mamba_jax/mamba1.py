@@ -1,0 +1,134 @@
+"""Mamba: the Mamba-1 selective SSM mixer (mamba_ssm ``modules/mamba_simple.py``), full-sequence forward.
+
+Shapes (docs/architecture.md): b batch, l seqlen, d d_model, di d_inner = expand * d, n d_state, r dt_rank,
+w d_conv.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mamba_jax.layers import CausalConv1d, linear, with_axes
+from pallas_kernels.selective_scan import selective_scan
+
+
+def _check_positive(name: str, value, kind=int) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        raise ValueError(f"Mamba: {name} must be a positive {kind.__name__}, found {value!r}")
+
+
+def dt_bias_init(dt_min: float, dt_max: float, dt_init_floor: float) -> nnx.Initializer:
+    """softplus^-1(dt) with dt = exp(U(log dt_min, log dt_max)) clamped below at dt_init_floor, so that the initial
+    step sizes softplus(dt_proj.bias) are log-uniform in [dt_min, dt_max]."""
+
+    def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+        log_dt = jax.random.uniform(key, shape, jnp.float32, math.log(dt_min), math.log(dt_max))
+        dt = jnp.maximum(jnp.exp(log_dt), dt_init_floor)
+        # softplus^-1(dt) = log(exp(dt) - 1) = dt + log(1 - exp(-dt)), written with expm1 for small dt.
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+    return init
+
+
+def dt_weight_init(dt_rank: int, dt_scale: float, dt_init: str) -> nnx.Initializer:
+    """dt_proj kernel: U(-s, s) ("random") or all s ("constant"), s = dt_rank**-0.5 * dt_scale."""
+    std = dt_rank**-0.5 * dt_scale
+
+    def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+        if dt_init == "constant":
+            return jnp.full(shape, std, dtype)
+        return jax.random.uniform(key, shape, dtype, -std, std)
+
+    return init
+
+
+class Mamba(nnx.Module):
+    """The Mamba-1 mixer: y = out_proj(selective_scan(silu(conv(x)), dt, A, B, C, D, z)) with [x, z] = in_proj(u).
+
+    Parameters (mamba_ssm names, JAX layout): in_proj.kernel (d, 2di) [+ bias]; conv1d.kernel (w, di) [+ bias (di,)];
+    x_proj.kernel (di, r + 2n); dt_proj.kernel (r, di), dt_proj.bias (di,); A_log (di, n) and D (di,) in float32
+    whatever ``param_dtype``; out_proj.kernel (di, d) [+ bias]. ``dtype`` is the activation dtype (None: inferred
+    from the input and parameters, flax's rule); the scan runs in float32 inside ``selective_scan``.
+    ``scan_implementation`` is passed to ``selective_scan`` (None: the best one for the platform).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        scan_implementation: str | None = None,
+    ):
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+            _check_positive(name, value)
+        if dt_rank == "auto":
+            dt_rank = math.ceil(d_model / 16)
+        _check_positive("dt_rank (an int or 'auto')", dt_rank)
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"Mamba: dt_init must be 'random' or 'constant', found {dt_init!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"Mamba: need 0 < dt_min <= dt_max, found dt_min={dt_min}, dt_max={dt_max}")
+        d_inner = expand * d_model
+        self.d_model, self.d_inner, self.d_state, self.dt_rank = d_model, d_inner, d_state, dt_rank
+        self.dtype = dtype
+        self.scan_implementation = scan_implementation
+
+        common = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.in_proj = linear(d_model, 2 * d_inner, axes=("embed", "proj"), use_bias=bias, **common)
+        self.conv1d = CausalConv1d(d_inner, d_conv, use_bias=conv_bias, **common)
+        self.x_proj = linear(d_inner, dt_rank + 2 * d_state, axes=("inner", None), use_bias=False, **common)
+        self.dt_proj = linear(
+            dt_rank,
+            d_inner,
+            axes=("dt_rank", "inner"),
+            use_bias=True,
+            kernel_init=dt_weight_init(dt_rank, dt_scale, dt_init),
+            bias_init=dt_bias_init(dt_min, dt_max, dt_init_floor),
+            **common,
+        )
+        # S4D-real: A[:, k] = -(k + 1) for every channel, stored as its log.
+        a_log = jnp.log(jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=jnp.float32), (d_inner, d_state)))
+        self.A_log = with_axes(nnx.Param(a_log), ("inner", "state"))
+        self.D = with_axes(nnx.Param(jnp.ones((d_inner,), jnp.float32)), ("inner",))
+        self.out_proj = linear(d_inner, d_model, axes=("inner", "embed"), use_bias=bias, **common)
+
+    def __call__(self, u: jax.Array) -> jax.Array:
+        """u (b, l, d) -> (b, l, d), in ``dtype`` (or the promoted input / parameter dtype)."""
+        if u.ndim != 3 or u.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba: u must have shape (batch, seqlen, d_model={self.d_model}), found {u.shape}")
+        x, z = jnp.split(self.in_proj(u), 2, axis=-1)  # (b, l, di) each
+        x = jax.nn.silu(self.conv1d(x))
+        dt, B, C = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+        # dt_proj without its bias: the bias is added in float32 inside the scan, before the softplus.
+        dt = dt @ self.dt_proj.kernel[...].astype(dt.dtype)  # (b, l, di)
+        A = -jnp.exp(self.A_log[...].astype(jnp.float32))  # (di, n)
+        y = selective_scan(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            D=self.D[...].astype(jnp.float32),
+            z=z,
+            delta_bias=self.dt_proj.bias[...].astype(jnp.float32),
+            delta_softplus=True,
+            implementation=self.scan_implementation,
+        )
+        return self.out_proj(y)

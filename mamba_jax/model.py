@@ -1,0 +1,172 @@
+"""The language model: MixerModel (embedding, blocks, final norm) and MambaLMHeadModel (plus the LM head), as in
+mamba_ssm ``models/mixer_seq_simple.py``. Shapes: b batch, l seqlen, d d_model, v padded vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mamba_jax.block import Block
+from mamba_jax.config import MambaConfig
+from mamba_jax.layers import LayerNorm, RMSNorm, linear, with_axes
+from mamba_jax.mamba1 import Mamba
+
+NORM_EPS = 1e-5  # mamba_ssm's norm_epsilon default; its config has no field for it
+
+
+def create_norm(config: MambaConfig, *, dtype, param_dtype) -> nnx.Module:
+    """RMSNorm or LayerNorm over d_model, per ``config.rms_norm``."""
+    norm_cls = RMSNorm if config.rms_norm else LayerNorm
+    return norm_cls(config.d_model, eps=NORM_EPS, dtype=dtype, param_dtype=param_dtype)
+
+
+def create_block(
+    config: MambaConfig,
+    layer_idx: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype=None,
+    param_dtype=jnp.float32,
+    scan_implementation: str | None = None,
+) -> Block:
+    """The Block for layer ``layer_idx``: an MHA layer if listed in attn_layer_idx, else the ssm_cfg["layer"] mixer,
+    followed by a GatedMLP when d_intermediate > 0."""
+    if layer_idx in config.attn_layer_idx:
+        raise ValueError(f"layer {layer_idx} is an attention layer (attn_layer_idx): MHA is not supported yet")
+    if config.ssm_layer == "Mamba1":
+        try:
+            mixer = Mamba(
+                config.d_model,
+                **config.mixer_kwargs,
+                rngs=rngs,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                scan_implementation=scan_implementation,
+            )
+        except TypeError as e:  # an ssm_cfg key the constructor does not take
+            raise ValueError(f"ssm_cfg {dict(config.ssm_cfg)} does not fit Mamba(...): {e}") from None
+    else:
+        raise ValueError(f"ssm_cfg['layer'] = {config.ssm_layer!r} is not supported yet (only 'Mamba1')")
+    if config.d_intermediate > 0:
+        raise ValueError(f"d_intermediate = {config.d_intermediate} > 0 (GatedMLP blocks) is not supported yet")
+    norm = create_norm(config, dtype=dtype, param_dtype=param_dtype)
+    return Block(mixer, norm, residual_in_fp32=config.residual_in_fp32)
+
+
+class MixerModel(nnx.Module):
+    """embedding -> n_layer Blocks -> norm_f(hidden + residual).
+
+    embedding.embedding (v, d) ~ N(0, 0.02); layers: nnx.List of Block; norm_f weight (d,) [+ bias].
+    """
+
+    def __init__(
+        self,
+        config: MambaConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        scan_implementation: str | None = None,
+    ):
+        self.embedding = nnx.Embed(
+            config.padded_vocab_size,
+            config.d_model,
+            embedding_init=nnx.initializers.normal(stddev=0.02),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        with_axes(self.embedding.embedding, ("vocab", "embed"))
+        self.layers = nnx.List(
+            [
+                create_block(
+                    config,
+                    i,
+                    rngs=rngs,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    scan_implementation=scan_implementation,
+                )
+                for i in range(config.n_layer)
+            ]
+        )
+        self.norm_f = create_norm(config, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        """input_ids int (b, l) -> final hidden states (b, l, d)."""
+        hidden = self.embedding(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        return self.norm_f(hidden + residual)
+
+
+class MambaLMHeadModel(nnx.Module):
+    """MixerModel + LM head: ``model(input_ids)`` -> float32 logits (b, l, v), v = config.padded_vocab_size.
+
+    Tied (config.tie_embeddings): logits = hidden @ backbone.embedding.embedding.T and there is no ``lm_head``.
+    Untied: ``lm_head`` kernel (d, v), no bias. Init follows mamba_ssm's ``_init_weights``: linear biases zero (but
+    dt_proj's), every ``out_proj`` / ``fc2`` kernel scaled by 1/sqrt(n_residuals_per_layer * n_layer).
+    """
+
+    def __init__(
+        self,
+        config: MambaConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        scan_implementation: str | None = None,
+    ):
+        if not isinstance(config, MambaConfig):
+            raise ValueError(f"MambaLMHeadModel: config must be a MambaConfig, found {type(config).__name__}")
+        self.config = config
+        self.dtype = dtype
+        self.backbone = MixerModel(
+            config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, scan_implementation=scan_implementation
+        )
+        if not config.tie_embeddings:
+            self.lm_head = linear(
+                config.d_model,
+                config.padded_vocab_size,
+                axes=("embed", "vocab"),
+                use_bias=False,
+                rngs=rngs,
+                dtype=dtype,
+                param_dtype=param_dtype,
+            )
+        _init_for_language_model(self, config)
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        """input_ids int (b, l) -> logits float32 (b, l, v)."""
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"input_ids must be integer (batch, seqlen), found shape {input_ids.shape} dtype {input_ids.dtype}"
+            )
+        hidden = self.backbone(input_ids)
+        if self.config.tie_embeddings:
+            head = self.backbone.embedding.embedding[...].T  # (d, v)
+        else:
+            head = self.lm_head.kernel[...]  # (d, v)
+        dtype = self.dtype or jnp.result_type(hidden, head)
+        # Products in the compute dtype, accumulated and returned in float32.
+        return jnp.einsum("bld,dv->blv", hidden.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _init_for_language_model(model: nnx.Module, config: MambaConfig) -> None:
+    """mamba_ssm's LM-level re-init on top of each module's own init: zero every linear bias except dt_proj's (its
+    bias is the step-size init) and scale residual-branch output kernels (out_proj, fc2) by
+    1/sqrt(n_residuals_per_layer * n_layer), GPT-2 style, so the residual stream's variance does not grow with depth."""
+    scale = 1.0 / math.sqrt(config.n_residuals_per_layer * config.n_layer)
+    linears = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear)]
+    for path, layer in linears:
+        name = path[-1]
+        if layer.bias is not None and name != "dt_proj":
+            layer.bias.set_value(jnp.zeros_like(layer.bias[...]))
+        if name in ("out_proj", "fc2"):
+            kernel = layer.kernel[...]
+            layer.kernel.set_value(kernel * jnp.asarray(scale, kernel.dtype))
