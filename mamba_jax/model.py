@@ -14,6 +14,9 @@ from mamba_jax.block import Block
 from mamba_jax.config import MambaConfig
 from mamba_jax.layers import LayerNorm, RMSNorm, linear, with_axes
 from mamba_jax.mamba1 import Mamba
+from mamba_jax.mamba2 import Mamba2
+from mamba_jax.mha import MHA
+from mamba_jax.mlp import GatedMLP
 
 NORM_EPS = 1e-5  # mamba_ssm's norm_epsilon default; its config has no field for it
 
@@ -33,28 +36,40 @@ def create_block(
     param_dtype=jnp.float32,
     scan_implementation: str | None = None,
 ) -> Block:
-    """The Block for layer ``layer_idx``: an MHA layer if listed in attn_layer_idx, else the ssm_cfg["layer"] mixer,
-    followed by a GatedMLP when d_intermediate > 0."""
+    """The Block for layer ``layer_idx``, as mamba_ssm's ``create_block``: an MHA layer (built from attn_cfg) if listed
+    in attn_layer_idx, else the ssm_cfg["layer"] mixer (Mamba1 or Mamba2, built from the other ssm_cfg keys), followed
+    by norm2 + GatedMLP(hidden_features=d_intermediate) when d_intermediate > 0.
+
+    ``scan_implementation`` picks the Mamba-1 selective-scan implementation (see ``pallas_kernels.selective_scan``).
+    """
+    factory = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
     if layer_idx in config.attn_layer_idx:
-        raise ValueError(f"layer {layer_idx} is an attention layer (attn_layer_idx): MHA is not supported yet")
-    if config.ssm_layer == "Mamba1":
-        try:
-            mixer = Mamba(
-                config.d_model,
-                **config.mixer_kwargs,
-                rngs=rngs,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                scan_implementation=scan_implementation,
-            )
-        except TypeError as e:  # an ssm_cfg key the constructor does not take
-            raise ValueError(f"ssm_cfg {dict(config.ssm_cfg)} does not fit Mamba(...): {e}") from None
+        mixer = _build("attn_cfg", dict(config.attn_cfg), MHA, config.d_model, layer_idx=layer_idx, **factory)
+    elif config.ssm_layer == "Mamba1":
+        mixer = _build(
+            "ssm_cfg", config.mixer_kwargs, Mamba, config.d_model, scan_implementation=scan_implementation, **factory
+        )
+    elif config.ssm_layer == "Mamba2":
+        mixer = _build("ssm_cfg", config.mixer_kwargs, Mamba2, config.d_model, layer_idx=layer_idx, **factory)
     else:
-        raise ValueError(f"ssm_cfg['layer'] = {config.ssm_layer!r} is not supported yet (only 'Mamba1')")
+        raise ValueError(
+            f"ssm_cfg['layer'] = {config.ssm_layer!r} is not supported (supported: 'Mamba1', 'Mamba2'; "
+            "Mamba3 is not implemented yet)"
+        )
+    mlp = norm2 = None
     if config.d_intermediate > 0:
-        raise ValueError(f"d_intermediate = {config.d_intermediate} > 0 (GatedMLP blocks) is not supported yet")
+        mlp = GatedMLP(config.d_model, hidden_features=config.d_intermediate, out_features=config.d_model, **factory)
+        norm2 = create_norm(config, dtype=dtype, param_dtype=param_dtype)
     norm = create_norm(config, dtype=dtype, param_dtype=param_dtype)
-    return Block(mixer, norm, residual_in_fp32=config.residual_in_fp32)
+    return Block(mixer, norm, mlp, norm2, residual_in_fp32=config.residual_in_fp32)
+
+
+def _build(cfg_name: str, kwargs: dict, cls: type, *args, **extra) -> nnx.Module:
+    """cls(*args, **kwargs, **extra), turning a config key the constructor does not take into a clear error."""
+    try:
+        return cls(*args, **kwargs, **extra)
+    except TypeError as e:
+        raise ValueError(f"{cfg_name} {kwargs} does not fit {cls.__name__}(...): {e}") from None
 
 
 class MixerModel(nnx.Module):
