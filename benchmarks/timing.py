@@ -1,0 +1,52 @@
+"""Timing helpers shared by the benchmarks: median wall time of a jitted function on the device, and XLA's own
+memory accounting of the compiled program."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+
+
+def time_ms(fn: Callable, *args, reps: int = 50, warmup: int = 3) -> dict[str, float]:
+    """Median / 10th / 90th percentile milliseconds of ``fn(*args)``, synchronising on its outputs each call.
+
+    ``fn`` should be jitted; the warm-up calls keep compilation out of the numbers.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append((time.perf_counter() - start) * 1e3)
+    samples.sort()
+    return {
+        "median_ms": statistics.median(samples),
+        "p10_ms": samples[len(samples) // 10],
+        "p90_ms": samples[(9 * len(samples)) // 10],
+    }
+
+
+def compiled_memory_gib(fn: Callable, *args) -> float:
+    """Bytes XLA plans for arguments, outputs and temporaries of the compiled ``fn(*args)``, in GiB."""
+    stats = fn.lower(*args).compile().memory_analysis()
+    if stats is None:
+        return float("nan")
+    total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+    return total / 2**30
+
+
+def environment() -> dict[str, str]:
+    """Device and versions, for the results table."""
+    import flax
+
+    device = jax.devices()[0]
+    return {
+        "device": getattr(device, "device_kind", str(device)),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
