@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The device machines' stack (Python 3.12, jax 0.11.2, flax 0.12.10, ...), tested on CPU.
-PYTHON312 ?= $(shell command -v python3.12 || echo $(HOME)/.pyenv/versions/3.12.1/bin/python3)
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 VENV312 ?= .venv312
 DEVICE_STACK := jax==0.11.2 flax==0.12.10 optax==0.2.8 orbax-checkpoint==0.12.4 einops==0.8.2 \
-	transformers==5.17.0 safetensors==0.8.0 tqdm rich pytest pytest-xdist
+	transformers==5.17.0 safetensors==0.8.0 huggingface_hub==1.33.0 tqdm rich pytest pytest-xdist
 PYTEST_ARGS ?= -n 2 -q
 
 .PHONY: demo test test-device-stack test-gpu lint format clean
@@ -39,7 +39,7 @@ test-device-stack: $(VENV312)/.installed
 
 # On a GPU machine with the packages installed (the device image): the full-size kernel checks.
 test-gpu:
-	PYTHONPATH=. python3 -m pytest -m "gpu or not gpu" -q -p no:cacheprovider
+	PYTHONPATH=. python3 -m pytest -m "gpu or not gpu" -q -p no:cacheprovider -p no:benchmark
 
 lint:
 	$(PY) -m ruff check .

@@ -1,0 +1,147 @@
+"""``load_pretrained``: a ready ``MambaLMHeadModel`` from a checkpoint converted by ``python -m convert``, or straight
+from a published one (converted in memory).
+
+Parameters are placed as they are read: the model is built abstractly, each parameter's sharding comes from its
+logical axes (``mamba_jax.sharding``), and Orbax restores every array directly into that sharding. Arrays are stored
+in chunks of at most 8 MiB (``convert.writer``), so each device reads about its own shards, not whole arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, Sharding, SingleDeviceSharding
+
+from convert.errors import ConversionError, first_line
+from convert.formats import CONFIG_FILE, inspect_source
+from convert.hub import resolve_source
+from convert.pipeline import ParamPath, abstract_model, convert_tensors, model_config, plan_source, set_path
+from convert.readers import Weights
+from convert.writer import PARAMS_DIR, is_converted
+from mamba_jax.config import MambaConfig
+from mamba_jax.model import MambaLMHeadModel
+from mamba_jax.sharding import LOGICAL_AXIS_RULES, MeshAxes, state_shardings
+
+EMBEDDING_PATH = "backbone.embedding.embedding"
+
+
+def read_config(directory: Path) -> MambaConfig:
+    """The MambaConfig of one of our converted checkpoints."""
+    try:
+        return MambaConfig.from_json(directory / CONFIG_FILE)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{directory / CONFIG_FILE}: {e}") from None
+
+
+def stored_params(directory: Path) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape and dtype of every array of a converted checkpoint, by dotted path (read from Orbax metadata)."""
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        metadata = checkpointer.metadata((directory / PARAMS_DIR).absolute()).item_metadata
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{directory}: cannot read the checkpoint's metadata ({first_line(e)})") from None
+    finally:
+        checkpointer.close()
+    if metadata is None:  # Orbax returns None when an array's metadata is missing
+        raise ConversionError(f"{directory / PARAMS_DIR}: incomplete Orbax checkpoint (array metadata missing)")
+    tree = metadata.tree
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        ".".join(str(getattr(k, "key", k)) for k in path): jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
+        for path, m in flat
+    }
+
+
+def placements(params: nnx.State, mesh: Mesh | None, rules: Mapping[str, MeshAxes] | None) -> dict[ParamPath, Sharding]:
+    """Where each parameter goes: its NamedSharding on ``mesh`` from its logical axes, or the first device."""
+    if mesh is None:
+        device = SingleDeviceSharding(jax.devices()[0])
+        return {path: device for path, _ in nnx.to_flat_state(params)}
+    return dict(nnx.to_flat_state(state_shardings(params, mesh, LOGICAL_AXIS_RULES if rules is None else rules)))
+
+
+def restore_params(directory: Path, params: nnx.State, placement: dict[ParamPath, Sharding]) -> dict:
+    """Restore a converted checkpoint into the abstract parameter state ``params`` (its shapes and dtypes), each
+    array straight into its ``placement``; the checkpoint's names and shapes are checked first. Returns the nested
+    pure dict of arrays (the ``nnx.to_pure_dict`` form)."""
+    stored = stored_params(directory)
+    expected = {".".join(map(str, path)): var.get_value() for path, var in nnx.to_flat_state(params)}
+    if set(stored) != set(expected):
+        missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+        raise ConversionError(
+            f"{directory}: the checkpoint's parameters do not fit its config: missing {missing[:3]}, extra {extra[:3]}"
+        )
+    for name, want in expected.items():
+        if stored[name].shape != want.shape:
+            raise ConversionError(
+                f"{directory}: parameter {name} has shape {stored[name].shape}, the config needs {want.shape}"
+            )
+    target: dict = {}
+    for path, var in nnx.to_flat_state(params):
+        value = var.get_value()
+        set_path(target, path, jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=placement[path]))
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        return checkpointer.restore((directory / PARAMS_DIR).absolute(), target)
+    except Exception as e:  # Orbax raises bare Exceptions for missing or corrupt array files
+        raise ConversionError(f"{directory}: cannot read the parameters ({first_line(e)})") from None
+    finally:
+        checkpointer.close()
+
+
+def _convert_in_memory(source_arg: str, dtype, mesh, rules) -> MambaLMHeadModel:
+    """Convert a source (directory or Hub repo id) tensor by tensor, placing each on its devices as it comes."""
+    source = inspect_source(resolve_source(source_arg))
+    config = model_config(source)
+    graphdef, params = nnx.split(abstract_model(config, dtype), nnx.Param)
+    placement = placements(params, mesh, rules)
+    arrays: dict = {}
+    with Weights([source.weights]) as weights:
+        for path, array in convert_tensors(weights, plan_source(source, weights, config, dtype)):
+            set_path(arrays, path, jax.device_put(array, placement[path]))
+    nnx.replace_by_pure_dict(params, arrays)
+    return nnx.merge(graphdef, params)
+
+
+def load_pretrained(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    dtype=None,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, MeshAxes] | None = None,
+) -> MambaLMHeadModel:
+    """A ready ``MambaLMHeadModel`` with pretrained weights.
+
+    path_or_repo_id: a directory written by ``python -m convert``; or anything that command accepts as a source (a
+      mamba_ssm or transformers checkpoint directory, or a Hugging Face Hub repo id), converted in memory.
+    dtype: the parameter dtype (A_log and D stay float32, as in mamba_ssm). None: the converted checkpoint's dtype,
+      or float32 for an in-memory conversion.
+    mesh, rules: place every parameter by its logical axes on ``mesh`` with ``rules`` (default
+      ``mamba_jax.sharding.LOGICAL_AXIS_RULES``); each device reads only its shards. No mesh: the first device.
+    """
+    if dtype is not None:
+        try:
+            dtype = jnp.dtype(dtype)
+        except TypeError:
+            raise ValueError(f"load_pretrained: dtype must be a floating dtype, found {dtype!r}") from None
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"load_pretrained: dtype must be a floating dtype, found {dtype}")
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise ValueError(f"load_pretrained: mesh must be a jax.sharding.Mesh, found {type(mesh).__name__}")
+    directory = Path(path_or_repo_id).expanduser()
+    if not is_converted(directory):
+        return _convert_in_memory(os.fspath(path_or_repo_id), jnp.float32 if dtype is None else dtype, mesh, rules)
+    config = read_config(directory)
+    if dtype is None:
+        stored = stored_params(directory)
+        dtype = stored[EMBEDDING_PATH].dtype if EMBEDDING_PATH in stored else jnp.float32
+    graphdef, params = nnx.split(abstract_model(config, dtype), nnx.Param)
+    restored = restore_params(directory, params, placements(params, mesh, rules))
+    nnx.replace_by_pure_dict(params, restored)
+    return nnx.merge(graphdef, params)
