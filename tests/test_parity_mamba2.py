@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from convert.verify import transformers_norms_per_group
 from mamba_jax import MambaConfig, MambaLMHeadModel
 from tests.tolerances import PARITY_REL_ERR_FP32, rel_err
 from tests.torch_weights import load_torch_mamba
@@ -49,6 +50,8 @@ def random_torch_mamba2(seed: int, *, n_groups: int, tie: bool):
     [(1, True, 5), (2, False, CHUNK), (4, True, 2 * CHUNK + 3), (2, True, 1)],
 )
 def test_logits_match_transformers(n_groups, tie, seqlen):
+    if n_groups > 1 and not transformers_norms_per_group():
+        pytest.skip(f"transformers {transformers.__version__} normalises Mamba-2's gated norm across groups (a bug)")
     torch_model = random_torch_mamba2(n_groups + seqlen, n_groups=n_groups, tie=tie)
     config = MambaConfig.from_dict(torch_model.config.to_dict())
     assert config.ssm_layer == "Mamba2" and config.tie_embeddings == tie
