@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from convert.verify import transformers_norms_per_group
 from mamba_jax.mamba2 import Mamba2, RMSNormGated
 from tests.tolerances import PARITY_REL_ERR_FP32, assert_close, rel_err
 
@@ -221,6 +222,9 @@ def torch_grads_in_our_layout(mixer, state, u, cotangent):
     ],
 )
 def test_matches_transformers(ngroups, seqlen, bias, conv_bias, dt_limit):
+    pytest.importorskip("torch")
+    if ngroups > 1 and not transformers_norms_per_group():
+        pytest.skip("this transformers version normalises Mamba-2's gated norm across groups (a bug fixed by 5.23)")
     chunk_size = 8
     module = Mamba2(
         32,
