@@ -56,3 +56,28 @@ class Block(nnx.Module):
             hidden_normed, residual = self._add_and_norm(self.norm2, hidden, residual)
             hidden = self.mlp(hidden_normed)
         return hidden, residual
+
+    # ---- decoding: the mixer's cache threaded through (mamba_jax.generation.cache) ----
+
+    def init_cache(self, batch: int, max_len: int, dtype):
+        """The mixer's empty decode cache for ``max_len`` positions."""
+        return self.mixer.init_cache(batch, max_len, dtype)
+
+    def prefill(self, hidden: jax.Array, residual: jax.Array | None, cache, lengths: jax.Array):
+        """As ``__call__`` with the mixer's ``prefill``: hidden, residual (b, l, d), lengths (b,) ->
+        (hidden, residual, cache)."""
+        return self._with_mixer(lambda x: self.mixer.prefill(x, cache, lengths), hidden, residual)
+
+    def step(self, hidden: jax.Array, residual: jax.Array | None, cache):
+        """As ``__call__`` for one token with the mixer's ``step``: hidden, residual (b, d) -> (hidden, residual,
+        cache)."""
+        return self._with_mixer(lambda x: self.mixer.step(x, cache), hidden, residual)
+
+    def _with_mixer(self, mixer_fn, hidden: jax.Array, residual: jax.Array | None):
+        """``__call__``'s data flow with ``mixer_fn(x) -> (y, cache)`` as the mixer."""
+        hidden_normed, residual = self._add_and_norm(self.norm, hidden, residual)
+        hidden, cache = mixer_fn(hidden_normed)
+        if self.mlp is not None:
+            hidden_normed, residual = self._add_and_norm(self.norm2, hidden, residual)
+            hidden = self.mlp(hidden_normed)
+        return hidden, residual, cache

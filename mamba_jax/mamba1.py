@@ -1,4 +1,5 @@
-"""Mamba: the Mamba-1 selective SSM mixer (mamba_ssm ``modules/mamba_simple.py``), full-sequence forward.
+"""Mamba: the Mamba-1 selective SSM mixer (mamba_ssm ``modules/mamba_simple.py``): the full-sequence forward, and
+the cached prefill and one-token step used for generation.
 
 Shapes (docs/architecture.md): b batch, l seqlen, d d_model, di d_inner = expand * d, n d_state, r dt_rank,
 w d_conv.
@@ -12,8 +13,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mamba_jax.generation.cache import SSMCache, check_lengths, conv_prefill, conv_step, valid_mask
 from mamba_jax.layers import CausalConv1d, linear, with_axes
 from pallas_kernels.selective_scan import selective_scan
+from pallas_kernels.state_update import selective_state_update
+
+# A pre-softplus dt for prefill positions past a row's length: softplus(-1e4 + dt_bias) underflows to exactly 0 in
+# float32, and a step with dt = 0 leaves the state as it is. Finite, so every softplus formula stays NaN-free.
+_MASKED_DT = -1e4
 
 
 def _check_positive(name: str, value, kind=int) -> None:
@@ -115,14 +122,11 @@ class Mamba(nnx.Module):
             raise ValueError(f"Mamba: u must have shape (batch, seqlen, d_model={self.d_model}), found {u.shape}")
         x, z = jnp.split(self.in_proj(u), 2, axis=-1)  # (b, l, di) each
         x = jax.nn.silu(self.conv1d(x))
-        dt, B, C = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
-        # dt_proj without its bias: the bias is added in float32 inside the scan, before the softplus.
-        dt = dt @ self.dt_proj.kernel[...].astype(dt.dtype)  # (b, l, di)
-        A = -jnp.exp(self.A_log[...].astype(jnp.float32))  # (di, n)
+        dt, B, C = self._dt_B_C(x)
         y = selective_scan(
             x,
             dt,
-            A,
+            self._A(),
             B,
             C,
             D=self.D[...].astype(jnp.float32),
@@ -132,3 +136,76 @@ class Mamba(nnx.Module):
             implementation=self.scan_implementation,
         )
         return self.out_proj(y)
+
+    def init_cache(self, batch: int, max_len: int | None = None, dtype=jnp.float32) -> SSMCache:
+        """An empty cache: conv_state (b, w, di) in ``dtype``, ssm_state (b, di, n) float32. ``max_len`` is unused
+        (the state does not grow with the sequence); it is there so that every mixer has the same signature."""
+        del max_len
+        return SSMCache(
+            conv_state=jnp.zeros((batch, self.conv1d.width, self.d_inner), dtype),
+            ssm_state=jnp.zeros((batch, self.d_inner, self.d_state), jnp.float32),
+        )
+
+    def prefill(self, u: jax.Array, cache: SSMCache, lengths: jax.Array | None = None) -> tuple[jax.Array, SSMCache]:
+        """Run a whole (right-padded) chunk of tokens from ``cache`` with the parallel scan.
+
+        u (b, l, d); lengths int (b,) valid positions per row (default l) -> (out (b, l, d), the cache after each
+        row's last valid position). Outputs past a row's length are not meaningful. From an empty cache ``out``
+        equals ``self(u)``.
+        """
+        if u.ndim != 3 or u.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba: u must have shape (batch, seqlen, d_model={self.d_model}), found {u.shape}")
+        lengths = check_lengths(lengths, u.shape[0], u.shape[1])
+        x, z = jnp.split(self.in_proj(u), 2, axis=-1)  # (b, l, di) each
+        x, conv_state = conv_prefill(self.conv1d, x, cache.conv_state, lengths)
+        x = jax.nn.silu(x)
+        dt, B, C = self._dt_B_C(x)
+        dt = jnp.where(valid_mask(lengths, u.shape[1])[:, :, None], dt, jnp.asarray(_MASKED_DT, dt.dtype))
+        y, ssm_state = selective_scan(
+            x,
+            dt,
+            self._A(),
+            B,
+            C,
+            D=self.D[...].astype(jnp.float32),
+            z=z,
+            delta_bias=self.dt_proj.bias[...].astype(jnp.float32),
+            delta_softplus=True,
+            return_last_state=True,
+            initial_state=cache.ssm_state,
+            implementation=self.scan_implementation,
+        )
+        return self.out_proj(y), SSMCache(conv_state, ssm_state)
+
+    def step(self, u: jax.Array, cache: SSMCache) -> tuple[jax.Array, SSMCache]:
+        """One token per row: u (b, d) -> (out (b, d), the cache after it), in O(1) time and memory."""
+        if u.ndim != 2 or u.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba: u must have shape (batch, d_model={self.d_model}), found {u.shape}")
+        x, z = jnp.split(self.in_proj(u), 2, axis=-1)  # (b, di) each
+        x, conv_state = conv_step(self.conv1d, x, cache.conv_state)
+        x = jax.nn.silu(x)
+        dt, B, C = self._dt_B_C(x)
+        y, ssm_state = selective_state_update(
+            cache.ssm_state,
+            x,
+            dt,
+            self._A(),
+            B,
+            C,
+            D=self.D[...].astype(jnp.float32),
+            z=z,
+            dt_bias=self.dt_proj.bias[...].astype(jnp.float32),
+            dt_softplus=True,
+        )
+        return self.out_proj(y), SSMCache(conv_state, ssm_state)
+
+    def _dt_B_C(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x (..., di) -> dt (..., di) before its bias, B, C (..., n).
+
+        dt_proj runs without its bias: the bias is added in float32 inside the scan, before the softplus."""
+        dt, B, C = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+        return dt @ self.dt_proj.kernel[...].astype(dt.dtype), B, C
+
+    def _A(self) -> jax.Array:
+        """A = -exp(A_log), float32 (di, n)."""
+        return -jnp.exp(self.A_log[...].astype(jnp.float32))

@@ -19,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mamba_jax.generation.cache import SSMCache, check_lengths, conv_prefill, conv_step, valid_mask
 from mamba_jax.layers import CausalConv1d, linear, param, with_axes
 from pallas_kernels.ssd import mamba_chunk_scan
+from pallas_kernels.state_update import selective_state_update
 
 
 class RMSNormGated(nnx.Module):
@@ -205,20 +207,15 @@ class Mamba2(nnx.Module):
 
     def __call__(self, u: jax.Array) -> jax.Array:
         """u (b, l, d) -> (b, l, d)."""
-        if u.ndim != 3 or u.shape[-1] != self.d_model:
-            raise ValueError(f"Mamba2: input must have shape (batch, seqlen, {self.d_model}), got {u.shape}")
+        self._check_input(u, 3)
         b, l, _ = u.shape
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
-        d_mlp = self.d_inner - self.d_ssm
 
-        zxbcdt = self.in_proj(u)
-        sizes = [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * g * n]
-        z0, x0, z, xbc, dt = jnp.split(zxbcdt, np.cumsum(sizes).tolist(), axis=-1)
+        z0, x0, z, xbc, dt = self._split_projection(self.in_proj(u))
         xbc = jax.nn.silu(self.conv1d(xbc))
         x, B, C = jnp.split(xbc, [self.d_ssm, self.d_ssm + g * n], axis=-1)
 
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-        D = self.D[...].reshape(h, p) if self.D_has_hdim else self.D[...]
         y = mamba_chunk_scan(
             x.reshape(b, l, h, p),
             dt,
@@ -226,17 +223,112 @@ class Mamba2(nnx.Module):
             B.reshape(b, l, g, n),
             C.reshape(b, l, g, n),
             self.chunk_size,
-            D=D,
+            D=self._skip(),
             z=None if self.rmsnorm else z.reshape(b, l, h, p),  # without the norm the scan applies silu(z)
             dt_bias=self.dt_bias[...],
             dt_softplus=True,
             dt_limit=self.dt_limit,
             implementation=self.ssd_implementation,
         )
-        y = y.reshape(b, l, self.d_ssm)
+        return self._gate_and_project(y.reshape(b, l, self.d_ssm), z, z0, x0)
+
+    # ---- decoding: a cache of the conv window and the SSM state (mamba_jax.generation.cache) ----
+
+    def init_cache(self, batch: int, max_len: int | None = None, dtype=jnp.float32) -> SSMCache:
+        """An empty cache: conv_state (b, w, d_ssm + 2*g*n) in ``dtype``, ssm_state (b, h, p, n) float32.
+        ``max_len`` is unused (the state does not grow with the sequence); every mixer has the same signature."""
+        del max_len
+        width, conv_dim = self.conv1d.kernel.shape
+        return SSMCache(
+            conv_state=jnp.zeros((batch, width, conv_dim), dtype),
+            ssm_state=jnp.zeros((batch, self.nheads, self.headdim, self.d_state), jnp.float32),
+        )
+
+    def prefill(self, u: jax.Array, cache: SSMCache, lengths: jax.Array | None = None) -> tuple[jax.Array, SSMCache]:
+        """Run a whole (right-padded) chunk of tokens from ``cache`` with the chunked scan.
+
+        u (b, l, d); lengths int (b,) valid positions per row (default l) -> (out (b, l, d), the cache after each
+        row's last valid position). Outputs past a row's length are not meaningful. From an empty cache ``out``
+        equals ``self(u)``.
+        """
+        self._check_input(u, 3)
+        b, l, _ = u.shape
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        lengths = check_lengths(lengths, b, l)
+
+        z0, x0, z, xbc, dt = self._split_projection(self.in_proj(u))
+        xbc, conv_state = conv_prefill(self.conv1d, xbc, cache.conv_state, lengths)
+        x, B, C = jnp.split(jax.nn.silu(xbc), [self.d_ssm, self.d_ssm + g * n], axis=-1)
+        # dt as the scan would discretise it, then 0 past each row's length: such a step leaves the state unchanged.
+        dt = jnp.where(valid_mask(lengths, l)[:, :, None], self._discretize_dt(dt), 0.0)
+        y, ssm_state = mamba_chunk_scan(
+            x.reshape(b, l, h, p),
+            dt,
+            -jnp.exp(self.A_log[...].astype(jnp.float32)),
+            B.reshape(b, l, g, n),
+            C.reshape(b, l, g, n),
+            self.chunk_size,
+            D=self._skip(),
+            z=None if self.rmsnorm else z.reshape(b, l, h, p),
+            initial_states=cache.ssm_state,
+            return_final_states=True,
+            implementation=self.ssd_implementation,
+        )
+        out = self._gate_and_project(y.reshape(b, l, self.d_ssm), z, z0, x0)
+        return out, SSMCache(conv_state, ssm_state)
+
+    def step(self, u: jax.Array, cache: SSMCache) -> tuple[jax.Array, SSMCache]:
+        """One token per row: u (b, d) -> (out (b, d), the cache after it), in O(1) time and memory.
+
+        Unlike mamba_ssm's ``step`` this applies ``dt_limit``, as the full-sequence forward does, so decoding
+        reproduces ``self(u)`` for every model (mamba_ssm's differs when a model sets a limit).
+        """
+        self._check_input(u, 2)
+        b = u.shape[0]
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+
+        z0, x0, z, xbc, dt = self._split_projection(self.in_proj(u))
+        xbc, conv_state = conv_step(self.conv1d, xbc, cache.conv_state)
+        x, B, C = jnp.split(jax.nn.silu(xbc), [self.d_ssm, self.d_ssm + g * n], axis=-1)
+        y, ssm_state = selective_state_update(
+            cache.ssm_state,
+            x.reshape(b, h, p),
+            self._discretize_dt(dt),
+            -jnp.exp(self.A_log[...].astype(jnp.float32)),
+            B.reshape(b, g, n),
+            C.reshape(b, g, n),
+            D=self._skip(),
+            z=None if self.rmsnorm else z.reshape(b, h, p),
+        )
+        return self._gate_and_project(y.reshape(b, self.d_ssm), z, z0, x0), SSMCache(conv_state, ssm_state)
+
+    # ---- pieces shared by the three paths ----
+
+    def _check_input(self, u: jax.Array, ndim: int) -> None:
+        if u.ndim != ndim or u.shape[-1] != self.d_model:
+            shape = "(batch, seqlen, " if ndim == 3 else "(batch, "
+            raise ValueError(f"Mamba2: input must have shape {shape}{self.d_model}), got {u.shape}")
+
+    def _split_projection(self, zxbcdt: jax.Array) -> list[jax.Array]:
+        """in_proj output (..., 2di + 2gn + h) -> [z0, x0 (..., di - d_ssm), z (..., d_ssm), xBC, dt (..., h)]."""
+        d_mlp = self.d_inner - self.d_ssm
+        sizes = [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.ngroups * self.d_state]
+        return jnp.split(zxbcdt, np.cumsum(sizes).tolist(), axis=-1)
+
+    def _skip(self) -> jax.Array:
+        """D as the scans take it: (h,), or (h, p) when D_has_hdim."""
+        return self.D[...].reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D[...]
+
+    def _discretize_dt(self, dt: jax.Array) -> jax.Array:
+        """dt (..., h) -> float32 clip(softplus(dt + dt_bias), *dt_limit), as ``mamba_chunk_scan`` computes it."""
+        dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+        return jnp.clip(dt, *self.dt_limit)
+
+    def _gate_and_project(self, y: jax.Array, z: jax.Array, z0: jax.Array, x0: jax.Array) -> jax.Array:
+        """y, z (..., d_ssm), z0, x0 (..., di - d_ssm) -> out_proj([silu(z0) * x0, norm(y, z)]) (..., d)."""
         if self.norm is not None:
             y = self.norm(y, z)
-        if d_mlp > 0:
+        if self.d_inner > self.d_ssm:
             y = jnp.concatenate([jax.nn.silu(z0) * x0, y], axis=-1)
         return self.out_proj(y)
 

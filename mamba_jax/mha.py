@@ -16,25 +16,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mamba_jax.generation.cache import AttentionCache, check_lengths, conv_prefill
 from mamba_jax.layers import CausalConv1d, linear, with_axes
 
 
 def rotary_cos_sin(seqlen: int, rotary_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
     """cos, sin (l, rotary_dim / 2) in float32 of angle t * base**(-2i / rotary_dim) at positions t = 0..l-1."""
+    return rotary_cos_sin_at(jnp.arange(seqlen), rotary_dim, base)
+
+
+def rotary_cos_sin_at(positions: jax.Array, rotary_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin (..., rotary_dim / 2) in float32 of angle t * base**(-2i / rotary_dim) at integer positions t (...)."""
     inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
-    angles = jnp.arange(seqlen, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: bool) -> jax.Array:
     """Rotate the first 2 * cos.shape[-1] dims of each head, in float32; the rest pass through.
 
-    x (b, l, heads, e); cos, sin (l, r/2). Non-interleaved (GPT-NeoX) pairs dim i with i + r/2; interleaved (GPT-J)
-    pairs 2i with 2i + 1.
+    x (b, l, heads, e); cos, sin (l, r/2), or (b, l, r/2) for positions that differ per row. Non-interleaved
+    (GPT-NeoX) pairs dim i with i + r/2; interleaved (GPT-J) pairs 2i with 2i + 1.
     """
     half = cos.shape[-1]
     rot, rest = x[..., : 2 * half].astype(jnp.float32), x[..., 2 * half :]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads
     if interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
     else:
@@ -127,31 +133,105 @@ class MHA(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (b, l, embed_dim) -> (b, l, embed_dim)."""
-        embed_dim = self.out_proj.out_features
-        if x.ndim != 3 or x.shape[-1] != embed_dim:
-            raise ValueError(f"MHA: input must have shape (batch, seqlen, {embed_dim}), got {x.shape}")
-        b, l, _ = x.shape
-        a, k, e = self.num_heads, self.num_heads_kv, self.head_dim
-
-        qkv = self.in_proj(x)
-        mlp = None
-        if self.mlp_dim > 0:
-            qkv, mlp_up, mlp_gate = jnp.split(
-                qkv, [qkv.shape[-1] - self.mlp_dim, qkv.shape[-1] - self.mlp_dim // 2], -1
-            )
-            mlp = mlp_up * jax.nn.silu(mlp_gate)
+        self._check_input(x, 3)
+        qkv, mlp = self._project(x)
         if self.conv1d is not None:
             qkv = self.conv1d(qkv)
-        q, key, value = jnp.split(qkv, [a * e, (a + k) * e], axis=-1)
-        q, key, value = q.reshape(b, l, a, e), key.reshape(b, l, k, e), value.reshape(b, l, k, e)
+        q, key, value = self._split_heads(qkv)
         if self.rotary_emb_dim > 0:
-            cos, sin = rotary_cos_sin(l, self.rotary_emb_dim, self.rotary_emb_base)
+            cos, sin = rotary_cos_sin(x.shape[1], self.rotary_emb_dim, self.rotary_emb_base)
             q = apply_rotary(q, cos, sin, self.rotary_emb_interleaved)
             key = apply_rotary(key, cos, sin, self.rotary_emb_interleaved)
         # XLA path of jax.nn.dot_product_attention: float32 logits and softmax; GQA maps query head i to kv head
         # i // (a / k), the order of torch's repeat_interleave.
         ctx = jax.nn.dot_product_attention(q, key, value, scale=self.softmax_scale, is_causal=self.causal)
-        ctx = ctx.reshape(b, l, a * e)
+        return self._output(ctx, mlp)
+
+    # ---- decoding: a preallocated key/value cache (mamba_jax.generation.cache) ----
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> AttentionCache:
+        """An empty cache for ``max_len`` positions: key, value (b, s, k, e) and the conv window (b, w, (a + 2k) e)
+        when the layer has a conv, in ``dtype``; length (b,) int32 zeros."""
+        kv_shape = (batch, max_len, self.num_heads_kv, self.head_dim)
+        conv_state = None
+        if self.conv1d is not None:
+            conv_state = jnp.zeros((batch, *self.conv1d.kernel.shape), dtype)
+        return AttentionCache(
+            key=jnp.zeros(kv_shape, dtype),
+            value=jnp.zeros(kv_shape, dtype),
+            length=jnp.zeros((batch,), jnp.int32),
+            conv_state=conv_state,
+        )
+
+    def prefill(
+        self, x: jax.Array, cache: AttentionCache, lengths: jax.Array | None = None
+    ) -> tuple[jax.Array, AttentionCache]:
+        """Append a (right-padded) chunk of tokens to each row of ``cache`` and attend over everything cached.
+
+        x (b, l, embed_dim); lengths int (b,) valid positions per row (default l) -> (out (b, l, embed_dim), cache).
+        Row r's tokens take positions cache.length[r] + 0..l-1 (rotary angles included); positions past the cache's
+        capacity s are dropped, so s must cover every token. A causal layer's query sees the keys up to its own
+        position; a non-causal one (as mamba_ssm's inference) sees every valid key of the chunk and before. Outputs
+        past a row's length are not meaningful. From an empty cache ``out`` equals ``self(x)``.
+        """
+        self._check_input(x, 3)
+        b, l, _ = x.shape
+        lengths = check_lengths(lengths, b, l)
+        qkv, mlp = self._project(x)
+        conv_state = cache.conv_state
+        if self.conv1d is not None:
+            qkv, conv_state = conv_prefill(self.conv1d, qkv, conv_state, lengths)
+        q, key, value = self._split_heads(qkv)
+        positions = cache.length[:, None] + jnp.arange(l)[None, :]  # (b, l)
+        if self.rotary_emb_dim > 0:
+            cos, sin = rotary_cos_sin_at(positions, self.rotary_emb_dim, self.rotary_emb_base)
+            q = apply_rotary(q, cos, sin, self.rotary_emb_interleaved)
+            key = apply_rotary(key, cos, sin, self.rotary_emb_interleaved)
+        rows = jnp.arange(b)[:, None]
+        keys = cache.key.at[rows, positions].set(key.astype(cache.key.dtype), mode="drop")
+        values = cache.value.at[rows, positions].set(value.astype(cache.value.dtype), mode="drop")
+
+        end = cache.length + lengths  # (b,)
+        slots = jnp.arange(keys.shape[1])[None, None, :]  # (1, 1, s)
+        visible = slots <= positions[:, :, None] if self.causal else slots < end[:, None, None]  # (b, l, s)
+        ctx = jax.nn.dot_product_attention(
+            q, keys.astype(q.dtype), values.astype(q.dtype), mask=visible[:, None], scale=self.softmax_scale
+        )
+        return self._output(ctx, mlp), AttentionCache(keys, values, end, conv_state)
+
+    def step(self, x: jax.Array, cache: AttentionCache) -> tuple[jax.Array, AttentionCache]:
+        """One token per row: x (b, embed_dim) -> (out (b, embed_dim), cache); attends over the s cached slots."""
+        self._check_input(x, 2)
+        out, cache = self.prefill(x[:, None], cache)
+        return out[:, 0], cache
+
+    # ---- pieces shared by the paths ----
+
+    def _check_input(self, x: jax.Array, ndim: int) -> None:
+        embed_dim = self.out_proj.out_features
+        if x.ndim != ndim or x.shape[-1] != embed_dim:
+            shape = "(batch, seqlen, " if ndim == 3 else "(batch, "
+            raise ValueError(f"MHA: input must have shape {shape}{embed_dim}), got {x.shape}")
+
+    def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """x (b, l, embed_dim) -> qkv (b, l, (a + 2k) e) and the gated MLP branch (b, l, m/2) or None."""
+        qkv = self.in_proj(x)
+        if self.mlp_dim == 0:
+            return qkv, None
+        qkv, mlp_up, mlp_gate = jnp.split(qkv, [qkv.shape[-1] - self.mlp_dim, qkv.shape[-1] - self.mlp_dim // 2], -1)
+        return qkv, mlp_up * jax.nn.silu(mlp_gate)
+
+    def _split_heads(self, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """qkv (b, l, (a + 2k) e) -> q (b, l, a, e), key, value (b, l, k, e)."""
+        b, l, _ = qkv.shape
+        a, k, e = self.num_heads, self.num_heads_kv, self.head_dim
+        q, key, value = jnp.split(qkv, [a * e, (a + k) * e], axis=-1)
+        return q.reshape(b, l, a, e), key.reshape(b, l, k, e), value.reshape(b, l, k, e)
+
+    def _output(self, ctx: jax.Array, mlp: jax.Array | None) -> jax.Array:
+        """ctx (b, l, a, e), mlp (b, l, m/2) or None -> out_proj([ctx, mlp]) (b, l, embed_dim)."""
+        b, l = ctx.shape[:2]
+        ctx = ctx.reshape(b, l, self.num_heads * self.head_dim)
         if mlp is not None:
             ctx = jnp.concatenate([ctx, mlp], axis=-1)
         return self.out_proj(ctx)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from mamba_jax.block import Block
 from mamba_jax.config import MambaConfig
+from mamba_jax.generation.cache import check_lengths, take_last
 from mamba_jax.layers import LayerNorm, RMSNorm, linear, with_axes
 from mamba_jax.mamba1 import Mamba
 from mamba_jax.mamba2 import Mamba2
@@ -119,6 +120,30 @@ class MixerModel(nnx.Module):
             hidden, residual = layer(hidden, residual)
         return self.norm_f(hidden + residual)
 
+    def init_cache(self, batch: int, max_len: int, dtype) -> tuple:
+        """The empty decode cache: a tuple with one cache per layer (layouts in mamba_jax.generation.cache)."""
+        return tuple(layer.init_cache(batch, max_len, dtype) for layer in self.layers)
+
+    def prefill(self, input_ids: jax.Array, cache: tuple, lengths: jax.Array) -> tuple[jax.Array, tuple]:
+        """input_ids int (b, l), lengths (b,) -> (final hidden state (b, d) at each row's last valid token, cache)."""
+        hidden = self.embedding(input_ids)
+        residual = None
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            hidden, residual, layer_cache = layer.prefill(hidden, residual, layer_cache, lengths)
+            new_cache.append(layer_cache)
+        return self.norm_f(take_last(hidden, lengths) + take_last(residual, lengths)), tuple(new_cache)
+
+    def step(self, tokens: jax.Array, cache: tuple) -> tuple[jax.Array, tuple]:
+        """tokens int (b,) -> (final hidden state (b, d), cache)."""
+        hidden = self.embedding(tokens)
+        residual = None
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            hidden, residual, layer_cache = layer.step(hidden, residual, layer_cache)
+            new_cache.append(layer_cache)
+        return self.norm_f(hidden + residual), tuple(new_cache)
+
 
 class MambaLMHeadModel(nnx.Module):
     """MixerModel + LM head: ``model(input_ids)`` -> float32 logits (b, l, v), v = config.padded_vocab_size.
@@ -162,14 +187,47 @@ class MambaLMHeadModel(nnx.Module):
             raise ValueError(
                 f"input_ids must be integer (batch, seqlen), found shape {input_ids.shape} dtype {input_ids.dtype}"
             )
-        hidden = self.backbone(input_ids)
+        return self._logits(self.backbone(input_ids))
+
+    # ---- decoding (mamba_jax.generation) ----
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> tuple:
+        """An empty decode cache for ``batch`` rows of up to ``max_len`` tokens: one cache per layer (layouts in
+        mamba_jax.generation.cache). ``dtype`` of the conv windows and key/value entries: default the model's
+        ``dtype``, else float32 (SSM states are float32 always)."""
+        return self.backbone.init_cache(batch, max_len, dtype or self.dtype or jnp.float32)
+
+    def prefill(self, input_ids: jax.Array, cache: tuple, lengths: jax.Array | None = None) -> tuple[jax.Array, tuple]:
+        """Process whole (right-padded) prompts with the parallel scans.
+
+        input_ids int (b, l); lengths int (b,) prompt tokens per row (default l) -> (logits float32 (b, v) at each
+        row's last prompt token, the cache after it). Continues from ``cache`` (a chunked prefill works too).
+        """
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"input_ids must be integer (batch, seqlen), found shape {input_ids.shape} dtype {input_ids.dtype}"
+            )
+        lengths = check_lengths(lengths, *input_ids.shape)
+        hidden, cache = self.backbone.prefill(input_ids, cache, lengths)
+        return self._logits(hidden), cache
+
+    def step(self, tokens: jax.Array, cache: tuple) -> tuple[jax.Array, tuple]:
+        """One token per row, O(1) in the sequence length for SSM layers: tokens int (b,) -> (logits float32 (b, v),
+        cache)."""
+        if tokens.ndim != 1 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer (batch,), found shape {tokens.shape} dtype {tokens.dtype}")
+        hidden, cache = self.backbone.step(tokens, cache)
+        return self._logits(hidden), cache
+
+    def _logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden (..., d) -> float32 logits (..., v)."""
         if self.config.tie_embeddings:
             head = self.backbone.embedding.embedding[...].T  # (d, v)
         else:
             head = self.lm_head.kernel[...]  # (d, v)
         dtype = self.dtype or jnp.result_type(hidden, head)
         # Products in the compute dtype, accumulated and returned in float32.
-        return jnp.einsum("bld,dv->blv", hidden.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def _init_for_language_model(model: nnx.Module, config: MambaConfig) -> None:

@@ -1,0 +1,108 @@
+"""Decode caches: what each kind of layer keeps between tokens, and the short causal conv run on a cached window.
+
+Layouts (channels-last, like the activations; legend in docs/architecture.md, plus ``s`` = cache capacity in tokens,
+``a`` query heads, ``k`` key/value heads, ``e`` head_dim):
+
+=============== ========================= ====================================================================
+layer           field                     shape, dtype
+=============== ========================= ====================================================================
+Mamba-1         ``SSMCache.conv_state``   (b, w, di), activation dtype: the last w conv inputs, oldest first
+                ``SSMCache.ssm_state``    (b, di, n) float32
+Mamba-2         ``SSMCache.conv_state``   (b, w, d_ssm + 2*g*n): the last w inputs of the conv over [x, B, C]
+                ``SSMCache.ssm_state``    (b, h, p, n) float32
+MHA             ``AttentionCache.key``    (b, s, k, e), ``value`` the same: position t of row r at [r, t]
+                ``AttentionCache.length`` (b,) int32: how many positions of each row are filled
+                ``AttentionCache.conv_state`` (b, w, (a + 2k) e) when the layer has a conv over qkv, else None
+=============== ========================= ====================================================================
+
+A model's cache is the tuple of its layers' caches. Caches are plain pytrees (NamedTuples of arrays), so they pass
+through ``jit`` and ``lax.while_loop`` as they are; nothing is updated in place, every step returns a new cache.
+The SSM state is float32 whatever the activation dtype, as in mamba_ssm; the conv window and key/value entries are
+stored in the cache's dtype and cast to the layer's compute dtype when read.
+
+The conv window holds w inputs (the one just consumed and the w - 1 before it), as mamba_ssm's conv_state does: the
+next step drops the oldest, appends the new input and takes the dot product with ``CausalConv1d.kernel`` (w, c),
+whose row w - 1 multiplies the newest input.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class SSMCache(NamedTuple):
+    """Decode state of a Mamba-1 or Mamba-2 layer (shapes in the module docstring)."""
+
+    conv_state: jax.Array
+    ssm_state: jax.Array
+
+
+class AttentionCache(NamedTuple):
+    """Key/value cache of an MHA layer, preallocated for ``s`` positions (shapes in the module docstring)."""
+
+    key: jax.Array
+    value: jax.Array
+    length: jax.Array
+    conv_state: jax.Array | None
+
+
+def check_lengths(lengths: jax.Array | None, batch: int, seqlen: int) -> jax.Array:
+    """int32 (b,) number of valid (leading) positions per row; None means all ``seqlen``."""
+    if lengths is None:
+        return jnp.full((batch,), seqlen, jnp.int32)
+    lengths = jnp.asarray(lengths)
+    if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be an integer array of shape ({batch},), found {lengths.shape} {lengths.dtype}")
+    return lengths.astype(jnp.int32)
+
+
+def valid_mask(lengths: jax.Array, seqlen: int) -> jax.Array:
+    """bool (b, l): True at the positions before each row's length."""
+    return jnp.arange(seqlen)[None, :] < lengths[:, None]
+
+
+def take_last(x: jax.Array, lengths: jax.Array) -> jax.Array:
+    """x (b, l, ...) at each row's last valid position ``lengths - 1`` -> (b, ...)."""
+    index = (lengths - 1).reshape(-1, *([1] * (x.ndim - 1)))
+    return jnp.take_along_axis(x, index, axis=1)[:, 0]
+
+
+def conv_prefill(
+    conv: nnx.Module, x: jax.Array, conv_state: jax.Array, lengths: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The causal conv over ``x`` continuing from the cached window, and the window after each row's last input.
+
+    x (b, l, c); conv_state (b, w, c); lengths (b,) -> (y (b, l, c) in the conv's dtype, new conv_state (b, w, c)).
+    Running the conv over [the last w - 1 cached inputs, x] and dropping the first w - 1 outputs gives exactly the
+    full-sequence conv when the cache is fresh (zeros are what the conv pads with). Positions at or after a row's
+    length (right padding) are computed but never enter that row's new window.
+    """
+    width = conv_state.shape[1]
+    history = conv_state[:, 1:].astype(x.dtype)  # (b, w - 1, c)
+    y = conv(jnp.concatenate([history, x], axis=1))[:, width - 1 :]
+    # The window ending at input lengths - 1 is [lengths - w, lengths) in x's time, i.e. [lengths, lengths + w) in
+    # [cached window, x], which starts w positions earlier.
+    extended = jnp.concatenate([conv_state, x.astype(conv_state.dtype)], axis=1)  # (b, w + l, c)
+    index = lengths[:, None] + jnp.arange(width)[None, :]  # (b, w)
+    new_state = jnp.take_along_axis(extended, index[:, :, None], axis=1)
+    return y, new_state
+
+
+def conv_step(conv: nnx.Module, x: jax.Array, conv_state: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One step of the causal conv: x (b, c), conv_state (b, w, c) -> (y (b, c), new conv_state (b, w, c)).
+
+    The products are summed in the order ``CausalConv1d.__call__`` uses (oldest tap first), so a step reproduces the
+    full-sequence conv to the bit in float32.
+    """
+    window = jnp.concatenate([conv_state[:, 1:], x[:, None].astype(conv_state.dtype)], axis=1)
+    dtype = conv.dtype or x.dtype
+    taps = window.astype(dtype)
+    kernel = conv.kernel[...].astype(dtype)
+    y = sum(taps[:, k] * kernel[k] for k in range(conv.width))
+    if conv.bias is not None:
+        y = y + conv.bias[...].astype(dtype)
+    return y, window

@@ -1,0 +1,214 @@
+"""``generate``: prefill the prompts, then decode every new token inside one compiled ``lax.while_loop``.
+
+The model is any pytree (flax NNX modules are) with the decode protocol of ``MambaLMHeadModel``:
+
+- ``config.vocab_size``: the real vocabulary (logits beyond it are vocab padding and never sampled);
+- ``init_cache(batch, max_len)`` -> an empty cache for ``max_len`` positions per row;
+- ``prefill(input_ids (b, l), cache, lengths (b,))`` -> (logits (b, v) float32 at each row's last prompt token,
+  cache): the whole prompt at once, with the parallel scan;
+- ``step(tokens (b,), cache)`` -> (logits (b, v) float32, cache): one token per row, O(1) in the sequence length.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mamba_jax.generation.sampling import SamplingConfig, sample_next
+
+
+def generate(
+    model: nnx.Module,
+    input_ids,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 1,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    prompt_lengths=None,
+    rng: jax.Array | int | None = None,
+    return_scores: bool = False,
+    callback: Callable[[np.ndarray], None] | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens.
+
+    Args:
+      model: a ``MambaLMHeadModel`` (or any model with the decode protocol in the module docstring).
+      input_ids: int (b, l) prompts, right-padded when their lengths differ.
+      max_new_tokens: how many tokens to generate per row, >= 1.
+      temperature, top_k, top_p, min_p, repetition_penalty: see ``mamba_jax.generation.sampling``. The default
+        ``top_k=1`` is greedy decoding.
+      eos_token_id: a row is finished once it has produced this id; decoding stops when every row is finished.
+      pad_token_id: fills a finished row's later positions (default: ``eos_token_id``). Without
+        ``prompt_lengths``, also marks the prompts' right padding: a row's length is l minus its trailing run of
+        ``pad_token_id``.
+      prompt_lengths: int (b,) number of prompt tokens of each row, in [1, l]. Default: see ``pad_token_id``, else l.
+      rng: a ``jax.random.key`` (or an int seed) for sampling; default ``jax.random.key(0)``. Unused when greedy.
+      return_scores: also return the logits each token was chosen from.
+      callback: called on the host with the int32 (b,) tokens of each position as soon as it is produced (for
+        streaming), from inside the compiled loop. It is a static argument: pass the same function object each call,
+        or every call compiles anew.
+
+    Returns:
+      tokens int32 (b, t): the new tokens only, t <= max_new_tokens (less when every row finished early); and with
+      ``return_scores`` also scores float32 (b, t, config.vocab_size): the raw logits at each position (before the
+      repetition penalty and the filters), as mamba_ssm's ``scores``.
+
+    Rows are independent: in a batch of ragged prompts each row gets the logits it would get alone, up to float
+    rounding (other shapes sum in other orders), so greedy tokens agree unless two logits tie within that rounding.
+    Sampled draws depend on the row's place in the batch. The whole decode runs on the device in one compiled
+    function, compiled once per shape, sampling setting and ``callback``; token ids and ``rng`` are traced.
+    """
+    for name in ("init_cache", "prefill", "step", "config"):
+        if not hasattr(model, name):
+            raise ValueError(f"generate: model must have init_cache, prefill, step and config; {name} is missing")
+    vocab_size = model.config.vocab_size
+    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, found {max_new_tokens!r}")
+    eos_token_id = _check_token_id("eos_token_id", eos_token_id, vocab_size)
+    pad_token_id = _check_token_id("pad_token_id", pad_token_id, vocab_size)
+    ids, lengths = _check_prompts(input_ids, prompt_lengths, pad_token_id, vocab_size)
+    key = _check_rng(rng)
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable or None, found {type(callback).__name__}")
+
+    # Token ids are traced, not static, so changing them does not recompile; -1 never matches a token.
+    eos = -1 if eos_token_id is None else eos_token_id
+    fill = pad_token_id if pad_token_id is not None else max(eos, 0)
+    tokens, scores, produced = _generate(
+        model,
+        jnp.asarray(ids),
+        jnp.asarray(lengths),
+        key,
+        jnp.int32(eos),
+        jnp.int32(fill),
+        max_new_tokens=int(max_new_tokens),
+        vocab_size=vocab_size,
+        sampling=sampling,
+        return_scores=bool(return_scores),
+        callback=callback,
+    )
+    produced = int(produced)
+    tokens = tokens[:, :produced]
+    return (tokens, scores[:, :produced]) if return_scores else tokens
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("max_new_tokens", "vocab_size", "sampling", "return_scores", "callback"),
+)
+def _generate(model, ids, lengths, key, eos, fill, *, max_new_tokens, vocab_size, sampling, return_scores, callback):
+    """The compiled prefill + decode loop: ids (b, l), lengths (b,), eos and fill int32 scalars.
+
+    The model goes in as a pytree (flax NNX modules are pytrees): flattening it is much cheaper per call than
+    ``nnx.split``, and its structure's hash is cached. Returns (tokens (b, T), scores (b, T, V) or None, how many
+    positions were produced)."""
+    batch, seqlen = ids.shape
+    rows = jnp.arange(batch)
+
+    cache = model.init_cache(batch, seqlen + max_new_tokens)
+    logits, cache = model.prefill(ids, cache, lengths)
+    seen = None  # (b, V) bool: ids already in each row, for the repetition penalty
+    if sampling.repetition_penalty != 1.0:
+        in_prompt = jnp.arange(seqlen)[None, :] < lengths[:, None]
+        seen = jnp.zeros((batch, vocab_size), jnp.int32).at[rows[:, None], ids].add(in_prompt.astype(jnp.int32)) > 0
+
+    def choose(position, logits, key, tokens, scores, done, seen):
+        """Pick the token at ``position`` from ``logits`` (b, v) and record it."""
+        logits = logits[:, :vocab_size]
+        subkey = key
+        if not sampling.greedy:  # greedy decoding needs no randomness: save the step its key split
+            key, subkey = jax.random.split(key)
+        token = sample_next(logits, seen, subkey, sampling)
+        token = jnp.where(done, fill, token)
+        done = done | (token == eos)
+        tokens = tokens.at[:, position].set(token)
+        if return_scores:
+            scores = scores.at[:, position].set(logits)
+        if seen is not None:
+            seen = seen.at[rows, token].set(True)
+        if callback is not None:
+            jax.debug.callback(callback, token, ordered=True)
+        return token, key, tokens, scores, done, seen
+
+    tokens = jnp.full((batch, max_new_tokens), fill, jnp.int32)
+    scores = jnp.zeros((batch, max_new_tokens, vocab_size), jnp.float32) if return_scores else None
+    done = jnp.zeros((batch,), bool)
+    carry = (jnp.int32(1), *choose(0, logits, key, tokens, scores, done, seen), cache)
+
+    def not_finished(carry):
+        position, _, _, _, _, done, _, _ = carry
+        return (position < max_new_tokens) & ~jnp.all(done)
+
+    def decode_one(carry):
+        position, token, key, tokens, scores, done, seen, cache = carry
+        logits, cache = model.step(token, cache)
+        return (position + 1, *choose(position, logits, key, tokens, scores, done, seen), cache)
+
+    position, _, _, tokens, scores, _, _, _ = jax.lax.while_loop(not_finished, decode_one, carry)
+    return tokens, scores, position
+
+
+def _check_token_id(name: str, value, vocab_size: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value < vocab_size:
+        raise ValueError(f"{name} must be None or an int in [0, vocab_size={vocab_size}), found {value!r}")
+    return int(value)
+
+
+def _check_prompts(input_ids, prompt_lengths, pad_token_id, vocab_size) -> tuple[np.ndarray, np.ndarray]:
+    """-> (ids int32 (b, l) with padding set to 0, lengths int32 (b,)), or a ValueError."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be an integer array of shape (batch, seqlen), found {ids.shape} {ids.dtype}")
+    batch, seqlen = ids.shape
+    if batch == 0 or seqlen == 0:
+        raise ValueError(f"input_ids must hold at least one prompt of at least one token, found shape {ids.shape}")
+    if prompt_lengths is not None:
+        lengths = np.asarray(prompt_lengths)
+        if lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer):
+            raise ValueError(
+                f"prompt_lengths must be an integer array of shape (batch,) = ({batch},), "
+                f"found {lengths.shape} {lengths.dtype}"
+            )
+    elif pad_token_id is not None:
+        # Length = position after the last non-pad token.
+        not_pad = ids != pad_token_id
+        lengths = np.where(not_pad.any(axis=1), seqlen - np.argmax(not_pad[:, ::-1], axis=1), 0)
+    else:
+        lengths = np.full((batch,), seqlen)
+    if np.any(lengths < 1) or np.any(lengths > seqlen):
+        raise ValueError(f"every prompt needs between 1 and seqlen={seqlen} tokens, found lengths {lengths.tolist()}")
+    valid = np.arange(seqlen)[None, :] < lengths[:, None]
+    bad = valid & ((ids < 0) | (ids >= vocab_size))
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ValueError(
+            f"input_ids must be in [0, vocab_size={vocab_size}), found {ids[row, col]} at row {row}, position {col}"
+        )
+    # The padding is never read by a valid position, but it still flows through the layers: keep it a real id.
+    return np.where(valid, ids, 0).astype(np.int32), lengths.astype(np.int32)
+
+
+def _check_rng(rng) -> jax.Array:
+    if rng is None:
+        return jax.random.key(0)
+    if isinstance(rng, int | np.integer) and not isinstance(rng, bool):
+        return jax.random.key(int(rng))
+    if isinstance(rng, jax.Array) and (
+        (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.shape == ())
+        or (rng.dtype == jnp.uint32 and rng.shape == (2,))
+    ):
+        return rng
+    raise ValueError(f"rng must be None, an int seed or one jax.random.key, found {rng!r}")

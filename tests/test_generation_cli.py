@@ -1,0 +1,83 @@
+"""``python -m mamba_jax.generate``: the command line on a tiny transformers checkpoint with a word-level tokenizer
+saved beside it (no network), its errors, and the ``-m`` entry point next to the ``mamba_jax.generate`` function."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mamba_jax import generate
+from mamba_jax.generation import cli
+from mamba_jax.pretrained import load_pretrained
+from tests import checkpoints
+
+WORDS = ["<eos>", "[UNK]"] + [f"w{i}" for i in range(checkpoints.VOCAB - 2)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A transformers Mamba checkpoint directory (vocab 37) holding a tokenizer with one token per word."""
+    pytest.importorskip("torch")  # tests.checkpoints builds the model with torch + transformers
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("mamba-tiny")
+    checkpoints.random_model("mamba", vocab_size=checkpoints.VOCAB, tie=True).save_pretrained(directory)
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    words.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<eos>", unk_token="[UNK]").save_pretrained(directory)
+    return directory
+
+
+def test_streams_the_greedy_continuation_and_reports_speed(checkpoint, capsys):
+    cli.main(["--model", str(checkpoint), "--prompt", "w3 w1 w4", "--max-new-tokens", "5", "--batch", "2"])
+    out, err = capsys.readouterr()
+
+    tokens = np.asarray(generate(load_pretrained(checkpoint), np.array([[5, 3, 6]] * 2), max_new_tokens=5))
+    row = list(tokens[0])
+    if 0 in row:  # the tokenizer's EOS ends the text
+        row = row[: row.index(0)]
+    text = " ".join(WORDS[i] for i in row)
+    assert out.startswith(f"w3 w1 w4{text}\n--- row 1 ---\nw3 w1 w4")
+    assert "prompt 3 tokens" in err and "tokens/s" in err and "first token after" in err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [
+        (["--top-p", "0"], r"top_p must be a number in \(0, 1\]"),
+        (["--max-new-tokens", "0"], "--max-new-tokens and --batch must be >= 1"),
+        (["--tokenizer", "/no/such/tokenizer"], "cannot load the tokenizer '/no/such/tokenizer'"),
+        (["--prompt", ""], "encodes to no tokens"),
+    ],
+)
+def test_errors_name_the_problem(checkpoint, capsys, arguments, match):
+    defaults = {"--model": str(checkpoint), "--prompt": "w1"}
+    for flag, value in zip(arguments[::2], arguments[1::2], strict=True):
+        defaults[flag] = value
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([item for pair in defaults.items() for item in pair])
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_missing_checkpoint_directory(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--model", "./no/such/checkpoint", "--prompt", "w1"])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_module_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "mamba_jax.generate", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: python -m mamba_jax.generate" in result.stdout
+    assert "--repetition-penalty" in result.stdout
