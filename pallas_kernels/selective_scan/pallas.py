@@ -1,0 +1,159 @@
+"""The selective scan as Pallas GPU kernels (Triton backend), with a Pallas backward through ``jax.custom_vjp``.
+
+``selective_scan_pallas`` takes the normalised arguments of ``api.py``. The forward (``pallas_fwd.py``) reads u, delta,
+z, B and C once and writes the gated output once, with the state in registers; the backward (``pallas_bwd.py``) first
+re-runs the forward to store the state every ``blocks.backward_steps`` steps, then scans in reverse. Without a
+supported GPU the same kernels run in Pallas's interpreter (slow; for tests). docs/kernels.md has the design and the
+measurements.
+"""
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.selective_scan.pallas_bwd import scan_backward
+from pallas_kernels.selective_scan.pallas_config import DEFAULT_BLOCKS, ScanBlocks
+from pallas_kernels.selective_scan.pallas_fwd import LOG2_E, scan_forward
+
+# jax 0.11 warns at every lowering of a Triton-backend pallas_call. The lowering happens when the enclosing jit
+# compiles, after our call returned, so a warnings.catch_warnings around the call cannot reach it (only eager calls).
+# This filter matches that message and category alone.
+TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated and will be removed in a future JAX version"
+
+
+def pallas_supported() -> bool:
+    """True on an NVIDIA GPU of compute capability 8.0 or newer, the GPUs Pallas's Triton backend compiles for."""
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        return False
+    capability = str(getattr(device, "compute_capability", ""))
+    return capability.split(".")[0].isdigit() and int(capability.split(".")[0]) >= 8
+
+
+def selective_scan_pallas(
+    u: jax.Array,
+    delta: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: jax.Array | None,
+    z: jax.Array | None,
+    delta_bias: jax.Array | None,
+    delta_softplus: bool,
+    initial_state: jax.Array | None,
+    *,
+    blocks: ScanBlocks = DEFAULT_BLOCKS,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Selective scan with Pallas kernels; arguments and results as ``selective_scan_reference``.
+
+    u, delta, z (b, l, di) floating (float32, bfloat16, float16); A float32 (di, n); B, C (b, l, g, n); D,
+    delta_bias (di,) or None; initial_state float32 (b, di, n) or None. Returns out (b, l, di) in u's dtype and the
+    last state float32 (b, di, n). Differentiable in every array argument. ``interpret`` None runs the compiled
+    kernels where ``pallas_supported()``, else Pallas's interpreter.
+    """
+    _check_arguments(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if interpret is None:
+        interpret = not pallas_supported()
+    if not interpret:
+        warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+    return _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), blocks, interpret)
+
+
+def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state) -> dict[str, jax.Array]:
+    """The kernels' shared inputs: the state laid out (n, di), A scaled by log2(e), absent D / delta_bias as 0."""
+    dim = u.shape[2]
+    inputs = {
+        "u": u,
+        "delta": delta,
+        "B": B,
+        "C": C,
+        "A2": (A.astype(jnp.float32) * LOG2_E).T,
+        "D": jnp.zeros((dim,), jnp.float32) if D is None else D.astype(jnp.float32),
+        "delta_bias": jnp.zeros((dim,), jnp.float32) if delta_bias is None else delta_bias.astype(jnp.float32),
+    }
+    if z is not None:
+        inputs["z"] = z
+    if initial_state is not None:
+        inputs["h0"] = jnp.swapaxes(initial_state.astype(jnp.float32), 1, 2)
+    return inputs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
+def _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, blocks, interpret):
+    inputs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    result = scan_forward(inputs, delta_softplus=delta_softplus, blocks=blocks, interpret=interpret)
+    return result["out"], jnp.swapaxes(result["last_state"], 1, 2)
+
+
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, blocks, interpret):
+    out = _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, blocks, interpret)
+    return out, (u, delta, A, B, C, D, z, delta_bias, initial_state)
+
+
+def _scan_bwd(delta_softplus, blocks, interpret, residuals, cotangents):
+    _, _, A, B, C, D, _, delta_bias, initial_state = residuals
+    dout, dlast = cotangents
+    inputs = _kernel_inputs(*residuals)
+    checkpoints = scan_forward(
+        inputs, delta_softplus=delta_softplus, blocks=blocks, interpret=interpret, checkpoints=True
+    )["checkpoints"]
+    inputs.pop("h0", None)
+    inputs.update(dout=dout, dlast=jnp.swapaxes(dlast.astype(jnp.float32), 1, 2), checkpoints=checkpoints)
+    grads = scan_backward(inputs, delta_softplus=delta_softplus, blocks=blocks, interpret=interpret)
+
+    def cast(value, like):
+        return None if like is None else value.astype(like.dtype)
+
+    d_state = A.shape[1]
+    dBC = grads["dBC"].sum(axis=3)  # (b, l, g, blocks per group, packed) -> (b, l, g, packed)
+    dB, dC = dBC[..., :d_state], dBC[..., d_state : 2 * d_state]
+    return (
+        grads["du"],
+        grads["ddelta"],
+        cast(grads["dA"].sum(axis=0).T, A),
+        cast(dB, B),
+        cast(dC, C),
+        cast(grads["dD"].sum(axis=0), D),
+        grads.get("dz"),
+        cast(grads["ddelta_bias"].sum(axis=0), delta_bias),
+        cast(jnp.swapaxes(grads["dh0"], 1, 2), initial_state),
+    )
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def _check_arguments(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
+    """Raise ValueError naming the first argument whose shape or dtype breaks the contract of ``api.py``."""
+
+    def fail(name, expected, found):
+        raise ValueError(f"selective_scan_pallas: {name} must be {expected}, got {found}")
+
+    if u.ndim != 3:
+        fail("u", "(batch, seqlen, d_inner)", f"shape {u.shape}")
+    batch, seqlen, dim = u.shape
+    if A.ndim != 2 or A.shape[0] != dim:
+        fail("A", f"(d_inner={dim}, d_state)", f"shape {A.shape}")
+    d_state = A.shape[1]
+    if B.ndim != 4 or B.shape[:2] != (batch, seqlen) or B.shape[3] != d_state:
+        fail("B", f"({batch}, {seqlen}, groups, {d_state})", f"shape {B.shape}")
+    groups = B.shape[2]
+    if groups < 1 or dim % groups:
+        fail("B", f"a number of groups dividing d_inner={dim}", f"{groups} groups")
+    expected = {
+        "delta": (delta, u.shape),
+        "C": (C, B.shape),
+        "z": (z, u.shape),
+        "D": (D, (dim,)),
+        "delta_bias": (delta_bias, (dim,)),
+        "initial_state": (initial_state, (batch, dim, d_state)),
+    }
+    for name, (value, shape) in expected.items():
+        if value is not None and value.shape != shape:
+            fail(name, f"of shape {shape}", f"shape {value.shape}")
+    for name, value in {"u": u, "delta": delta, "z": z, "B": B, "C": C}.items():
+        if value is not None and not jnp.issubdtype(value.dtype, jnp.floating):
+            fail(name, "a floating dtype", f"dtype {value.dtype}")

@@ -1,0 +1,130 @@
+"""The Pallas selective-scan kernels against the reference, through the shared suite of tests/test_selective_scan.py:
+forward, last state and the gradients in every float argument.
+
+On CPU the kernels run in Pallas's interpreter with small blocks (8 channels, tiles of 4 and 2 steps), so the small
+cases still cross channel blocks, lane masks, groups, tile tails and the prefetches past the last tile. The ``gpu``
+marker runs the compiled kernels at full size with the default blocks (``make test-gpu`` on the device).
+"""
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.selective_scan import selective_scan
+from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported, selective_scan_pallas
+from pallas_kernels.selective_scan.pallas_config import ScanBlocks
+from tests.test_selective_scan import (
+    CASES,
+    FLOAT_ARGUMENTS,
+    Case,
+    _largest_array,
+    case_inputs,
+    check_forward_and_grads,
+    make_inputs,
+)
+
+INTERPRET_BLOCKS = ScanBlocks(channels=8, steps=4, lookahead=3, backward_steps=2)
+interpreted = functools.partial(selective_scan_pallas, blocks=INTERPRET_BLOCKS, interpret=True)
+
+# Small on purpose: the interpreter compiles each kernel for each shape (about 10 s a case on one core). Tiles of 4
+# (forward) and 2 (backward) steps, B and C loaded 3 steps ahead (across tile ends), channel blocks of 8.
+INTERPRET_CASES = [
+    Case(2, 1, 4, 3, None),  # one step, shorter than either tile; 4 of 8 lanes masked
+    Case(1, 7, 6, 4, 2, with_D=False, with_z=False, with_bias=False, softplus=False, with_init=False),
+    Case(2, 10, 40, 4, 2),  # 20 channels a group: blocks of 8, 8 and a masked 4; forward tail of 2
+    Case(1, 9, 32, 3, 1, "float16", with_init=False),  # 4 full blocks, no mask; tails of 1
+    Case(2, 8, 24, 2, 3, "bfloat16", with_D=False, softplus=False),  # one full block a group
+    Case(1, 128, 6, 5, 2, "bfloat16", with_bias=False),
+]
+
+
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=str)
+def test_matches_reference_interpreted(case):
+    check_forward_and_grads(interpreted, case)
+
+
+def test_dispatch_through_the_api():
+    """implementation="pallas" without a GPU runs the same kernels in the interpreter."""
+    assert not pallas_supported()
+    inputs = case_inputs(Case(1, 5, 8, 2, None))
+    out = selective_scan(**inputs, implementation="pallas")
+    expected = selective_scan(**inputs, implementation="reference")
+    assert out.shape == expected.shape
+    assert jnp.allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_no_full_state_tensor():
+    """forward + backward never holds a (b, l, di, n) value: only the inputs and states every backward_steps steps."""
+    batch, seqlen, dim, d_state = 1, 64, 8, 16
+    inputs = make_inputs(jax.random.key(0), batch, seqlen, dim, d_state, 1, jnp.float32, True, True, True, True, True)
+    arrays = {name: inputs[name] for name in FLOAT_ARGUMENTS}
+
+    def loss(arrays):
+        out, last_state = interpreted(**arrays, delta_softplus=True)
+        return jnp.sum(out) + jnp.sum(last_state)
+
+    largest = _largest_array(jax.make_jaxpr(jax.grad(loss))(arrays).jaxpr)
+    checkpoints = batch * (seqlen // INTERPRET_BLOCKS.backward_steps + 1) * d_state * dim
+    assert largest == checkpoints < batch * seqlen * dim * d_state
+
+
+def _arguments(**overrides):
+    inputs = make_inputs(jax.random.key(0), 2, 5, 4, 3, 2, jnp.float32, True, True, True, True, True)
+    return {**inputs, **overrides}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"u": jnp.zeros((2, 5))}, r"u must be \(batch, seqlen, d_inner\), got shape \(2, 5\)"),
+        ({"A": jnp.zeros((3, 3))}, r"A must be \(d_inner=4, d_state\), got shape \(3, 3\)"),
+        ({"B": jnp.zeros((2, 5, 3))}, r"B must be \(2, 5, groups, 3\), got shape \(2, 5, 3\)"),
+        ({"B": jnp.zeros((2, 5, 3, 3))}, r"B must be a number of groups dividing d_inner=4, got 3 groups"),
+        ({"z": jnp.zeros((2, 5, 3))}, r"z must be of shape \(2, 5, 4\), got shape \(2, 5, 3\)"),
+        ({"initial_state": jnp.zeros((2, 3, 4))}, r"initial_state must be of shape \(2, 4, 3\), got shape"),
+        ({"u": jnp.zeros((2, 5, 4), jnp.int32)}, r"u must be a floating dtype, got dtype int32"),
+    ],
+)
+def test_bad_arguments(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        selective_scan_pallas(**_arguments(**overrides), interpret=True)
+
+
+def test_block_config_checks():
+    with pytest.raises(ValueError, match=r"ScanBlocks.channels must be a power of 2 .*got 24"):
+        ScanBlocks(channels=24)
+    with pytest.raises(ValueError, match=r"ScanBlocks.backward_steps must be positive, got 0"):
+        ScanBlocks(backward_steps=0)
+    with pytest.raises(ValueError, match=r"ScanBlocks.backward_steps=3 must divide steps=8"):
+        ScanBlocks(steps=8, backward_steps=3)
+
+
+# Full size on a GPU: the compiled kernels with the default blocks.
+
+GPU_CASES = [
+    *CASES,
+    Case(2, 2048, 256, 16, None, "bfloat16"),
+    Case(1, 1000, 200, 16, 4, with_init=False),  # 50 channels a group: a masked block in each group
+    Case(2, 777, 128, 8, 2, "float16"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_matches_reference_on_gpu(case):
+    assert pallas_supported()
+    with warnings.catch_warnings():
+        # Only the Triton backend's deprecation is ours to silence; anything else fails the test.
+        warnings.filterwarnings("error")
+        check_forward_and_grads(functools.partial(selective_scan_pallas, interpret=False), case)
+
+
+@pytest.mark.gpu
+def test_default_implementation_on_gpu_is_pallas():
+    from pallas_kernels.selective_scan.api import default_implementation
+
+    assert pallas_supported() and default_implementation() == "pallas"
+    assert TRITON_DEPRECATION.startswith("The Pallas Triton backend is deprecated")
