@@ -20,18 +20,33 @@ qkv          attention in_proj output (q, k, v heads concatenated)
 norm         norm weights over d_model (replicated: tiny)
 =========== ========================================================================
 
-Mesh axes: ``data`` (batch only), ``fsdp`` (batch and parameters), ``tensor`` (model width).
+Mesh axes (``make_mesh``) and what the rules put on them:
+
+- ``data``: the batch only. Parameters are replicated over it (data parallel).
+- ``fsdp``: the batch, and the ``embed`` dimension of every matrix (FSDP / ZeRO-3): parameters, gradients and the
+  optimizer moments (which inherit the parameters' shardings) are split; XLA gathers a weight where it is used.
+- ``tensor``: model width (tensor parallel). A mixer's in_proj is column-parallel (its ``proj`` output is split),
+  its out_proj row-parallel (its ``inner`` input is split), and the per-channel or per-head parameters in between
+  (conv, A_log, D, dt_bias, x_proj/dt_proj rows) follow ``inner`` / ``heads``; the vocab is split too.
+
+One table serves all three strategies: a mesh axis of size 1 shards nothing, so DP, FSDP, TP and their products are
+chosen by the mesh shape alone. A different ``rules`` mapping can be passed wherever this table is the default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import jax
 from flax import nnx
-from jax.sharding import PartitionSpec
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MeshAxes = str | tuple[str, ...] | None
+
+MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axis (or axes). Axes absent from the table are never sharded.
 LOGICAL_AXIS_RULES: Mapping[str, MeshAxes] = {
@@ -71,3 +86,119 @@ def partition_specs(state: nnx.State, rules: Mapping[str, MeshAxes] = LOGICAL_AX
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over ``devices`` (default: all devices of all processes).
+
+    One size may be -1: it takes whatever the other two leave. The product must equal the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or (size < 1 and size != -1):
+            raise ValueError(f"make_mesh: {name} must be a positive int or -1, got {size!r}")
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"make_mesh: at most one axis may be -1, got {sizes}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(
+                f"make_mesh: {len(devices)} devices cannot be split into {sizes}: "
+                f"the fixed axes' product {fixed} does not divide {len(devices)}"
+            )
+        sizes[free[0]] = len(devices) // fixed
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"make_mesh: {sizes} needs {math.prod(sizes.values())} devices, but there are {len(devices)}")
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES)
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """``spec`` with the mesh axes dropped that cannot apply to an array of ``shape``.
+
+    A dimension that its mesh axes do not divide evenly stays replicated (costs memory, never correctness), and a
+    mesh axis already used by an earlier dimension is not used again. Unknown mesh axis names are an error.
+    """
+    if len(spec) > len(shape):
+        raise ValueError(f"partition spec {spec} has more entries than the array's shape {tuple(shape)}")
+    used: set[str] = set()
+    fitted = []
+    for dim, entry in zip(shape, spec, strict=False):
+        names = _mesh_axes(entry)
+        unknown = [name for name in names if name not in mesh.shape]
+        if unknown:
+            raise ValueError(f"partition spec {spec} names mesh axes {unknown} absent from the mesh {dict(mesh.shape)}")
+        names = tuple(name for name in names if name not in used)
+        if dim % math.prod(mesh.shape[name] for name in names):
+            names = ()
+        used.update(names)
+        fitted.append(names[0] if len(names) == 1 else names or None)
+    return PartitionSpec(*fitted)
+
+
+def named_sharding(
+    logical_axes: Sequence[str | None] | None,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Mapping[str, MeshAxes] = LOGICAL_AXIS_RULES,
+) -> NamedSharding:
+    """The NamedSharding of an array of ``shape`` with ``logical_axes``, fitted to ``mesh`` (see ``fit_spec``)."""
+    return NamedSharding(mesh, fit_spec(logical_to_spec(logical_axes, rules), shape, mesh))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, MeshAxes] = LOGICAL_AXIS_RULES) -> nnx.State:
+    """A NamedSharding for every variable in ``state`` (concrete or abstract), from its logical axes and shape."""
+    return jax.tree.map(
+        lambda v: named_sharding(v.get_metadata().get("logical_axes"), v.get_value().shape, mesh, rules),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def shard_model(
+    model_fn: Callable[[], nnx.Module], mesh: Mesh, rules: Mapping[str, MeshAxes] = LOGICAL_AXIS_RULES
+) -> nnx.Module:
+    """Build ``model_fn()`` with every parameter created directly in its sharding on ``mesh``.
+
+    The model is first traced abstractly (no memory), its variables' shardings are read from their logical axes,
+    and a jitted init writes each shard on its device: a model larger than one device never exists whole.
+    ``model_fn`` is called twice (abstractly, then under jit), so it must build the model from scratch.
+    """
+    abstract = nnx.eval_shape(model_fn)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    @partial(jax.jit, out_shardings=shardings)
+    def init() -> nnx.State:
+        return nnx.split(model_fn())[1]
+
+    return nnx.merge(graphdef, init())
+
+
+def batch_axis_size(mesh: Mesh, rules: Mapping[str, MeshAxes] = LOGICAL_AXIS_RULES) -> int:
+    """How many ways the batch dimension is split on ``mesh`` (the product of the "batch" rule's mesh axes)."""
+    return math.prod(mesh.shape[name] for name in _mesh_axes(rules.get("batch")))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, rules: Mapping[str, MeshAxes] = LOGICAL_AXIS_RULES) -> None:
+    """Raise a ValueError unless ``batch_size`` splits evenly over the batch mesh axes."""
+    ways = batch_axis_size(mesh, rules)
+    if batch_size % ways:
+        axes = {name: mesh.shape[name] for name in _mesh_axes(rules.get("batch"))}
+        raise ValueError(f"batch size {batch_size} is not divisible by the batch mesh axes {axes} (product {ways})")
+
+
+def constrain(
+    x: jax.Array,
+    logical_axes: Sequence[str | None],
+    mesh: Mesh,
+    rules: Mapping[str, MeshAxes] = LOGICAL_AXIS_RULES,
+) -> jax.Array:
+    """``x`` constrained (inside jit) to the sharding of its logical axes, e.g. ("batch", None, None) for (b, l, d)."""
+    return jax.lax.with_sharding_constraint(x, named_sharding(logical_axes, x.shape, mesh, rules))
+
+
+def _mesh_axes(entry: MeshAxes) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)

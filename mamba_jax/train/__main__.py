@@ -1,0 +1,69 @@
+"""``python -m mamba_jax.train``: train or fine-tune from the command line.
+
+Every TrainConfig field is a flag (``--batch-size 16``); the model is a preset name or a config.json, with overrides:
+
+    python -m mamba_jax.train --data data/ --model mamba-130m --steps 10000 --run-dir runs/130m
+    python -m mamba_jax.train --data texts/ --model mamba-130m --set d_model=256 n_layer=4 vocab_size=257
+    python -m mamba_jax.train --data data/ --init-from converted/mamba-370m --lr 1e-5 --run-dir runs/ft
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from mamba_jax.config import PRESETS, MambaConfig
+from mamba_jax.train.config import TrainConfig
+from mamba_jax.train.loop import train
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def model_config(name: str | None, overrides: Sequence[str]) -> MambaConfig | None:
+    """A preset or config.json, then ``KEY=VALUE`` overrides (values parsed as JSON, else kept as strings)."""
+    if name is None:
+        if overrides:
+            raise ValueError("--set needs --model (the config the overrides apply to)")
+        return None
+    config = MambaConfig.from_json(name) if Path(name).is_file() else MambaConfig.preset(name)
+    values = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            values[key] = json.loads(value)
+        except json.JSONDecodeError:
+            values[key] = value
+    return MambaConfig.from_dict({**config.to_dict(), **values})
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mamba_jax.train",
+        description="Train a Mamba language model (see mamba_jax/train/config.py for every field).",
+    )
+    p.add_argument("--model", help=f"a preset ({', '.join(sorted(PRESETS))}) or a config.json path")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override model config fields")
+    for field in dataclasses.fields(TrainConfig):
+        kind = _TYPES[field.type.replace(" | None", "")]
+        p.add_argument(
+            f"--{field.name.replace('_', '-')}", type=kind, default=field.default, help="(default: %(default)s)"
+        )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = vars(parser().parse_args(argv))
+    config = model_config(args.pop("model"), args.pop("set"))
+    cfg = TrainConfig(**args)
+    if not cfg.data:
+        raise SystemExit("--data is required: a folder of *.bin token shards or of text files")
+    train(cfg, config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The training loop: a sharded model, AdamW, deterministic data, logging, evaluation and Orbax checkpoints.
+
+``train(cfg, model_config)`` runs (or resumes) the run in ``cfg.run_dir`` and returns the logged records. A run
+directory holds ``checkpoints/<step>/`` (Orbax) and ``metrics.jsonl`` (one JSON record per log or eval line).
+
+The state of a run is the parameters and the optimizer state (pure pytrees of arrays, sharded by the rules in
+``mamba_jax.sharding``) and the step number. The data of a step is a function of the step, so restoring those
+reproduces an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mamba_jax.config import MambaConfig
+from mamba_jax.model import MambaLMHeadModel
+from mamba_jax.sharding import check_batch_size, make_mesh, named_sharding, shard_model, state_shardings
+from mamba_jax.train.checkpoint import Checkpoints, abstract_arrays
+from mamba_jax.train.config import TrainConfig
+from mamba_jax.train.data import Split, load_streams, make_splits
+from mamba_jax.train.distributed import StopOnSigterm, initialize_distributed
+from mamba_jax.train.optim import learning_rate, make_optimizer, opt_state_shardings
+from mamba_jax.train.progress import Progress
+from mamba_jax.train.remat import apply_remat
+
+
+def next_token_loss(model: nnx.Module, tokens: jax.Array) -> jax.Array:
+    """Mean cross-entropy of predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]``. tokens (b, l + 1) int32 -> ()."""
+    logits = model(tokens[:, :-1])  # (b, l, v) float32
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:]).mean()
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, param_shardings) -> Callable:
+    """The step (params, opt_state, tokens (accum, b, l + 1)) -> (params, opt_state, metrics), to be jitted.
+
+    Gradients of the ``accum`` micro-batches are summed in float32 under a scan, then averaged; they are pinned to
+    the parameters' shardings (with FSDP: reduce-scattered, never whole on one device)."""
+
+    def loss_fn(params, tokens):
+        return next_token_loss(nnx.merge(graphdef, params), tokens)
+
+    def step(params, opt_state, tokens):
+        def accumulate(carry, micro_batch):
+            loss, grads = jax.value_and_grad(loss_fn)(params, micro_batch)
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, tokens)
+        loss, grads = jax.tree.map(lambda x: x / tokens.shape[0], (loss, grads))
+        grads = jax.lax.with_sharding_constraint(grads, param_shardings)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+    """(params, tokens (b, l + 1)) -> mean loss (), jitted."""
+    return jax.jit(lambda params, tokens: next_token_loss(nnx.merge(graphdef, params), tokens))
+
+
+def device_batch(split: Split, step: int, shape: tuple[int, ...], sharding: NamedSharding, vocab_size: int):
+    """Batch ``step`` of ``split`` as a global array of ``shape`` ([accum,] b, l + 1) in ``sharding``.
+
+    Each process reads only the rows its own devices hold, so this is also the multi-host loader.
+    """
+    rows_shape = shape[:-1]
+
+    def fetch(index: tuple[slice, ...]) -> np.ndarray:
+        rows = np.arange(math.prod(rows_shape)).reshape(rows_shape)[index[:-1]]
+        tokens = split.rows(step, rows.reshape(-1)).reshape(*rows.shape, shape[-1])[..., index[-1]]
+        if tokens.max(initial=0) >= vocab_size:
+            raise ValueError(f"token id {tokens.max()} in the data is >= the model's vocab_size {vocab_size}")
+        return tokens
+
+    return jax.make_array_from_callback(shape, sharding, fetch)
+
+
+def _initial_state(
+    cfg: TrainConfig, model_config: MambaConfig | None, mesh: Mesh, checkpoints: Checkpoints, start: int
+):
+    """(model_config, graphdef, tx, params, opt_state, shardings of both) of a run: resumed from checkpoint ``start``
+    (> 0), fine-tuned from ``cfg.init_from``, or fresh. Every array is created or restored in its sharding."""
+    if start:
+        model_config = MambaConfig.from_dict(checkpoints.read_meta(start)["model_config"])
+    elif cfg.init_from is None and model_config is None:
+        raise ValueError("train: model_config is required unless cfg.init_from or a checkpoint in run_dir gives one")
+    dtype = jnp.dtype(cfg.dtype)
+
+    def model_fn() -> MambaLMHeadModel:
+        model = MambaLMHeadModel(model_config, rngs=nnx.Rngs(cfg.seed), dtype=dtype, param_dtype=jnp.float32)
+        return apply_remat(model, cfg.remat)
+
+    if start:  # abstract: the checkpoint fills it below
+        graphdef, state = nnx.split(nnx.eval_shape(model_fn))
+    elif cfg.init_from is not None:  # float32 pretrained weights, computing in ``dtype``
+        from mamba_jax.pretrained import load_pretrained  # only fine-tuning needs the converters
+
+        pretrained = load_pretrained(cfg.init_from, mesh=mesh, dtype=jnp.float32)
+        model_config = pretrained.config
+        graphdef, state = nnx.split(nnx.eval_shape(model_fn))[0], nnx.state(pretrained)
+    else:
+        graphdef, state = nnx.split(shard_model(model_fn, mesh))
+    param_shardings = nnx.to_pure_dict(state_shardings(state, mesh))
+    params = nnx.to_pure_dict(state)
+
+    tx = make_optimizer(cfg, params)
+    opt_shardings = opt_state_shardings(tx, params, param_shardings, mesh)
+    if start:
+        params, opt_state, _ = checkpoints.restore(
+            abstract_arrays(params, param_shardings),
+            abstract_arrays(jax.eval_shape(tx.init, params), opt_shardings),
+            step=start,
+        )
+    else:
+        params = jax.device_put(params, param_shardings)
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    return model_config, graphdef, tx, params, opt_state, param_shardings, opt_shardings
+
+
+def train(cfg: TrainConfig, model_config: MambaConfig | None = None) -> list[dict]:
+    """Train (or resume) the run in ``cfg.run_dir``; returns the records also appended to ``metrics.jsonl``.
+
+    The model is ``MambaLMHeadModel(model_config)`` with float32 parameters computing in ``cfg.dtype``, initialised
+    from ``cfg.seed``, or loaded from ``cfg.init_from`` (then ``model_config`` may be None). A run directory that
+    holds checkpoints is resumed from the newest one, with the model config stored there.
+    """
+    initialize_distributed(cfg)
+    mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+    check_batch_size(cfg.micro_batch_size, mesh)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpoints(Path(cfg.run_dir) / "checkpoints", keep=cfg.keep)
+    start = checkpoints.latest_step() or 0
+    model_config, graphdef, tx, params, opt_state, param_shardings, opt_shardings = _initial_state(
+        cfg, model_config, mesh, checkpoints, start
+    )
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+
+    # Data: (accum, micro batch, seq_len + 1) token arrays, the micro batch split over the mesh's batch axes.
+    streams = load_streams(cfg.data, text_glob=cfg.text_glob, tokenizer=cfg.tokenizer, token_dtype=cfg.token_dtype)
+    train_split, eval_split = make_splits(
+        streams,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.micro_batch_size,
+        eval_fraction=cfg.eval_fraction,
+        seed=cfg.seed,
+    )
+    train_shape = (cfg.grad_accum, cfg.micro_batch_size, cfg.seq_len + 1)
+    train_sharding = named_sharding((None, "batch", None), train_shape, mesh)
+    eval_sharding = named_sharding(("batch", None), train_shape[1:], mesh)
+
+    train_step = jax.jit(
+        make_train_step(graphdef, tx, param_shardings),
+        donate_argnums=(0, 1),
+        out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, PartitionSpec())),
+    )
+    eval_step = make_eval_step(graphdef)
+    schedule = jax.jit(learning_rate(cfg))  # read at every log line: one compilation, not one per op
+    progress = Progress(cfg, n_params, start)
+    progress.message(
+        f"{n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, {cfg.tokens_per_step} tokens per step, "
+        f"{len(train_split.indices)} training windows" + (f", resuming after step {start}" if start else "")
+    )
+    if start:
+        saved = checkpoints.read_meta(start)["train_config"]
+        changed = sorted(k for k, v in cfg.to_dict().items() if k != "run_dir" and saved.get(k) != v)
+        if changed:
+            progress.message(f"settings changed since the checkpoint: {changed} (not an exact continuation)")
+
+    def evaluate(step: int) -> None:
+        if eval_split is None or cfg.eval_batches == 0:
+            return
+        batches = (
+            device_batch(eval_split, i, train_shape[1:], eval_sharding, model_config.vocab_size)
+            for i in range(cfg.eval_batches)
+        )
+        loss = float(np.mean(jax.device_get([eval_step(params, batch) for batch in batches])))
+        progress.write({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))})
+
+    pending: list[dict] = []  # metrics of the steps since the last log line, still on the devices
+    with StopOnSigterm() as sigterm:
+        for step in range(start, cfg.steps):
+            tokens = device_batch(train_split, step, train_shape, train_sharding, model_config.vocab_size)
+            params, opt_state, metrics = train_step(params, opt_state, tokens)
+            pending.append(metrics)
+            done = step + 1
+            if progress.clock is None:  # the first step compiled: time from its end
+                jax.block_until_ready(metrics)
+                progress.restart_clock()
+            else:
+                progress.steps_timed += 1
+            progress.bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                host = jax.device_get(pending)
+                progress.train(done, [m["loss"] for m in host], float(host[-1]["grad_norm"]), float(schedule(step)))
+                pending = []
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                evaluate(done)
+                progress.restart_clock()
+            stopping = sigterm.any_process()
+            if done % cfg.save_every == 0 or done == cfg.steps or stopping:
+                meta = {"step": done, "train_config": cfg.to_dict(), "model_config": model_config.to_dict()}
+                checkpoints.save(done, params, opt_state, meta)
+                progress.restart_clock()
+            if stopping:
+                progress.message(f"SIGTERM: saved step {done}, stopping")
+                break
+    checkpoints.wait()
+    checkpoints.close()
+    progress.close()
+    return progress.records
