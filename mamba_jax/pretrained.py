@@ -95,11 +95,31 @@ def restore_params(directory: Path, params: nnx.State, placement: dict[ParamPath
         checkpointer.close()
 
 
-def _convert_in_memory(source_arg: str, dtype, mesh, rules) -> MambaLMHeadModel:
+def _floating_dtype(name: str, dtype):
+    """None, or ``dtype`` as a floating jnp.dtype; ValueError naming the argument otherwise."""
+    if dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"load_pretrained: {name} must be a floating dtype, found {dtype!r}") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"load_pretrained: {name} must be a floating dtype, found {dtype}")
+    return dtype
+
+
+def _compute_dtype(compute_dtype, param_dtype):
+    """The explicit compute dtype, else the parameter dtype when it is 16-bit, else None (float32 activations)."""
+    if compute_dtype is not None:
+        return compute_dtype
+    return param_dtype if jnp.dtype(param_dtype).itemsize == 2 else None
+
+
+def _convert_in_memory(source_arg: str, dtype, compute_dtype, mesh, rules) -> MambaLMHeadModel:
     """Convert a source (directory or Hub repo id) tensor by tensor, placing each on its devices as it comes."""
     source = inspect_source(resolve_source(source_arg))
     config = model_config(source)
-    graphdef, params = nnx.split(abstract_model(config, dtype), nnx.Param)
+    graphdef, params = nnx.split(abstract_model(config, dtype, _compute_dtype(compute_dtype, dtype)), nnx.Param)
     placement = placements(params, mesh, rules)
     arrays: dict = {}
     with Weights([source.weights]) as weights:
@@ -113,6 +133,7 @@ def load_pretrained(
     path_or_repo_id: str | os.PathLike,
     *,
     dtype=None,
+    compute_dtype=None,
     mesh: Mesh | None = None,
     rules: Mapping[str, MeshAxes] | None = None,
 ) -> MambaLMHeadModel:
@@ -122,26 +143,24 @@ def load_pretrained(
       mamba_ssm or transformers checkpoint directory, or a Hugging Face Hub repo id), converted in memory.
     dtype: the parameter dtype (A_log and D stay float32, as in mamba_ssm). None: the converted checkpoint's dtype,
       or float32 for an in-memory conversion.
+    compute_dtype: the activations' dtype (``MambaLMHeadModel(dtype=...)``). None: the parameter dtype when that is
+      16-bit (a bf16 / fp16 checkpoint runs in bf16 / fp16, as in mamba_ssm), else float32.
     mesh, rules: place every parameter by its logical axes on ``mesh`` with ``rules`` (default
       ``mamba_jax.sharding.LOGICAL_AXIS_RULES``); each device reads only its shards. No mesh: the first device.
     """
-    if dtype is not None:
-        try:
-            dtype = jnp.dtype(dtype)
-        except TypeError:
-            raise ValueError(f"load_pretrained: dtype must be a floating dtype, found {dtype!r}") from None
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(f"load_pretrained: dtype must be a floating dtype, found {dtype}")
+    dtype = _floating_dtype("dtype", dtype)
+    compute_dtype = _floating_dtype("compute_dtype", compute_dtype)
     if mesh is not None and not isinstance(mesh, Mesh):
         raise ValueError(f"load_pretrained: mesh must be a jax.sharding.Mesh, found {type(mesh).__name__}")
     directory = Path(path_or_repo_id).expanduser()
     if not is_converted(directory):
-        return _convert_in_memory(os.fspath(path_or_repo_id), jnp.float32 if dtype is None else dtype, mesh, rules)
+        dtype = jnp.dtype(jnp.float32) if dtype is None else dtype
+        return _convert_in_memory(os.fspath(path_or_repo_id), dtype, compute_dtype, mesh, rules)
     config = read_config(directory)
     if dtype is None:
         stored = stored_params(directory)
         dtype = stored[EMBEDDING_PATH].dtype if EMBEDDING_PATH in stored else jnp.float32
-    graphdef, params = nnx.split(abstract_model(config, dtype), nnx.Param)
+    graphdef, params = nnx.split(abstract_model(config, dtype, _compute_dtype(compute_dtype, dtype)), nnx.Param)
     restored = restore_params(directory, params, placements(params, mesh, rules))
     nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params)

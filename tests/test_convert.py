@@ -82,7 +82,12 @@ def test_16bit_dtype_and_verify(tmp_path, capsys):
     assert error <= 1e-5, out
     assert (tmp_path / "dst" / "tokenizer.json").read_text() == "{}"
 
-    mixer = load_pretrained(tmp_path / "dst").backbone.layers[0].mixer
+    loaded = load_pretrained(tmp_path / "dst")
+    assert loaded.dtype == jnp.bfloat16  # a 16-bit checkpoint computes in its own dtype by default
+    assert load_pretrained(tmp_path / "dst", compute_dtype="float32").dtype == jnp.float32
+    with pytest.raises(ValueError, match="compute_dtype must be a floating dtype, found int32"):
+        load_pretrained(tmp_path / "dst", compute_dtype="int32")
+    mixer = loaded.backbone.layers[0].mixer
     assert mixer.in_proj.kernel[...].dtype == jnp.bfloat16
     assert mixer.A_log[...].dtype == mixer.D[...].dtype == jnp.float32  # as in mamba_ssm
     in_proj = model.backbone.layers[0].mixer.in_proj.weight.detach().numpy().T
