@@ -123,19 +123,7 @@ class Mamba(nnx.Module):
         x, z = jnp.split(self.in_proj(u), 2, axis=-1)  # (b, l, di) each
         x = jax.nn.silu(self.conv1d(x))
         dt, B, C = self._dt_B_C(x)
-        y = selective_scan(
-            x,
-            dt,
-            self._A(),
-            B,
-            C,
-            D=self.D[...].astype(jnp.float32),
-            z=z,
-            delta_bias=self.dt_proj.bias[...].astype(jnp.float32),
-            delta_softplus=True,
-            implementation=self.scan_implementation,
-        )
-        return self.out_proj(y)
+        return self.out_proj(self._scan(x, dt, B, C, z))
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=jnp.float32) -> SSMCache:
         """An empty cache: conv_state (b, w, di) in ``dtype``, ssm_state (b, di, n) float32. ``max_len`` is unused
@@ -161,20 +149,7 @@ class Mamba(nnx.Module):
         x = jax.nn.silu(x)
         dt, B, C = self._dt_B_C(x)
         dt = jnp.where(valid_mask(lengths, u.shape[1])[:, :, None], dt, jnp.asarray(_MASKED_DT, dt.dtype))
-        y, ssm_state = selective_scan(
-            x,
-            dt,
-            self._A(),
-            B,
-            C,
-            D=self.D[...].astype(jnp.float32),
-            z=z,
-            delta_bias=self.dt_proj.bias[...].astype(jnp.float32),
-            delta_softplus=True,
-            return_last_state=True,
-            initial_state=cache.ssm_state,
-            implementation=self.scan_implementation,
-        )
+        y, ssm_state = self._scan(x, dt, B, C, z, return_last_state=True, initial_state=cache.ssm_state)
         return self.out_proj(y), SSMCache(conv_state, ssm_state)
 
     def step(self, u: jax.Array, cache: SSMCache) -> tuple[jax.Array, SSMCache]:
@@ -198,6 +173,23 @@ class Mamba(nnx.Module):
             dt_softplus=True,
         )
         return self.out_proj(y), SSMCache(conv_state, ssm_state)
+
+    def _scan(self, x: jax.Array, dt: jax.Array, B: jax.Array, C: jax.Array, z: jax.Array, **state_args):
+        """The selective scan with this layer's A, D and dt bias (softplus on): x, dt, z (b, l, di), B, C (b, l, n)
+        -> y (b, l, di), or (y, last state (b, di, n)) with ``return_last_state=True`` in ``state_args``."""
+        return selective_scan(
+            x,
+            dt,
+            self._A(),
+            B,
+            C,
+            D=self.D[...].astype(jnp.float32),
+            z=z,
+            delta_bias=self.dt_proj.bias[...].astype(jnp.float32),
+            delta_softplus=True,
+            implementation=self.scan_implementation,
+            **state_args,
+        )
 
     def _dt_B_C(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x (..., di) -> dt (..., di) before its bias, B, C (..., n).
