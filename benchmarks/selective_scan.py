@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.selective_scan import pallas, pallas_bwd, pallas_fwd
 from pallas_kernels.selective_scan.pallas import selective_scan_pallas
 from pallas_kernels.selective_scan.pallas_config import ScanBlocks
 from pallas_kernels.selective_scan.reference import selective_scan_reference
@@ -41,8 +42,10 @@ CALLS_PER_GROUP = 10
 # (shape, groups, dtype) of the GPU correctness checks: 50 channels a group (a masked block), a tile tail; bf16.
 CHECKS = [((2, 1000, 200, 16), 4, jnp.float32), ((2, 2048, 256, 16), 1, jnp.bfloat16)]
 SMOKE_CHECKS = [((1, 8, 40, 2), 2, jnp.float32)]
-# Block sizes tried against the default at the first shape (--sweep).
-SWEEP = [ScanBlocks(steps=16), ScanBlocks(lookahead=4), ScanBlocks(backward_steps=4), ScanBlocks(lookahead=1)]
+# Block sizes tried against the default (--sweep).
+SWEEP = [(ScanBlocks(steps=s, lookahead=a), SHAPES[0]) for s, a in ((8, 1), (4, 2), (4, 1))] + [
+    (ScanBlocks(chunk=1024), SHAPES[1])
+]
 
 
 def make_inputs(shape, key=0, dtype=jnp.bfloat16, groups=1):
@@ -154,6 +157,39 @@ def measure(name, implementation, shape, reps, interpret=False):
     return row
 
 
+def breakdown(shape, blocks, reps, interpret=False):
+    """Time each launch of the Pallas forward+backward alone (ms): the chunk ends, the forward, the checkpoints, the
+    adjoints, the reverse scan; and the XLA stitching between them."""
+    arrays = {k: v for k, v in make_inputs(shape).items() if v is not None}
+    inputs = pallas._kernel_inputs(**{"D": None, "z": None, "delta_bias": None, "initial_state": None, **arrays})
+    options = {"delta_softplus": True, "blocks": blocks, "interpret": interpret}
+    row = {"breakdown": list(shape), "blocks": str(blocks), "chunks": list(pallas.chunks_of(inputs, blocks))}
+    stages = {}
+    ends = None
+    if pallas.chunks_of(inputs, blocks).count > 1:
+        stages["fwd chunk_ends"] = (lambda x: pallas_fwd.scan_forward(x, mode="chunk_ends", **options), inputs)
+        ends = jax.jit(stages["fwd chunk_ends"][0])(inputs)
+        inputs = {**inputs, "h_start": pallas.chunk_start_states(ends, inputs["A2"], None)}
+        stages["stitch states (XLA)"] = (lambda e: pallas.chunk_start_states(e, inputs["A2"], None), ends)
+    stages["fwd out"] = (lambda x: pallas_fwd.scan_forward(x, **options), inputs)
+    stages["bwd checkpoints"] = (lambda x: pallas_fwd.scan_forward(x, mode="checkpoints", **options), inputs)
+    checkpoints = jax.jit(stages["bwd checkpoints"][0])(inputs)["checkpoints"]
+    back = {k: v for k, v in inputs.items() if k != "h_start"}
+    back.update(dout=arrays["u"], checkpoints=checkpoints)
+    dlast = jnp.zeros(checkpoints.shape[:1] + checkpoints.shape[2:], jnp.float32)
+    if ends is not None:
+        stages["bwd adjoints"] = (lambda x: pallas_bwd.scan_adjoints(x, **options), back)
+        local = jax.jit(stages["bwd adjoints"][0])(back)
+        back["lam_in"] = pallas.chunk_entering_adjoints(local, inputs["A2"], dlast)
+    else:
+        back["lam_in"] = dlast[:, None]
+    stages["bwd reverse"] = (lambda x: pallas_bwd.scan_backward(x, **options), back)
+    for name, (fn, argument) in stages.items():
+        row[name] = time_ms(jax.jit(fn), argument, reps=reps)[0]
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def check(shape, groups, dtype, interpret=False):
     """Pallas vs the reference on the GPU: relative norm error of out, last state and every gradient."""
     inputs = make_inputs(shape, key=7, dtype=dtype, groups=groups)
@@ -235,6 +271,7 @@ def main():
     parser.add_argument("--check", action="store_true", help="compare Pallas with the reference on the GPU first")
     parser.add_argument("--sweep", action="store_true", help="also time other block sizes at the first shape")
     parser.add_argument("--skip-xla", action="store_true", help="time the Pallas kernel only")
+    parser.add_argument("--breakdown", action="store_true", help="time each Pallas launch alone (first shape)")
     parser.add_argument("--budget-s", type=float, default=420, help="stop starting new measurements after this")
     parser.add_argument("--smoke", action="store_true", help="a CPU dry run of this script: tiny shapes, interpreter")
     args = parser.parse_args()
@@ -256,11 +293,12 @@ def main():
         plan += [("chunked", "chunked", shape) for shape in SHAPES]
         # associative materialises several float32 (b, l, di, n) tensors: first shape only
         plan += [("associative", "associative", SHAPES[0]), ("reference", "reference", REFERENCE_SHAPE)]
+    if args.breakdown:
+        plan.append(("breakdown", ScanBlocks(), SHAPES[0]))
     if args.sweep:
-        for blocks in SWEEP:
-            plan.append((f"pallas {blocks}", blocks, SHAPES[0]))
-    checks = []
-    rows = []
+        for blocks, shape in SWEEP:
+            plan.append((f"pallas {blocks}", blocks, shape))
+    checks, rows, breakdowns = [], [], []
     for name, implementation, shape in plan:
         if time.perf_counter() - start > args.budget_s:
             print(f"skipped (time budget): {name} {shape or implementation}", flush=True)
@@ -268,13 +306,17 @@ def main():
         try:
             if name == "check":
                 checks.append(check(*implementation, args.smoke))
+            elif name == "breakdown":
+                breakdowns.append(breakdown(shape, implementation, args.reps, args.smoke))
             else:
                 rows.append(measure(name, implementation, shape, args.reps, args.smoke))
         except Exception as error:  # a failed variant must not lose the others' numbers
             print(f"FAILED {name} {shape}: {type(error).__name__}: {str(error)[:2000]}", flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "selective_scan.json").write_text(json.dumps({"header": header, "checks": checks, "rows": rows}, indent=1))
+    (out / "selective_scan.json").write_text(
+        json.dumps({"header": header, "checks": checks, "rows": rows, "breakdowns": breakdowns}, indent=1)
+    )
     table = markdown(rows, checks, header)
     (out / "selective_scan.md").write_text(table + "\n")
     print(f"total {time.perf_counter() - start:.0f} s, floors (ms) {[floors_ms(s) for s in SHAPES]}")

@@ -6,6 +6,7 @@ cases still cross channel blocks, lane masks, groups, tile tails and the prefetc
 marker runs the compiled kernels at full size with the default blocks (``make test-gpu`` on the device).
 """
 
+import dataclasses
 import functools
 import warnings
 
@@ -15,7 +16,7 @@ import pytest
 
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported, selective_scan_pallas
-from pallas_kernels.selective_scan.pallas_config import ScanBlocks
+from pallas_kernels.selective_scan.pallas_config import Chunks, ScanBlocks, chunking
 from tests.test_selective_scan import (
     CASES,
     FLOAT_ARGUMENTS,
@@ -26,11 +27,13 @@ from tests.test_selective_scan import (
     make_inputs,
 )
 
-INTERPRET_BLOCKS = ScanBlocks(channels=8, steps=4, lookahead=3, backward_steps=2)
+INTERPRET_BLOCKS = ScanBlocks(channels=8, steps=4, lookahead=3, backward_steps=2, chunk=8)
 interpreted = functools.partial(selective_scan_pallas, blocks=INTERPRET_BLOCKS, interpret=True)
 
 # Small on purpose: the interpreter compiles each kernel for each shape (about 10 s a case on one core). Tiles of 4
-# (forward) and 2 (backward) steps, B and C loaded 3 steps ahead (across tile ends), channel blocks of 8.
+# (forward) and 2 (backward) steps, B and C loaded 3 steps ahead (across tile and chunk ends), channel blocks of 8,
+# time chunks of 8 steps: seqlen 10 is a full chunk and a last one of 2 steps (no full tile, a tail), 13 is 8 + 5
+# (a full tile and a tail), 128 is 16 chunks, 7 and below one chunk.
 INTERPRET_CASES = [
     Case(2, 1, 4, 3, None),  # one step, shorter than either tile; 4 of 8 lanes masked
     Case(1, 7, 6, 4, 2, with_D=False, with_z=False, with_bias=False, softplus=False, with_init=False),
@@ -38,12 +41,21 @@ INTERPRET_CASES = [
     Case(1, 9, 32, 3, 1, "float16", with_init=False),  # 4 full blocks, no mask; tails of 1
     Case(2, 8, 24, 2, 3, "bfloat16", with_D=False, softplus=False),  # one full block a group
     Case(1, 128, 6, 5, 2, "bfloat16", with_bias=False),
+    Case(1, 13, 16, 3, 1),
 ]
 
 
 @pytest.mark.parametrize("case", INTERPRET_CASES, ids=str)
 def test_matches_reference_interpreted(case):
     check_forward_and_grads(interpreted, case)
+
+
+def test_one_chunk_matches_reference_interpreted():
+    """The whole sequence as one chunk per channel block: no stitching launches."""
+    blocks = dataclasses.replace(INTERPRET_BLOCKS, chunk=64)
+    check_forward_and_grads(
+        functools.partial(selective_scan_pallas, blocks=blocks, interpret=True), Case(2, 37, 8, 4, 2)
+    )
 
 
 def test_dispatch_through_the_api():
@@ -100,6 +112,21 @@ def test_block_config_checks():
         ScanBlocks(backward_steps=0)
     with pytest.raises(ValueError, match=r"ScanBlocks.backward_steps=3 must divide steps=8"):
         ScanBlocks(steps=8, backward_steps=3)
+    with pytest.raises(ValueError, match=r"ScanBlocks.chunk must be a positive multiple of steps=8, got 12"):
+        ScanBlocks(chunk=12)
+
+
+@pytest.mark.parametrize(
+    ("seqlen", "channel_blocks", "expected"),
+    [
+        (2048, 384, Chunks(128, 16, 128)),  # (8, 2048, 1536): about 6144 programs
+        (4096, 512, Chunks(344, 12, 312)),
+        (100, 384, Chunks(64, 2, 36)),  # never below MIN_CHUNK steps
+        (5, 4, Chunks(8, 1, 5)),  # never longer than the sequence (rounded up to a tile)
+    ],
+)
+def test_automatic_chunking(seqlen, channel_blocks, expected):
+    assert chunking(ScanBlocks(), seqlen, channel_blocks) == expected
 
 
 # Full size on a GPU: the compiled kernels with the default blocks.

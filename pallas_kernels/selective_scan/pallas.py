@@ -2,7 +2,8 @@
 
 ``selective_scan_pallas`` takes the normalised arguments of ``api.py``. The forward (``pallas_fwd.py``) reads u, delta,
 z, B and C once and writes the gated output once, with the state in registers; the backward (``pallas_bwd.py``) first
-re-runs the forward to store the state every ``blocks.backward_steps`` steps, then scans in reverse. Without a
+re-runs the forward to store the state every ``blocks.backward_steps`` steps, then scans in reverse. Both split time
+into chunks scanned in parallel and stitch them with the small XLA chains below. Without a
 supported GPU the same kernels run in Pallas's interpreter (slow; for tests). docs/kernels.md has the design and the
 measurements.
 """
@@ -13,9 +14,9 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.selective_scan.pallas_bwd import scan_backward
+from pallas_kernels.selective_scan.pallas_bwd import scan_adjoints, scan_backward, unpack_lane_sums
 from pallas_kernels.selective_scan.pallas_config import DEFAULT_BLOCKS, ScanBlocks
-from pallas_kernels.selective_scan.pallas_fwd import LOG2_E, scan_forward
+from pallas_kernels.selective_scan.pallas_fwd import LOG2_E, chunks_of, scan_forward
 
 # jax 0.11 warns at every lowering of a Triton-backend pallas_call. The lowering happens when the enclosing jit
 # compiles, after our call returned, so a warnings.catch_warnings around the call cannot reach it (only eager calls).
@@ -63,13 +64,16 @@ def selective_scan_pallas(
 
 
 def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state) -> dict[str, jax.Array]:
-    """The kernels' shared inputs: the state laid out (n, di), A scaled by log2(e), absent D / delta_bias as 0."""
+    """The kernels' shared inputs: the state laid out (n, di), A scaled by log2(e), B and C in float32, absent D /
+    delta_bias as 0."""
     dim = u.shape[2]
     inputs = {
         "u": u,
         "delta": delta,
-        "B": B,
-        "C": C,
+        # B_t, C_t are per-step scalars in the kernels: float32 here (a tiny (b, l, g, n) cast) saves a conversion
+        # instruction per scalar per step inside them.
+        "B": B.astype(jnp.float32),
+        "C": C.astype(jnp.float32),
         "A2": (A.astype(jnp.float32) * LOG2_E).T,
         "D": jnp.zeros((dim,), jnp.float32) if D is None else D.astype(jnp.float32),
         "delta_bias": jnp.zeros((dim,), jnp.float32) if delta_bias is None else delta_bias.astype(jnp.float32),
@@ -81,45 +85,99 @@ def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state) -> dict[s
     return inputs
 
 
+def chunk_start_states(ends: dict[str, jax.Array], A2: jax.Array, h0: jax.Array | None) -> jax.Array:
+    """Each chunk's start state from the chunks before it.
+
+    ends: {h_end (b, K - 1, n, di): chunk j's end state from a zero start, dtsum (b, K - 1, di): its sum of dt};
+    A2 (n, di); h0 (b, n, di) or None. Returns (b, K, n, di): start_0 = h0, start_{j+1} = exp2(A2 dtsum_j) start_j +
+    h_end_j. An unrolled chain over K (a few) chunks that XLA fuses into one kernel."""
+    h_end, dtsum = ends["h_end"], ends["dtsum"]
+    starts = [jnp.zeros_like(h_end[:, 0]) if h0 is None else h0]
+    for j in range(h_end.shape[1]):
+        starts.append(jnp.exp2(A2 * dtsum[:, j, None, :]) * starts[-1] + h_end[:, j])
+    return jnp.stack(starts, axis=1)
+
+
+def chunk_entering_adjoints(local: dict[str, jax.Array], A2: jax.Array, dlast: jax.Array) -> jax.Array:
+    """The state cotangent entering each chunk from its right.
+
+    local: {lam (b, K - 1, n, di): what chunk j + 1 passes on when entered with zero, dtsum (b, K - 1, di): its sum of
+    dt}; dlast (b, n, di), the last state's cotangent. Returns (b, K, n, di): in_{K-1} = dlast,
+    in_j = lam_{j+1} + exp2(A2 dtsum_{j+1}) in_{j+1}."""
+    lam, dtsum = local["lam"], local["dtsum"]
+    entering = [dlast]
+    for j in reversed(range(lam.shape[1])):
+        entering.append(lam[:, j] + jnp.exp2(A2 * dtsum[:, j, None, :]) * entering[-1])
+    return jnp.stack(entering[::-1], axis=1)
+
+
+def _forward(inputs, delta_softplus, blocks, interpret):
+    """(out (b, l, di), last state float32 (b, n, di), chunk start states float32 (b, K, n, di) or None when K = 1
+    and there is no initial state)."""
+    h0 = inputs.pop("h0", None)
+    h_start = None
+    if chunks_of(inputs, blocks).count > 1:
+        ends = scan_forward(
+            inputs, delta_softplus=delta_softplus, blocks=blocks, interpret=interpret, mode="chunk_ends"
+        )
+        h_start = chunk_start_states(ends, inputs["A2"], h0)
+    elif h0 is not None:
+        h_start = h0[:, None]
+    if h_start is not None:
+        inputs["h_start"] = h_start
+    result = scan_forward(inputs, delta_softplus=delta_softplus, blocks=blocks, interpret=interpret)
+    return result["out"], result["h_end"][:, -1], h_start
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
 def _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, blocks, interpret):
     inputs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    result = scan_forward(inputs, delta_softplus=delta_softplus, blocks=blocks, interpret=interpret)
-    return result["out"], jnp.swapaxes(result["last_state"], 1, 2)
+    out, last_state, _ = _forward(inputs, delta_softplus, blocks, interpret)
+    return out, jnp.swapaxes(last_state, 1, 2)
 
 
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, blocks, interpret):
-    out = _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, blocks, interpret)
-    return out, (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    inputs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    out, last_state, h_start = _forward(inputs, delta_softplus, blocks, interpret)
+    residuals = (u, delta, A, B, C, D, z, delta_bias, initial_state, h_start)
+    return (out, jnp.swapaxes(last_state, 1, 2)), residuals
 
 
 def _scan_bwd(delta_softplus, blocks, interpret, residuals, cotangents):
-    _, _, A, B, C, D, _, delta_bias, initial_state = residuals
+    *arguments, h_start = residuals
+    _, _, A, B, C, D, _, delta_bias, initial_state = arguments
     dout, dlast = cotangents
-    inputs = _kernel_inputs(*residuals)
-    checkpoints = scan_forward(
-        inputs, delta_softplus=delta_softplus, blocks=blocks, interpret=interpret, checkpoints=True
-    )["checkpoints"]
+    inputs = _kernel_inputs(*arguments)
     inputs.pop("h0", None)
-    inputs.update(dout=dout, dlast=jnp.swapaxes(dlast.astype(jnp.float32), 1, 2), checkpoints=checkpoints)
-    grads = scan_backward(inputs, delta_softplus=delta_softplus, blocks=blocks, interpret=interpret)
+    if h_start is not None:
+        inputs["h_start"] = h_start
+    options = {"delta_softplus": delta_softplus, "blocks": blocks, "interpret": interpret}
+    checkpoints = scan_forward(inputs, mode="checkpoints", **options)["checkpoints"]
+    inputs.pop("h_start", None)
+    inputs.update(dout=dout, checkpoints=checkpoints)
+    dlast = jnp.swapaxes(dlast.astype(jnp.float32), 1, 2)
+    if chunks_of(inputs, blocks).count > 1:
+        inputs["lam_in"] = chunk_entering_adjoints(scan_adjoints(inputs, **options), inputs["A2"], dlast)
+    else:
+        inputs["lam_in"] = dlast[:, None]
+    grads = scan_backward(inputs, **options)
 
     def cast(value, like):
         return None if like is None else value.astype(like.dtype)
 
     d_state = A.shape[1]
-    dBC = grads["dBC"].sum(axis=3)  # (b, l, g, blocks per group, packed) -> (b, l, g, packed)
-    dB, dC = dBC[..., :d_state], dBC[..., d_state : 2 * d_state]
+    dBC = unpack_lane_sums(grads["dBC"].sum(axis=3), 2 * d_state)  # (b, l, g, blocks, R, C) -> (b, l, g, 2n)
+    dB, dC = dBC[..., :d_state], dBC[..., d_state:]
     return (
         grads["du"],
         grads["ddelta"],
-        cast(grads["dA"].sum(axis=0).T, A),
+        cast(grads["dA"].sum(axis=(0, 1)).T, A),
         cast(dB, B),
         cast(dC, C),
-        cast(grads["dD"].sum(axis=0), D),
+        cast(grads["dD"].sum(axis=(0, 1)), D),
         grads.get("dz"),
-        cast(grads["ddelta_bias"].sum(axis=0), delta_bias),
-        cast(jnp.swapaxes(grads["dh0"], 1, 2), initial_state),
+        cast(grads["ddelta_bias"].sum(axis=(0, 1)), delta_bias),
+        cast(jnp.swapaxes(grads["lam_out"][:, 0], 1, 2), initial_state),
     )
 
 

@@ -9,10 +9,13 @@ and every gradient is a product of lam_t with something the forward had at step 
     du_t = gy_t D + dt_t <lam_t, B_t>,  ddt_t = u_t <lam_t, B_t> + <lam_t, a_t h_{t-1}> A,
     dA += lam_t a_t h_{t-1} dt_t,  dD += gy_t u_t,  dz_t = g_t y_t silu'(z_t),  dx_t = ddt_t softplus'(x_t),
     dh_0 = a_1 lam_1.
-The kernel needs h_{t-1} while walking time backwards. The forward kernel, run again first, stores the state before
-every tile of ``backward_steps`` steps; each tile then recomputes its states into registers from that checkpoint and
-walks them in reverse. Nothing of size (b, l, di, n) is stored; the sums over channels for dB and dC are reduced within
-the program and written as one float32 partial per program, summed by the caller.
+The kernel needs h_{t-1} while walking time backwards. The forward kernel, run again first from each chunk's start
+state, stores the state before every tile of ``backward_steps`` steps; each tile then recomputes its states into
+registers from that checkpoint and walks them in reverse. Chunks of time run in parallel here too: lam entering a
+chunk from the right depends on every later chunk, so a first launch (``_adjoint_kernel``) walks each chunk but the
+first backwards from lam = 0 (lam is affine in its start value: out = local + exp(A sum dt) in), and ``pallas.py``
+stitches those into each chunk's starting lam. Nothing of size (b, l, di, n) is stored; the sums over channels for
+dB and dC are reduced within the program and written as one float32 partial per program, summed by the caller.
 """
 
 import functools
@@ -23,8 +26,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.selective_scan.pallas_config import ScanBlocks
-from pallas_kernels.selective_scan.pallas_fwd import LOG2_E, as_index, program_lanes, sigmoid, softplus
+from pallas_kernels.selective_scan.pallas_config import Chunks, ScanBlocks
+from pallas_kernels.selective_scan.pallas_fwd import (
+    LOG2_E,
+    as_index,
+    chunk_tiles,
+    chunks_of,
+    clamp,
+    if_last,
+    program_lanes,
+    sigmoid,
+    softplus,
+)
 
 LN_2 = 1.0 / LOG2_E
 
@@ -38,21 +51,137 @@ def kahan_add(total, compensation, term):
     return new_total, (new_total - total) - term
 
 
-def _backward_kernel(ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_softplus: bool):
-    """One program: the reverse scan of ``blocks.channels`` channels of one batch row.
+def gated_cotangent(g, z):
+    """(gy, sigmoid(z)): the cotangent of y = <h, C> + D u from that of the output g, through out = y silu(z)."""
+    if z is None:
+        return g, None
+    sig_z = sigmoid(z)
+    return g * z * sig_z, sig_z
+
+
+def _adjoint_kernel(ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_softplus: bool, chunks: Chunks):
+    """One program: walk chunk ``program_id(3) + 1`` backwards from lam = 0, carrying only lam.
+
+    ins: delta, dout (b, l, di) [z (b, l, di)]; C (b, l, g, n); A2 float32 (n, di); delta_bias float32 (di,).
+    outs: lam float32 (b, K - 1, n, di), what the chunk passes to the one before it, and dtsum float32 (b, K - 1, di),
+    its sum of dt. Per step: lam <- exp(dt A) (lam + gy C). Rows and C_t are loaded one tile of
+    ``blocks.backward_steps`` ahead (a short tile: its C_t scalars are n registers a step).
+    """
+    batch, group, lanes = program_lanes(blocks, group_dim)
+    chunk = pl.program_id(3) + 1
+    seqlen = ins["delta"].shape[1]
+    d_state = ins["A2"].shape[0]
+    steps = blocks.backward_steps
+    A2 = [lanes.load(ins["A2"], k) for k in range(d_state)]
+    bias = lanes.load(ins["delta_bias"])
+    zeros = jnp.zeros((blocks.channels,), jnp.float32)
+    names = [name for name in ("delta", "dout", "z") if name in ins]
+
+    def load_tile(tile, size: int):
+        """Rows of delta, dout (and z) and C_t as scalars for steps tile * steps .. + size - 1 (clamped)."""
+        t0 = tile * steps
+        data = {name: [lanes.load(ins[name], batch, clamp(t0 + s, seqlen - 1)) for s in range(size)] for name in names}
+        data["C"] = [
+            [ins["C"][batch, clamp(t0 + s, seqlen - 1), group, k] for k in range(d_state)] for s in range(size)
+        ]
+        return data
+
+    def reverse_tile(carry, data):
+        lam, dtsum = list(carry[0]), carry[1]
+        for s in reversed(range(len(data["delta"]))):
+            dt = data["delta"][s] + bias
+            if delta_softplus:
+                dt = softplus(dt)
+            dtsum = dtsum + dt
+            gy, _ = gated_cotangent(data["dout"][s], data["z"][s] if "z" in data else None)
+            for k in range(d_state):
+                lam[k] = jnp.exp2(dt * A2[k]) * (lam[k] + gy * data["C"][s][k].astype(jnp.float32))
+        return lam, dtsum
+
+    first_tile, end_tile, tail = chunk_tiles(chunks, chunk, steps)
+    carry = ([zeros] * d_state, zeros)
+    if tail:
+        carry = if_last(chunks, chunk, lambda c: reverse_tile(c, load_tile(end_tile, tail)), carry)
+
+    def tile_body(i, carry_and_data):
+        """Tile end - 1 - (i - first): the tiles in reverse; the next one's rows load before this one's work."""
+        carry, data = carry_and_data
+        tile = end_tile - 1 - (i - first_tile)
+        return reverse_tile(carry, data), load_tile(jnp.maximum(tile - 1, first_tile), steps)
+
+    last_full = jnp.maximum(end_tile - 1, 0)
+    carry, _ = lax.fori_loop(first_tile, end_tile, tile_body, (carry, load_tile(last_full, steps)))
+    lam, dtsum = carry
+    for k in range(d_state):
+        lanes.store(outs["lam"], lam[k], batch, chunk - 1, k)
+    lanes.store(outs["dtsum"], dtsum, batch, chunk - 1)
+
+
+def shuffle_xor(row: jax.Array, mask: int, interpret: bool) -> jax.Array:
+    """(channels,) row with lane i holding lane i ^ mask's value: one warp shuffle (``shfl.sync.bfly``) on the GPU,
+    the same permutation with array ops in the interpreter. Lane i holds element i of a one-warp (channels,) row."""
+    if interpret:
+        return row.reshape(-1, 2, mask)[:, ::-1].reshape(row.shape)
+    [shuffled] = plt.elementwise_inline_asm(
+        f"shfl.sync.bfly.b32 $0, $1, {mask}, 0x1f, -1;",
+        args=[row],
+        constraints="=f,f",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(row.shape, row.dtype)],
+    )
+    return shuffled
+
+
+def lane_sums(values: list[jax.Array], lane: jax.Array, interpret: bool) -> list[jax.Array]:
+    """Sum each of V (channels,) rows over its lanes, all at once, by a butterfly that halves the list at every
+    round: lanes with bit m set keep the upper half, the others the lower, and each adds its partner's copy of the
+    half it keeps. V rows cost V / 2 + V / 4 + ... shuffles instead of V log2(channels).
+
+    With P = V rounded up to a power of 2 and C = channels, returns R = max(1, P / C) rows: row r, lane L holds the
+    sum of value R L + r when P >= C, of value L // (C / P) otherwise (``unpack_lane_sums`` undoes this)."""
+    values = values + [jnp.zeros_like(values[0])] * (pl.next_power_of_2(len(values)) - len(values))
+    mask = lane.shape[0] // 2
+    while mask:
+        if len(values) == 1:
+            values = [values[0] + shuffle_xor(values[0], mask, interpret)]
+        else:
+            half = len(values) // 2
+            upper = (lane & mask) != 0
+            values = [
+                jnp.where(upper, values[i + half], values[i])
+                + shuffle_xor(jnp.where(upper, values[i], values[i + half]), mask, interpret)
+                for i in range(half)
+            ]
+        mask //= 2
+    return values
+
+
+def unpack_lane_sums(rows: jax.Array, count: int) -> jax.Array:
+    """(..., R, C) rows of ``lane_sums`` -> (..., count) values in their original order."""
+    channels = rows.shape[-1]
+    padded = pl.next_power_of_2(count)
+    if padded >= channels:
+        return jnp.swapaxes(rows, -1, -2).reshape(*rows.shape[:-2], padded)[..., :count]
+    return rows[..., 0, :: channels // padded][..., :count]
+
+
+def _backward_kernel(
+    ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_softplus: bool, chunks: Chunks, interpret: bool
+):
+    """One program: the reverse scan of ``blocks.channels`` channels of one batch row over one chunk of time steps.
 
     ins: u, delta, dout (b, l, di) [z (b, l, di)]; B, C (b, l, g, n); A2 = A log2(e) float32 (n, di); D, delta_bias
-    float32 (di,); checkpoints float32 (b, cdiv(l, s) + 1, n, di) with s = blocks.backward_steps; dlast float32
-    (b, n, di). outs: du, ddelta [dz] (b, l, di) in their inputs' dtypes; dBC float32 (b, l, g, blocks per group,
-    packs * channels): this program's sums over its channels of dB_t (entries 0 .. n - 1) and dC_t (n .. 2n - 1),
-    packed across the lanes; dA, dh0 float32 (b, n, di); dD, ddelta_bias float32 (b, di). The caller sums the
-    float32 outputs over programs.
+    float32 (di,); checkpoints float32 (b, cdiv(l, s) + 1, n, di) with s = blocks.backward_steps; lam_in float32
+    (b, K, n, di), the state cotangent entering each chunk from its right (the last state's cotangent for the last).
+    outs: du, ddelta [dz] (b, l, di) in their inputs' dtypes; dBC float32 (b, l, g, blocks per group, R,
+    channels): this program's sums over its channels of dB_t (values 0 .. n - 1) and dC_t (n .. 2n - 1) as
+    ``lane_sums`` lays them out; dA, lam_out float32 (b, K, n, di) (lam_out of chunk 0 is the initial state's
+    cotangent); dD, ddelta_bias float32 (b, K, di). The caller sums the float32 outputs over programs.
 
     As in the forward, every store of a tile waits for its end, and the next tile's loads are issued before them.
     """
     batch, group, lanes = program_lanes(blocks, group_dim)
-    block = pl.program_id(2)
-    seqlen = ins["u"].shape[1]
+    block, chunk = pl.program_id(2), pl.program_id(3)
     d_state = ins["A2"].shape[0]
     steps = blocks.backward_steps
     A2 = [lanes.load(ins["A2"], k) for k in range(d_state)]
@@ -60,16 +189,6 @@ def _backward_kernel(ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_sof
     bias = lanes.load(ins["delta_bias"])
     zeros = jnp.zeros((blocks.channels,), jnp.float32)
     lane = lax.iota(jnp.int32, blocks.channels)
-    packs = pl.cdiv(2 * d_state, blocks.channels)
-
-    def pack(sums):
-        """2n scalars (the same in every lane) -> ``packs`` rows holding sum j in lane j % channels of row j //
-        channels: one store per row instead of one per scalar."""
-        rows = [zeros] * packs
-        for j, value in enumerate(sums):
-            row, position = divmod(j, blocks.channels)
-            rows[row] = jnp.where(lane == position, value, rows[row])
-        return rows
 
     def load_tile(tile, size: int):
         """Everything tile ``tile`` (steps tile * s .. + size - 1) reads: its checkpoint (n rows), rows of delta, u,
@@ -104,14 +223,12 @@ def _backward_kernel(ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_sof
         grads = {name: [None] * size for name in ("du", "ddelta", "dz", "dBC")}
         for s in reversed(range(size)):
             u, g = data["u"][s], data["dout"][s]
-            gy = g
+            gy, sig_z = gated_cotangent(g, data["z"][s] if "z" in data else None)
             if "z" in data:
                 z = data["z"][s]
-                sig_z = sigmoid(z)
                 y = D * u
                 for k in range(d_state):
                     y = y + states[s + 1][k] * C[s][k]
-                gy = g * z * sig_z
                 grads["dz"][s] = g * y * sig_z * (1.0 + z * (1.0 - sig_z))
             accumulate(0, gy * u)  # dD
             dtu = dt[s] * u
@@ -120,15 +237,15 @@ def _backward_kernel(ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_sof
             dB, dC = [], []
             for k in range(d_state):
                 lam[k] = lam[k] + gy * C[s][k]
-                dC.append(jnp.sum(gy * states[s + 1][k]))
-                dB.append(jnp.sum(lam[k] * dtu))
+                dC.append(gy * states[s + 1][k])
+                dB.append(lam[k] * dtu)
                 lam_B = lam_B + lam[k] * B[s][k]
                 decay = jnp.exp2(dt[s] * A2[k])
                 lam_ah = lam[k] * decay * states[s][k]
                 lam_ah_A2 = lam_ah_A2 + lam_ah * A2[k]
                 dA[k] = dA[k] + lam_ah * dt[s]
                 lam[k] = decay * lam[k]
-            grads["dBC"][s] = pack(dB + dC)
+            grads["dBC"][s] = lane_sums(dB + dC, lane, interpret)
             grads["du"][s] = gy * D + dt[s] * lam_B
             ddt = u * lam_B + lam_ah_A2 * LN_2
             grads["ddelta"][s] = ddt * sigmoid(x[s]) if delta_softplus else ddt
@@ -138,31 +255,74 @@ def _backward_kernel(ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_sof
                 if name in outs:
                     lanes.store(outs[name], grads[name][s], batch, t0 + s)
             for row, value in enumerate(grads["dBC"][s]):
-                span = pl.ds(row * blocks.channels, blocks.channels)
-                plt.store(outs["dBC"].at[batch, as_index(t0 + s), group, block, span], value)
+                plt.store(outs["dBC"].at[batch, as_index(t0 + s), group, block, as_index(row)], value)
         return lam, dA, totals, compensations
 
-    lam = [lanes.load(ins["dlast"], batch, k) for k in range(d_state)]
+    first_tile, end_tile, tail = chunk_tiles(chunks, chunk, steps)
+    lam = [lanes.load(ins["lam_in"], batch, chunk, k) for k in range(d_state)]
     carry = (lam, [zeros] * d_state, [zeros] * 2, [zeros] * 2)
-    full_tiles, tail = divmod(seqlen, steps)
     if tail:
-        carry = reverse_tile(carry, full_tiles, load_tile(full_tiles, tail))
-    if full_tiles:
+        carry = if_last(chunks, chunk, lambda c: reverse_tile(c, end_tile, load_tile(end_tile, tail)), carry)
 
-        def tile_body(i, carry_and_data):
-            """Tile full_tiles - 1 - i; the next one's data is loaded before this one's stores."""
-            carry, data = carry_and_data
-            tile = full_tiles - 1 - i
-            next_data = load_tile(jnp.maximum(tile - 1, 0), steps)
-            return reverse_tile(carry, tile, data), next_data
+    def tile_body(i, carry_and_data):
+        """Tile end - 1 - (i - first): the tiles in reverse; the next one's data is loaded before this one's stores."""
+        carry, data = carry_and_data
+        tile = end_tile - 1 - (i - first_tile)
+        next_data = load_tile(jnp.maximum(tile - 1, first_tile), steps)
+        return reverse_tile(carry, tile, data), next_data
 
-        carry, _ = lax.fori_loop(0, full_tiles, tile_body, (carry, load_tile(full_tiles - 1, steps)))
+    last_full = jnp.maximum(end_tile - 1, 0)
+    carry, _ = lax.fori_loop(first_tile, end_tile, tile_body, (carry, load_tile(last_full, steps)))
     lam, dA, (dD, dbias), _ = carry
     for k in range(d_state):
-        lanes.store(outs["dh0"], lam[k], batch, k)
-        lanes.store(outs["dA"], dA[k], batch, k)
-    lanes.store(outs["dD"], dD, batch)
-    lanes.store(outs["ddelta_bias"], dbias, batch)
+        lanes.store(outs["lam_out"], lam[k], batch, chunk, k)
+        lanes.store(outs["dA"], dA[k], batch, chunk, k)
+    lanes.store(outs["dD"], dD, batch, chunk)
+    lanes.store(outs["ddelta_bias"], dbias, batch, chunk)
+
+
+def _launch(kernel, inputs, out_shape, *, blocks, delta_softplus, chunks, num_programs, name, interpret):
+    u = inputs["dout"]
+    batch, _, dim = u.shape
+    groups = inputs["C"].shape[2]
+    group_dim = dim // groups
+    kernel = functools.partial(kernel, blocks=blocks, group_dim=group_dim, delta_softplus=delta_softplus, chunks=chunks)
+    if kernel.func is _backward_kernel:
+        kernel = functools.partial(kernel, interpret=interpret)
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(batch, groups, pl.cdiv(group_dim, blocks.channels), num_programs),
+        compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
+        interpret=interpret,
+        name=name,
+    )(inputs)
+
+
+def scan_adjoints(
+    inputs: dict[str, jax.Array], *, delta_softplus: bool, blocks: ScanBlocks, interpret: bool
+) -> dict[str, jax.Array]:
+    """Launch ``_adjoint_kernel`` on chunks 1 .. K - 1 (K > 1): {lam float32 (b, K - 1, n, di), dtsum float32
+    (b, K - 1, di)}, entry j for chunk j + 1."""
+    batch, _, dim = inputs["dout"].shape
+    d_state = inputs["A2"].shape[0]
+    chunks = chunks_of(inputs, blocks)
+    out_shape = {
+        "lam": jax.ShapeDtypeStruct((batch, chunks.count - 1, d_state, dim), jnp.float32),
+        "dtsum": jax.ShapeDtypeStruct((batch, chunks.count - 1, dim), jnp.float32),
+    }
+    names = ("delta", "dout", "z", "C", "A2", "delta_bias")
+    return _launch(
+        _adjoint_kernel,
+        {name: inputs[name] for name in names if name in inputs},
+        out_shape,
+        blocks=blocks,
+        delta_softplus=delta_softplus,
+        chunks=chunks,
+        num_programs=chunks.count - 1,
+        name="selective_scan_adjoints",
+        interpret=interpret,
+    )
 
 
 def scan_backward(
@@ -174,28 +334,31 @@ def scan_backward(
     batch, seqlen, dim = u.shape
     groups, d_state = inputs["B"].shape[2:]
     group_dim = dim // groups
+    chunks = chunks_of(inputs, blocks)
     blocks_per_group = pl.cdiv(group_dim, blocks.channels)
-    packs = pl.cdiv(2 * d_state, blocks.channels)
-    partial_BC = jax.ShapeDtypeStruct((batch, seqlen, groups, blocks_per_group, packs * blocks.channels), jnp.float32)
-    per_state = jax.ShapeDtypeStruct((batch, d_state, dim), jnp.float32)
-    per_channel = jax.ShapeDtypeStruct((batch, dim), jnp.float32)
+    rows = max(1, pl.next_power_of_2(2 * d_state) // blocks.channels)
+    partial_BC = jax.ShapeDtypeStruct((batch, seqlen, groups, blocks_per_group, rows, blocks.channels), jnp.float32)
+    per_state = jax.ShapeDtypeStruct((batch, chunks.count, d_state, dim), jnp.float32)
+    per_channel = jax.ShapeDtypeStruct((batch, chunks.count, dim), jnp.float32)
     out_shape = {
         "du": jax.ShapeDtypeStruct(u.shape, u.dtype),
         "ddelta": jax.ShapeDtypeStruct(u.shape, inputs["delta"].dtype),
         "dBC": partial_BC,
         "dA": per_state,
-        "dh0": per_state,
+        "lam_out": per_state,
         "dD": per_channel,
         "ddelta_bias": per_channel,
     }
     if "z" in inputs:
         out_shape["dz"] = jax.ShapeDtypeStruct(u.shape, inputs["z"].dtype)
-    kernel = functools.partial(_backward_kernel, blocks=blocks, group_dim=group_dim, delta_softplus=delta_softplus)
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(batch, groups, blocks_per_group),
-        compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
-        interpret=interpret,
+    return _launch(
+        _backward_kernel,
+        inputs,
+        out_shape,
+        blocks=blocks,
+        delta_softplus=delta_softplus,
+        chunks=chunks,
+        num_programs=chunks.count,
         name="selective_scan_bwd",
-    )(inputs)
+        interpret=interpret,
+    )

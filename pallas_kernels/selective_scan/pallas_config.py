@@ -1,16 +1,23 @@
-"""Block sizes of the Pallas selective-scan kernels (``pallas_fwd.py``, ``pallas_bwd.py``).
+"""Block sizes of the Pallas selective-scan kernels (``pallas_fwd.py``, ``pallas_bwd.py``), and the time chunks.
 
-One program owns ``channels`` channels of one batch row and one group of B/C, one channel per GPU thread, and walks
-the whole sequence. Its state is d_state vectors of ``channels`` float32 values in registers.
+One program owns ``channels`` channels of one batch row and one group of B/C, one channel per GPU thread, and one
+chunk of ``chunk`` consecutive time steps. Its state is d_state vectors of ``channels`` float32 values in registers.
 """
 
 import dataclasses
+from typing import NamedTuple
+
+# Automatic chunking aims at about this many one-warp programs, several waves of them: the H100's 132 multiprocessors
+# hold 8-12 each (the kernels use 170-255 registers a thread). Measured at (8, 2048, 1536, 16): chunks of 128 steps
+# (6144 programs) beat 256 and 1024 (benchmarks/notes_selective_scan.md, v4).
+TARGET_PROGRAMS = 6144
+MIN_CHUNK = 64
 
 
 @dataclasses.dataclass(frozen=True)
 class ScanBlocks:
-    """channels: channels per program, a power of 2; 32 is one warp, so the backward's sums over channels stay in one
-    warp (shuffles, no shared memory). At (b, di) = (8, 1536) that is 384 programs for 132 multiprocessors.
+    """channels: channels per program, a power of 2 up to 32 (one warp), so the backward's sums over channels stay in
+    one warp (shuffles, no shared memory). At (b, di) = (8, 1536) that is 384 channel blocks for 132 multiprocessors.
     steps: time steps per tile of the forward. It loads the next tile's u, delta and z while it scans this one.
     lookahead: the forward loads B_t and C_t this many steps before it uses them (the scalars are shared by the
     program's lanes, 2 d_state registers a step).
@@ -18,25 +25,52 @@ class ScanBlocks:
     registers and loads the next tile while it walks this one; the forward stores its checkpoints, the state every
     backward_steps steps, in a float32 (b, l / backward_steps + 1, n, di) buffer that lives only during the backward.
     It must divide ``steps``.
+    chunk: time steps per program, a multiple of ``steps``; the sequence is split into cdiv(l, chunk) chunks scanned
+    in parallel, then stitched (``pallas.py``). None picks it from the shape (``chunking``) so that the grid has about
+    TARGET_PROGRAMS programs; a chunk of at least the sequence length is one sequential scan per channel block.
     """
 
     channels: int = 32
     steps: int = 8
     lookahead: int = 2
     backward_steps: int = 2
+    chunk: int | None = None
 
     def __post_init__(self):
-        if self.channels < 1 or self.channels & (self.channels - 1):
-            raise ValueError(f"ScanBlocks.channels must be a power of 2 (a Triton block), got {self.channels}")
+        if self.channels < 1 or self.channels & (self.channels - 1) or self.channels > 32:
+            raise ValueError(f"ScanBlocks.channels must be a power of 2 up to 32 (one warp), got {self.channels}")
         for name in ("steps", "lookahead", "backward_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ScanBlocks.{name} must be positive, got {getattr(self, name)}")
         if self.steps % self.backward_steps:
             raise ValueError(f"ScanBlocks.backward_steps={self.backward_steps} must divide steps={self.steps}")
+        if self.chunk is not None and (self.chunk < 1 or self.chunk % self.steps):
+            raise ValueError(f"ScanBlocks.chunk must be a positive multiple of steps={self.steps}, got {self.chunk}")
 
     @property
     def num_warps(self) -> int:
         return max(1, self.channels // 32)
+
+
+class Chunks(NamedTuple):
+    """How the time axis is split: ``count`` chunks of ``length`` steps, the last one ``last`` steps long."""
+
+    length: int
+    count: int
+    last: int
+
+
+def chunking(blocks: ScanBlocks, seqlen: int, channel_blocks: int) -> Chunks:
+    """The time chunks for a sequence of ``seqlen`` steps when the grid already has ``channel_blocks`` programs per
+    chunk (b x g x blocks per group)."""
+    length = blocks.chunk
+    if length is None:
+        wanted = max(1, round(TARGET_PROGRAMS / channel_blocks))
+        length = max(MIN_CHUNK, -(-seqlen // wanted))
+        length = -(-length // blocks.steps) * blocks.steps
+    length = min(length, -(-seqlen // blocks.steps) * blocks.steps)
+    count = -(-seqlen // length)
+    return Chunks(length, count, seqlen - (count - 1) * length)
 
 
 DEFAULT_BLOCKS = ScanBlocks()

@@ -1,10 +1,13 @@
 """Forward Pallas kernel of the selective scan, and the pieces the backward kernel shares with it.
 
-One program owns ``blocks.channels`` channels of one batch row, all inside one group of B/C; GPU thread i holds channel
-i. The state h (b, di, n) of those channels stays in registers as n vectors of ``channels`` float32 values (one list
-entry per state index, unrolled at trace time), so the per-channel work (softplus, D skip, silu gate) runs once per
-channel, the readout <h_t, C_t> is a sum inside each thread, and B_t, C_t are scalars shared by the whole program.
-The program walks the sequence in tiles of ``steps`` steps: it loads the next tile's rows of u, delta and z (and B_t,
+One program owns ``blocks.channels`` channels of one batch row, all inside one group of B/C, and one chunk of time
+steps; GPU thread i holds channel i. The state h (b, di, n) of those channels stays in registers as n vectors of
+``channels`` float32 values (one list entry per state index, unrolled at trace time), so the per-channel work (softplus,
+D skip, silu gate) runs once per channel, the readout <h_t, C_t> is a sum inside each thread, and B_t, C_t are scalars
+shared by the whole program. Chunks run in parallel: a first launch scans every chunk but the last from a zero state
+and returns its end state and the sum of its dt (its total decay is exp(A sum dt)); ``pallas.py`` stitches those into
+each chunk's start state; a second launch scans every chunk from its start state and writes the outputs.
+The program walks its chunk in tiles of ``steps`` steps: it loads the next tile's rows of u, delta and z (and B_t,
 C_t ``lookahead`` steps ahead), runs this tile's recurrence, then stores the tile's outputs, so memory latency hides
 behind the exponentials instead of stalling every step (``_forward_kernel`` says why the order matters).
 Shapes follow docs/architecture.md; inside the kernels the state is laid out (n, di) so one state index of a block of
@@ -22,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.selective_scan.pallas_config import ScanBlocks
+from pallas_kernels.selective_scan.pallas_config import Chunks, ScanBlocks, chunking
 
 # exp(x) = exp2(x log2 e): the kernels scale A once so each decay is one exp2, a single special-function instruction.
 LOG2_E = math.log2(math.e)
@@ -79,19 +82,52 @@ def clamp(t, last: int):
     return min(t, last) if isinstance(t, int) else jnp.minimum(t, last)
 
 
-def _forward_kernel(ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_softplus: bool):
-    """One program: scan ``blocks.channels`` channels of one batch row over the whole sequence.
+def chunk_tiles(chunks: Chunks, chunk, tile_steps: int):
+    """Where program ``chunk`` (traced) works, in tiles of ``tile_steps`` (which divides ``chunks.length``): (global
+    index of its first tile, the index after its last full tile, the static size of the tail tile that only the last
+    chunk has and that follows its full tiles)."""
+    per_chunk = chunks.length // tile_steps
+    full, tail = divmod(chunks.last, tile_steps)
+    first = chunk * per_chunk
+    if chunks.count > 1 and full != per_chunk:
+        # Integer arithmetic rather than a select: Triton's loop bounds must be plain i32 values. chunk // (count - 1)
+        # is 1 in the last chunk and 0 before it.
+        full = per_chunk - (chunk // (chunks.count - 1)) * (per_chunk - full)
+    return first, first + full, tail
+
+
+def if_last(chunks: Chunks, chunk, fn, carry):
+    """fn(carry) in the last chunk, carry unchanged in the others (no branch when there is one chunk)."""
+    if chunks.count == 1:
+        return fn(carry)
+    return lax.cond(chunk == chunks.count - 1, fn, lambda carry: carry, carry)
+
+
+def tree_sum(terms: list[jax.Array]) -> jax.Array:
+    """Sum by pairs: a dependency chain of log2(len) additions instead of len."""
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def _forward_kernel(ins, outs, *, blocks: ScanBlocks, steps: int, group_dim: int, delta_softplus: bool, chunks: Chunks):
+    """One program: scan ``blocks.channels`` channels of one batch row over one chunk of time steps, in tiles of
+    ``steps`` steps (``blocks.steps``, or ``blocks.backward_steps`` when storing checkpoints: fewer states to hold).
 
     ins: u, delta (b, l, di) [z (b, l, di)]; B, C (b, l, g, n); A2 = A log2(e) float32 (n, di); D, delta_bias
-    float32 (di,) [h0 float32 (b, n, di)]. outs: either out (b, l, di) and last_state float32 (b, n, di), or
-    checkpoints float32 (b, cdiv(l, s) + 1, n, di) with s = blocks.backward_steps: the state before steps 0, s, 2s,
-    ... and after the last step, for the backward.
+    float32 (di,) [h_start float32 (b, K, n, di): each chunk's start state, zeros when absent]. outs, one of
+    - out (b, l, di) and h_end float32 (b, K, n, di), each chunk's end state (the last one is the last state);
+    - h_end float32 (b, K, n, di) and dtsum float32 (b, K, di): the chunks' end states from a zero start and their
+      sums of dt (this launch's grid covers only the chunks whose end state a later chunk needs);
+    - checkpoints float32 (b, cdiv(l, s) + 1, n, di) with s = blocks.backward_steps: the state before steps 0, s,
+      2s, ... and after the last step, for the backward.
 
     Loads run ahead of their use in program order: u, delta, z one tile ahead, B_t and C_t ``blocks.lookahead`` steps
     ahead. Stores wait for the end of a tile: the compiler keeps every load after an earlier store (it cannot tell the
     pointers apart), so a store inside the tile would hold the next loads back until the step that needs them.
     """
     batch, group, lanes = program_lanes(blocks, group_dim)
+    chunk = pl.program_id(3)
     seqlen = ins["u"].shape[1]
     d_state = ins["A2"].shape[0]
     with_output = "out" in outs
@@ -99,10 +135,11 @@ def _forward_kernel(ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_soft
     A2 = [lanes.load(ins["A2"], k) for k in range(d_state)]
     D = lanes.load(ins["D"])
     bias = lanes.load(ins["delta_bias"])
-    if "h0" in ins:
-        h = [lanes.load(ins["h0"], batch, k) for k in range(d_state)]
+    zeros = jnp.zeros((blocks.channels,), jnp.float32)
+    if "h_start" in ins:
+        h = [lanes.load(ins["h_start"], batch, chunk, k) for k in range(d_state)]
     else:
-        h = [jnp.zeros((blocks.channels,), jnp.float32)] * d_state
+        h = [zeros] * d_state
     row_names = [name for name in ("u", "delta", "z") if name in ins and (with_output or name != "z")]
 
     def load_rows(t0, size: int):
@@ -117,10 +154,11 @@ def _forward_kernel(ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_soft
         t = clamp(t, seqlen - 1)
         return [ins[name][batch, t, group, k] for name in ("B", "C")[: 1 + with_output] for k in range(d_state)]
 
-    def scan_tile(h, tile, t0, rows, ahead):
-        """Run the recurrence over one tile, then store its outputs. ``ahead`` holds B, C of the next ``lookahead``
-        steps. Returns the state after the tile and ``ahead`` for the steps after it."""
-        ahead = list(ahead)
+    def scan_tile(carry, tile, rows):
+        """Run the recurrence over global tile ``tile`` with its ``rows``, then store its outputs. carry: the state
+        (n rows), the sum of dt so far, and ``ahead``, B and C of the next ``lookahead`` steps."""
+        h, dtsum, ahead = list(carry[0]), carry[1], list(carry[2])
+        t0 = tile * steps
         outputs, checkpoints = [], []
         for s in range(len(rows["u"])):
             scalars = [x.astype(jnp.float32) for x in ahead.pop(0)]
@@ -129,13 +167,12 @@ def _forward_kernel(ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_soft
             dt = rows["delta"][s] + bias
             if delta_softplus:
                 dt = softplus(dt)
+            dtsum = dtsum + dt
             dtu = dt * u
             for k in range(d_state):
                 h[k] = jnp.exp2(dt * A2[k]) * h[k] + dtu * scalars[k]
             if with_output:
-                y = D * u
-                for k in range(d_state):
-                    y = y + h[k] * scalars[d_state + k]
+                y = tree_sum([D * u] + [h[k] * scalars[d_state + k] for k in range(d_state)])
                 if "z" in rows:
                     y = y * (rows["z"][s] * sigmoid(rows["z"][s]))
                 outputs.append(y)
@@ -143,34 +180,45 @@ def _forward_kernel(ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_soft
                 checkpoints.append(list(h))
         for s, y in enumerate(outputs):
             lanes.store(outs["out"], y, batch, t0 + s)
-        for j, state in enumerate(checkpoints):
+        if "checkpoints" in outs:
+            for j, state in enumerate(checkpoints):
+                for k in range(d_state):
+                    lanes.store(outs["checkpoints"], state[k], batch, tile * (steps // every) + j + 1, k)
+        return h, dtsum, ahead
+
+    first_tile, end_tile, tail = chunk_tiles(chunks, chunk, steps)
+    if "checkpoints" in outs:
+
+        @pl.when(chunk == 0)
+        def _():
             for k in range(d_state):
-                lanes.store(outs["checkpoints"], state[k], batch, tile * (blocks.steps // every) + j + 1, k)
-        return h, ahead
+                lanes.store(outs["checkpoints"], h[k], batch, 0, k)
 
-    if not with_output:
-        for k in range(d_state):
-            lanes.store(outs["checkpoints"], h[k], batch, 0, k)
-    ahead = [load_scalars(s) for s in range(blocks.lookahead)]
-    full_tiles, tail = divmod(seqlen, blocks.steps)
-    if full_tiles:
+    t_start = first_tile * steps
+    carry = (h, zeros, [load_scalars(t_start + s) for s in range(blocks.lookahead)])
 
-        def tile_body(i, carry):
-            h, rows, ahead = carry
-            next_rows = load_rows((i + 1) * blocks.steps, blocks.steps)
-            h, ahead = scan_tile(list(h), i, i * blocks.steps, rows, ahead)
-            return h, next_rows, ahead
+    def tile_body(tile, carry_and_rows):
+        carry, rows = carry_and_rows
+        next_rows = load_rows((tile + 1) * steps, steps)
+        return scan_tile(carry, tile, rows), next_rows
 
-        h, _, ahead = lax.fori_loop(0, full_tiles, tile_body, (h, load_rows(0, blocks.steps), ahead))
-        h = list(h)
+    # Both bounds traced (program ids): Triton wants the same integer type for the loop's bounds.
+    carry, _ = lax.fori_loop(first_tile, end_tile, tile_body, (carry, load_rows(t_start, steps)))
     if tail:
-        t0 = full_tiles * blocks.steps
-        h, _ = scan_tile(h, full_tiles, t0, load_rows(t0, tail), ahead)
-    for k in range(d_state):
-        if with_output:
-            lanes.store(outs["last_state"], h[k], batch, k)
-        else:  # the state after the last step closes the checkpoints
-            lanes.store(outs["checkpoints"], h[k], batch, pl.cdiv(seqlen, every), k)
+        tail_tile = end_tile
+        carry = if_last(chunks, chunk, lambda c: scan_tile(c, tail_tile, load_rows(tail_tile * steps, tail)), carry)
+    h, dtsum, _ = carry
+    if "h_end" in outs:
+        for k in range(d_state):
+            lanes.store(outs["h_end"], h[k], batch, chunk, k)
+    if "dtsum" in outs:
+        lanes.store(outs["dtsum"], dtsum, batch, chunk)
+    if "checkpoints" in outs:
+
+        @pl.when(chunk == chunks.count - 1)
+        def _():  # the state after the last step closes the checkpoints
+            for k in range(d_state):
+                lanes.store(outs["checkpoints"], h[k], batch, pl.cdiv(seqlen, every), k)
 
 
 def scan_forward(
@@ -179,34 +227,62 @@ def scan_forward(
     delta_softplus: bool,
     blocks: ScanBlocks,
     interpret: bool,
-    checkpoints: bool = False,
+    mode: str = "out",
 ) -> dict[str, jax.Array]:
-    """Launch the forward kernel.
+    """Launch the forward kernel on every chunk (``mode`` "out" or "checkpoints") or on all chunks but the last
+    ("chunk_ends").
 
     inputs: the kernel's ``ins`` (see ``_forward_kernel``), already normalised by ``pallas.py``.
-    Returns {out (b, l, di) in u's dtype, last_state float32 (b, n, di)}, or with ``checkpoints``
-    {checkpoints float32 (b, cdiv(l, s) + 1, n, di)}: the state every s = blocks.backward_steps steps and after the
-    last, which the backward recomputes from.
+    Returns by mode (K chunks, ``chunks_of``):
+    - "out": {out (b, l, di) in u's dtype, h_end float32 (b, K, n, di)}
+    - "chunk_ends": {h_end float32 (b, K - 1, n, di), dtsum float32 (b, K - 1, di)}, from zero start states
+    - "checkpoints": {checkpoints float32 (b, cdiv(l, s) + 1, n, di)}: the state every s = blocks.backward_steps steps
+      and after the last, which the backward recomputes from.
     """
     u = inputs["u"]
     batch, seqlen, dim = u.shape
     groups = inputs["B"].shape[2]
     d_state = inputs["A2"].shape[0]
     group_dim = dim // groups
-    if checkpoints:
+    chunks = chunks_of(inputs, blocks)
+    num_programs = chunks.count
+    if mode == "checkpoints":
         num_checkpoints = pl.cdiv(seqlen, blocks.backward_steps) + 1
         out_shape = {"checkpoints": jax.ShapeDtypeStruct((batch, num_checkpoints, d_state, dim), jnp.float32)}
-    else:
+    elif mode == "chunk_ends":
+        num_programs = chunks.count - 1
+        chunks = Chunks(chunks.length, num_programs, chunks.length)  # every chunk launched is a full one
+        out_shape = {
+            "h_end": jax.ShapeDtypeStruct((batch, num_programs, d_state, dim), jnp.float32),
+            "dtsum": jax.ShapeDtypeStruct((batch, num_programs, dim), jnp.float32),
+        }
+    elif mode == "out":
         out_shape = {
             "out": jax.ShapeDtypeStruct(u.shape, u.dtype),
-            "last_state": jax.ShapeDtypeStruct((batch, d_state, dim), jnp.float32),
+            "h_end": jax.ShapeDtypeStruct((batch, chunks.count, d_state, dim), jnp.float32),
         }
-    kernel = functools.partial(_forward_kernel, blocks=blocks, group_dim=group_dim, delta_softplus=delta_softplus)
+    else:
+        raise ValueError(f"scan_forward: mode must be 'out', 'chunk_ends' or 'checkpoints', got {mode!r}")
+    kernel = functools.partial(
+        _forward_kernel,
+        blocks=blocks,
+        steps=blocks.backward_steps if mode == "checkpoints" else blocks.steps,
+        group_dim=group_dim,
+        delta_softplus=delta_softplus,
+        chunks=chunks,
+    )
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(batch, groups, pl.cdiv(group_dim, blocks.channels)),
+        grid=(batch, groups, pl.cdiv(group_dim, blocks.channels), num_programs),
         compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
         interpret=interpret,
-        name="selective_scan_fwd",
+        name=f"selective_scan_{mode}",
     )(inputs)
+
+
+def chunks_of(inputs: dict[str, jax.Array], blocks: ScanBlocks) -> Chunks:
+    """The time chunks of the kernels' ``inputs`` (u (b, l, di), B (b, l, g, n))."""
+    batch, seqlen, dim = inputs["u"].shape
+    groups = inputs["B"].shape[2]
+    return chunking(blocks, seqlen, batch * groups * pl.cdiv(dim // groups, blocks.channels))
