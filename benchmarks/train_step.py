@@ -1,23 +1,28 @@
-"""One training step (forward + backward + AdamW) of a Mamba language model on one device: tokens/s, MFU, memory.
+"""One training step (forward + backward + clipping + AdamW) of a Mamba language model on one device, per
+rematerialisation policy: tokens/s, MFU, peak memory, and XLA's compiled memory plan.
 
 Usage (GPU machine, repository root):
-    PYTHONPATH=. python3 benchmarks/train_step.py --models mamba-370m,mamba2-370m --batch 8 --seqlen 2048
-Float32 parameters, bf16 compute, AdamW (optax), random tokens. Anchors (ANCHORS.md, mamba_ssm with bf16 autocast and
-fused AdamW on an H100, batch 8 x 2048): see ANCHOR below.
+    PYTHONPATH=. python3 benchmarks/train_step.py --models mamba2-370m,mamba-370m --remat none,dots,block \
+        --scan-implementations pallas --out train_step.json
+Every row (model, scan implementation, remat policy) runs in a fresh process, so its peak memory is its own; rows
+stop being started when ``--time-budget`` seconds would be passed, and the JSON is rewritten after each row.
+
+Without a GPU, ``--compile-only`` compiles each row for abstract inputs (nothing is allocated) and reports XLA's
+memory plan: argument + output + temporary bytes, less what donated arguments alias. On the CPU that plan is only an
+estimate of the GPU's (other fusions, the XLA scan paths instead of Pallas kernels, 16-bit ops widened to float32).
+
+The step is the training loop's own (``mamba_jax.train.loop.make_train_step``): float32 parameters, bf16 compute,
+global-norm clipping and AdamW, random tokens. Anchors: mamba_ssm at batch 8 x 2048 on an H100 (ANCHOR below).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-
-import jax
-import jax.numpy as jnp
-import optax
-from flax import nnx
-
-from benchmarks.timing import environment, time_ms
-from mamba_jax import MambaConfig, MambaLMHeadModel
+import os
+import subprocess
+import sys
+import time
 
 # step ms, tokens/s, peak GiB of mamba_ssm at batch 8 x 2048 on an H100 (ANCHORS.md)
 ANCHOR = {
@@ -27,53 +32,92 @@ ANCHOR = {
     "mamba2-370m": (302.5, 54_156, 29.7),
 }
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM
+GIB = 2**30
 
 
-def train_step_fn(graphdef, optimizer):
-    def loss_fn(params, rest, tokens):
-        model = nnx.merge(graphdef, params, rest)
-        logits = model(tokens[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+def memory_plan(compiled) -> dict[str, float]:
+    """XLA's memory plan of a compiled step in GiB: arguments, outputs, temporaries, donated aliasing, and the total
+    argument + output + temp - alias (what the step needs at its peak, parameters and optimizer state included)."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {}
+    plan = {
+        "argument_gib": stats.argument_size_in_bytes / GIB,
+        "output_gib": stats.output_size_in_bytes / GIB,
+        "temp_gib": stats.temp_size_in_bytes / GIB,
+        "alias_gib": stats.alias_size_in_bytes / GIB,
+    }
+    plan["plan_gib"] = plan["argument_gib"] + plan["output_gib"] + plan["temp_gib"] - plan["alias_gib"]
+    return plan
 
-    def step(params, rest, opt_state, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(params, rest, tokens)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 2))
+def bench(
+    name: str, batch: int, seqlen: int, scan_implementation: str | None, remat: str, reps: int, compile_only: bool
+) -> dict:
+    """One row: compile the step of ``name`` with ``remat``; unless ``compile_only``, time it and read the peak."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
 
+    from benchmarks.timing import environment, time_ms
+    from mamba_jax import MambaConfig, MambaLMHeadModel
+    from mamba_jax.sharding import make_mesh, shard_model, state_shardings
+    from mamba_jax.train import TrainConfig
+    from mamba_jax.train.loop import make_train_step
+    from mamba_jax.train.optim import make_optimizer
+    from mamba_jax.train.remat import apply_remat
 
-def bench(name: str, batch: int, seqlen: int, scan_implementation: str | None, reps: int) -> dict:
     config = MambaConfig.preset(name)
-    model = nnx.jit(
-        lambda: MambaLMHeadModel(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, scan_implementation=scan_implementation)
-    )()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    optimizer = optax.adamw(1e-4, weight_decay=0.1)
-    opt_state = optimizer.init(params)
-    step = train_step_fn(graphdef, optimizer)
-    tokens = jax.random.randint(jax.random.key(1), (batch, seqlen + 1), 0, config.vocab_size, jnp.int32)
+
+    def model_fn():
+        model = MambaLMHeadModel(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, scan_implementation=scan_implementation)
+        return apply_remat(model, remat)
+
+    mesh = make_mesh(devices=jax.devices()[:1])
+    if compile_only:
+        graphdef, state = nnx.split(nnx.eval_shape(model_fn))
+    else:
+        graphdef, state = nnx.split(shard_model(model_fn, mesh))
+    params = nnx.to_pure_dict(state)
+    shardings = nnx.to_pure_dict(state_shardings(state, mesh))
+    tx = make_optimizer(TrainConfig(seq_len=seqlen, batch_size=batch, steps=1000), params)
+    shape = (1, batch, seqlen + 1)  # (accum, b, l + 1)
+    if compile_only:
+        opt_state = jax.eval_shape(tx.init, params)
+        tokens = jax.ShapeDtypeStruct(shape, jnp.int32)
+    else:
+        opt_state = jax.jit(tx.init)(params)
+        tokens = jax.random.randint(jax.random.key(1), shape, 0, config.vocab_size, jnp.int32)
+    start = time.perf_counter()
+    step = jax.jit(make_train_step(graphdef, tx, shardings, jnp.bfloat16), donate_argnums=(0, 1))
+    compiled = step.lower(params, opt_state, tokens).compile()
+    row = {
+        "model": name,
+        "scan_implementation": scan_implementation or "default",
+        "remat": remat,
+        **environment(),
+        "params": sum(x.size for x in jax.tree.leaves(params)),
+        "compile_s": time.perf_counter() - start,
+        **memory_plan(compiled),
+    }
+    if compile_only:
+        return row
 
     state = {"params": params, "opt": opt_state}
 
     def run(tokens):
-        state["params"], state["opt"], loss = step(state["params"], rest, state["opt"], tokens)
-        return loss
+        state["params"], state["opt"], metrics = compiled(state["params"], state["opt"], tokens)
+        return metrics["loss"]
 
     timing = time_ms(run, tokens, reps=reps, warmup=2)
-    stats = jax.devices()[0].memory_stats() or {}
     tokens_per_s = batch * seqlen / (timing["median_ms"] / 1e3)
     anchor_ms, anchor_tps, anchor_gib = ANCHOR.get(name, (float("nan"),) * 3)
-
     return {
-        "model": name,
-        "scan_implementation": scan_implementation or "default",
-        "params": n_params,
+        **row,
         **timing,
         "tokens_per_s": tokens_per_s,
-        "mfu": 6 * n_params * tokens_per_s / H100_BF16_PEAK,
-        "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
+        "mfu": 6 * row["params"] * tokens_per_s / H100_BF16_PEAK,
+        "peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / GIB,
         "anchor_tokens_per_s": anchor_tps,
         "anchor_step_ms": anchor_ms,
         "ratio_vs_anchor": tokens_per_s / anchor_tps,
@@ -81,32 +125,99 @@ def bench(name: str, batch: int, seqlen: int, scan_implementation: str | None, r
     }
 
 
+def run_rows(jobs: list[tuple[str, list[str]]], deadline: float, env: dict | None = None) -> list[dict]:
+    """Run ``python3 <this script> *argv`` for each (label, argv) in ``jobs``, one process at a time, until
+    ``deadline`` (time.time()); each process prints JSON rows, one per line, prefixed "ROW ". Returns the rows, with
+    an {"label", "error"} row for a process that failed or ran out of time."""
+    rows = []
+    for label, argv in jobs:
+        left = deadline - time.time()
+        if left < 30:
+            rows.append({"label": label, "error": "not started: time budget spent"})
+            continue
+        try:
+            done = subprocess.run(
+                [sys.executable, *argv], capture_output=True, text=True, timeout=left, env=env or os.environ.copy()
+            )
+            found = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
+            rows.extend(found)
+            if done.returncode != 0 or not found:
+                rows.append({"label": label, "error": f"exit {done.returncode}: {done.stderr[-2000:]}"})
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+            rows.extend(json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW "))
+            rows.append({"label": label, "error": "killed: time budget spent"})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="mamba-370m,mamba2-370m")
+    parser.add_argument("--models", default="mamba2-370m,mamba-370m")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--scan-implementations", default="default", help="comma list for Mamba-1, e.g. pallas,chunked")
+    parser.add_argument("--remat", default="none", help="comma list of remat policies: none, block, dots, ...")
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--compile-only", action="store_true", help="XLA's memory plan only (runs on a CPU)")
+    parser.add_argument("--time-budget", type=float, default=540.0, help="seconds for the whole run")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--row", action="store_true", help="internal: run one row in this process")
     args = parser.parse_args()
-    rows = []
+    if args.row:
+        row = bench(
+            args.models,
+            args.batch,
+            args.seqlen,
+            None if args.scan_implementations == "default" else args.scan_implementations,
+            args.remat,
+            args.reps,
+            args.compile_only,
+        )
+        print("ROW " + json.dumps(row), flush=True)
+        return
+
+    deadline = time.time() + args.time_budget
+    common = ["--batch", str(args.batch), "--seqlen", str(args.seqlen), "--reps", str(args.reps)]
+    common += ["--compile-only"] if args.compile_only else []
+    jobs = []
     for name in args.models.split(","):
         impls = args.scan_implementations.split(",") if name.startswith("mamba-") else ["default"]
         for impl in impls:
-            row = bench(name, args.batch, args.seqlen, None if impl == "default" else impl, args.reps)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    result = {"environment": environment(), "batch": args.batch, "seqlen": args.seqlen, "rows": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    print(f"train step, batch {args.batch} x {args.seqlen}, on {result['environment']['device']}")
-    print(f"{'model':<13} {'scan':<9} {'step ms':>8} {'tok/s':>9} {'x mamba_ssm':>11} {'MFU':>6} {'peak GiB':>9}")
+            for remat in args.remat.split(","):
+                argv = [__file__, "--row", "--models", name, "--scan-implementations", impl, "--remat", remat]
+                jobs.append((f"{name} {impl} {remat}", argv + common))
+    # A compile-only run is a CPU estimate: XLA:CPU's default scheduler favours concurrency over memory, so its plan
+    # would overstate the peak further (the flag is ignored on a GPU).
+    env = os.environ | {
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    }
+    rows = []
+    for label, argv in jobs:
+        rows += run_rows([(label, argv)], deadline, env if args.compile_only else None)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"batch": args.batch, "seqlen": args.seqlen, "rows": rows}, f, indent=2)
+    print_table(rows, args)
+
+
+def print_table(rows: list[dict], args) -> None:
+    ok = [r for r in rows if "error" not in r]
+    device = ok[0]["device"] if ok else "?"
+    print(f"train step, batch {args.batch} x {args.seqlen}, on {device}")
+    print(
+        f"{'model':<13} {'scan':<9} {'remat':<6} {'step ms':>8} {'tok/s':>9} {'x anchor':>8} {'MFU':>6} "
+        f"{'peak GiB':>8} {'plan GiB':>8} {'temp GiB':>8}"
+    )
+    nan = float("nan")
     for r in rows:
+        if "error" in r:
+            print(f"{r['label']}: {r['error'].splitlines()[-1] if r['error'] else ''}")
+            continue
         print(
-            f"{r['model']:<13} {r['scan_implementation']:<9} {r['median_ms']:>8.1f} {r['tokens_per_s']:>9.0f} "
-            f"{r['ratio_vs_anchor']:>11.2f} {r['mfu']:>6.1%} {r['peak_gib']:>9.1f}"
+            f"{r['model']:<13} {r['scan_implementation']:<9} {r['remat']:<6} {r.get('median_ms', nan):>8.1f} "
+            f"{r.get('tokens_per_s', nan):>9.0f} {r.get('ratio_vs_anchor', nan):>8.2f} {r.get('mfu', nan):>6.1%} "
+            f"{r.get('peak_gib', nan):>8.1f} {r.get('plan_gib', nan):>8.1f} {r.get('temp_gib', nan):>8.1f}"
         )
 
 

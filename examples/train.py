@@ -64,7 +64,7 @@ def main() -> None:
     batch_sharding = named_sharding((None, "batch", None), batch_shape, mesh)
 
     # 5. The step: forward, backward, clip, AdamW; parameters and optimizer state updated in place (donated).
-    train_step = jax.jit(make_train_step(graphdef, tx, param_shardings), donate_argnums=(0, 1))
+    train_step = jax.jit(make_train_step(graphdef, tx, param_shardings, compute_dtype), donate_argnums=(0, 1))
     start = time.perf_counter()
     for step in range(cfg.steps):
         tokens = device_batch(train_split, step, batch_shape, batch_sharding, model_config.vocab_size)

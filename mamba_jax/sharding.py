@@ -177,6 +177,17 @@ def shard_model(
     return nnx.merge(graphdef, init())
 
 
+def drop_mesh_axis(sharding: NamedSharding, axis: str) -> NamedSharding:
+    """``sharding`` with the mesh axis ``axis`` taken out of its spec (the dimensions it split become whole).
+
+    With ``axis="fsdp"`` this is where an FSDP-sharded parameter lives while a layer uses it: gathered over the fsdp
+    devices, still split over ``tensor``.
+    """
+    entries = (tuple(name for name in _mesh_axes(entry) if name != axis) for entry in sharding.spec)
+    spec = PartitionSpec(*(names[0] if len(names) == 1 else names or None for names in entries))
+    return NamedSharding(sharding.mesh, spec)
+
+
 def batch_axis_size(mesh: Mesh, rules: Mapping[str, MeshAxes] = LOGICAL_AXIS_RULES) -> int:
     """How many ways the batch dimension is split on ``mesh`` (the product of the "batch" rule's mesh axes)."""
     return math.prod(mesh.shape[name] for name in _mesh_axes(rules.get("batch")))

@@ -23,7 +23,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mamba_jax.config import MambaConfig
 from mamba_jax.model import MambaLMHeadModel
-from mamba_jax.sharding import check_batch_size, make_mesh, named_sharding, shard_model, state_shardings
+from mamba_jax.sharding import (
+    check_batch_size,
+    drop_mesh_axis,
+    make_mesh,
+    named_sharding,
+    shard_model,
+    state_shardings,
+)
 from mamba_jax.train.checkpoint import Checkpoints, abstract_arrays
 from mamba_jax.train.config import TrainConfig
 from mamba_jax.train.data import Split, load_streams, make_splits
@@ -39,22 +46,63 @@ def next_token_loss(model: nnx.Module, tokens: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:]).mean()
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, param_shardings) -> Callable:
+def gather_params(params, param_shardings, compute_dtype=None):
+    """FSDP's gather, written out: every parameter stored split over the "fsdp" mesh axis, cast to ``compute_dtype``
+    and gathered whole over the fsdp devices (still split over "tensor"), for the forward and backward to use.
+
+    Why explicit: left to itself, XLA's sharding propagation followed the fsdp-split ``embed`` dimension of the
+    weights into the activations (the (b, l, v) logits were all-reduced and all-gathered in float32, the in_proj
+    output all-reduced): traffic that grows with the tokens, not the parameters. With the weights constrained whole,
+    activations stay split over the batch only, and the only collectives left are the weights' all-gathers and their
+    gradients' reduce-scatters (the transpose of this gather). The fsdp-split parameters are the d_model-wide
+    matrices and biases (logical axis "embed": linear layers and the embedding), all of which the model casts to its
+    compute dtype before use, so casting before the gather changes no result and halves the bytes gathered.
+    Parameters not split over fsdp pass through unchanged. Leaves match ``param_shardings`` (NamedShardings).
+    """
+
+    def gather(x, sharding):
+        if "fsdp" not in jax.tree.leaves(tuple(sharding.spec)):
+            return x
+        dtype = compute_dtype or x.dtype
+        whole = drop_mesh_axis(sharding, "fsdp")
+
+        @jax.custom_vjp
+        def cast_and_gather(x):
+            # The first constraint keeps the cast on the shards, so the all-gather moves compute_dtype bytes.
+            return jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(x.astype(dtype), sharding), whole)
+
+        def backward(_, grad):
+            # Straight to the stored sharding: each device's partial gradient is reduce-scattered, never all-reduced.
+            return (jax.lax.with_sharding_constraint(grad, sharding).astype(x.dtype),)
+
+        cast_and_gather.defvjp(lambda x: (cast_and_gather(x), None), backward)
+        return cast_and_gather(x)
+
+    return jax.tree.map(gather, params, param_shardings)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, param_shardings, compute_dtype=None
+) -> Callable:
     """The step (params, opt_state, tokens (accum, b, l + 1)) -> (params, opt_state, metrics), to be jitted.
 
-    Gradients of the ``accum`` micro-batches are summed in float32 under a scan, then averaged; they are pinned to
-    the parameters' shardings (with FSDP: reduce-scattered, never whole on one device)."""
+    The parameters are gathered for use by ``gather_params`` (cast to ``compute_dtype``, the model's activation
+    dtype, or None to keep their own). Gradients of the ``accum`` micro-batches are summed in float32 under a scan,
+    then averaged; they are pinned to the parameters' shardings (with FSDP: reduce-scattered, never whole on one
+    device), so the optimizer update runs on each device's shard only."""
 
     def loss_fn(params, tokens):
-        return next_token_loss(nnx.merge(graphdef, params), tokens)
+        return next_token_loss(nnx.merge(graphdef, gather_params(params, param_shardings, compute_dtype)), tokens)
 
     def step(params, opt_state, tokens):
         def accumulate(carry, micro_batch):
             loss, grads = jax.value_and_grad(loss_fn)(params, micro_batch)
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, tokens)
+        # The first micro-batch's gradients start the sum (no zero-filled float32 copy of the parameters).
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens[0])
+        if tokens.shape[0] > 1:
+            (loss, grads), _ = jax.lax.scan(accumulate, (loss, grads), tokens[1:])
         loss, grads = jax.tree.map(lambda x: x / tokens.shape[0], (loss, grads))
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -64,9 +112,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, pa
     return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-    """(params, tokens (b, l + 1)) -> mean loss (), jitted."""
-    return jax.jit(lambda params, tokens: next_token_loss(nnx.merge(graphdef, params), tokens))
+def make_eval_step(graphdef: nnx.GraphDef, param_shardings, compute_dtype=None) -> Callable:
+    """(params, tokens (b, l + 1)) -> mean loss (), jitted; the parameters gathered as in ``make_train_step``."""
+
+    def eval_step(params, tokens):
+        return next_token_loss(nnx.merge(graphdef, gather_params(params, param_shardings, compute_dtype)), tokens)
+
+    return jax.jit(eval_step)
 
 
 def device_batch(split: Split, step: int, shape: tuple[int, ...], sharding: NamedSharding, vocab_size: int):
@@ -161,11 +213,11 @@ def train(cfg: TrainConfig, model_config: MambaConfig | None = None) -> list[dic
     eval_sharding = named_sharding(("batch", None), train_shape[1:], mesh)
 
     train_step = jax.jit(
-        make_train_step(graphdef, tx, param_shardings),
+        make_train_step(graphdef, tx, param_shardings, jnp.dtype(cfg.dtype)),
         donate_argnums=(0, 1),
         out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, PartitionSpec())),
     )
-    eval_step = make_eval_step(graphdef)
+    eval_step = make_eval_step(graphdef, param_shardings, jnp.dtype(cfg.dtype))
     schedule = jax.jit(learning_rate(cfg))  # read at every log line: one compilation, not one per op
     progress = Progress(cfg, n_params, start)
     progress.message(
