@@ -130,7 +130,7 @@ class MixerModel(nnx.Module):
         residual = None
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            hidden, residual, layer_cache = layer.prefill(hidden, residual, layer_cache, lengths)
+            hidden, residual, layer_cache = _block_prefill(layer, hidden, residual, layer_cache, lengths)
             new_cache.append(layer_cache)
         return self.norm_f(take_last(hidden, lengths) + take_last(residual, lengths)), tuple(new_cache)
 
@@ -140,9 +140,25 @@ class MixerModel(nnx.Module):
         residual = None
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            hidden, residual, layer_cache = layer.step(hidden, residual, layer_cache)
+            hidden, residual, layer_cache = _block_step(layer, hidden, residual, layer_cache)
             new_cache.append(layer_cache)
         return self.norm_f(hidden + residual), tuple(new_cache)
+
+
+# The decode paths call every block through one jitted function. Inside the compiled generate loop these are nested
+# jits: blocks of the same structure and shapes share one trace and one lowering (jax caches both), where a plain
+# Python loop traces and lowers every layer anew; for a Mamba-1 prefill that re-lowered the Pallas scan kernel once
+# per layer, most of a 48-layer model's compile time. XLA inlines the calls, so the compiled program is the same.
+@jax.jit
+def _block_prefill(block: Block, hidden, residual, cache, lengths):
+    """``block.prefill(hidden, residual, cache, lengths)`` -> (hidden, residual, cache)."""
+    return block.prefill(hidden, residual, cache, lengths)
+
+
+@jax.jit
+def _block_step(block: Block, hidden, residual, cache):
+    """``block.step(hidden, residual, cache)`` -> (hidden, residual, cache)."""
+    return block.step(hidden, residual, cache)
 
 
 class MambaLMHeadModel(nnx.Module):

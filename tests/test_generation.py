@@ -13,6 +13,7 @@ from flax import nnx
 
 import mamba_jax
 from mamba_jax import MHA, MambaConfig, MambaLMHeadModel, generate
+from mamba_jax.generation import lower_generate
 from tests.tolerances import assert_close
 
 VOCAB = 61  # padded to 64: logits of the padding rows are never sampled
@@ -257,6 +258,28 @@ def check_greedy_against_transformers(reference, model):
         expected = reference.generate(torch.from_numpy(prompts), generation_config=config).numpy()[:, 6:]
     ours = generate(model, prompts.astype(np.int32), max_new_tokens=steps)
     np.testing.assert_array_equal(ours, expected)
+
+
+def test_lower_generate_from_an_abstract_model_runs_like_generate():
+    """The ahead-of-time program, lowered from shapes alone and compiled with explicit options, gives generate's
+    tokens (untrimmed: the positions after an early stop hold the fill id) for the concrete model."""
+    model = random_model("mamba2", seed=4)
+    prompts = right_padded_prompts(PROMPT_LENGTHS, seed=6)
+    expected = np.asarray(generate(model, prompts, max_new_tokens=NEW_TOKENS, prompt_lengths=PROMPT_LENGTHS))
+    abstract = nnx.eval_shape(lambda: MambaLMHeadModel(CONFIGS["mamba2"], rngs=nnx.Rngs(0)))
+    lowered, args = lower_generate(abstract, prompts, max_new_tokens=NEW_TOKENS, prompt_lengths=PROMPT_LENGTHS)
+    compiled = lowered.compile({"xla_cpu_enable_fast_math": False})
+    tokens, scores, produced = compiled(*args._replace(model=model))
+    assert scores is None and int(produced) == NEW_TOKENS
+    np.testing.assert_array_equal(tokens, expected)
+
+    # eos is traced: the same executable stops after the first token when every row emits it.
+    same = np.repeat(prompts[:1], 3, 0)
+    first = int(np.asarray(generate(model, same, max_new_tokens=2))[0, 0])
+    lowered, args = lower_generate(abstract, same, max_new_tokens=NEW_TOKENS)
+    tokens, _, produced = lowered.compile()(*args._replace(model=model, eos=jnp.int32(first)))
+    assert int(produced) == 1
+    np.testing.assert_array_equal(tokens[:, 0], first)
 
 
 def test_generate_is_exported():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,11 +69,92 @@ def generate(
     Sampled draws depend on the row's place in the batch. The whole decode runs on the device in one compiled
     function, compiled once per shape, sampling setting and ``callback``; token ids and ``rng`` are traced.
     """
+    args, static = _prepare(
+        model,
+        input_ids,
+        max_new_tokens=max_new_tokens,
+        sampling=SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty),
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        prompt_lengths=prompt_lengths,
+        rng=rng,
+        return_scores=return_scores,
+        callback=callback,
+    )
+    tokens, scores, produced = _generate(*args, **static)
+    produced = int(produced)
+    tokens = tokens[:, :produced]
+    return (tokens, scores[:, :produced]) if return_scores else tokens
+
+
+class GenerateArgs(NamedTuple):
+    """The traced arguments of the compiled generate program (see ``lower_generate``)."""
+
+    model: nnx.Module
+    ids: jax.Array  # int32 (b, l), padding set to 0
+    lengths: jax.Array  # int32 (b,)
+    key: jax.Array
+    eos: jax.Array  # int32 scalar, -1 when there is no EOS token
+    fill: jax.Array  # int32 scalar, the id written after a row finished
+
+
+def lower_generate(
+    model: nnx.Module,
+    input_ids,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 1,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    prompt_lengths=None,
+    rng: jax.Array | int | None = None,
+    return_scores: bool = False,
+) -> tuple[jax.stages.Lowered, GenerateArgs]:
+    """``generate``'s program, lowered ahead of time for benchmarks and compile-time studies.
+
+    Takes ``generate``'s arguments (``model`` may be abstract, from ``nnx.eval_shape``: lowering reads only shapes)
+    and returns the lowered program and its arguments. ``lowered.compile(compiler_options)(*args)`` runs it and
+    returns (tokens int32 (b, max_new_tokens), scores float32 (b, max_new_tokens, vocab_size) or None, the number of
+    positions produced): tokens past that number hold the fill id. Swap fields with ``args._replace(model=...)``
+    (a concrete model of the same structure) or ``eos=jnp.int32(id)``: they are traced, so no recompilation.
+    """
+    args, static = _prepare(
+        model,
+        input_ids,
+        max_new_tokens=max_new_tokens,
+        sampling=SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty),
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        prompt_lengths=prompt_lengths,
+        rng=rng,
+        return_scores=return_scores,
+        callback=None,
+    )
+    return _generate.lower(*args, **static), args
+
+
+def _prepare(
+    model,
+    input_ids,
+    *,
+    max_new_tokens,
+    sampling,
+    eos_token_id,
+    pad_token_id,
+    prompt_lengths,
+    rng,
+    return_scores,
+    callback,
+) -> tuple[GenerateArgs, dict]:
+    """Check ``generate``'s arguments -> (traced arguments, static arguments) of ``_generate``."""
     for name in ("init_cache", "prefill", "step", "config"):
         if not hasattr(model, name):
             raise ValueError(f"generate: model must have init_cache, prefill, step and config; {name} is missing")
     vocab_size = model.config.vocab_size
-    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, found {max_new_tokens!r}")
     eos_token_id = _check_token_id("eos_token_id", eos_token_id, vocab_size)
@@ -85,22 +167,15 @@ def generate(
     # Token ids are traced, not static, so changing them does not recompile; -1 never matches a token.
     eos = -1 if eos_token_id is None else eos_token_id
     fill = pad_token_id if pad_token_id is not None else max(eos, 0)
-    tokens, scores, produced = _generate(
-        model,
-        jnp.asarray(ids),
-        jnp.asarray(lengths),
-        key,
-        jnp.int32(eos),
-        jnp.int32(fill),
-        max_new_tokens=int(max_new_tokens),
-        vocab_size=vocab_size,
-        sampling=sampling,
-        return_scores=bool(return_scores),
-        callback=callback,
-    )
-    produced = int(produced)
-    tokens = tokens[:, :produced]
-    return (tokens, scores[:, :produced]) if return_scores else tokens
+    args = GenerateArgs(model, jnp.asarray(ids), jnp.asarray(lengths), key, jnp.int32(eos), jnp.int32(fill))
+    static = {
+        "max_new_tokens": int(max_new_tokens),
+        "vocab_size": vocab_size,
+        "sampling": sampling,
+        "return_scores": bool(return_scores),
+        "callback": callback,
+    }
+    return args, static
 
 
 @functools.partial(
