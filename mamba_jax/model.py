@@ -252,10 +252,12 @@ def _init_for_language_model(model: nnx.Module, config: MambaConfig) -> None:
     1/sqrt(n_residuals_per_layer * n_layer), GPT-2 style, so the residual stream's variance does not grow with depth."""
     scale = 1.0 / math.sqrt(config.n_residuals_per_layer * config.n_layer)
     linears = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear)]
+    # set_raw_value, not set_value: flax's set_value compares the old and new values' shardings, and under
+    # nnx.eval_shape reading a tracer's sharding scans the whole trace so far: 18 s for a 64-layer abstract model.
     for path, layer in linears:
         name = path[-1]
         if layer.bias is not None and name != "dt_proj":
-            layer.bias.set_value(jnp.zeros_like(layer.bias[...]))
+            layer.bias.set_raw_value(jnp.zeros_like(layer.bias[...]))
         if name in ("out_proj", "fc2"):
             kernel = layer.kernel[...]
-            layer.kernel.set_value(kernel * jnp.asarray(scale, kernel.dtype))
+            layer.kernel.set_raw_value(kernel * jnp.asarray(scale, kernel.dtype))
