@@ -108,7 +108,7 @@ def pieces(model, batch: int) -> list[tuple[str, object, object, object, int]]:
 
     rows.append(("state update", mixer, cache[0].ssm_state, state_update, state_bytes))
     head = model.backbone.embedding if config.tie_embeddings else model.lm_head
-    rows.append(("lm head", model, hidden, lambda m, h: _bump(h, m._logits(h)), nbytes(head)))
+    rows.append(("lm head", model, hidden, lambda m, h: _bump(h, m.logits(h)), nbytes(head)))
     rows.append(("greedy argmax", None, jnp.ones((batch, config.padded_vocab_size), jnp.float32),
                  lambda _, logits: _bump(logits, jnp.argmax(logits, axis=-1)), 0))  # fmt: skip
     return rows

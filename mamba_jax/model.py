@@ -203,7 +203,7 @@ class MambaLMHeadModel(nnx.Module):
             raise ValueError(
                 f"input_ids must be integer (batch, seqlen), found shape {input_ids.shape} dtype {input_ids.dtype}"
             )
-        return self._logits(self.backbone(input_ids))
+        return self.logits(self.backbone(input_ids))
 
     # ---- decoding (mamba_jax.generation) ----
 
@@ -225,7 +225,7 @@ class MambaLMHeadModel(nnx.Module):
             )
         lengths = check_lengths(lengths, *input_ids.shape)
         hidden, cache = self.backbone.prefill(input_ids, cache, lengths)
-        return self._logits(hidden), cache
+        return self.logits(hidden), cache
 
     def step(self, tokens: jax.Array, cache: tuple) -> tuple[jax.Array, tuple]:
         """One token per row, O(1) in the sequence length for SSM layers: tokens int (b,) -> (logits float32 (b, v),
@@ -233,10 +233,11 @@ class MambaLMHeadModel(nnx.Module):
         if tokens.ndim != 1 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integer (batch,), found shape {tokens.shape} dtype {tokens.dtype}")
         hidden, cache = self.backbone.step(tokens, cache)
-        return self._logits(hidden), cache
+        return self.logits(hidden), cache
 
-    def _logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden (..., d) -> float32 logits (..., v)."""
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The LM head: hidden (..., d), the final normed hidden states -> float32 logits (..., v). ``model(ids)`` is
+        ``model.logits(model.backbone(ids))``; the training loss calls the two apart to compute the head in chunks."""
         if self.config.tie_embeddings:
             head = self.backbone.embedding.embedding[...].T  # (d, v)
         else:

@@ -38,6 +38,7 @@ class TrainConfig:
     # compute: float32 parameters, ``dtype`` activations; ``remat`` trades compute for activation memory
     dtype: str = "bfloat16"
     remat: str = "none"  # "none", "block" or "dots": see mamba_jax.train.remat
+    loss_chunk: int = 0  # positions per LM-head chunk in the loss (0: all at once); see train.loop.next_token_loss
 
     # device mesh (see mamba_jax.sharding.make_mesh; one of them may be -1)
     mesh_data: int = 1
@@ -80,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"TrainConfig.loss_chunk must be >= 0 (0: no chunking), got {self.loss_chunk}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"TrainConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.token_dtype not in ("uint16", "uint32"):
