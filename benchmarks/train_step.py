@@ -4,6 +4,7 @@ rematerialisation policy: tokens/s, MFU, peak memory, and XLA's compiled memory 
 Usage (GPU machine, repository root):
     PYTHONPATH=. python3 benchmarks/train_step.py --models mamba2-370m,mamba-370m --remat none,dots,block \
         --scan-implementations pallas --out train_step.json
+``--loss-chunk N`` computes the LM head and loss N positions at a time (``next_token_loss``) in every row.
 Every row (model, scan implementation, remat policy) runs in a fresh process, so its peak memory is its own; rows
 stop being started when ``--time-budget`` seconds would be passed, and the JSON is rewritten after each row.
 
@@ -52,9 +53,17 @@ def memory_plan(compiled) -> dict[str, float]:
 
 
 def bench(
-    name: str, batch: int, seqlen: int, scan_implementation: str | None, remat: str, reps: int, compile_only: bool
+    name: str,
+    batch: int,
+    seqlen: int,
+    scan_implementation: str | None,
+    remat: str,
+    reps: int,
+    compile_only: bool,
+    loss_chunk: int = 0,
 ) -> dict:
-    """One row: compile the step of ``name`` with ``remat``; unless ``compile_only``, time it and read the peak."""
+    """One row: compile the step of ``name`` with ``remat`` and ``loss_chunk`` (``next_token_loss``); unless
+    ``compile_only``, time it and read the peak."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -89,12 +98,13 @@ def bench(
         opt_state = jax.jit(tx.init)(params)
         tokens = jax.random.randint(jax.random.key(1), shape, 0, config.vocab_size, jnp.int32)
     start = time.perf_counter()
-    step = jax.jit(make_train_step(graphdef, tx, shardings, jnp.bfloat16), donate_argnums=(0, 1))
+    step = jax.jit(make_train_step(graphdef, tx, shardings, jnp.bfloat16, loss_chunk), donate_argnums=(0, 1))
     compiled = step.lower(params, opt_state, tokens).compile()
     row = {
         "model": name,
         "scan_implementation": scan_implementation or "default",
         "remat": remat,
+        "loss_chunk": loss_chunk,
         **environment(),
         "params": sum(x.size for x in jax.tree.leaves(params)),
         "compile_s": time.perf_counter() - start,
@@ -158,6 +168,7 @@ def main():
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--scan-implementations", default="default", help="comma list for Mamba-1, e.g. pallas,chunked")
     parser.add_argument("--remat", default="none", help="comma list of remat policies: none, block, dots, ...")
+    parser.add_argument("--loss-chunk", type=int, default=0, help="LM-head positions per loss chunk (0: all)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--compile-only", action="store_true", help="XLA's memory plan only (runs on a CPU)")
     parser.add_argument("--time-budget", type=float, default=540.0, help="seconds for the whole run")
@@ -173,12 +184,14 @@ def main():
             args.remat,
             args.reps,
             args.compile_only,
+            args.loss_chunk,
         )
         print("ROW " + json.dumps(row), flush=True)
         return
 
     deadline = time.time() + args.time_budget
     common = ["--batch", str(args.batch), "--seqlen", str(args.seqlen), "--reps", str(args.reps)]
+    common += ["--loss-chunk", str(args.loss_chunk)]
     common += ["--compile-only"] if args.compile_only else []
     jobs = []
     for name in args.models.split(","):
