@@ -34,6 +34,7 @@ from pallas_kernels.selective_scan.pallas_fwd import (
     chunks_of,
     clamp,
     if_last,
+    launch,
     program_lanes,
     sigmoid,
     softplus,
@@ -281,24 +282,6 @@ def _backward_kernel(
     lanes.store(outs["ddelta_bias"], dbias, batch, chunk)
 
 
-def _launch(kernel, inputs, out_shape, *, blocks, delta_softplus, chunks, num_programs, name, interpret):
-    u = inputs["dout"]
-    batch, _, dim = u.shape
-    groups = inputs["C"].shape[2]
-    group_dim = dim // groups
-    kernel = functools.partial(kernel, blocks=blocks, group_dim=group_dim, delta_softplus=delta_softplus, chunks=chunks)
-    if kernel.func is _backward_kernel:
-        kernel = functools.partial(kernel, interpret=interpret)
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(batch, groups, pl.cdiv(group_dim, blocks.channels), num_programs),
-        compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
-        interpret=interpret,
-        name=name,
-    )(inputs)
-
-
 def scan_adjoints(
     inputs: dict[str, jax.Array], *, delta_softplus: bool, blocks: ScanBlocks, interpret: bool
 ) -> dict[str, jax.Array]:
@@ -312,16 +295,16 @@ def scan_adjoints(
         "dtsum": jax.ShapeDtypeStruct((batch, chunks.count - 1, dim), jnp.float32),
     }
     names = ("delta", "dout", "z", "C", "A2", "delta_bias")
-    return _launch(
+    return launch(
         _adjoint_kernel,
         {name: inputs[name] for name in names if name in inputs},
         out_shape,
         blocks=blocks,
-        delta_softplus=delta_softplus,
-        chunks=chunks,
         num_programs=chunks.count - 1,
         name="selective_scan_adjoints",
         interpret=interpret,
+        delta_softplus=delta_softplus,
+        chunks=chunks,
     )
 
 
@@ -351,14 +334,15 @@ def scan_backward(
     }
     if "z" in inputs:
         out_shape["dz"] = jax.ShapeDtypeStruct(u.shape, inputs["z"].dtype)
-    return _launch(
-        _backward_kernel,
+    # The kernel itself needs ``interpret`` too: its warp shuffles are inline PTX, emulated in the interpreter.
+    return launch(
+        functools.partial(_backward_kernel, interpret=interpret),
         inputs,
         out_shape,
         blocks=blocks,
-        delta_softplus=delta_softplus,
-        chunks=chunks,
         num_programs=chunks.count,
         name="selective_scan_bwd",
         interpret=interpret,
+        delta_softplus=delta_softplus,
+        chunks=chunks,
     )

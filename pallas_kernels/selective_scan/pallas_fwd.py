@@ -241,9 +241,7 @@ def scan_forward(
     """
     u = inputs["u"]
     batch, seqlen, dim = u.shape
-    groups = inputs["B"].shape[2]
     d_state = inputs["A2"].shape[0]
-    group_dim = dim // groups
     chunks = chunks_of(inputs, blocks)
     num_programs = chunks.count
     if mode == "checkpoints":
@@ -263,21 +261,34 @@ def scan_forward(
         }
     else:
         raise ValueError(f"scan_forward: mode must be 'out', 'chunk_ends' or 'checkpoints', got {mode!r}")
-    kernel = functools.partial(
+    return launch(
         _forward_kernel,
+        inputs,
+        out_shape,
         blocks=blocks,
+        num_programs=num_programs,
+        name=f"selective_scan_{mode}",
+        interpret=interpret,
         steps=blocks.backward_steps if mode == "checkpoints" else blocks.steps,
-        group_dim=group_dim,
         delta_softplus=delta_softplus,
         chunks=chunks,
     )
+
+
+def launch(kernel, inputs, out_shape, *, blocks: ScanBlocks, num_programs: int, name: str, interpret: bool, **options):
+    """``pl.pallas_call`` of one of the scan kernels over the grid (b, g, channel blocks per group, num_programs),
+    with ``blocks``, the group width and ``options`` bound to it. inputs: the kernel's ``ins`` (holding delta
+    (b, l, di) and C (b, l, g, n)); out_shape: its ``outs`` as ShapeDtypeStructs."""
+    batch, _, dim = inputs["delta"].shape
+    groups = inputs["C"].shape[2]
+    group_dim = dim // groups
     return pl.pallas_call(
-        kernel,
+        functools.partial(kernel, blocks=blocks, group_dim=group_dim, **options),
         out_shape=out_shape,
         grid=(batch, groups, pl.cdiv(group_dim, blocks.channels), num_programs),
         compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
         interpret=interpret,
-        name=f"selective_scan_{mode}",
+        name=name,
     )(inputs)
 
 
