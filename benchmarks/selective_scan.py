@@ -42,9 +42,13 @@ CALLS_PER_GROUP = 10
 # (shape, groups, dtype) of the GPU correctness checks: 50 channels a group (a masked block), a tile tail; bf16.
 CHECKS = [((2, 1000, 200, 16), 4, jnp.float32), ((2, 2048, 256, 16), 1, jnp.bfloat16)]
 SMOKE_CHECKS = [((1, 8, 40, 2), 2, jnp.float32)]
-# Block sizes tried against the default (--sweep).
-SWEEP = [(ScanBlocks(steps=s, lookahead=a), SHAPES[0]) for s, a in ((8, 1), (4, 2), (4, 1))] + [
-    (ScanBlocks(chunk=1024), SHAPES[1])
+# Variants timed against the default at the first shape (--sweep): other tiles and B/C distances, B/C as float32
+# scalars instead of packed words.
+SWEEP = [
+    ScanBlocks(steps=8, lookahead=2),
+    ScanBlocks(steps=8, lookahead=4),
+    ScanBlocks(steps=4, lookahead=4),
+    ScanBlocks(pack_bc=False),
 ]
 
 
@@ -158,8 +162,9 @@ def measure(name, implementation, shape, reps, interpret=False):
 
 
 def breakdown(shape, blocks, reps, interpret=False):
-    """Time each launch of the Pallas forward+backward alone (ms): the chunk ends, the forward, the checkpoints, the
-    adjoints, the reverse scan; and the XLA stitching between them."""
+    """Time each launch of the Pallas forward+backward alone (ms): the chunk ends, the forward (which stitches the
+    chunk ends into its start states), the checkpoints, the adjoints, the reverse scan; and the XLA stitching of the
+    adjoints."""
     arrays = {k: v for k, v in make_inputs(shape).items() if v is not None}
     inputs = pallas._kernel_inputs(**{"D": None, "z": None, "delta_bias": None, "initial_state": None, **arrays})
     options = {"delta_softplus": True, "blocks": blocks, "interpret": interpret}
@@ -169,18 +174,21 @@ def breakdown(shape, blocks, reps, interpret=False):
     if pallas.chunks_of(inputs, blocks).count > 1:
         stages["fwd chunk_ends"] = (lambda x: pallas_fwd.scan_forward(x, mode="chunk_ends", **options), inputs)
         ends = jax.jit(stages["fwd chunk_ends"][0])(inputs)
-        inputs = {**inputs, "h_start": pallas.chunk_start_states(ends, inputs["A2"], None)}
-        stages["stitch states (XLA)"] = (lambda e: pallas.chunk_start_states(e, inputs["A2"], None), ends)
+        inputs = {**inputs, "ends": ends["h_end"], "dtsum": ends["dtsum"]}
     stages["fwd out"] = (lambda x: pallas_fwd.scan_forward(x, **options), inputs)
-    stages["bwd checkpoints"] = (lambda x: pallas_fwd.scan_forward(x, mode="checkpoints", **options), inputs)
-    checkpoints = jax.jit(stages["bwd checkpoints"][0])(inputs)["checkpoints"]
-    back = {k: v for k, v in inputs.items() if k != "h_start"}
+    h_end = jax.jit(stages["fwd out"][0])(inputs)["h_end"]
+    start = {k: v for k, v in inputs.items() if k not in ("ends", "dtsum")}
+    start["h_start"] = jnp.concatenate([jnp.zeros_like(h_end[:, :1]), h_end[:, :-1]], axis=1)
+    stages["bwd checkpoints"] = (lambda x: pallas_fwd.scan_forward(x, mode="checkpoints", **options), start)
+    checkpoints = jax.jit(stages["bwd checkpoints"][0])(start)["checkpoints"]
+    back = {k: v for k, v in start.items() if k != "h_start"}
     back.update(dout=arrays["u"], checkpoints=checkpoints)
     dlast = jnp.zeros(checkpoints.shape[:1] + checkpoints.shape[2:], jnp.float32)
     if ends is not None:
         stages["bwd adjoints"] = (lambda x: pallas_bwd.scan_adjoints(x, **options), back)
         local = jax.jit(stages["bwd adjoints"][0])(back)
         back["lam_in"] = pallas.chunk_entering_adjoints(local, inputs["A2"], dlast)
+        stages["stitch adjoints (XLA)"] = (lambda x: pallas.chunk_entering_adjoints(x, inputs["A2"], dlast), local)
     else:
         back["lam_in"] = dlast[:, None]
     stages["bwd reverse"] = (lambda x: pallas_bwd.scan_backward(x, **options), back)
@@ -296,8 +304,7 @@ def main():
     if args.breakdown:
         plan.append(("breakdown", ScanBlocks(), SHAPES[0]))
     if args.sweep:
-        for blocks, shape in SWEEP:
-            plan.append((f"pallas {blocks}", blocks, shape))
+        plan += [(f"pallas {blocks}", blocks, SHAPES[0]) for blocks in SWEEP]
     checks, rows, breakdowns = [], [], []
     for name, implementation, shape in plan:
         if time.perf_counter() - start > args.budget_s:

@@ -29,7 +29,7 @@ from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.selective_scan.api import default_implementation
 from pallas_kernels.selective_scan.reference import selective_scan_reference
 from pallas_kernels.selective_scan.xla import selective_scan_chunked
-from tests.tolerances import assert_close
+from tests.tolerances import PARITY_REL_ERR_FP32, assert_close, rel_err
 
 FLOAT_ARGUMENTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -115,44 +115,67 @@ def _run(implementation, inputs):
     return implementation(**normalised)
 
 
-def forward_and_grads(implementation, case: Case):
-    """out, last_state and the gradient of <ct_out, out> + <ct_state, last_state> in every float argument."""
+def forward_and_grads(implementation, case: Case, float64: bool = False):
+    """out, last_state and the gradient of <ct_out, out> + <ct_state, last_state> in every float argument.
+
+    float64: run ``implementation`` on the same inputs and cotangents converted to float64 (inside
+    ``jax.enable_x64``), and return the results in the dtypes the case's own run has."""
     inputs = case_inputs(case)
     arrays = {name: inputs[name] for name in FLOAT_ARGUMENTS if inputs[name] is not None}
     static = {name: value for name, value in inputs.items() if name not in arrays}
     rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(case.key, 1))))
     ct_out = jnp.asarray(rng.normal(size=inputs["u"].shape).astype(np.float32), inputs["u"].dtype)
     ct_state = jnp.asarray(rng.normal(size=(case.batch, case.dim, case.d_state)).astype(np.float32))
+    dtypes = {name: value.dtype for name, value in arrays.items()}
 
     @jax.jit
-    def run(arrays):
+    def run(arrays, ct_out, ct_state):
         def loss(arrays):
             out, last_state = _run(implementation, {**arrays, **static})
-            weighted = jnp.sum(out.astype(jnp.float32) * ct_out) + jnp.sum(last_state * ct_state)
+            weighted = jnp.sum(out.astype(ct_state.dtype) * ct_out) + jnp.sum(last_state * ct_state)
             return weighted, (out, last_state)
 
         (_, (out, last_state)), grads = jax.value_and_grad(loss, has_aux=True)(arrays)
         return out, last_state, grads
 
-    return run(arrays)
+    if not float64:
+        return run(arrays, ct_out.astype(jnp.float32), ct_state)
+    with jax.enable_x64(True):
+        wide = {name: value.astype(jnp.float64) for name, value in arrays.items()}
+        out, last_state, grads = run(wide, ct_out.astype(jnp.float64), ct_state.astype(jnp.float64))
+        return (
+            out.astype(case.dtype),
+            last_state.astype(jnp.float32),
+            {name: grad.astype(dtypes[name]) for name, grad in grads.items()},
+        )
 
 
 @functools.cache
-def reference_results(case: Case):
-    return forward_and_grads("reference", case)
+def reference_results(case: Case, float64: bool = False):
+    # float64 bypasses the public API, whose A must be float32
+    return forward_and_grads(selective_scan_reference if float64 else "reference", case, float64)
 
 
-def check_forward_and_grads(implementation, case: Case) -> None:
+def check_forward_and_grads(implementation, case: Case, float64_reference: bool = False) -> None:
+    """``implementation`` against the reference on ``case``, with tests/tolerances.py's table.
+
+    float64_reference: the reference runs in float64, so the comparison measures the implementation's rounding alone.
+    dA is then held to the table's norm-wise float32 limit instead of the elementwise one: at full size it sums
+    b x l terms of ~100 that cancel to ~0.1, and per-term float32 rounding (in any implementation: the float32
+    reference itself has 5 of 4096 elements outside the elementwise table at (2, 2048, 256, 16)) leaves ~5e-4
+    absolute error there."""
     out, last_state, grads = forward_and_grads(implementation, case)
-    ref_out, ref_state, ref_grads = reference_results(case)
+    ref_out, ref_state, ref_grads = reference_results(case, float64_reference)
     assert out.shape == ref_out.shape and out.dtype == jnp.dtype(case.dtype)
-    assert last_state.shape == ref_state.shape and last_state.dtype == jnp.float32
     assert_close(out, ref_out, case.dtype, err_msg=f"out, {case}")
     assert_close(last_state, ref_state, jnp.float32, err_msg=f"last_state, {case}")
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
         assert grad.dtype == ref_grads[name].dtype
-        assert_close(grad, ref_grads[name], grad.dtype, err_msg=f"d{name}, {case}")
+        if float64_reference and name == "A":
+            assert rel_err(grad, ref_grads[name]) <= PARITY_REL_ERR_FP32, f"dA, {case}"
+        else:
+            assert_close(grad, ref_grads[name], grad.dtype, err_msg=f"d{name}, {case}")
 
 
 # 1. The reference against an independent float64 loop.

@@ -58,6 +58,14 @@ def test_one_chunk_matches_reference_interpreted():
     )
 
 
+def test_unpacked_bf16_matches_reference_interpreted():
+    """bfloat16 B and C read as float32 scalars (``pack_bc=False``) instead of packed words."""
+    blocks = dataclasses.replace(INTERPRET_BLOCKS, pack_bc=False)
+    check_forward_and_grads(
+        functools.partial(selective_scan_pallas, blocks=blocks, interpret=True), Case(2, 10, 16, 3, 2, "bfloat16")
+    )
+
+
 def test_dispatch_through_the_api():
     """implementation="pallas" without a GPU runs the same kernels in the interpreter."""
     assert not pallas_supported()
@@ -113,7 +121,7 @@ def test_block_config_checks():
     with pytest.raises(ValueError, match=r"ScanBlocks.backward_steps=3 must divide steps=8"):
         ScanBlocks(steps=8, backward_steps=3)
     with pytest.raises(ValueError, match=r"ScanBlocks.chunk must be a positive multiple of steps=8, got 12"):
-        ScanBlocks(chunk=12)
+        ScanBlocks(steps=8, chunk=12)
 
 
 @pytest.mark.parametrize(
@@ -146,7 +154,7 @@ def test_matches_reference_on_gpu(case):
     with warnings.catch_warnings():
         # Only the Triton backend's deprecation is ours to silence; anything else fails the test.
         warnings.filterwarnings("error")
-        check_forward_and_grads(functools.partial(selective_scan_pallas, interpret=False), case)
+        check_forward_and_grads(functools.partial(selective_scan_pallas, interpret=False), case, float64_reference=True)
 
 
 @pytest.mark.gpu

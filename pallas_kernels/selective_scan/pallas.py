@@ -13,10 +13,12 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
+from pallas_kernels.selective_scan.kernel_math import LOG2_E
 from pallas_kernels.selective_scan.pallas_bwd import scan_adjoints, scan_backward, unpack_lane_sums
 from pallas_kernels.selective_scan.pallas_config import DEFAULT_BLOCKS, ScanBlocks
-from pallas_kernels.selective_scan.pallas_fwd import LOG2_E, chunks_of, scan_forward
+from pallas_kernels.selective_scan.pallas_fwd import chunks_of, scan_forward
 
 # jax 0.11 warns at every lowering of a Triton-backend pallas_call. The lowering happens when the enclosing jit
 # compiles, after our call returned, so a warnings.catch_warnings around the call cannot reach it (only eager calls).
@@ -63,39 +65,30 @@ def selective_scan_pallas(
     return _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), blocks, interpret)
 
 
-def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state) -> dict[str, jax.Array]:
-    """The kernels' shared inputs: the state laid out (n, di), A scaled by log2(e), B and C in float32, absent D /
-    delta_bias as 0."""
+def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, pack_bc=True) -> dict[str, jax.Array]:
+    """The kernels' shared inputs: the state laid out (n, di), A scaled by log2(e), absent D / delta_bias as 0, and B,
+    C as the kernels read them (``pallas_fwd.load_BC``): bfloat16 pairs packed in one uint32 each (``pack_bc``), or
+    float32."""
     dim = u.shape[2]
     inputs = {
         "u": u,
         "delta": delta,
-        # B_t, C_t are per-step scalars in the kernels: float32 here (a tiny (b, l, g, n) cast) saves a conversion
-        # instruction per scalar per step inside them.
-        "B": B.astype(jnp.float32),
-        "C": C.astype(jnp.float32),
         "A2": (A.astype(jnp.float32) * LOG2_E).T,
         "D": jnp.zeros((dim,), jnp.float32) if D is None else D.astype(jnp.float32),
         "delta_bias": jnp.zeros((dim,), jnp.float32) if delta_bias is None else delta_bias.astype(jnp.float32),
     }
+    # B_t, C_t are per-step scalars in the kernels, each a load instruction per step. bfloat16 B and C travel as one
+    # 32-bit word per (t, k) (B the low half): half the loads and half the registers of the loads kept in flight.
+    # Other dtypes go as float32 (a tiny (b, l, g, n) cast that saves a conversion per scalar per step).
+    if pack_bc and B.dtype == C.dtype == jnp.bfloat16:
+        inputs["BC"] = lax.bitcast_convert_type(jnp.stack([B, C], axis=-1), jnp.uint32)
+    else:
+        inputs["B"], inputs["C"] = B.astype(jnp.float32), C.astype(jnp.float32)
     if z is not None:
         inputs["z"] = z
     if initial_state is not None:
         inputs["h0"] = jnp.swapaxes(initial_state.astype(jnp.float32), 1, 2)
     return inputs
-
-
-def chunk_start_states(ends: dict[str, jax.Array], A2: jax.Array, h0: jax.Array | None) -> jax.Array:
-    """Each chunk's start state from the chunks before it.
-
-    ends: {h_end (b, K - 1, n, di): chunk j's end state from a zero start, dtsum (b, K - 1, di): its sum of dt};
-    A2 (n, di); h0 (b, n, di) or None. Returns (b, K, n, di): start_0 = h0, start_{j+1} = exp2(A2 dtsum_j) start_j +
-    h_end_j. An unrolled chain over K (a few) chunks that XLA fuses into one kernel."""
-    h_end, dtsum = ends["h_end"], ends["dtsum"]
-    starts = [jnp.zeros_like(h_end[:, 0]) if h0 is None else h0]
-    for j in range(h_end.shape[1]):
-        starts.append(jnp.exp2(A2 * dtsum[:, j, None, :]) * starts[-1] + h_end[:, j])
-    return jnp.stack(starts, axis=1)
 
 
 def chunk_entering_adjoints(local: dict[str, jax.Array], A2: jax.Array, dlast: jax.Array) -> jax.Array:
@@ -114,30 +107,32 @@ def chunk_entering_adjoints(local: dict[str, jax.Array], A2: jax.Array, dlast: j
 def _forward(inputs, delta_softplus, blocks, interpret):
     """(out (b, l, di), last state float32 (b, n, di), chunk start states float32 (b, K, n, di) or None when K = 1
     and there is no initial state)."""
-    h0 = inputs.pop("h0", None)
-    h_start = None
+    h0 = inputs.get("h0")
     if chunks_of(inputs, blocks).count > 1:
+        from_zero = {name: value for name, value in inputs.items() if name != "h0"}
         ends = scan_forward(
-            inputs, delta_softplus=delta_softplus, blocks=blocks, interpret=interpret, mode="chunk_ends"
+            from_zero, delta_softplus=delta_softplus, blocks=blocks, interpret=interpret, mode="chunk_ends"
         )
-        h_start = chunk_start_states(ends, inputs["A2"], h0)
-    elif h0 is not None:
-        h_start = h0[:, None]
-    if h_start is not None:
-        inputs["h_start"] = h_start
+        inputs.update(ends=ends["h_end"], dtsum=ends["dtsum"])
     result = scan_forward(inputs, delta_softplus=delta_softplus, blocks=blocks, interpret=interpret)
-    return result["out"], result["h_end"][:, -1], h_start
+    h_end = result["h_end"]
+    h_start = None
+    if h_end.shape[1] > 1 or h0 is not None:
+        # chunk j starts where chunk j - 1 ended
+        first = jnp.zeros_like(h_end[:, :1]) if h0 is None else h0[:, None]
+        h_start = jnp.concatenate([first, h_end[:, :-1]], axis=1)
+    return result["out"], h_end[:, -1], h_start
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
 def _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, blocks, interpret):
-    inputs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    inputs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, blocks.pack_bc)
     out, last_state, _ = _forward(inputs, delta_softplus, blocks, interpret)
     return out, jnp.swapaxes(last_state, 1, 2)
 
 
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, blocks, interpret):
-    inputs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    inputs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, blocks.pack_bc)
     out, last_state, h_start = _forward(inputs, delta_softplus, blocks, interpret)
     residuals = (u, delta, A, B, C, D, z, delta_bias, initial_state, h_start)
     return (out, jnp.swapaxes(last_state, 1, 2)), residuals
@@ -147,7 +142,7 @@ def _scan_bwd(delta_softplus, blocks, interpret, residuals, cotangents):
     *arguments, h_start = residuals
     _, _, A, B, C, D, _, delta_bias, initial_state = arguments
     dout, dlast = cotangents
-    inputs = _kernel_inputs(*arguments)
+    inputs = _kernel_inputs(*arguments, blocks.pack_bc)
     inputs.pop("h0", None)
     if h_start is not None:
         inputs["h_start"] = h_start

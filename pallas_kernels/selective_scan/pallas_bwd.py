@@ -18,52 +18,53 @@ stitches those into each chunk's starting lam. Nothing of size (b, l, di, n) is 
 dB and dC are reduced within the program and written as one float32 partial per program, summed by the caller.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.selective_scan.kernel_math import LN_2, KernelMath
 from pallas_kernels.selective_scan.pallas_config import Chunks, ScanBlocks
 from pallas_kernels.selective_scan.pallas_fwd import (
-    LOG2_E,
     as_index,
     chunk_tiles,
     chunks_of,
     clamp,
+    groups_of,
     if_last,
     launch,
+    load_BC,
     program_lanes,
-    sigmoid,
-    softplus,
+    unpack_BC,
 )
-
-LN_2 = 1.0 / LOG2_E
 
 
 def kahan_add(total, compensation, term):
     """total + term, carrying the rounding error in ``compensation`` (Kahan): a sum over thousands of steps keeps
     float32 accuracy instead of an error that grows with the number of terms. Used for dD and ddelta_bias, whose
-    reference gradients are tree reductions; dA (n registers more) keeps a plain running sum, as the reference's."""
+    reference gradients are tree reductions. dA keeps a plain running sum: Kahan there changed nothing on the GPU (its
+    error is the terms' own rounding, benchmarks/notes_selective_scan.md, v6) and costs n registers."""
     term = term - compensation
     new_total = total + term
     return new_total, (new_total - total) - term
 
 
-def gated_cotangent(g, z):
+def gated_cotangent(g, z, ops: KernelMath):
     """(gy, sigmoid(z)): the cotangent of y = <h, C> + D u from that of the output g, through out = y silu(z)."""
     if z is None:
         return g, None
-    sig_z = sigmoid(z)
+    sig_z = ops.sigmoid(z)
     return g * z * sig_z, sig_z
 
 
-def _adjoint_kernel(ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_softplus: bool, chunks: Chunks):
+def _adjoint_kernel(
+    ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_softplus: bool, chunks: Chunks, ops: KernelMath
+):
     """One program: walk chunk ``program_id(3) + 1`` backwards from lam = 0, carrying only lam.
 
-    ins: delta, dout (b, l, di) [z (b, l, di)]; C (b, l, g, n); A2 float32 (n, di); delta_bias float32 (di,).
+    ins: delta, dout (b, l, di) [z (b, l, di)]; C float32 or BC uint32 (b, l, g, n) (``load_BC``); A2 float32 (n, di);
+    delta_bias float32 (di,).
     outs: lam float32 (b, K - 1, n, di), what the chunk passes to the one before it, and dtsum float32 (b, K - 1, di),
     its sum of dt. Per step: lam <- exp(dt A) (lam + gy C). Rows and C_t are loaded one tile of
     ``blocks.backward_steps`` ahead (a short tile: its C_t scalars are n registers a step).
@@ -82,9 +83,7 @@ def _adjoint_kernel(ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_soft
         """Rows of delta, dout (and z) and C_t as scalars for steps tile * steps .. + size - 1 (clamped)."""
         t0 = tile * steps
         data = {name: [lanes.load(ins[name], batch, clamp(t0 + s, seqlen - 1)) for s in range(size)] for name in names}
-        data["C"] = [
-            [ins["C"][batch, clamp(t0 + s, seqlen - 1), group, k] for k in range(d_state)] for s in range(size)
-        ]
+        data["C"] = [load_BC(ins, batch, clamp(t0 + s, seqlen - 1), group, ("C",)) for s in range(size)]
         return data
 
     def reverse_tile(carry, data):
@@ -92,11 +91,12 @@ def _adjoint_kernel(ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_soft
         for s in reversed(range(len(data["delta"]))):
             dt = data["delta"][s] + bias
             if delta_softplus:
-                dt = softplus(dt)
+                dt = ops.softplus(dt)
             dtsum = dtsum + dt
-            gy, _ = gated_cotangent(data["dout"][s], data["z"][s] if "z" in data else None)
+            gy, _ = gated_cotangent(data["dout"][s], data["z"][s] if "z" in data else None, ops)
+            C = unpack_BC(data["C"][s], ("C",))["C"]
             for k in range(d_state):
-                lam[k] = jnp.exp2(dt * A2[k]) * (lam[k] + gy * data["C"][s][k].astype(jnp.float32))
+                lam[k] = ops.exp2(dt * A2[k]) * ops.fma(gy, C[k], lam[k])
         return lam, dtsum
 
     first_tile, end_tile, tail = chunk_tiles(chunks, chunk, steps)
@@ -167,13 +167,14 @@ def unpack_lane_sums(rows: jax.Array, count: int) -> jax.Array:
 
 
 def _backward_kernel(
-    ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_softplus: bool, chunks: Chunks, interpret: bool
+    ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_softplus: bool, chunks: Chunks, ops: KernelMath
 ):
     """One program: the reverse scan of ``blocks.channels`` channels of one batch row over one chunk of time steps.
 
-    ins: u, delta, dout (b, l, di) [z (b, l, di)]; B, C (b, l, g, n); A2 = A log2(e) float32 (n, di); D, delta_bias
-    float32 (di,); checkpoints float32 (b, cdiv(l, s) + 1, n, di) with s = blocks.backward_steps; lam_in float32
-    (b, K, n, di), the state cotangent entering each chunk from its right (the last state's cotangent for the last).
+    ins: u, delta, dout (b, l, di) [z (b, l, di)]; B, C float32 or BC uint32 (b, l, g, n) (``load_BC``); A2 = A
+    log2(e) float32 (n, di); D, delta_bias float32 (di,); checkpoints float32 (b, cdiv(l, s) + 1, n, di) with s =
+    blocks.backward_steps; lam_in float32 (b, K, n, di), the state cotangent entering each chunk from its right (the
+    last state's cotangent for the last).
     outs: du, ddelta [dz] (b, l, di) in their inputs' dtypes; dBC float32 (b, l, g, blocks per group, R,
     channels): this program's sums over its channels of dB_t (values 0 .. n - 1) and dC_t (n .. 2n - 1) as
     ``lane_sums`` lays them out; dA, lam_out float32 (b, K, n, di) (lam_out of chunk 0 is the initial state's
@@ -193,13 +194,12 @@ def _backward_kernel(
 
     def load_tile(tile, size: int):
         """Everything tile ``tile`` (steps tile * s .. + size - 1) reads: its checkpoint (n rows), rows of delta, u,
-        dout (and z), and B_t, C_t as scalars in their dtype."""
+        dout (and z), and B_t, C_t as ``load_BC`` has them."""
         t0 = tile * steps
         data = {"h": [lanes.load(ins["checkpoints"], batch, tile, k) for k in range(d_state)]}
         for name in ("delta", "u", "dout", "z")[: 3 + ("z" in ins)]:
             data[name] = [lanes.load(ins[name], batch, t0 + s) for s in range(size)]
-        for name in ("B", "C"):
-            data[name] = [[ins[name][batch, t0 + s, group, k] for k in range(d_state)] for s in range(size)]
+        data["BC"] = [load_BC(ins, batch, t0 + s, group) for s in range(size)]
         return data
 
     def reverse_tile(carry, tile, data):
@@ -213,43 +213,41 @@ def _backward_kernel(
         size = len(data["u"])
         t0 = tile * steps
         x = [delta + bias for delta in data["delta"]]
-        dt = [softplus(x_s) for x_s in x] if delta_softplus else x
-        B = [[b.astype(jnp.float32) for b in row] for row in data["B"]]
-        C = [[c.astype(jnp.float32) for c in row] for row in data["C"]]
+        dt = [ops.softplus(x_s) for x_s in x] if delta_softplus else x
+        scalars = [unpack_BC(words) for words in data["BC"]]
+        B, C = [step["B"] for step in scalars], [step["C"] for step in scalars]
         # states[s] is h before step t0 + s; states[size] is h after the tile.
         states = [data["h"]]
         for s in range(size):
             dtu = dt[s] * data["u"][s]
-            states.append([jnp.exp2(dt[s] * A2[k]) * states[s][k] + dtu * B[s][k] for k in range(d_state)])
+            states.append([ops.fma(ops.exp2(dt[s] * A2[k]), states[s][k], dtu * B[s][k]) for k in range(d_state)])
         grads = {name: [None] * size for name in ("du", "ddelta", "dz", "dBC")}
         for s in reversed(range(size)):
             u, g = data["u"][s], data["dout"][s]
-            gy, sig_z = gated_cotangent(g, data["z"][s] if "z" in data else None)
+            gy, sig_z = gated_cotangent(g, data["z"][s] if "z" in data else None, ops)
             if "z" in data:
                 z = data["z"][s]
-                y = D * u
-                for k in range(d_state):
-                    y = y + states[s + 1][k] * C[s][k]
-                grads["dz"][s] = g * y * sig_z * (1.0 + z * (1.0 - sig_z))
+                y = ops.dot(states[s + 1], C[s], D * u)
+                grads["dz"][s] = g * y * sig_z * ops.fma(z, 1.0 - sig_z, 1.0)
             accumulate(0, gy * u)  # dD
             dtu = dt[s] * u
             lam_B = zeros  # <lam_t, B_t>
             lam_ah_A2 = zeros  # <lam_t, a_t h_{t-1}> A log2(e)
             dB, dC = [], []
             for k in range(d_state):
-                lam[k] = lam[k] + gy * C[s][k]
+                lam[k] = ops.fma(gy, C[s][k], lam[k])
                 dC.append(gy * states[s + 1][k])
                 dB.append(lam[k] * dtu)
-                lam_B = lam_B + lam[k] * B[s][k]
-                decay = jnp.exp2(dt[s] * A2[k])
+                lam_B = ops.fma(lam[k], B[s][k], lam_B)
+                decay = ops.exp2(dt[s] * A2[k])
                 lam_ah = lam[k] * decay * states[s][k]
-                lam_ah_A2 = lam_ah_A2 + lam_ah * A2[k]
-                dA[k] = dA[k] + lam_ah * dt[s]
+                lam_ah_A2 = ops.fma(lam_ah, A2[k], lam_ah_A2)
+                dA[k] = ops.fma(lam_ah, dt[s], dA[k])
                 lam[k] = decay * lam[k]
-            grads["dBC"][s] = lane_sums(dB + dC, lane, interpret)
-            grads["du"][s] = gy * D + dt[s] * lam_B
-            ddt = u * lam_B + lam_ah_A2 * LN_2
-            grads["ddelta"][s] = ddt * sigmoid(x[s]) if delta_softplus else ddt
+            grads["dBC"][s] = lane_sums(dB + dC, lane, ops.interpret)
+            grads["du"][s] = ops.fma(gy, D, dt[s] * lam_B)
+            ddt = ops.fma(u, lam_B, lam_ah_A2 * LN_2)
+            grads["ddelta"][s] = ddt * ops.sigmoid(x[s]) if delta_softplus else ddt
             accumulate(1, grads["ddelta"][s])  # ddelta_bias
         for s in range(size):
             for name in ("du", "ddelta", "dz"):
@@ -294,7 +292,7 @@ def scan_adjoints(
         "lam": jax.ShapeDtypeStruct((batch, chunks.count - 1, d_state, dim), jnp.float32),
         "dtsum": jax.ShapeDtypeStruct((batch, chunks.count - 1, dim), jnp.float32),
     }
-    names = ("delta", "dout", "z", "C", "A2", "delta_bias")
+    names = ("delta", "dout", "z", "C", "BC", "A2", "delta_bias")
     return launch(
         _adjoint_kernel,
         {name: inputs[name] for name in names if name in inputs},
@@ -315,7 +313,7 @@ def scan_backward(
     sums not yet reduced)."""
     u = inputs["u"]
     batch, seqlen, dim = u.shape
-    groups, d_state = inputs["B"].shape[2:]
+    groups, d_state = groups_of(inputs), inputs["A2"].shape[0]
     group_dim = dim // groups
     chunks = chunks_of(inputs, blocks)
     blocks_per_group = pl.cdiv(group_dim, blocks.channels)
@@ -334,9 +332,8 @@ def scan_backward(
     }
     if "z" in inputs:
         out_shape["dz"] = jax.ShapeDtypeStruct(u.shape, inputs["z"].dtype)
-    # The kernel itself needs ``interpret`` too: its warp shuffles are inline PTX, emulated in the interpreter.
     return launch(
-        functools.partial(_backward_kernel, interpret=interpret),
+        _backward_kernel,
         inputs,
         out_shape,
         blocks=blocks,

@@ -28,13 +28,16 @@ class ScanBlocks:
     chunk: time steps per program, a multiple of ``steps``; the sequence is split into cdiv(l, chunk) chunks scanned
     in parallel, then stitched (``pallas.py``). None picks it from the shape (``chunking``) so that the grid has about
     TARGET_PROGRAMS programs; a chunk of at least the sequence length is one sequential scan per channel block.
+    pack_bc: bfloat16 B and C go to the kernels as one 32-bit word per (step, state) holding both (half the scalar
+    loads and registers, one shift or mask per use); False, or other dtypes: as float32.
     """
 
     channels: int = 32
-    steps: int = 8
+    steps: int = 4
     lookahead: int = 2
     backward_steps: int = 2
     chunk: int | None = None
+    pack_bc: bool = True
 
     def __post_init__(self):
         if self.channels < 1 or self.channels & (self.channels - 1) or self.channels > 32:

@@ -15,7 +15,6 @@ channels is a contiguous row.
 """
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -25,23 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.selective_scan.kernel_math import KernelMath
 from pallas_kernels.selective_scan.pallas_config import Chunks, ScanBlocks, chunking
-
-# exp(x) = exp2(x log2 e): the kernels scale A once so each decay is one exp2, a single special-function instruction.
-LOG2_E = math.log2(math.e)
-
-
-def softplus(x: jax.Array) -> jax.Array:
-    """log(1 + e^x) without overflow, through exp2 and log2 (single special-function instructions on the GPU).
-
-    For very negative x it returns 0 where the exact value is below float32's resolution of 1 + e^x, an absolute
-    error under 1e-7."""
-    return jnp.maximum(x, 0.0) + jnp.log2(1.0 + jnp.exp2(-jnp.abs(x) * LOG2_E)) / LOG2_E
-
-
-def sigmoid(x: jax.Array) -> jax.Array:
-    """1 / (1 + e^-x) through exp2."""
-    return 1.0 / (1.0 + jnp.exp2(-x * LOG2_E))
 
 
 class Lanes(NamedTuple):
@@ -77,6 +61,32 @@ def program_lanes(blocks: ScanBlocks, group_dim: int) -> tuple[jax.Array, jax.Ar
     return batch, group, Lanes(pl.ds(group * group_dim + first, blocks.channels), mask)
 
 
+def load_BC(ins, batch, t, group, names=("B", "C")) -> list[jax.Array]:
+    """B_t and C_t of one step as stored (``pallas._kernel_inputs``): n uint32 words, each holding B_t[k] and C_t[k] as
+    bfloat16, or the float32 scalars of ``names`` in turn. Scalars: the same value in every lane of the program."""
+    d_state = ins["A2"].shape[0]
+    if "BC" in ins:
+        return [ins["BC"][batch, t, group, k] for k in range(d_state)]
+    return [ins[name][batch, t, group, k] for name in names for k in range(d_state)]
+
+
+def unpack_BC(words: list[jax.Array], names=("B", "C")) -> dict[str, list[jax.Array]]:
+    """{name: n float32 scalars} for ``names`` from what ``load_BC`` loaded with the same names."""
+    if words[0].dtype != jnp.uint32:
+        d_state = len(words) // len(names)
+        return {name: words[i * d_state : (i + 1) * d_state] for i, name in enumerate(names)}
+    halves = {  # a bfloat16 is the upper half of the float32 of the same value
+        "B": lambda w: lax.bitcast_convert_type(w << 16, jnp.float32),
+        "C": lambda w: lax.bitcast_convert_type(w & jnp.uint32(0xFFFF0000), jnp.float32),
+    }
+    return {name: [halves[name](w) for w in words] for name in names}
+
+
+def groups_of(inputs: dict[str, jax.Array]) -> int:
+    """The number of B/C groups of the kernels' inputs."""
+    return (inputs["BC"] if "BC" in inputs else inputs["C"]).shape[2]
+
+
 def clamp(t, last: int):
     """min(t, last) for a Python or traced step index."""
     return min(t, last) if isinstance(t, int) else jnp.minimum(t, last)
@@ -103,19 +113,17 @@ def if_last(chunks: Chunks, chunk, fn, carry):
     return lax.cond(chunk == chunks.count - 1, fn, lambda carry: carry, carry)
 
 
-def tree_sum(terms: list[jax.Array]) -> jax.Array:
-    """Sum by pairs: a dependency chain of log2(len) additions instead of len."""
-    while len(terms) > 1:
-        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
-    return terms[0]
-
-
-def _forward_kernel(ins, outs, *, blocks: ScanBlocks, steps: int, group_dim: int, delta_softplus: bool, chunks: Chunks):
+def _forward_kernel(
+    ins, outs, *, blocks: ScanBlocks, steps: int, group_dim: int, delta_softplus: bool, chunks: Chunks, ops: KernelMath
+):
     """One program: scan ``blocks.channels`` channels of one batch row over one chunk of time steps, in tiles of
     ``steps`` steps (``blocks.steps``, or ``blocks.backward_steps`` when storing checkpoints: fewer states to hold).
 
-    ins: u, delta (b, l, di) [z (b, l, di)]; B, C (b, l, g, n); A2 = A log2(e) float32 (n, di); D, delta_bias
-    float32 (di,) [h_start float32 (b, K, n, di): each chunk's start state, zeros when absent]. outs, one of
+    ins: u, delta (b, l, di) [z (b, l, di)]; B, C float32 or BC uint32 (b, l, g, n) (``load_BC``); A2 = A log2(e)
+    float32 (n, di); D, delta_bias float32 (di,); and the start states: [h_start float32 (b, K, n, di), each chunk's]
+    or [h0 float32 (b, n, di), the first chunk's] [ends float32 (b, K - 1, n, di), dtsum float32 (b, K - 1, di): the
+    "chunk_ends" launch's results, from which each program computes its chunk's start]; zeros when absent. outs, one
+    of
     - out (b, l, di) and h_end float32 (b, K, n, di), each chunk's end state (the last one is the last state);
     - h_end float32 (b, K, n, di) and dtsum float32 (b, K, di): the chunks' end states from a zero start and their
       sums of dt (this launch's grid covers only the chunks whose end state a later chunk needs);
@@ -138,8 +146,22 @@ def _forward_kernel(ins, outs, *, blocks: ScanBlocks, steps: int, group_dim: int
     zeros = jnp.zeros((blocks.channels,), jnp.float32)
     if "h_start" in ins:
         h = [lanes.load(ins["h_start"], batch, chunk, k) for k in range(d_state)]
+    elif "h0" in ins:
+        h = [lanes.load(ins["h0"], batch, k) for k in range(d_state)]
     else:
         h = [zeros] * d_state
+    if "ends" in ins:
+        # This chunk's start state from the chunks before it (the "chunk_ends" launch's results), in the prologue:
+        # start_{j+1} = exp(A sum dt_j) start_j + end_j. Chunk j + 1's results load while chunk j's are used.
+        def chunk_end(j):
+            return lanes.load(ins["dtsum"], batch, j), [lanes.load(ins["ends"], batch, j, k) for k in range(d_state)]
+
+        def stitch(j, carry):
+            h, (dtsum_j, end_j) = carry
+            following = chunk_end(clamp(j + 1, chunks.count - 2))
+            return [ops.fma(ops.exp2(dtsum_j * A2[k]), h[k], end_j[k]) for k in range(d_state)], following
+
+        h, _ = lax.fori_loop(chunk * 0, chunk, stitch, (h, chunk_end(0)))  # traced bounds, as Triton wants
     row_names = [name for name in ("u", "delta", "z") if name in ins and (with_output or name != "z")]
 
     def load_rows(t0, size: int):
@@ -149,10 +171,11 @@ def _forward_kernel(ins, outs, *, blocks: ScanBlocks, steps: int, group_dim: int
             name: [lanes.load(ins[name], batch, clamp(t0 + s, seqlen - 1)) for s in range(size)] for name in row_names
         }
 
+    names = ("B", "C") if with_output else ("B",)
+
     def load_scalars(t):
-        """B_t (and C_t) as n (2n) scalars in their dtype, the same in every lane; past the end, the last step's."""
-        t = clamp(t, seqlen - 1)
-        return [ins[name][batch, t, group, k] for name in ("B", "C")[: 1 + with_output] for k in range(d_state)]
+        """B_t (and C_t) as ``load_BC`` has them; past the end, the last step's."""
+        return load_BC(ins, batch, clamp(t, seqlen - 1), group, names)
 
     def scan_tile(carry, tile, rows):
         """Run the recurrence over global tile ``tile`` with its ``rows``, then store its outputs. carry: the state
@@ -161,20 +184,21 @@ def _forward_kernel(ins, outs, *, blocks: ScanBlocks, steps: int, group_dim: int
         t0 = tile * steps
         outputs, checkpoints = [], []
         for s in range(len(rows["u"])):
-            scalars = [x.astype(jnp.float32) for x in ahead.pop(0)]
+            scalars = unpack_BC(ahead.pop(0), names)
             ahead.append(load_scalars(t0 + s + blocks.lookahead))
             u = rows["u"][s]
             dt = rows["delta"][s] + bias
             if delta_softplus:
-                dt = softplus(dt)
-            dtsum = dtsum + dt
+                dt = ops.softplus(dt)
+            if "dtsum" in outs:
+                dtsum = dtsum + dt
             dtu = dt * u
             for k in range(d_state):
-                h[k] = jnp.exp2(dt * A2[k]) * h[k] + dtu * scalars[k]
+                h[k] = ops.fma(ops.exp2(dt * A2[k]), h[k], dtu * scalars["B"][k])
             if with_output:
-                y = tree_sum([D * u] + [h[k] * scalars[d_state + k] for k in range(d_state)])
+                y = ops.dot(h, scalars["C"], D * u)
                 if "z" in rows:
-                    y = y * (rows["z"][s] * sigmoid(rows["z"][s]))
+                    y = y * (rows["z"][s] * ops.sigmoid(rows["z"][s]))
                 outputs.append(y)
             elif (s + 1) % every == 0:
                 checkpoints.append(list(h))
@@ -277,13 +301,14 @@ def scan_forward(
 
 def launch(kernel, inputs, out_shape, *, blocks: ScanBlocks, num_programs: int, name: str, interpret: bool, **options):
     """``pl.pallas_call`` of one of the scan kernels over the grid (b, g, channel blocks per group, num_programs),
-    with ``blocks``, the group width and ``options`` bound to it. inputs: the kernel's ``ins`` (holding delta
-    (b, l, di) and C (b, l, g, n)); out_shape: its ``outs`` as ShapeDtypeStructs."""
+    with ``blocks``, the group width, ``ops`` (the kernel arithmetic, compiled or interpreted) and ``options`` bound
+    to it. inputs: the kernel's ``ins`` (holding delta
+    (b, l, di) and B, C or BC (b, l, g, n)); out_shape: its ``outs`` as ShapeDtypeStructs."""
     batch, _, dim = inputs["delta"].shape
-    groups = inputs["C"].shape[2]
+    groups = groups_of(inputs)
     group_dim = dim // groups
     return pl.pallas_call(
-        functools.partial(kernel, blocks=blocks, group_dim=group_dim, **options),
+        functools.partial(kernel, blocks=blocks, group_dim=group_dim, ops=KernelMath(interpret), **options),
         out_shape=out_shape,
         grid=(batch, groups, pl.cdiv(group_dim, blocks.channels), num_programs),
         compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
@@ -293,7 +318,7 @@ def launch(kernel, inputs, out_shape, *, blocks: ScanBlocks, num_programs: int, 
 
 
 def chunks_of(inputs: dict[str, jax.Array], blocks: ScanBlocks) -> Chunks:
-    """The time chunks of the kernels' ``inputs`` (u (b, l, di), B (b, l, g, n))."""
+    """The time chunks of the kernels' ``inputs`` (u (b, l, di), B, C or BC (b, l, g, n))."""
     batch, seqlen, dim = inputs["u"].shape
-    groups = inputs["B"].shape[2]
+    groups = groups_of(inputs)
     return chunking(blocks, seqlen, batch * groups * pl.cdiv(dim // groups, blocks.channels))

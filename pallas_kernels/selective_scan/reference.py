@@ -9,11 +9,16 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def widen(x: jax.Array) -> jax.Array:
+    """x in float32, or float64 if it is float64 (the references' float64 runs in the tests)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def discretize_delta(delta: jax.Array, delta_bias: jax.Array | None, delta_softplus: bool) -> jax.Array:
     """delta (b, l, di), delta_bias (di,) or None -> float32 (b, l, di): softplus(delta + delta_bias), each optional."""
-    delta = delta.astype(jnp.float32)
+    delta = widen(delta)
     if delta_bias is not None:
-        delta = delta + delta_bias.astype(jnp.float32)
+        delta = delta + widen(delta_bias)
     if delta_softplus:
         delta = jax.nn.softplus(delta)
     return delta
@@ -22,9 +27,9 @@ def discretize_delta(delta: jax.Array, delta_bias: jax.Array | None, delta_softp
 def gate_output(y: jax.Array, u: jax.Array, D: jax.Array | None, z: jax.Array | None) -> jax.Array:
     """y float32 (b, l, di), u (b, l, di), D (di,) or None, z (b, l, di) or None -> (y + D u) silu(z), u's dtype."""
     if D is not None:
-        y = y + D.astype(jnp.float32) * u.astype(jnp.float32)
+        y = y + widen(D) * widen(u)
     if z is not None:
-        y = y * jax.nn.silu(z.astype(jnp.float32))
+        y = y * jax.nn.silu(widen(z))
     return y.astype(u.dtype)
 
 
@@ -40,7 +45,7 @@ def selective_scan_reference(
     delta_softplus: bool,
     initial_state: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Selective scan, one time step at a time, in float32.
+    """Selective scan, one time step at a time, in float32 (float64 when the arguments are).
 
     u, delta, z (b, l, di); A float32 (di, n); B, C (b, l, g, n); D, delta_bias (di,); initial_state float32
     (b, di, n). Returns out (b, l, di) in u's dtype and the last state h_l float32 (b, di, n), where
@@ -50,10 +55,10 @@ def selective_scan_reference(
     groups = B.shape[2]
     delta = discretize_delta(delta, delta_bias, delta_softplus)
     # Channel d reads group d // (di / g).
-    B = jnp.repeat(B.astype(jnp.float32), dim // groups, axis=2)  # (b, l, di, n)
-    C = jnp.repeat(C.astype(jnp.float32), dim // groups, axis=2)  # (b, l, di, n)
+    B = jnp.repeat(widen(B), dim // groups, axis=2)  # (b, l, di, n)
+    C = jnp.repeat(widen(C), dim // groups, axis=2)  # (b, l, di, n)
     if initial_state is None:
-        initial_state = jnp.zeros((batch, dim, A.shape[1]), jnp.float32)
+        initial_state = jnp.zeros((batch, dim, A.shape[1]), A.dtype)
 
     def step(h, inputs):
         delta_t, u_t, B_t, C_t = inputs  # (b, di), (b, di), (b, di, n), (b, di, n)
@@ -63,6 +68,6 @@ def selective_scan_reference(
     def time_major(x):
         return jnp.moveaxis(x, 1, 0)
 
-    inputs = (time_major(delta), time_major(u.astype(jnp.float32)), time_major(B), time_major(C))
-    last_state, y = lax.scan(step, initial_state.astype(jnp.float32), inputs)
+    inputs = (time_major(delta), time_major(widen(u)), time_major(B), time_major(C))
+    last_state, y = lax.scan(step, widen(initial_state), inputs)
     return gate_output(time_major(y), u, D, z), last_state
