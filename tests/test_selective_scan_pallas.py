@@ -66,6 +66,46 @@ def test_unpacked_bf16_matches_reference_interpreted():
     )
 
 
+def _primitives_and_asm(jaxpr, found):
+    """Every (primitive name, result dtype) in a jaxpr and its nested jaxprs (pallas_call kernel bodies included), and
+    the inline PTX instructions; found: (set of pairs, set of instructions)."""
+    for eqn in jaxpr.eqns:
+        found[0].update((eqn.primitive.name, str(getattr(var.aval, "dtype", ""))) for var in eqn.outvars)
+        if "asm" in eqn.params:
+            found[1].add(eqn.params["asm"].split()[0])
+        for param in eqn.params.values():
+            for item in param if isinstance(param, tuple | list) else (param,):
+                if isinstance(item, jax.extend.core.ClosedJaxpr):
+                    _primitives_and_asm(item.jaxpr, found)
+                elif isinstance(item, jax.extend.core.Jaxpr):
+                    _primitives_and_asm(item, found)
+    return found
+
+
+def test_compiled_kernels_use_single_instruction_math():
+    """interpret=False kernels spell exp2, log2, reciprocals and multiply-adds as PTX (kernel_math.py): XLA's Triton
+    pipeline turns jnp.exp2 into four instructions and a * b + c into two (benchmarks/notes_selective_scan.md, v6).
+    Traced here without a GPU: no kernel body holds a floating exp, log or division primitive."""
+    inputs = case_inputs(Case(1, 40, 8, 4, 2, "bfloat16"))
+    arrays = {name: inputs[name] for name in FLOAT_ARGUMENTS}
+    normalised = {**arrays, "B": inputs["B"], "C": inputs["C"]}
+
+    def loss(arrays):
+        out, last_state = selective_scan_pallas(
+            **arrays, delta_softplus=True, blocks=dataclasses.replace(INTERPRET_BLOCKS, chunk=16), interpret=False
+        )
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(last_state)
+
+    primitives, asm = set(), set()
+    for eqn in jax.make_jaxpr(jax.grad(loss))(normalised).jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            _primitives_and_asm(eqn.params["jaxpr"], (primitives, asm))
+    assert {"ex2.approx.ftz.f32", "lg2.approx.ftz.f32", "rcp.approx.ftz.f32", "fma.rn.f32"} <= asm
+    slow = {(name, "float32") for name in ("exp2", "exp", "log", "log2", "div")}
+    assert primitives & {("mul", "float32"), ("add", "float32")}  # the check sees the kernels' float32 arithmetic
+    assert not primitives & slow, primitives & slow
+
+
 def test_dispatch_through_the_api():
     """implementation="pallas" without a GPU runs the same kernels in the interpreter."""
     assert not pallas_supported()

@@ -3,9 +3,9 @@
 ``selective_scan_pallas`` takes the normalised arguments of ``api.py``. The forward (``pallas_fwd.py``) reads u, delta,
 z, B and C once and writes the gated output once, with the state in registers; the backward (``pallas_bwd.py``) first
 re-runs the forward to store the state every ``blocks.backward_steps`` steps, then scans in reverse. Both split time
-into chunks scanned in parallel and stitch them with the small XLA chains below. Without a
-supported GPU the same kernels run in Pallas's interpreter (slow; for tests). docs/kernels.md has the design and the
-measurements.
+into chunks scanned in parallel: the forward stitches them inside its output launch, the backward with the small XLA
+chain below. Without a supported GPU the same kernels run in Pallas's interpreter (slow; for tests).
+docs/kernels.md has the design and the measurements.
 """
 
 import functools

@@ -5,8 +5,8 @@ steps; GPU thread i holds channel i. The state h (b, di, n) of those channels st
 ``channels`` float32 values (one list entry per state index, unrolled at trace time), so the per-channel work (softplus,
 D skip, silu gate) runs once per channel, the readout <h_t, C_t> is a sum inside each thread, and B_t, C_t are scalars
 shared by the whole program. Chunks run in parallel: a first launch scans every chunk but the last from a zero state
-and returns its end state and the sum of its dt (its total decay is exp(A sum dt)); ``pallas.py`` stitches those into
-each chunk's start state; a second launch scans every chunk from its start state and writes the outputs.
+and returns its end state and the sum of its dt (its total decay is exp(A sum dt)); each program of a second launch
+folds the results of the chunks before its own into its start state, then scans its chunk and writes the outputs.
 The program walks its chunk in tiles of ``steps`` steps: it loads the next tile's rows of u, delta and z (and B_t,
 C_t ``lookahead`` steps ahead), runs this tile's recurrence, then stores the tile's outputs, so memory latency hides
 behind the exponentials instead of stalling every step (``_forward_kernel`` says why the order matters).
@@ -302,8 +302,8 @@ def scan_forward(
 def launch(kernel, inputs, out_shape, *, blocks: ScanBlocks, num_programs: int, name: str, interpret: bool, **options):
     """``pl.pallas_call`` of one of the scan kernels over the grid (b, g, channel blocks per group, num_programs),
     with ``blocks``, the group width, ``ops`` (the kernel arithmetic, compiled or interpreted) and ``options`` bound
-    to it. inputs: the kernel's ``ins`` (holding delta
-    (b, l, di) and B, C or BC (b, l, g, n)); out_shape: its ``outs`` as ShapeDtypeStructs."""
+    to it. inputs: the kernel's ``ins`` (holding delta (b, l, di) and B, C or BC (b, l, g, n)); out_shape: its
+    ``outs`` as ShapeDtypeStructs."""
     batch, _, dim = inputs["delta"].shape
     groups = groups_of(inputs)
     group_dim = dim // groups
