@@ -178,7 +178,7 @@ def breakdown(shape, blocks, reps, interpret=False):
     stages["fwd out"] = (lambda x: pallas_fwd.scan_forward(x, **options), inputs)
     h_end = jax.jit(stages["fwd out"][0])(inputs)["h_end"]
     start = {k: v for k, v in inputs.items() if k not in ("ends", "dtsum")}
-    start["h_start"] = jnp.concatenate([jnp.zeros_like(h_end[:, :1]), h_end[:, :-1]], axis=1)
+    start["h_start"] = pallas.chunk_start_states(h_end, None)
     stages["bwd checkpoints"] = (lambda x: pallas_fwd.scan_forward(x, mode="checkpoints", **options), start)
     checkpoints = jax.jit(stages["bwd checkpoints"][0])(start)["checkpoints"]
     back = {k: v for k, v in start.items() if k != "h_start"}

@@ -281,19 +281,24 @@ def test_default_implementation_off_gpu_is_chunked(caplog):
     assert_close(selective_scan(**inputs), selective_scan(**inputs, implementation="chunked"), jnp.float32)
 
 
-def _largest_array(jaxpr: jax.extend.core.Jaxpr) -> int:
-    """The most elements of any value in a jaxpr, nested jaxprs (scan bodies, remat, custom rules) included."""
-    largest = 0
+def all_eqns(jaxpr: jax.extend.core.Jaxpr):
+    """Every equation of a jaxpr and of its nested jaxprs (scan bodies, remat, custom rules, pallas_call kernels)."""
     for eqn in jaxpr.eqns:
-        for var in (*eqn.invars, *eqn.outvars):
-            largest = max(largest, math.prod(getattr(var.aval, "shape", ())))
+        yield eqn
         for param in eqn.params.values():
             for item in param if isinstance(param, tuple | list) else (param,):
                 if isinstance(item, jax.extend.core.ClosedJaxpr):
-                    largest = max(largest, _largest_array(item.jaxpr))
+                    yield from all_eqns(item.jaxpr)
                 elif isinstance(item, jax.extend.core.Jaxpr):
-                    largest = max(largest, _largest_array(item))
-    return largest
+                    yield from all_eqns(item)
+
+
+def _largest_array(jaxpr: jax.extend.core.Jaxpr) -> int:
+    """The most elements of any value in a jaxpr, nested jaxprs (scan bodies, remat, custom rules) included."""
+    return max(
+        (math.prod(getattr(var.aval, "shape", ())) for eqn in all_eqns(jaxpr) for var in (*eqn.invars, *eqn.outvars)),
+        default=0,
+    )
 
 
 @pytest.mark.parametrize("implementation", ["chunked", "reference"])

@@ -22,6 +22,7 @@ from tests.test_selective_scan import (
     FLOAT_ARGUMENTS,
     Case,
     _largest_array,
+    all_eqns,
     case_inputs,
     check_forward_and_grads,
     make_inputs,
@@ -66,22 +67,6 @@ def test_unpacked_bf16_matches_reference_interpreted():
     )
 
 
-def _primitives_and_asm(jaxpr, found):
-    """Every (primitive name, result dtype) in a jaxpr and its nested jaxprs (pallas_call kernel bodies included), and
-    the inline PTX instructions; found: (set of pairs, set of instructions)."""
-    for eqn in jaxpr.eqns:
-        found[0].update((eqn.primitive.name, str(getattr(var.aval, "dtype", ""))) for var in eqn.outvars)
-        if "asm" in eqn.params:
-            found[1].add(eqn.params["asm"].split()[0])
-        for param in eqn.params.values():
-            for item in param if isinstance(param, tuple | list) else (param,):
-                if isinstance(item, jax.extend.core.ClosedJaxpr):
-                    _primitives_and_asm(item.jaxpr, found)
-                elif isinstance(item, jax.extend.core.Jaxpr):
-                    _primitives_and_asm(item, found)
-    return found
-
-
 def test_compiled_kernels_use_single_instruction_math():
     """interpret=False kernels spell exp2, log2, reciprocals and multiply-adds as PTX (kernel_math.py): XLA's Triton
     pipeline turns jnp.exp2 into four instructions and a * b + c into two (benchmarks/notes_selective_scan.md, v6).
@@ -96,10 +81,13 @@ def test_compiled_kernels_use_single_instruction_math():
         )
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(last_state)
 
-    primitives, asm = set(), set()
-    for eqn in jax.make_jaxpr(jax.grad(loss))(normalised).jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            _primitives_and_asm(eqn.params["jaxpr"], (primitives, asm))
+    primitives, asm = set(), set()  # (name, result dtype) and inline PTX instructions inside the kernels
+    for call in all_eqns(jax.make_jaxpr(jax.grad(loss))(normalised).jaxpr):
+        if call.primitive.name == "pallas_call":
+            for eqn in all_eqns(call.params["jaxpr"]):
+                primitives.update((eqn.primitive.name, str(getattr(var.aval, "dtype", ""))) for var in eqn.outvars)
+                if "asm" in eqn.params:
+                    asm.add(eqn.params["asm"].split()[0])
     assert {"ex2.approx.ftz.f32", "lg2.approx.ftz.f32", "rcp.approx.ftz.f32", "fma.rn.f32"} <= asm
     slow = {(name, "float32") for name in ("exp2", "exp", "log", "log2", "div")}
     assert primitives & {("mul", "float32"), ("add", "float32")}  # the check sees the kernels' float32 arithmetic

@@ -91,6 +91,13 @@ def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, pack_bc=T
     return inputs
 
 
+def chunk_start_states(h_end: jax.Array, h0: jax.Array | None) -> jax.Array:
+    """Each chunk's start state (b, K, n, di) from the output launch's chunk end states h_end (b, K, n, di): chunk j
+    starts where chunk j - 1 ended, chunk 0 from h0 (b, n, di) or zeros."""
+    first = jnp.zeros_like(h_end[:, :1]) if h0 is None else h0[:, None]
+    return jnp.concatenate([first, h_end[:, :-1]], axis=1)
+
+
 def chunk_entering_adjoints(local: dict[str, jax.Array], A2: jax.Array, dlast: jax.Array) -> jax.Array:
     """The state cotangent entering each chunk from its right.
 
@@ -116,11 +123,7 @@ def _forward(inputs, delta_softplus, blocks, interpret):
         inputs.update(ends=ends["h_end"], dtsum=ends["dtsum"])
     result = scan_forward(inputs, delta_softplus=delta_softplus, blocks=blocks, interpret=interpret)
     h_end = result["h_end"]
-    h_start = None
-    if h_end.shape[1] > 1 or h0 is not None:
-        # chunk j starts where chunk j - 1 ended
-        first = jnp.zeros_like(h_end[:, :1]) if h0 is None else h0[:, None]
-        h_start = jnp.concatenate([first, h_end[:, :-1]], axis=1)
+    h_start = chunk_start_states(h_end, h0) if h_end.shape[1] > 1 or h0 is not None else None
     return result["out"], h_end[:, -1], h_start
 
 
