@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.selective_scan import pallas, pallas_bwd, pallas_fwd
+from pallas_kernels.selective_scan import mosaic_fwd, pallas, pallas_bwd, pallas_fwd
 from pallas_kernels.selective_scan.pallas import selective_scan_pallas
 from pallas_kernels.selective_scan.pallas_config import ScanBlocks
 from pallas_kernels.selective_scan.reference import selective_scan_reference
@@ -44,6 +44,7 @@ CHECKS = [((2, 1000, 200, 16), 4, jnp.float32), ((2, 2048, 256, 16), 1, jnp.bflo
 SMOKE_CHECKS = [((1, 8, 40, 2), 2, jnp.float32)]
 # Variants timed against the default at the first shape (--sweep): other tiles and B/C distances, B/C as float32
 # scalars instead of packed words.
+TRITON_FORWARD = ScanBlocks(forward_backend="triton")
 SWEEP = [
     ScanBlocks(steps=8, lookahead=2),
     ScanBlocks(steps=8, lookahead=4),
@@ -162,14 +163,20 @@ def measure(name, implementation, shape, reps, interpret=False):
 
 
 def breakdown(shape, blocks, reps, interpret=False):
-    """Time each launch of the Pallas forward+backward alone (ms): the chunk ends, the forward (which stitches the
-    chunk ends into its start states), the checkpoints, the adjoints, the reverse scan; and the XLA stitching of the
-    adjoints."""
+    """Time each launch of the Pallas forward+backward alone (ms): the Mosaic GPU forward (both its launches) where
+    it applies; the Triton chunk ends, the Triton forward (which stitches the chunk ends into its start states), the
+    checkpoints, the adjoints, the reverse scan on Triton's own chunks; and the XLA stitching of the adjoints."""
     arrays = {k: v for k, v in make_inputs(shape).items() if v is not None}
     inputs = pallas._kernel_inputs(**{"D": None, "z": None, "delta_bias": None, "initial_state": None, **arrays})
     options = {"delta_softplus": True, "blocks": blocks, "interpret": interpret}
     row = {"breakdown": list(shape), "blocks": str(blocks), "chunks": list(pallas.chunks_of(inputs, blocks))}
     stages = {}
+    if not interpret and mosaic_fwd.device_supported() and mosaic_fwd.supports(shape[1], shape[2], "BC" in inputs):
+        planned = pallas.plan_forward(blocks, shape[:3], arrays["B"], arrays["C"], interpret)
+        stages[f"fwd Mosaic GPU, both launches (chunk {planned.chunk})"] = (
+            lambda x: mosaic_fwd.scan_forward(x, delta_softplus=True, chunk=planned.chunk, interpret=False),
+            inputs,
+        )
     ends = None
     if pallas.chunks_of(inputs, blocks).count > 1:
         stages["fwd chunk_ends"] = (lambda x: pallas_fwd.scan_forward(x, mode="chunk_ends", **options), inputs)
@@ -297,6 +304,8 @@ def main():
     if args.check:
         plan += [("check", check_args, None) for check_args in (SMOKE_CHECKS if args.smoke else CHECKS)]
     plan.append(("pallas", "pallas", SHAPES[1]))
+    # The Triton forward beside the default (Mosaic GPU where it applies): the backend choice, measured in each run.
+    plan += [("pallas (Triton forward)", TRITON_FORWARD, shape) for shape in SHAPES]
     if not args.skip_xla:
         plan += [("chunked", "chunked", shape) for shape in SHAPES]
         # associative materialises several float32 (b, l, di, n) tensors: first shape only

@@ -14,8 +14,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.selective_scan import selective_scan
-from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported, selective_scan_pallas
+from pallas_kernels.selective_scan import mosaic_fwd, selective_scan
+from pallas_kernels.selective_scan.pallas import (
+    TRITON_DEPRECATION,
+    pallas_supported,
+    plan_forward,
+    selective_scan_pallas,
+)
 from pallas_kernels.selective_scan.pallas_config import Chunks, ScanBlocks, chunking
 from tests.test_selective_scan import (
     CASES,
@@ -65,6 +70,48 @@ def test_unpacked_bf16_matches_reference_interpreted():
     check_forward_and_grads(
         functools.partial(selective_scan_pallas, blocks=blocks, interpret=True), Case(2, 10, 16, 3, 2, "bfloat16")
     )
+
+
+needs_mosaic = pytest.mark.skipif(not mosaic_fwd.available(), reason="Mosaic GPU API of jax >= 0.11")
+
+
+@needs_mosaic
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(2, 64, 256, 4, 2, "bfloat16"),  # two groups of 128 channels, 4 chunks of 16, initial state
+        Case(1, 32, 128, 3, None, "bfloat16", with_D=False, with_z=False, softplus=False, with_init=False),
+    ],
+    ids=str,
+)
+def test_mosaic_forward_matches_reference_interpreted(case):
+    """The Mosaic GPU forward in its interpreter, the Triton backward behind it (on the forward's chunks)."""
+    blocks = dataclasses.replace(INTERPRET_BLOCKS, forward_backend="mosaic")
+    check_forward_and_grads(functools.partial(selective_scan_pallas, blocks=blocks, interpret=True), case)
+
+
+def test_forward_plan():
+    """Which forward runs, and on which chunks: "auto" never picks Mosaic GPU in the interpreter or without a GPU;
+    asking for it where it does not apply names the reason."""
+    bf16 = jnp.zeros((8, 2048, 1, 16), jnp.bfloat16)
+    assert plan_forward(ScanBlocks(), (8, 2048, 1536), bf16, bf16, interpret=True).forward_backend == "triton"
+    assert plan_forward(ScanBlocks(), (8, 2048, 1536), bf16, bf16, interpret=False).forward_backend == "triton"
+    if mosaic_fwd.available():
+        mosaic = ScanBlocks(forward_backend="mosaic")
+        assert plan_forward(mosaic, (8, 2048, 1536), bf16, bf16, interpret=False).chunk == 128
+        wide = jnp.zeros((4, 4096, 1, 16), jnp.bfloat16)
+        assert plan_forward(mosaic, (4, 4096, 4096), wide, wide, interpret=False).chunk == 256  # Triton wants 344
+        with pytest.raises(
+            ValueError,
+            match=r"forward_backend='mosaic' needs .* got u \(8, 2048, 1536\), 1 groups, "
+            r"B float32",
+        ):
+            plan_forward(mosaic, (8, 2048, 1536), bf16.astype(jnp.float32), bf16, interpret=False)
+        with pytest.raises(ValueError, match=r"seqlen a multiple of 16"):
+            plan_forward(mosaic, (8, 2047, 1536), bf16[:, 1:], bf16[:, 1:], interpret=False)
+    with pytest.raises(ValueError, match=r"ScanBlocks.forward_backend must be one of .*got 'cuda'"):
+        ScanBlocks(forward_backend="cuda")
+    assert [mosaic_fwd.chunk_length(seqlen, 344) for seqlen in (4096, 2048, 48, 16)] == [256, 256, 16, 16]
 
 
 def test_compiled_kernels_use_single_instruction_math():
@@ -169,7 +216,8 @@ def test_automatic_chunking(seqlen, channel_blocks, expected):
 
 GPU_CASES = [
     *CASES,
-    Case(2, 2048, 256, 16, None, "bfloat16"),
+    Case(2, 2048, 256, 16, None, "bfloat16"),  # the Mosaic GPU forward ("auto" on Hopper)
+    Case(2, 1024, 512, 16, 2, "bfloat16", with_z=False),  # Mosaic GPU, two groups
     Case(1, 1000, 200, 16, 4, with_init=False),  # 50 channels a group: a masked block in each group
     Case(2, 777, 128, 8, 2, "float16"),
 ]
@@ -183,6 +231,19 @@ def test_matches_reference_on_gpu(case):
         # Only the Triton backend's deprecation is ours to silence; anything else fails the test.
         warnings.filterwarnings("error")
         check_forward_and_grads(functools.partial(selective_scan_pallas, interpret=False), case, float64_reference=True)
+
+
+@pytest.mark.gpu
+def test_triton_forward_matches_reference_on_gpu():
+    """The Triton forward where "auto" would pick Mosaic GPU: both backends stay correct."""
+    blocks = ScanBlocks(forward_backend="triton")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error")
+        check_forward_and_grads(
+            functools.partial(selective_scan_pallas, blocks=blocks, interpret=False),
+            Case(2, 2048, 256, 16, None, "bfloat16"),
+            float64_reference=True,
+        )
 
 
 @pytest.mark.gpu

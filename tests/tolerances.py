@@ -15,7 +15,8 @@ TOLERANCES = {
 }
 
 # ||ours - reference|| / ||reference|| for whole-model logits in float32 (issue: parity with mamba_ssm/transformers),
-# and for the selective scan's dA against its float64 reference (tests/test_selective_scan.py says why).
+# and for the selective scan's dA, dD and d delta_bias against its float64 reference (tests/test_selective_scan.py
+# says why).
 PARITY_REL_ERR_FP32 = 1e-5
 
 

@@ -1,13 +1,15 @@
-"""The selective scan as Pallas GPU kernels (Triton backend), with a Pallas backward through ``jax.custom_vjp``.
+"""The selective scan as Pallas GPU kernels, with a Pallas backward through ``jax.custom_vjp``.
 
-``selective_scan_pallas`` takes the normalised arguments of ``api.py``. The forward (``pallas_fwd.py``) reads u, delta,
-z, B and C once and writes the gated output once, with the state in registers; the backward (``pallas_bwd.py``) first
+``selective_scan_pallas`` takes the normalised arguments of ``api.py``. The forward reads u, delta, z, B and C once and
+writes the gated output once, with the state in registers: on Mosaic GPU (``mosaic_fwd.py``) where that backend is
+supported and covers the call, else on Triton (``pallas_fwd.py``). The backward (``pallas_bwd.py``, Triton) first
 re-runs the forward to store the state every ``blocks.backward_steps`` steps, then scans in reverse. Both split time
-into chunks scanned in parallel: the forward stitches them inside its output launch, the backward with the small XLA
-chain below. Without a supported GPU the same kernels run in Pallas's interpreter (slow; for tests).
+into the same chunks, scanned in parallel: the forward stitches them inside its output launch, the backward with the
+small XLA chain below. Without a supported GPU the same kernels run in Pallas's interpreters (slow; for tests).
 docs/kernels.md has the design and the measurements.
 """
 
+import dataclasses
 import functools
 import warnings
 
@@ -15,9 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.selective_scan import mosaic_fwd
 from pallas_kernels.selective_scan.kernel_math import LOG2_E
 from pallas_kernels.selective_scan.pallas_bwd import scan_adjoints, scan_backward, unpack_lane_sums
-from pallas_kernels.selective_scan.pallas_config import DEFAULT_BLOCKS, ScanBlocks
+from pallas_kernels.selective_scan.pallas_config import DEFAULT_BLOCKS, ScanBlocks, chunking
 from pallas_kernels.selective_scan.pallas_fwd import chunks_of, scan_forward
 
 # jax 0.11 warns at every lowering of a Triton-backend pallas_call. The lowering happens when the enclosing jit
@@ -62,7 +65,33 @@ def selective_scan_pallas(
         interpret = not pallas_supported()
     if not interpret:
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+    blocks = plan_forward(blocks, u.shape, B, C, interpret)
     return _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), blocks, interpret)
+
+
+def plan_forward(blocks: ScanBlocks, shape: tuple[int, int, int], B: jax.Array, C: jax.Array, interpret: bool):
+    """``blocks`` with ``forward_backend`` resolved to "triton" or "mosaic" for u of ``shape`` (b, l, di) and these
+    B, C; for Mosaic GPU also the chunk length, which the backward then shares (its checkpoints start from the
+    forward's chunk start states). "auto" picks Mosaic GPU on a supported GPU (never in the interpreter) when
+    ``mosaic_fwd.supports`` the call."""
+    batch, seqlen, dim = shape
+    groups = B.shape[2]
+    packed = blocks.pack_bc and B.dtype == C.dtype == jnp.bfloat16
+    covered = mosaic_fwd.supports(seqlen, dim // groups, packed)
+    backend = blocks.forward_backend
+    if backend == "auto":
+        backend = "mosaic" if covered and not interpret and mosaic_fwd.device_supported() else "triton"
+    if backend == "triton":
+        return dataclasses.replace(blocks, forward_backend="triton")
+    if not covered or not mosaic_fwd.available():
+        raise ValueError(
+            "selective_scan_pallas: forward_backend='mosaic' needs jax >= 0.11 with Mosaic GPU, bfloat16 B and C "
+            f"with pack_bc, channels per group a multiple of {mosaic_fwd.WIDTH} and seqlen a multiple of "
+            f"{mosaic_fwd.STEPS}; "
+            f"got u {shape}, {groups} groups, B {B.dtype}, C {C.dtype}, pack_bc={blocks.pack_bc}"
+        )
+    wanted = chunking(blocks, seqlen, batch * groups * -(-dim // groups // blocks.channels)).length
+    return dataclasses.replace(blocks, forward_backend="mosaic", chunk=mosaic_fwd.chunk_length(seqlen, wanted))
 
 
 def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, pack_bc=True) -> dict[str, jax.Array]:
@@ -115,16 +144,24 @@ def _forward(inputs, delta_softplus, blocks, interpret):
     """(out (b, l, di), last state float32 (b, n, di), chunk start states float32 (b, K, n, di) or None when K = 1
     and there is no initial state)."""
     h0 = inputs.get("h0")
+    if blocks.forward_backend == "mosaic":
+        result = mosaic_fwd.scan_forward(inputs, delta_softplus=delta_softplus, chunk=blocks.chunk, interpret=interpret)
+    else:
+        result = _triton_forward(inputs, delta_softplus, blocks, interpret)
+    h_end = result["h_end"]
+    h_start = chunk_start_states(h_end, h0) if h_end.shape[1] > 1 or h0 is not None else None
+    return result["out"], h_end[:, -1], h_start
+
+
+def _triton_forward(inputs, delta_softplus, blocks, interpret):
+    """{out (b, l, di), h_end float32 (b, K, n, di)} from the Triton launches: the chunk ends, then the output."""
     if chunks_of(inputs, blocks).count > 1:
         from_zero = {name: value for name, value in inputs.items() if name != "h0"}
         ends = scan_forward(
             from_zero, delta_softplus=delta_softplus, blocks=blocks, interpret=interpret, mode="chunk_ends"
         )
-        inputs.update(ends=ends["h_end"], dtsum=ends["dtsum"])
-    result = scan_forward(inputs, delta_softplus=delta_softplus, blocks=blocks, interpret=interpret)
-    h_end = result["h_end"]
-    h_start = chunk_start_states(h_end, h0) if h_end.shape[1] > 1 or h0 is not None else None
-    return result["out"], h_end[:, -1], h_start
+        inputs = {**inputs, "ends": ends["h_end"], "dtsum": ends["dtsum"]}
+    return scan_forward(inputs, delta_softplus=delta_softplus, blocks=blocks, interpret=interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))

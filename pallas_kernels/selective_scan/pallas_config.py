@@ -12,6 +12,7 @@ from typing import NamedTuple
 # (6144 programs) beat 256 and 1024 (benchmarks/notes_selective_scan.md, v4).
 TARGET_PROGRAMS = 6144
 MIN_CHUNK = 64
+FORWARD_BACKENDS = ("auto", "triton", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,9 @@ class ScanBlocks:
     TARGET_PROGRAMS programs; a chunk of at least the sequence length is one sequential scan per channel block.
     pack_bc: bfloat16 B and C go to the kernels as one 32-bit word per (step, state) holding both (half the scalar
     loads and registers, one shift or mask per use); False, or other dtypes: as float32.
+    forward_backend: which lowering runs the forward: "triton" (``pallas_fwd.py``, every case), "mosaic"
+    (``mosaic_fwd.py``: Mosaic GPU, faster on Hopper, for the cases ``mosaic_fwd.supports``), or "auto": Mosaic GPU
+    where it is supported and covers the call, else Triton. The backward always runs on Triton.
     """
 
     channels: int = 32
@@ -38,8 +42,13 @@ class ScanBlocks:
     backward_steps: int = 2
     chunk: int | None = None
     pack_bc: bool = True
+    forward_backend: str = "auto"
 
     def __post_init__(self):
+        if self.forward_backend not in FORWARD_BACKENDS:
+            raise ValueError(
+                f"ScanBlocks.forward_backend must be one of {FORWARD_BACKENDS}, got {self.forward_backend!r}"
+            )
         if self.channels < 1 or self.channels & (self.channels - 1) or self.channels > 32:
             raise ValueError(f"ScanBlocks.channels must be a power of 2 up to 32 (one warp), got {self.channels}")
         for name in ("steps", "lookahead", "backward_steps"):

@@ -1,0 +1,184 @@
+"""Forward Pallas kernel of the selective scan for Mosaic GPU (``plgpu.kernel``), the Hopper backend.
+
+The same two launches as the Triton forward (``pallas_fwd.py``), measured 16-19% faster on an H100
+(benchmarks/RESULTS.md): a first launch scans every chunk but the last from a zero state and writes its end state and
+sum of dt; a second folds those into each chunk's start state (the "stitch"), scans its chunk and writes the gated
+output. A program is one warpgroup: 128 threads, one channel each, the state h as n (128,) float32 register rows.
+The chunk's rows of u, delta, z and its B/C words reach shared memory through the copy engine, ``stages`` tiles of
+``steps`` steps in flight (``plgpu.emit_pipeline``); each step reads one row per input and n words shared by the
+warpgroup. Arithmetic goes through Mosaic GPU's approximate math (``approx_math``: ex2.approx, lg2.approx).
+
+Scope (``supports``): bfloat16 B and C packed as in ``pallas._kernel_inputs`` (one uint32 per (t, k)), channels per
+group a multiple of 128, seqlen a multiple of 16. ``pallas.py`` sends everything else to the Triton forward, and the
+backward is Triton's for both. Inputs and outputs are those of ``pallas_fwd.scan_forward`` in mode "out".
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.selective_scan.kernel_math import LN_2, LOG2_E
+
+WIDTH = 128  # channels per program: one warpgroup, one channel per thread
+STEPS = 16  # time steps per staged tile (measured: 8 as fast, 32 slower)
+STAGES = 2  # tiles in flight (measured: 3 no faster)
+
+
+def available() -> bool:
+    """True when this jax has the Mosaic GPU API the kernel is written against (jax >= 0.11)."""
+    return hasattr(plgpu, "InterpretGPUParams") and hasattr(plgpu, "LoweringSemantics")
+
+
+def device_supported() -> bool:
+    """True on an NVIDIA GPU of compute capability 9.0 or newer (the copy engine's bulk tensor copies) with
+    ``available()``."""
+    device = jax.devices()[0]
+    major = str(getattr(device, "compute_capability", "")).split(".")[0]
+    return device.platform == "gpu" and major.isdigit() and int(major) >= 9 and available()
+
+
+def supports(seqlen: int, group_dim: int, packed_bc: bool) -> bool:
+    """Whether the kernel covers a sequence of ``seqlen`` steps with ``group_dim`` channels per B/C group, B/C packed
+    (``packed_bc``) or not."""
+    return packed_bc and group_dim % WIDTH == 0 and seqlen % STEPS == 0
+
+
+def chunk_length(seqlen: int, wanted: int) -> int:
+    """The largest power-of-two multiple of STEPS that divides ``seqlen`` and is at most ``wanted`` (at least
+    STEPS): every chunk is then full, and the backward can use the same chunks."""
+    length = STEPS
+    while length * 2 <= wanted and seqlen % (length * 2) == 0:
+        length *= 2
+    return length
+
+
+def _row_layout():
+    return plgpu.Layout.WG_STRIDED((WIDTH,), 1)
+
+
+def _load_row(ref) -> jax.Array:
+    """A (WIDTH,) row of a shared- or global-memory ref as float32, one element per thread."""
+    return plgpu.load(ref, layout=_row_layout()).astype(jnp.float32)
+
+
+def _softplus(x):
+    """log(1 + e^x) without overflow, as ``KernelMath.softplus``."""
+    return jnp.maximum(x, 0.0) + LN_2 * jnp.log2(1.0 + jnp.exp2(jnp.abs(x) * -LOG2_E))
+
+
+def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool):
+    """One program: WIDTH channels of one batch row over one chunk. Grid (b, di / WIDTH, chunks), named b, c, j.
+
+    ins: u, delta (b, l, di) [z (b, l, di)]; BC uint32 (b, l, g, n); A2 float32 (n, di); D, delta_bias float32 (di,);
+    [h0 float32 (b, n, di)]; [ends float32 (b, K - 1, n, di), dtsum float32 (b, K - 1, di)]. outs: out (b, l, di),
+    h_end float32 (b, K, n, di); or, without "out" (the first launch), h_end and dtsum float32 (b, K - 1, di)."""
+    batch, block, chunk_index = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("j")
+    cols = pl.ds(block * WIDTH, WIDTH)
+    group = block * WIDTH // group_dim
+    d_state = ins["A2"].shape[0]
+    with_output = "out" in outs
+    A2 = [_load_row(ins["A2"].at[k, cols]) for k in range(d_state)]
+    D = _load_row(ins["D"].at[cols])
+    bias = _load_row(ins["delta_bias"].at[cols])
+    zeros = plgpu.layout_cast(jnp.zeros((WIDTH,), jnp.float32), _row_layout())
+    h = [_load_row(ins["h0"].at[batch, k, cols]) for k in range(d_state)] if "h0" in ins else [zeros] * d_state
+    if "ends" in ins:
+        # start_{j+1} = exp(A sum dt_j) start_j + end_j over the chunks before this one
+        def stitch(j, h):
+            decay = _load_row(ins["dtsum"].at[batch, j, cols])
+            return [
+                jnp.exp2(decay * A2[k]) * h[k] + _load_row(ins["ends"].at[batch, j, k, cols]) for k in range(d_state)
+            ]
+
+        h = lax.fori_loop(0, chunk_index, stitch, h)
+    row_names = ["u", "delta"] + (["z"] if with_output and "z" in ins else [])
+
+    def tile(indices, *refs_and_carry):
+        *refs, (h, dtsum) = refs_and_carry
+        rows, words_ref = dict(zip(row_names, refs[:-1], strict=True)), refs[-1]
+        h = list(h)
+        t0 = chunk_index * chunk + indices[0] * STEPS
+        for s in range(STEPS):
+            u = _load_row(rows["u"].at[s])
+            dt = _load_row(rows["delta"].at[s]) + bias
+            if delta_softplus:
+                dt = _softplus(dt)
+            dtsum = dtsum + dt
+            dtu = dt * u
+            # Each word is splat over the warpgroup before it is split: Mosaic GPU lowers no scalar bitcast.
+            words = [jnp.broadcast_to(words_ref[s, k], (WIDTH,)) for k in range(d_state)]
+            for k in range(d_state):
+                B_k = lax.bitcast_convert_type(words[k] << 16, jnp.float32)  # a bfloat16 is a float32's upper half
+                h[k] = jnp.exp2(dt * A2[k]) * h[k] + dtu * B_k
+            if with_output:
+                y = D * u
+                for k in range(d_state):
+                    y = y + h[k] * lax.bitcast_convert_type(words[k] & jnp.uint32(0xFFFF0000), jnp.float32)
+                if "z" in rows:
+                    z = _load_row(rows["z"].at[s])
+                    y = y * z / (1.0 + jnp.exp2(z * -LOG2_E))
+                outs["out"][batch, t0 + s, cols] = y.astype(outs["out"].dtype)
+        return h, dtsum
+
+    times = pl.ds(chunk_index * chunk, chunk)
+    pipeline = plgpu.emit_pipeline(
+        tile,
+        grid=(chunk // STEPS,),
+        in_specs=[plgpu.BlockSpec((STEPS, WIDTH), lambda i: (i, 0))] * len(row_names)
+        + [plgpu.BlockSpec((STEPS, d_state), lambda i: (i, 0))],
+        max_concurrent_steps=STAGES,
+        init_carry=(h, zeros),
+    )
+    h, dtsum = pipeline(*[ins[name].at[batch, times, cols] for name in row_names], ins["BC"].at[batch, times, group])
+    for k in range(d_state):
+        outs["h_end"][batch, chunk_index, k, cols] = h[k]
+    if "dtsum" in outs:
+        outs["dtsum"][batch, chunk_index, cols] = dtsum
+
+
+def scan_forward(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: int, interpret: bool):
+    """The forward over chunks of ``chunk`` steps (a multiple of STEPS dividing seqlen): {out (b, l, di) in u's
+    dtype, h_end float32 (b, K, n, di), each chunk's end state}. inputs: ``pallas._kernel_inputs`` that ``supports``
+    accepts."""
+    u = inputs["u"]
+    batch, seqlen, dim = u.shape
+    d_state = inputs["A2"].shape[0]
+    count = seqlen // chunk
+    f32 = jnp.float32
+
+    def launch(ins, out_type, programs):
+        def body(*refs):
+            names = list(ins) + list(out_type)
+            refs = dict(zip(names, refs, strict=True))
+            _scan_kernel(
+                {name: refs[name] for name in ins},
+                {name: refs[name] for name in out_type},
+                chunk=chunk,
+                group_dim=dim // inputs["BC"].shape[2],
+                delta_softplus=delta_softplus,
+            )
+
+        return plgpu.kernel(
+            body,
+            out_type=tuple(out_type.values()),
+            grid=(batch, dim // WIDTH, programs),
+            grid_names=("b", "c", "j"),
+            compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+            interpret=plgpu.InterpretGPUParams() if interpret else False,
+        )(*ins.values())
+
+    first = {name: value for name, value in inputs.items() if name not in ("z", "h0")}
+    second = dict(inputs)
+    if count > 1:
+        ends = {
+            "h_end": jax.ShapeDtypeStruct((batch, count - 1, d_state, dim), f32),
+            "dtsum": jax.ShapeDtypeStruct((batch, count - 1, dim), f32),
+        }
+        second["ends"], second["dtsum"] = launch(first, ends, count - 1)
+    results = {
+        "out": jax.ShapeDtypeStruct(u.shape, u.dtype),
+        "h_end": jax.ShapeDtypeStruct((batch, count, d_state, dim), f32),
+    }
+    return dict(zip(results, launch(second, results, count), strict=True))
