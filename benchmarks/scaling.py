@@ -9,7 +9,9 @@ List the collectives of the compiled step (CPU, fake devices; no GPU needed):
 
 Strategies: ``fsdp`` is ``make_mesh(fsdp=n)`` (parameters, gradients and optimizer state split over the n devices,
 weights all-gathered for use, gradients reduce-scattered); ``dp`` is ``make_mesh(data=n)`` (everything replicated,
-gradients all-reduced). On one device both are the same program, measured once. The step is the training loop's
+gradients all-reduced); ``tp`` is ``make_mesh(tensor=n)`` (in_proj column-parallel and out_proj row-parallel over
+d_inner or heads, every device on the whole batch: the same global batch of per-device-batch x n sequences). On one
+device all are the same program, measured once. The step is the training loop's
 own (``mamba_jax.train.loop.make_train_step``: forward, backward, clipping, AdamW), the model created sharded,
 float32 parameters, bf16 compute, random tokens. Scaling efficiency = tokens/s(n) / (n * tokens/s(1)), against the
 one-device run of the same flag set (else of the first flag set). Work is done in priority order (first flag set:
@@ -105,8 +107,12 @@ def build_step(model: str, n: int, strategy: str, per_device_batch: int, seqlen:
     from mamba_jax.train.optim import make_optimizer, opt_state_shardings
 
     config = MambaConfig.preset(model)
-    sizes = {"fsdp": dict(data=1, fsdp=n), "dp": dict(data=n, fsdp=1)}[strategy]
-    mesh = make_mesh(**sizes, tensor=1, devices=jax.devices()[:n])
+    sizes = {
+        "fsdp": dict(data=1, fsdp=n, tensor=1),
+        "dp": dict(data=n, fsdp=1, tensor=1),
+        "tp": dict(data=1, fsdp=1, tensor=n),
+    }[strategy]
+    mesh = make_mesh(**sizes, devices=jax.devices()[:n])
 
     def model_fn():
         return MambaLMHeadModel(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
@@ -231,7 +237,7 @@ def main():
     parser.add_argument("--per-device-batch", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--devices", default="1,2,4")
-    parser.add_argument("--strategies", default="fsdp,dp", help="comma list of fsdp, dp")
+    parser.add_argument("--strategies", default="fsdp,dp", help="comma list of fsdp, dp, tp")
     parser.add_argument("--flag-sets", default="default,lhs,lhs-combine", help=f"comma list of {sorted(FLAG_SETS)}")
     parser.add_argument("--reps", type=int, default=8)
     parser.add_argument("--time-budget", type=float, default=540.0, help="seconds for the whole run")
@@ -243,8 +249,8 @@ def main():
         if name not in FLAG_SETS:
             parser.error(f"--flag-sets: unknown flag set {name!r}, known: {sorted(FLAG_SETS)}")
     for name in args.strategies.split(","):
-        if name not in ("fsdp", "dp"):
-            parser.error(f"--strategies: unknown strategy {name!r}, known: fsdp, dp")
+        if name not in ("fsdp", "dp", "tp"):
+            parser.error(f"--strategies: unknown strategy {name!r}, known: fsdp, dp, tp")
 
     if args.child:
         work = json.loads(args.child)
