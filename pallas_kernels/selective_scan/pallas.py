@@ -11,6 +11,7 @@ docs/kernels.md has the design and the measurements.
 
 import dataclasses
 import functools
+import logging
 import warnings
 
 import jax
@@ -27,6 +28,7 @@ from pallas_kernels.selective_scan.pallas_fwd import chunks_of, scan_forward
 # compiles, after our call returned, so a warnings.catch_warnings around the call cannot reach it (only eager calls).
 # This filter matches that message and category alone.
 TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated and will be removed in a future JAX version"
+logger = logging.getLogger("pallas_kernels")
 
 
 def pallas_supported() -> bool:
@@ -81,6 +83,13 @@ def plan_forward(blocks: ScanBlocks, shape: tuple[int, int, int], B: jax.Array, 
     backend = blocks.forward_backend
     if backend == "auto":
         backend = "mosaic" if covered and not interpret and mosaic_fwd.device_supported() else "triton"
+    logger.debug(
+        "selective_scan_pallas: forward on %s for u %s, %d groups (asked: %r)",
+        backend,
+        shape,
+        groups,
+        blocks.forward_backend,
+    )
     if backend == "triton":
         return dataclasses.replace(blocks, forward_backend="triton")
     if not covered or not mosaic_fwd.available():
