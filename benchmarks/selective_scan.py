@@ -163,16 +163,18 @@ def measure(name, implementation, shape, reps, interpret=False):
 
 
 def breakdown(shape, blocks, reps, interpret=False):
-    """Time each launch of the Pallas forward+backward alone (ms): the Mosaic GPU forward (both its launches) where
-    it applies; the Triton chunk ends, the Triton forward (which stitches the chunk ends into its start states), the
-    checkpoints, the adjoints, the reverse scan on Triton's own chunks; and the XLA stitching of the adjoints."""
+    """Time each launch of the Pallas forward+backward alone (ms): the Mosaic GPU forward (both its launches) and
+    checkpoints where they apply; the Triton chunk ends, the Triton forward (which stitches the chunk ends into its
+    start states), the checkpoints, the adjoints, the reverse scan on Triton's own chunks; and the XLA stitching of
+    the adjoints."""
     arrays = {k: v for k, v in make_inputs(shape).items() if v is not None}
     inputs = pallas._kernel_inputs(**{"D": None, "z": None, "delta_bias": None, "initial_state": None, **arrays})
     options = {"delta_softplus": True, "blocks": blocks, "interpret": interpret}
     row = {"breakdown": list(shape), "blocks": str(blocks), "chunks": list(pallas.chunks_of(inputs, blocks))}
     stages = {}
-    if not interpret and mosaic_fwd.device_supported() and mosaic_fwd.supports(shape[1], shape[2], "BC" in inputs):
-        planned = pallas.plan_forward(blocks, shape[:3], arrays["B"], arrays["C"], interpret)
+    planned = pallas.plan_forward(blocks, shape[:3], arrays["B"], arrays["C"], interpret)
+    mosaic = planned.forward_backend == "mosaic"
+    if mosaic:
         stages[f"fwd Mosaic GPU, both launches (chunk {planned.chunk})"] = (
             lambda x: mosaic_fwd.scan_forward(x, delta_softplus=True, chunk=planned.chunk, interpret=False),
             inputs,
@@ -187,6 +189,16 @@ def breakdown(shape, blocks, reps, interpret=False):
     start = {k: v for k, v in inputs.items() if k not in ("ends", "dtsum")}
     start["h_start"] = pallas.chunk_start_states(h_end, None)
     stages["bwd checkpoints"] = (lambda x: pallas_fwd.scan_forward(x, mode="checkpoints", **options), start)
+    if mosaic:
+        mosaic_forward = mosaic_fwd.scan_forward(inputs, delta_softplus=True, chunk=planned.chunk, interpret=False)
+        mosaic_start = {**start, "h_start": pallas.chunk_start_states(mosaic_forward["h_end"], None)}
+        every = blocks.backward_steps
+        stages[f"bwd checkpoints Mosaic GPU (chunk {planned.chunk})"] = (
+            lambda x: mosaic_fwd.scan_checkpoints(
+                x, delta_softplus=True, chunk=planned.chunk, every=every, interpret=False
+            ),
+            mosaic_start,
+        )
     checkpoints = jax.jit(stages["bwd checkpoints"][0])(start)["checkpoints"]
     back = {k: v for k, v in start.items() if k != "h_start"}
     back.update(dout=arrays["u"], checkpoints=checkpoints)

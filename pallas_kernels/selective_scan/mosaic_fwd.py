@@ -68,12 +68,15 @@ def _softplus(x):
     return jnp.maximum(x, 0.0) + LN_2 * jnp.log2(1.0 + jnp.exp2(jnp.abs(x) * -LOG2_E))
 
 
-def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool):
+def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool, every: int):
     """One program: WIDTH channels of one batch row over one chunk. Grid (b, di / WIDTH, chunks), named b, c, j.
 
     ins: u, delta (b, l, di) [z (b, l, di)]; BC uint32 (b, l, g, n); A2 float32 (n, di); D, delta_bias float32 (di,);
-    [h0 float32 (b, n, di)]; [ends float32 (b, K - 1, n, di), dtsum float32 (b, K - 1, di)]. outs: out (b, l, di),
-    h_end float32 (b, K, n, di); or, without "out" (the first launch), h_end and dtsum float32 (b, K - 1, di)."""
+    the start state: [h0 float32 (b, n, di), the first chunk's] [ends float32 (b, K - 1, n, di), dtsum float32
+    (b, K - 1, di): the first launch's results, stitched here] or [h_start float32 (b, K, n, di), each chunk's].
+    outs, one of: out (b, l, di) and h_end float32 (b, K, n, di); h_end and dtsum float32 (b, K - 1, di) (the first
+    launch); checkpoints float32 (b, l / every + 1, n, di), the state before steps 0, every, 2 every, ... and after
+    the last (for the backward, as ``pallas_fwd``'s "checkpoints" mode)."""
     batch, block, chunk_index = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("j")
     cols = pl.ds(block * WIDTH, WIDTH)
     group = block * WIDTH // group_dim
@@ -83,7 +86,11 @@ def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool)
     D = _load_row(ins["D"].at[cols])
     bias = _load_row(ins["delta_bias"].at[cols])
     zeros = plgpu.layout_cast(jnp.zeros((WIDTH,), jnp.float32), _row_layout())
-    h = [_load_row(ins["h0"].at[batch, k, cols]) for k in range(d_state)] if "h0" in ins else [zeros] * d_state
+    h = [zeros] * d_state
+    if "h0" in ins:
+        h = [_load_row(ins["h0"].at[batch, k, cols]) for k in range(d_state)]
+    if "h_start" in ins:
+        h = [_load_row(ins["h_start"].at[batch, chunk_index, k, cols]) for k in range(d_state)]
     if "ends" in ins:
         # start_{j+1} = exp(A sum dt_j) start_j + end_j over the chunks before this one
         def stitch(j, h):
@@ -94,6 +101,12 @@ def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool)
 
         h = lax.fori_loop(0, chunk_index, stitch, h)
     row_names = ["u", "delta"] + (["z"] if with_output and "z" in ins else [])
+    if "checkpoints" in outs:
+
+        @pl.when(chunk_index == 0)
+        def _():
+            for k in range(d_state):
+                outs["checkpoints"][batch, 0, k, cols] = h[k]
 
     def tile(indices, *refs_and_carry):
         *refs, (h, dtsum) = refs_and_carry
@@ -112,6 +125,10 @@ def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool)
             for k in range(d_state):
                 B_k = lax.bitcast_convert_type(words[k] << 16, jnp.float32)  # a bfloat16 is a float32's upper half
                 h[k] = jnp.exp2(dt * A2[k]) * h[k] + dtu * B_k
+            if "checkpoints" in outs and (s + 1) % every == 0:
+                index = chunk_index * (chunk // every) + indices[0] * (STEPS // every) + (s + 1) // every
+                for k in range(d_state):
+                    outs["checkpoints"][batch, index, k, cols] = h[k]
             if with_output:
                 y = D * u
                 for k in range(d_state):
@@ -132,10 +149,37 @@ def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool)
         init_carry=(h, zeros),
     )
     h, dtsum = pipeline(*[ins[name].at[batch, times, cols] for name in row_names], ins["BC"].at[batch, times, group])
-    for k in range(d_state):
-        outs["h_end"][batch, chunk_index, k, cols] = h[k]
+    if "h_end" in outs:
+        for k in range(d_state):
+            outs["h_end"][batch, chunk_index, k, cols] = h[k]
     if "dtsum" in outs:
         outs["dtsum"][batch, chunk_index, cols] = dtsum
+
+
+def _launch(ins: dict, out_type: dict, programs: int, *, interpret: bool, **options) -> dict:
+    """``plgpu.kernel`` of ``_scan_kernel`` over the grid (b, di / WIDTH, programs) with ``options`` bound: {name:
+    array} of ``out_type``'s names."""
+    batch, _, dim = ins["u"].shape
+    names = list(ins) + list(out_type)
+
+    def body(*refs):
+        refs = dict(zip(names, refs, strict=True))
+        _scan_kernel(
+            {name: refs[name] for name in ins},
+            {name: refs[name] for name in out_type},
+            group_dim=dim // ins["BC"].shape[2],
+            **options,
+        )
+
+    results = plgpu.kernel(
+        body,
+        out_type=tuple(out_type.values()),
+        grid=(batch, dim // WIDTH, programs),
+        grid_names=("b", "c", "j"),
+        compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+    )(*ins.values())
+    return dict(zip(out_type, results, strict=True))
 
 
 def scan_forward(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: int, interpret: bool):
@@ -147,28 +191,7 @@ def scan_forward(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: i
     d_state = inputs["A2"].shape[0]
     count = seqlen // chunk
     f32 = jnp.float32
-
-    def launch(ins, out_type, programs):
-        def body(*refs):
-            names = list(ins) + list(out_type)
-            refs = dict(zip(names, refs, strict=True))
-            _scan_kernel(
-                {name: refs[name] for name in ins},
-                {name: refs[name] for name in out_type},
-                chunk=chunk,
-                group_dim=dim // inputs["BC"].shape[2],
-                delta_softplus=delta_softplus,
-            )
-
-        return plgpu.kernel(
-            body,
-            out_type=tuple(out_type.values()),
-            grid=(batch, dim // WIDTH, programs),
-            grid_names=("b", "c", "j"),
-            compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
-            interpret=plgpu.InterpretGPUParams() if interpret else False,
-        )(*ins.values())
-
+    options = {"chunk": chunk, "delta_softplus": delta_softplus, "every": 1, "interpret": interpret}
     first = {name: value for name, value in inputs.items() if name not in ("z", "h0")}
     second = dict(inputs)
     if count > 1:
@@ -176,9 +199,23 @@ def scan_forward(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: i
             "h_end": jax.ShapeDtypeStruct((batch, count - 1, d_state, dim), f32),
             "dtsum": jax.ShapeDtypeStruct((batch, count - 1, dim), f32),
         }
-        second["ends"], second["dtsum"] = launch(first, ends, count - 1)
+        ends = _launch(first, ends, count - 1, **options)
+        second["ends"], second["dtsum"] = ends["h_end"], ends["dtsum"]
     results = {
         "out": jax.ShapeDtypeStruct(u.shape, u.dtype),
         "h_end": jax.ShapeDtypeStruct((batch, count, d_state, dim), f32),
     }
-    return dict(zip(results, launch(second, results, count), strict=True))
+    return _launch(second, results, count, **options)
+
+
+def scan_checkpoints(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: int, every: int, interpret: bool):
+    """{checkpoints float32 (b, l / every + 1, n, di)}: the state before steps 0, every, 2 every, ... and after the
+    last, each chunk starting from inputs' h_start (b, K, n, di) (zeros when absent). ``every`` divides STEPS."""
+    if STEPS % every:
+        raise ValueError(f"mosaic_fwd.scan_checkpoints: every={every} must divide STEPS={STEPS}")
+    batch, seqlen, dim = inputs["u"].shape
+    d_state = inputs["A2"].shape[0]
+    ins = {name: value for name, value in inputs.items() if name not in ("z", "h0")}
+    checkpoints = jax.ShapeDtypeStruct((batch, seqlen // every + 1, d_state, dim), jnp.float32)
+    options = {"chunk": chunk, "delta_softplus": delta_softplus, "every": every, "interpret": interpret}
+    return _launch(ins, {"checkpoints": checkpoints}, seqlen // chunk, **options)

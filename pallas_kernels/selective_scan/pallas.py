@@ -74,12 +74,12 @@ def selective_scan_pallas(
 def plan_forward(blocks: ScanBlocks, shape: tuple[int, int, int], B: jax.Array, C: jax.Array, interpret: bool):
     """``blocks`` with ``forward_backend`` resolved to "triton" or "mosaic" for u of ``shape`` (b, l, di) and these
     B, C; for Mosaic GPU also the chunk length, which the backward then shares (its checkpoints start from the
-    forward's chunk start states). "auto" picks Mosaic GPU on a supported GPU (never in the interpreter) when
-    ``mosaic_fwd.supports`` the call."""
+    forward's chunk start states, and Mosaic GPU stores them too). "auto" picks Mosaic GPU on a supported GPU (never
+    in the interpreter) when ``mosaic_fwd.supports`` the call and backward_steps divides its tiles."""
     batch, seqlen, dim = shape
     groups = B.shape[2]
     packed = blocks.pack_bc and B.dtype == C.dtype == jnp.bfloat16
-    covered = mosaic_fwd.supports(seqlen, dim // groups, packed)
+    covered = mosaic_fwd.supports(seqlen, dim // groups, packed) and mosaic_fwd.STEPS % blocks.backward_steps == 0
     backend = blocks.forward_backend
     if backend == "auto":
         backend = "mosaic" if covered and not interpret and mosaic_fwd.device_supported() else "triton"
@@ -96,7 +96,7 @@ def plan_forward(blocks: ScanBlocks, shape: tuple[int, int, int], B: jax.Array, 
         raise ValueError(
             "selective_scan_pallas: forward_backend='mosaic' needs jax >= 0.11 with Mosaic GPU, bfloat16 B and C "
             f"with pack_bc, channels per group a multiple of {mosaic_fwd.WIDTH} and seqlen a multiple of "
-            f"{mosaic_fwd.STEPS}; "
+            f"{mosaic_fwd.STEPS}, backward_steps dividing {mosaic_fwd.STEPS}; "
             f"got u {shape}, {groups} groups, B {B.dtype}, C {C.dtype}, pack_bc={blocks.pack_bc}"
         )
     wanted = chunking(blocks, seqlen, batch * groups * -(-dim // groups // blocks.channels)).length
@@ -196,7 +196,12 @@ def _scan_bwd(delta_softplus, blocks, interpret, residuals, cotangents):
     if h_start is not None:
         inputs["h_start"] = h_start
     options = {"delta_softplus": delta_softplus, "blocks": blocks, "interpret": interpret}
-    checkpoints = scan_forward(inputs, mode="checkpoints", **options)["checkpoints"]
+    if blocks.forward_backend == "mosaic":
+        checkpoints = mosaic_fwd.scan_checkpoints(
+            inputs, delta_softplus=delta_softplus, chunk=blocks.chunk, every=blocks.backward_steps, interpret=interpret
+        )["checkpoints"]
+    else:
+        checkpoints = scan_forward(inputs, mode="checkpoints", **options)["checkpoints"]
     inputs.pop("h_start", None)
     inputs.update(dout=dout, checkpoints=checkpoints)
     dlast = jnp.swapaxes(dlast.astype(jnp.float32), 1, 2)
