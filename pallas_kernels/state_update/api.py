@@ -1,16 +1,32 @@
 """``selective_state_update``: one decode step for both state layouts, as mamba_ssm's op of the same name.
 
-This file checks the arguments and brings both layouts to the general head layout of ``reference.py``:
-Mamba-1 is the case of one channel per head (h = di, p = 1), Mamba-2's per-head dt, A, dt_bias and D broadcast
-over p (and A over n).
+This file checks the arguments, brings both layouts to the general head layout of ``reference.py`` and dispatches
+to an implementation: ``reference`` (XLA, ``reference.py``) or ``pallas`` (one GPU kernel, ``pallas.py``). Mamba-1's
+groups become heads, each of its di / g channels a row of p (h = g, p = di / g; the reshapes are free), so the
+kernel's programs own many channels. Mamba-2's per-head dt, A, dt_bias and D stay size 1 along p (and A along n) and
+broadcast.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.state_update.reference import state_update_reference
+
+IMPLEMENTATIONS = ("pallas", "reference")
+
+
+@functools.cache
+def _implementation(name: str):
+    """The jitted implementation ``name`` with the arguments of ``state_update_reference``."""
+    if name == "reference":
+        return jax.jit(state_update_reference, static_argnames=("dt_softplus",))
+    from pallas_kernels.state_update.pallas import state_update_pallas  # GPU-only dependencies: import on use
+
+    return jax.jit(state_update_pallas, static_argnames=("dt_softplus",))
 
 
 def selective_state_update(
@@ -24,8 +40,10 @@ def selective_state_update(
     z: jax.Array | None = None,
     dt_bias: jax.Array | None = None,
     dt_softplus: bool = False,
+    *,
+    implementation: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Advance the SSM state by one token: returns (out, new_state); nothing is updated in place.
+    """Advance the SSM state by one token: returns (out, new_state); the caller's state array is left as it was.
 
     In float32, per channel (Mamba-1) or per head (Mamba-2) with its group of B and C::
 
@@ -43,9 +61,19 @@ def selective_state_update(
       D (h,) or (h, p); dt_bias (h,) or (h, p). The per-head forms are Mamba-2's own parameters; the expanded forms
       are what mamba_ssm's Mamba-2 passes to its kernel (dt, A, dt_bias repeated over p, "tie_hdim").
 
+    implementation: "reference" (XLA; also what None picks) or "pallas" (one kernel launch that reads and writes the
+      state once; without a supported GPU it runs in Pallas's interpreter, slowly). The kernel is 13-17% faster than
+      XLA per call for Mamba-1 states and level for Mamba-2's, but in whole-model generation on an H100 it gained
+      nothing (benchmarks/RESULTS.md, "A Pallas state update"), so it is opt-in. It writes a float32 state's new value
+      into the old one's buffer when XLA can give it up: in a decode loop (lax.while_loop, lax.scan) the carried
+      cache is updated in place. Both are differentiable, the Pallas path by running the reference under jax.grad or
+      jax.jvp.
+
     Returns:
       out in x's dtype, shaped like x; new_state float32, shaped like state (whatever state's float dtype was).
     """
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
     if state.ndim not in (3, 4):
         raise ValueError(
             "state must have shape (batch, dim, dstate) (Mamba-1) or (batch, nheads, headdim, dstate) (Mamba-2), "
@@ -54,10 +82,11 @@ def selective_state_update(
     mamba1 = state.ndim == 3
     if mamba1:
         _check_mamba1(state, x, dt, A, B, C, D, z, dt_bias)
-        state, x, dt, A = state[:, :, None, :], x[..., None], dt[..., None], A[:, None, :]
-        D = None if D is None else D[:, None]
-        z = None if z is None else z[..., None]
-        dt_bias = None if dt_bias is None else dt_bias[:, None]
+        batch, dim, d_state = state.shape
+        heads = B.shape[1] if B.ndim == 3 else 1
+        state, A = state.reshape(batch, heads, -1, d_state), A.reshape(heads, -1, d_state)
+        x, dt, z = (None if a is None else a.reshape(batch, heads, -1) for a in (x, dt, z))
+        D, dt_bias = (None if a is None else a.reshape(heads, -1) for a in (D, dt_bias))
     else:
         _check_mamba2(state, x, dt, A, B, C, D, z, dt_bias)
         if dt.ndim == 2:
@@ -70,13 +99,11 @@ def selective_state_update(
             dt_bias = dt_bias[:, None]
     if B.ndim == 2:
         B, C = B[:, None, :], C[:, None, :]
-    out, new_state = _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=bool(dt_softplus))
+    update = _implementation(implementation or "reference")
+    out, new_state = update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=bool(dt_softplus))
     if mamba1:
-        return out[..., 0], new_state[:, :, 0, :]
+        return out.reshape(batch, dim), new_state.reshape(batch, dim, d_state)
     return out, new_state
-
-
-_state_update = jax.jit(state_update_reference, static_argnames=("dt_softplus",))
 
 
 def _check(name: str, a: jax.Array | None, *expected: tuple[int, ...]) -> None:
