@@ -109,6 +109,8 @@ def test_forward_plan():
             plan_forward(mosaic, (8, 2048, 1536), bf16.astype(jnp.float32), bf16, interpret=False)
         with pytest.raises(ValueError, match=r"seqlen a multiple of 16"):
             plan_forward(mosaic, (8, 2047, 1536), bf16[:, 1:], bf16[:, 1:], interpret=False)
+        with pytest.raises(ValueError, match=r"ScanBlocks.steps dividing 16"):  # the backward's tiles on its chunks
+            plan_forward(ScanBlocks(steps=6, forward_backend="mosaic"), (8, 2048, 1536), bf16, bf16, interpret=False)
     with pytest.raises(ValueError, match=r"ScanBlocks.forward_backend must be one of .*got 'cuda'"):
         ScanBlocks(forward_backend="cuda")
     assert [mosaic_fwd.chunk_length(seqlen, 344) for seqlen in (4096, 2048, 48, 16)] == [256, 256, 16, 16]

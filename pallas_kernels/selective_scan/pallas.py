@@ -75,11 +75,12 @@ def plan_forward(blocks: ScanBlocks, shape: tuple[int, int, int], B: jax.Array, 
     """``blocks`` with ``forward_backend`` resolved to "triton" or "mosaic" for u of ``shape`` (b, l, di) and these
     B, C; for Mosaic GPU also the chunk length, which the backward then shares (its checkpoints start from the
     forward's chunk start states, and Mosaic GPU stores them too). "auto" picks Mosaic GPU on a supported GPU (never
-    in the interpreter) when ``mosaic_fwd.supports`` the call and backward_steps divides its tiles."""
+    in the interpreter) when ``mosaic_fwd.supports`` the call and ``blocks.steps`` divides its tiles."""
     batch, seqlen, dim = shape
     groups = B.shape[2]
     packed = blocks.pack_bc and B.dtype == C.dtype == jnp.bfloat16
-    covered = mosaic_fwd.supports(seqlen, dim // groups, packed) and mosaic_fwd.STEPS % blocks.backward_steps == 0
+    # The backward runs Triton's tiles on the Mosaic chunks: blocks.steps (and backward_steps) must divide them.
+    covered = mosaic_fwd.supports(seqlen, dim // groups, packed) and mosaic_fwd.STEPS % blocks.steps == 0
     backend = blocks.forward_backend
     if backend == "auto":
         backend = "mosaic" if covered and not interpret and mosaic_fwd.device_supported() else "triton"
@@ -96,7 +97,7 @@ def plan_forward(blocks: ScanBlocks, shape: tuple[int, int, int], B: jax.Array, 
         raise ValueError(
             "selective_scan_pallas: forward_backend='mosaic' needs jax >= 0.11 with Mosaic GPU, bfloat16 B and C "
             f"with pack_bc, channels per group a multiple of {mosaic_fwd.WIDTH} and seqlen a multiple of "
-            f"{mosaic_fwd.STEPS}, backward_steps dividing {mosaic_fwd.STEPS}; "
+            f"{mosaic_fwd.STEPS}, ScanBlocks.steps dividing {mosaic_fwd.STEPS}; "
             f"got u {shape}, {groups} groups, B {B.dtype}, C {C.dtype}, pack_bc={blocks.pack_bc}"
         )
     wanted = chunking(blocks, seqlen, batch * groups * -(-dim // groups // blocks.channels)).length
