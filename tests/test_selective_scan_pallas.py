@@ -81,6 +81,7 @@ needs_mosaic = pytest.mark.skipif(not mosaic_fwd.available(), reason="Mosaic GPU
     [
         Case(2, 64, 256, 4, 2, "bfloat16"),  # two groups of 128 channels, 4 chunks of 16, initial state
         Case(1, 32, 128, 3, None, "bfloat16", with_D=False, with_z=False, softplus=False, with_init=False),
+        Case(2, 16, 128, 2, None, "bfloat16"),  # one chunk: no first launch, the initial state read directly
     ],
     ids=str,
 )
