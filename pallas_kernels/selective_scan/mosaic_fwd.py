@@ -1,16 +1,19 @@
 """Forward Pallas kernel of the selective scan for Mosaic GPU (``plgpu.kernel``), the Hopper backend.
 
-The same two launches as the Triton forward (``pallas_fwd.py``), measured 16-19% faster on an H100
+The same two launches as the Triton forward (``pallas_fwd.py``), measured 12-16% faster on an H100
 (benchmarks/RESULTS.md): a first launch scans every chunk but the last from a zero state and writes its end state and
 sum of dt; a second folds those into each chunk's start state (the "stitch"), scans its chunk and writes the gated
-output. A program is one warpgroup: 128 threads, one channel each, the state h as n (128,) float32 register rows.
-The chunk's rows of u, delta, z and its B/C words reach shared memory through the copy engine, ``stages`` tiles of
-``steps`` steps in flight (``plgpu.emit_pipeline``); each step reads one row per input and n words shared by the
-warpgroup. Arithmetic goes through Mosaic GPU's approximate math (``approx_math``: ex2.approx, lg2.approx).
+output. The same kernel also stores the backward's checkpoints (``scan_checkpoints``). A program is one warpgroup:
+128 threads, one channel each, the state h as n (128,) float32 register rows. The chunk's rows of u, delta, z and
+its B/C words reach shared memory through the copy engine, STAGES tiles of STEPS steps in flight
+(``plgpu.emit_pipeline``); each step reads one row per input and n words shared by the warpgroup; outputs go from
+registers to global memory. Arithmetic goes through Mosaic GPU's approximate math (``approx_math``: ex2.approx,
+lg2.approx).
 
 Scope (``supports``): bfloat16 B and C packed as in ``pallas._kernel_inputs`` (one uint32 per (t, k)), channels per
-group a multiple of 128, seqlen a multiple of 16. ``pallas.py`` sends everything else to the Triton forward, and the
-backward is Triton's for both. Inputs and outputs are those of ``pallas_fwd.scan_forward`` in mode "out".
+group a multiple of 128, seqlen a multiple of 16. ``pallas.py`` sends everything else to the Triton forward; the
+backward's adjoint and reverse launches are Triton's for both. Inputs and outputs are those of
+``pallas_fwd.scan_forward`` in modes "out" and "checkpoints".
 """
 
 import jax
