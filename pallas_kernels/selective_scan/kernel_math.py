@@ -23,7 +23,8 @@ LN_2 = math.log(2.0)
 
 @dataclasses.dataclass(frozen=True)
 class KernelMath:
-    """interpret: the kernel runs in Pallas's interpreter (jnp operations) rather than compiled for the GPU."""
+    """interpret: plain jnp operations instead of inline PTX: for Pallas's interpreter, and for Mosaic GPU kernels,
+    which lower them with ``approx_math`` to the same single instructions themselves (``mosaic_fwd.py``)."""
 
     interpret: bool
 

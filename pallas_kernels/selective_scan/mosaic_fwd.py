@@ -22,7 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.selective_scan.kernel_math import LN_2, LOG2_E
+from pallas_kernels.selective_scan.kernel_math import KernelMath
+from pallas_kernels.selective_scan.pallas_fwd import unpack_BC
 
 WIDTH = 128  # channels per program: one warpgroup, one channel per thread
 STEPS = 16  # time steps per staged tile (measured: 8 as fast, 32 slower)
@@ -66,9 +67,8 @@ def _load_row(ref) -> jax.Array:
     return plgpu.load(ref, layout=_row_layout()).astype(jnp.float32)
 
 
-def _softplus(x):
-    """log(1 + e^x) without overflow, as ``KernelMath.softplus``."""
-    return jnp.maximum(x, 0.0) + LN_2 * jnp.log2(1.0 + jnp.exp2(jnp.abs(x) * -LOG2_E))
+# The Triton kernels' arithmetic as plain jnp operations; ``approx_math`` makes each exp2 / log2 one instruction.
+OPS = KernelMath(interpret=True)
 
 
 def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool, every: int):
@@ -99,7 +99,8 @@ def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool,
         def stitch(j, h):
             decay = _load_row(ins["dtsum"].at[batch, j, cols])
             return [
-                jnp.exp2(decay * A2[k]) * h[k] + _load_row(ins["ends"].at[batch, j, k, cols]) for k in range(d_state)
+                OPS.fma(OPS.exp2(decay * A2[k]), h[k], _load_row(ins["ends"].at[batch, j, k, cols]))
+                for k in range(d_state)
             ]
 
         h = lax.fori_loop(0, chunk_index, stitch, h)
@@ -120,14 +121,14 @@ def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool,
             u = _load_row(rows["u"].at[s])
             dt = _load_row(rows["delta"].at[s]) + bias
             if delta_softplus:
-                dt = _softplus(dt)
+                dt = OPS.softplus(dt)
             dtsum = dtsum + dt
             dtu = dt * u
             # Each word is splat over the warpgroup before it is split: Mosaic GPU lowers no scalar bitcast.
             words = [jnp.broadcast_to(words_ref[s, k], (WIDTH,)) for k in range(d_state)]
+            scalars = unpack_BC(words, ("B", "C") if with_output else ("B",))
             for k in range(d_state):
-                B_k = lax.bitcast_convert_type(words[k] << 16, jnp.float32)  # a bfloat16 is a float32's upper half
-                h[k] = jnp.exp2(dt * A2[k]) * h[k] + dtu * B_k
+                h[k] = OPS.fma(OPS.exp2(dt * A2[k]), h[k], dtu * scalars["B"][k])
             if "checkpoints" in outs and (s + 1) % every == 0:
                 index = chunk_index * (chunk // every) + indices[0] * (STEPS // every) + (s + 1) // every
                 for k in range(d_state):
@@ -135,10 +136,10 @@ def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool,
             if with_output:
                 y = D * u
                 for k in range(d_state):
-                    y = y + h[k] * lax.bitcast_convert_type(words[k] & jnp.uint32(0xFFFF0000), jnp.float32)
+                    y = y + h[k] * scalars["C"][k]
                 if "z" in rows:
                     z = _load_row(rows["z"].at[s])
-                    y = y * z / (1.0 + jnp.exp2(z * -LOG2_E))
+                    y = y * (z * OPS.sigmoid(z))
                 outs["out"][batch, t0 + s, cols] = y.astype(outs["out"].dtype)
         return h, dtsum
 

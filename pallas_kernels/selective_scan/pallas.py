@@ -21,8 +21,8 @@ from jax import lax
 from pallas_kernels.selective_scan import mosaic_fwd
 from pallas_kernels.selective_scan.kernel_math import LOG2_E
 from pallas_kernels.selective_scan.pallas_bwd import scan_adjoints, scan_backward, unpack_lane_sums
-from pallas_kernels.selective_scan.pallas_config import DEFAULT_BLOCKS, ScanBlocks, chunking
-from pallas_kernels.selective_scan.pallas_fwd import chunks_of, scan_forward
+from pallas_kernels.selective_scan.pallas_config import DEFAULT_BLOCKS, ScanBlocks
+from pallas_kernels.selective_scan.pallas_fwd import chunks_for, chunks_of, scan_forward
 
 # jax 0.11 warns at every lowering of a Triton-backend pallas_call. The lowering happens when the enclosing jit
 # compiles, after our call returned, so a warnings.catch_warnings around the call cannot reach it (only eager calls).
@@ -76,7 +76,7 @@ def plan_forward(blocks: ScanBlocks, shape: tuple[int, int, int], B: jax.Array, 
     B, C; for Mosaic GPU also the chunk length, which the backward then shares (its checkpoints start from the
     forward's chunk start states, and Mosaic GPU stores them too). "auto" picks Mosaic GPU on a supported GPU (never
     in the interpreter) when ``mosaic_fwd.supports`` the call and ``blocks.steps`` divides its tiles."""
-    batch, seqlen, dim = shape
+    _, seqlen, dim = shape
     groups = B.shape[2]
     packed = blocks.pack_bc and B.dtype == C.dtype == jnp.bfloat16
     # The backward runs Triton's tiles on the Mosaic chunks: blocks.steps (and backward_steps) must divide them.
@@ -100,7 +100,7 @@ def plan_forward(blocks: ScanBlocks, shape: tuple[int, int, int], B: jax.Array, 
             f"{mosaic_fwd.STEPS}, ScanBlocks.steps dividing {mosaic_fwd.STEPS}; "
             f"got u {shape}, {groups} groups, B {B.dtype}, C {C.dtype}, pack_bc={blocks.pack_bc}"
         )
-    wanted = chunking(blocks, seqlen, batch * groups * -(-dim // groups // blocks.channels)).length
+    wanted = chunks_for(blocks, shape, groups).length
     return dataclasses.replace(blocks, forward_backend="mosaic", chunk=mosaic_fwd.chunk_length(seqlen, wanted))
 
 

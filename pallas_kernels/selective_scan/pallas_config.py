@@ -33,7 +33,8 @@ class ScanBlocks:
     loads and registers, one shift or mask per use); False, or other dtypes: as float32.
     forward_backend: which lowering runs the forward: "triton" (``pallas_fwd.py``, every case), "mosaic"
     (``mosaic_fwd.py``: Mosaic GPU, faster on Hopper, for the cases ``mosaic_fwd.supports``), or "auto": Mosaic GPU
-    where it is supported and covers the call, else Triton. The backward always runs on Triton.
+    where it is supported and covers the call, else Triton. With a Mosaic GPU forward the backward's checkpoint
+    launch runs there too; its adjoint and reverse launches always run on Triton.
     """
 
     channels: int = 32

@@ -319,6 +319,11 @@ def launch(kernel, inputs, out_shape, *, blocks: ScanBlocks, num_programs: int, 
 
 def chunks_of(inputs: dict[str, jax.Array], blocks: ScanBlocks) -> Chunks:
     """The time chunks of the kernels' ``inputs`` (u (b, l, di), B, C or BC (b, l, g, n))."""
-    batch, seqlen, dim = inputs["u"].shape
-    groups = groups_of(inputs)
+    return chunks_for(blocks, inputs["u"].shape, groups_of(inputs))
+
+
+def chunks_for(blocks: ScanBlocks, shape: tuple[int, int, int], groups: int) -> Chunks:
+    """The time chunks for u of ``shape`` (b, l, di) in ``groups`` B/C groups: the grid has b x g x channel blocks
+    per group programs per chunk."""
+    batch, seqlen, dim = shape
     return chunking(blocks, seqlen, batch * groups * pl.cdiv(dim // groups, blocks.channels))
