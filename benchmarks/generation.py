@@ -3,6 +3,7 @@
     PYTHONPATH=. python3 benchmarks/generation.py --out benchmarks/results/generation_h100.json --time-budget 480
     PYTHONPATH=. python3 benchmarks/generation.py --models mamba-130m,mamba2-130m --batches 1 --dtypes float16
     PYTHONPATH=. python3 benchmarks/generation.py --models mamba-1.4b --dtypes float16 --xla-variants all
+    PYTHONPATH=. python3 benchmarks/generation.py --models mamba-1.4b --batches 1 --step-implementations pallas,default
 
 Per (model, dtype, batch), all through ``mamba_jax.generate``'s program (one compiled prefill + decode loop, built
 ahead of time with ``lower_generate`` so that tracing + lowering and XLA compilation are timed apart):
@@ -86,10 +87,10 @@ XLA_VARIANTS = {
 }
 
 
-def random_model(config: MambaConfig, dtype) -> MambaLMHeadModel:
+def random_model(config: MambaConfig, dtype, step_implementation: str | None = None) -> MambaLMHeadModel:
     """The model with random weights of roughly its init's scale, drawn leaf by leaf on the device: the layers share
     a handful of shapes, so this compiles a few tiny programs instead of the whole initialiser."""
-    model = abstract_model(config, dtype)
+    model = abstract_model(config, dtype, step_implementation)
     key = jax.random.key(0)
     for path, variable in nnx.iter_graph(model):
         if not isinstance(variable, nnx.Param):
@@ -108,9 +109,14 @@ def random_model(config: MambaConfig, dtype) -> MambaLMHeadModel:
     return model
 
 
-def abstract_model(config: MambaConfig, dtype) -> MambaLMHeadModel:
-    """Shapes only (``nnx.eval_shape``): enough to lower and compile the generate program."""
-    return nnx.eval_shape(lambda: MambaLMHeadModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+def abstract_model(config: MambaConfig, dtype, step_implementation: str | None = None) -> MambaLMHeadModel:
+    """Shapes only (``nnx.eval_shape``): enough to lower and compile the generate program. ``step_implementation``:
+    the Mamba-1 decode step's (``pallas_kernels.mamba_step``; None: the platform's default)."""
+    return nnx.eval_shape(
+        lambda: MambaLMHeadModel(
+            config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, step_implementation=step_implementation
+        )
+    )
 
 
 def nbytes(tree) -> int:
@@ -180,16 +186,18 @@ def measure(compiled, args, model, preset: str, dtype_name: str, batch: int, new
     }
 
 
-def run_group(preset, dtype_name, batches, args, budget_end, last_compile_s, record):
-    """Compile every batch of one (model, dtype) concurrently, then measure them one after the other."""
+def run_group(preset, dtype_name, step, batches, args, budget_end, last_compile_s, record):
+    """Compile every batch of one (model, dtype, step implementation) concurrently, then measure them one after the
+    other."""
     config = MambaConfig.preset(preset)
-    rows = {batch: {"model": preset, "dtype": dtype_name, "batch": batch} for batch in batches}
+    rows = {batch: {"model": preset, "dtype": dtype_name, "batch": batch, "step": step} for batch in batches}
+    step_implementation = None if step == "default" else step
     # A row costs its compile (estimated from the last group's) and up to about two --run-seconds of timing.
     if time.perf_counter() + last_compile_s + 2 * args.run_seconds * len(batches) > budget_end:
         for row in rows.values():
             record(dict(row, skipped=f"time budget ({args.time_budget:.0f} s) reached"))
         return last_compile_s
-    abstract = abstract_model(config, DTYPES[dtype_name])
+    abstract = abstract_model(config, DTYPES[dtype_name], step_implementation)
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.compile_workers) as pool:
         pending = {}
         for batch in batches:
@@ -200,7 +208,7 @@ def run_group(preset, dtype_name, batches, args, budget_end, last_compile_s, rec
             except Exception as e:
                 traceback.print_exc()
                 rows[batch]["error"] = f"lowering: {str(e).splitlines()[0]}"
-        model = random_model(config, DTYPES[dtype_name])  # drawn while XLA compiles
+        model = random_model(config, DTYPES[dtype_name], step_implementation)  # drawn while XLA compiles
         compiled = {}
         for batch, (future, call_args) in pending.items():
             try:
@@ -264,7 +272,7 @@ def print_table(rows: list[dict]) -> None:
     )
     print(header)
     for r in rows:
-        lead = f"{r.get('variant', '-'):<12} {r['model']:<12} {r['dtype']:<9} {r['batch']:>5}"
+        lead = f"{r.get('variant', r.get('step', '-')):<12} {r['model']:<12} {r['dtype']:<9} {r['batch']:>5}"
         if "error" in r or "skipped" in r:
             print(f"{lead} {'ERROR ' + r['error'] if 'error' in r else 'SKIPPED ' + r['skipped']}")
             continue
@@ -294,6 +302,12 @@ def main():
         default=None,
         help=f"'all' or comma-separated of {list(XLA_VARIANTS)}: each in a subprocess with its XLA_FLAGS",
     )
+    parser.add_argument(
+        "--step-implementations",
+        default="default",
+        help="comma-separated Mamba-1 decode steps, of 'default' (the platform's), 'pallas', 'reference': each "
+        "row once per step (pallas_kernels.mamba_step)",
+    )
     parser.add_argument("--out", default=None, help="write the environment and rows as JSON here")
     parser.add_argument("--compilation-cache", default=None, help="persistent XLA cache directory (faster reruns)")
     args = parser.parse_args()
@@ -302,10 +316,12 @@ def main():
     variants = [] if args.xla_variants in (None, "all") else args.xla_variants.split(",")
     unknown = [m for m in models if m not in PRESETS] + [d for d in dtypes if d not in DTYPES]
     unknown += [v for v in variants if v not in XLA_VARIANTS]
+    steps = args.step_implementations.split(",")
+    unknown += [s for s in steps if s not in ("default", "pallas", "reference")]
     if unknown:
         parser.error(
-            f"unknown models, dtypes or variants: {unknown} (models: MambaConfig presets; dtypes: "
-            f"{sorted(DTYPES)}; variants: {list(XLA_VARIANTS)})"
+            f"unknown models, dtypes, variants or steps: {unknown} (models: MambaConfig presets; dtypes: "
+            f"{sorted(DTYPES)}; variants: {list(XLA_VARIANTS)}; steps: default, pallas, reference)"
         )
     if args.new_tokens < 2 or args.prompt_len < 1 or min(batches) < 1 or args.compile_workers < 1:
         parser.error("need --new-tokens >= 2, --prompt-len >= 1, batches >= 1 and --compile-workers >= 1")
@@ -331,13 +347,17 @@ def main():
         def record(row):
             result["rows"].append(row)
             status = row.get("tokens_per_s", row.get("error", row.get("skipped")))
-            print(f"[{time.perf_counter() - started:6.0f} s] {row['model']} {row['dtype']} {row['batch']}: {status}")
+            lead = f"{row['model']} {row['dtype']} {row['step']} {row['batch']}"
+            print(f"[{time.perf_counter() - started:6.0f} s] {lead}: {status}")
             save()
 
         last_compile_s = 0.0
         for preset in models:
             for dtype_name in dtypes:
-                last_compile_s = run_group(preset, dtype_name, batches, args, budget_end, last_compile_s, record)
+                for step in steps:
+                    last_compile_s = run_group(
+                        preset, dtype_name, step, batches, args, budget_end, last_compile_s, record
+                    )
     print(f"Generation, prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, on {environment()['device']}")
     print_table(result["rows"])
 

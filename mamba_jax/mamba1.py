@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mamba_jax.generation.cache import SSMCache, check_lengths, conv_prefill, conv_step, valid_mask
+from mamba_jax.generation.cache import SSMCache, check_lengths, conv_prefill, valid_mask
 from mamba_jax.layers import CausalConv1d, linear, with_axes
+from pallas_kernels.mamba_step import MambaStepWeights, mamba_step
 from pallas_kernels.selective_scan import selective_scan
-from pallas_kernels.state_update import selective_state_update
 
 # A pre-softplus dt for prefill positions past a row's length: softplus(-1e4 + dt_bias) underflows to exactly 0 in
 # float32, and a step with dt = 0 leaves the state as it is. Finite, so every softplus formula stays NaN-free.
@@ -60,7 +60,8 @@ class Mamba(nnx.Module):
     x_proj.kernel (di, r + 2n); dt_proj.kernel (r, di), dt_proj.bias (di,); A_log (di, n) and D (di,) in float32
     whatever ``param_dtype``; out_proj.kernel (di, d) [+ bias]. ``dtype`` is the activation dtype (None: inferred
     from the input and parameters, flax's rule); the scan runs in float32 inside ``selective_scan``.
-    ``scan_implementation`` is passed to ``selective_scan`` (None: the best one for the platform).
+    ``scan_implementation`` is passed to ``selective_scan``, ``step_implementation`` (the decode step) to
+    ``pallas_kernels.mamba_step`` (None: the best one for the platform and shape).
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class Mamba(nnx.Module):
         dtype=None,
         param_dtype=jnp.float32,
         scan_implementation: str | None = None,
+        step_implementation: str | None = None,
     ):
         for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
             _check_positive(name, value)
@@ -96,6 +98,7 @@ class Mamba(nnx.Module):
         self.d_model, self.d_inner, self.d_state, self.dt_rank = d_model, d_inner, d_state, dt_rank
         self.dtype = dtype
         self.scan_implementation = scan_implementation
+        self.step_implementation = step_implementation
 
         common = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.in_proj = linear(d_model, 2 * d_inner, axes=("embed", "proj"), use_bias=bias, **common)
@@ -153,26 +156,30 @@ class Mamba(nnx.Module):
         return self.out_proj(y), SSMCache(conv_state, ssm_state)
 
     def step(self, u: jax.Array, cache: SSMCache) -> tuple[jax.Array, SSMCache]:
-        """One token per row: u (b, d) -> (out (b, d), the cache after it), in O(1) time and memory."""
+        """One token per row: u (b, d) -> (out (b, d), the cache after it), in O(1) time and memory.
+
+        The whole step is ``pallas_kernels.mamba_step`` with ``step_implementation`` (None: the fused kernels on a
+        GPU, where they take the shape; XLA op by op elsewhere)."""
         if u.ndim != 2 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba: u must have shape (batch, d_model={self.d_model}), found {u.shape}")
-        x, z = jnp.split(self.in_proj(u), 2, axis=-1)  # (b, di) each
-        x, conv_state = conv_step(self.conv1d, x, cache.conv_state)
-        x = jax.nn.silu(x)
-        dt, B, C = self._dt_B_C(x)
-        y, ssm_state = selective_state_update(
-            cache.ssm_state,
-            x,
-            dt,
-            self._A(),
-            B,
-            C,
-            D=self.D[...].astype(jnp.float32),
-            z=z,
-            dt_bias=self.dt_proj.bias[...].astype(jnp.float32),
-            dt_softplus=True,
+        weights = MambaStepWeights(
+            in_proj=self.in_proj.kernel[...],
+            in_proj_bias=_value(self.in_proj.bias),
+            conv=self.conv1d.kernel[...],
+            conv_bias=_value(self.conv1d.bias),
+            x_proj=self.x_proj.kernel[...],
+            dt_proj=self.dt_proj.kernel[...],
+            dt_bias=self.dt_proj.bias[...],
+            A_log=self.A_log[...],
+            D=self.D[...],
+            out_proj=self.out_proj.kernel[...],
+            out_proj_bias=_value(self.out_proj.bias),
         )
-        return self.out_proj(y), SSMCache(conv_state, ssm_state)
+        dtype = self.dtype or jnp.result_type(u, weights.in_proj)
+        out, conv_state, ssm_state = mamba_step(
+            u, cache.conv_state, cache.ssm_state, weights, dtype=dtype, implementation=self.step_implementation
+        )
+        return out, SSMCache(conv_state, ssm_state)
 
     def _scan(self, x: jax.Array, dt: jax.Array, B: jax.Array, C: jax.Array, z: jax.Array, **state_args):
         """The selective scan with this layer's A, D and dt bias (softplus on): x, dt, z (b, l, di), B, C (b, l, n)
@@ -201,3 +208,8 @@ class Mamba(nnx.Module):
     def _A(self) -> jax.Array:
         """A = -exp(A_log), float32 (di, n)."""
         return -jnp.exp(self.A_log[...].astype(jnp.float32))
+
+
+def _value(param: nnx.Param | None) -> jax.Array | None:
+    """A parameter's array, or None for an absent (bias) parameter."""
+    return None if param is None else param[...]

@@ -36,20 +36,21 @@ def create_block(
     dtype=None,
     param_dtype=jnp.float32,
     scan_implementation: str | None = None,
+    step_implementation: str | None = None,
 ) -> Block:
     """The Block for layer ``layer_idx``, as mamba_ssm's ``create_block``: an MHA layer (built from attn_cfg) if listed
     in attn_layer_idx, else the ssm_cfg["layer"] mixer (Mamba1 or Mamba2, built from the other ssm_cfg keys), followed
     by norm2 + GatedMLP(hidden_features=d_intermediate) when d_intermediate > 0.
 
-    ``scan_implementation`` picks the Mamba-1 selective-scan implementation (see ``pallas_kernels.selective_scan``).
+    ``scan_implementation`` and ``step_implementation`` pick the Mamba-1 selective scan's and decode step's
+    implementations (``pallas_kernels.selective_scan``, ``pallas_kernels.mamba_step``).
     """
     factory = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
     if layer_idx in config.attn_layer_idx:
         mixer = _build("attn_cfg", dict(config.attn_cfg), MHA, config.d_model, layer_idx=layer_idx, **factory)
     elif config.ssm_layer == "Mamba1":
-        mixer = _build(
-            "ssm_cfg", config.mixer_kwargs, Mamba, config.d_model, scan_implementation=scan_implementation, **factory
-        )
+        implementations = {"scan_implementation": scan_implementation, "step_implementation": step_implementation}
+        mixer = _build("ssm_cfg", config.mixer_kwargs, Mamba, config.d_model, **implementations, **factory)
     elif config.ssm_layer == "Mamba2":
         mixer = _build("ssm_cfg", config.mixer_kwargs, Mamba2, config.d_model, layer_idx=layer_idx, **factory)
     else:
@@ -87,6 +88,7 @@ class MixerModel(nnx.Module):
         dtype=None,
         param_dtype=jnp.float32,
         scan_implementation: str | None = None,
+        step_implementation: str | None = None,
     ):
         self.embedding = nnx.Embed(
             config.padded_vocab_size,
@@ -106,6 +108,7 @@ class MixerModel(nnx.Module):
                     dtype=dtype,
                     param_dtype=param_dtype,
                     scan_implementation=scan_implementation,
+                    step_implementation=step_implementation,
                 )
                 for i in range(config.n_layer)
             ]
@@ -177,13 +180,19 @@ class MambaLMHeadModel(nnx.Module):
         dtype=None,
         param_dtype=jnp.float32,
         scan_implementation: str | None = None,
+        step_implementation: str | None = None,
     ):
         if not isinstance(config, MambaConfig):
             raise ValueError(f"MambaLMHeadModel: config must be a MambaConfig, found {type(config).__name__}")
         self.config = config
         self.dtype = dtype
         self.backbone = MixerModel(
-            config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, scan_implementation=scan_implementation
+            config,
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scan_implementation=scan_implementation,
+            step_implementation=step_implementation,
         )
         if not config.tie_embeddings:
             self.lm_head = linear(

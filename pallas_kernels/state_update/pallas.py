@@ -72,7 +72,7 @@ class Tile(NamedTuple):
             shape.append(part.size)
             masks.append(mask)
         ref = ref.at[tuple(index)]
-        mask = _combined(masks, shape)
+        mask = combined_mask(masks, shape)
         if mask is None:
             return ref[...].astype(jnp.float32)
         return plt.load(ref, mask=mask, other=0).astype(jnp.float32)
@@ -81,10 +81,10 @@ class Tile(NamedTuple):
         """Store ``value``, (rows,) or (rows, N), at ``ref[*leading, rows(, cols)]`` in ref's dtype."""
         slices, masks = (self.rows, self.cols)[: value.ndim], (self.row_mask, self.col_mask)[: value.ndim]
         ref = ref.at[(*map(as_index, leading), *slices)]
-        plt.store(ref, value.astype(ref.dtype), mask=_combined(masks, value.shape))
+        plt.store(ref, value.astype(ref.dtype), mask=combined_mask(masks, value.shape))
 
 
-def _combined(masks: list[jax.Array | None], shape) -> jax.Array | None:
+def combined_mask(masks: list[jax.Array | None], shape) -> jax.Array | None:
     """The and of per-dimension masks (each (shape[d],) or None) as one mask of ``shape``, or None."""
     parts = [lax.broadcast_in_dim(mask, tuple(shape), (d,)) for d, mask in enumerate(masks) if mask is not None]
     return functools.reduce(jnp.logical_and, parts) if parts else None

@@ -1,0 +1,218 @@
+"""The Mamba-1 decode step of one mixer (``pallas_kernels.mamba_step``): XLA op by op against the fused Pallas kernels
+and their block-size variants, at the published models' sizes.
+
+    PYTHONPATH=. python3 benchmarks/mamba_step.py --out benchmarks/results/mamba_step_h100.json
+    PYTHONPATH=. python3 benchmarks/mamba_step.py --tiny          # a small shape in the interpreter, for a CPU check
+
+Each timing runs ``--layers`` mixers with their own random weights (so that the weights come from memory, not L2,
+as in a model) one after another, ``--iters`` times in one compiled ``lax.fori_loop``, each layer's output feeding
+the next and the caches carried, as the generate loop runs them; us per layer = median loop time / (iters * layers).
+bytes floor = (weights + conv and SSM states read and written) / 3.0 TB/s per layer. The first variant of every
+shape is checked first, as tests/test_mamba_step.py checks the kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import glob
+import gzip
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.generation import BANDWIDTH, nbytes
+from benchmarks.timing import environment, time_ms
+from pallas_kernels.mamba_step import MambaStepWeights
+from pallas_kernels.mamba_step.pallas import mamba_step_pallas
+from pallas_kernels.mamba_step.reference import mamba_step_reference
+
+# (name, batch, d_model): d_inner 2 d_model, d_state 16, dt_rank d_model / 16, d_conv 4, as the published models.
+SHAPES = [("mamba-1.4b", 1, 2048), ("mamba-2.8b", 1, 2560), ("mamba-130m", 1, 768), ("mamba-1.4b", 16, 2048)]
+# (channels, depth, columns, num_warps, num_stages) of the kernels (pallas.mamba_step_pallas); the first is the
+# default.
+VARIANTS = [
+    (32, 256, 512, 4, 3),
+    (32, 512, 1024, 8, 3),
+    (64, 256, 512, 8, 3),
+    (64, 256, 1024, 8, 3),
+    (32, 256, 1024, 4, 3),
+    (32, 256, 512, 4, 4),
+]
+
+
+def random_layer(key, d_model: int, dtype) -> MambaStepWeights:
+    d_inner, d_state, rank = 2 * d_model, 16, math.ceil(d_model / 16)
+    keys = iter(jax.random.split(key, 8))
+
+    def normal(*shape, scale):
+        return (scale * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    return MambaStepWeights(
+        in_proj=normal(d_model, 2 * d_inner, scale=d_model**-0.5),
+        in_proj_bias=None,
+        conv=normal(4, d_inner, scale=0.5),
+        conv_bias=normal(d_inner, scale=0.5),
+        x_proj=normal(d_inner, rank + 2 * d_state, scale=d_inner**-0.5),
+        dt_proj=normal(rank, d_inner, scale=rank**-0.5),
+        dt_bias=jnp.full((d_inner,), -4.0, dtype),
+        A_log=jnp.log(jax.random.uniform(next(keys), (d_inner, d_state), jnp.float32, 1.0, 16.0)).astype(dtype),
+        D=jnp.ones((d_inner,), dtype),
+        out_proj=normal(d_inner, d_model, scale=d_inner**-0.5),
+        out_proj_bias=None,
+    )
+
+
+def step_fn(variant):
+    """(u, conv_state, ssm_state, weights, dtype) -> (out, conv_state, ssm_state) for a variant."""
+    if variant == "reference":
+        return mamba_step_reference
+    channels, depth, columns, num_warps, num_stages = variant
+    return functools.partial(
+        mamba_step_pallas,
+        channels=channels,
+        depth=depth,
+        columns=columns,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+def loop(step, layers, iters: int, dtype):
+    """A jitted function running ``iters`` passes over the layers; the layers' weights are its arguments."""
+
+    @jax.jit
+    def run(weights, u, caches):
+        def body(_, carry):
+            u, caches = carry
+            new = []
+            for w, (conv_state, ssm_state) in zip(weights, caches, strict=True):
+                out, conv_state, ssm_state = step(u, conv_state, ssm_state, w, dtype)
+                u = (u + out).astype(dtype)  # a residual stream keeps the values in range
+                new.append((conv_state, ssm_state))
+            return u, tuple(new)
+
+        return jax.lax.fori_loop(0, iters, body, (u, caches))
+
+    return run
+
+
+def kernel_times(trace_dir: str, loops: int) -> dict:
+    """GPU kernels in the profiler's trace (perfetto JSON): total us per loop by kernel name, and the fraction of the
+    traced span in which some kernel ran (the rest: gaps between launches)."""
+    path = max(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True), key=os.path.getmtime)
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and e.get("dur")]
+    if not kernels:
+        return {"error": f"no GPU kernel events in {path} (processes: {sorted(set(names.values()))})"}
+    totals = collections.Counter()
+    for e in kernels:
+        totals[e["name"]] += e["dur"] / loops
+    intervals = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+    busy, end = 0.0, -math.inf
+    for start, stop in intervals:
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    span = intervals[-1][1] - intervals[0][0]
+    top = dict(sorted(totals.items(), key=lambda kv: -kv[1])[:12])
+    return {"busy_fraction": busy / span, "span_us_per_loop": span / loops, "kernels_us_per_loop": top}
+
+
+def check(step, u, cache, weights, dtype) -> dict:
+    """Norm-wise errors of ``step``'s and the XLA reference's out and new SSM state against the float32 computation;
+    AssertionError unless ours are within tests/tolerances.py's COMPOSED_ERROR_FACTOR of XLA's."""
+    from tests.tolerances import COMPOSED_ERROR_FACTOR, rel_err
+
+    def upcast(a):
+        return a.astype(jnp.float32) if a is not None else a
+
+    exact = jax.jit(mamba_step_reference, static_argnums=4)(*jax.tree.map(upcast, (u, *cache, weights)), jnp.float32)
+    ours = jax.jit(step, static_argnums=4)(u, *cache, weights, dtype)
+    theirs = jax.jit(mamba_step_reference, static_argnums=4)(u, *cache, weights, dtype)
+    errors = {}
+    for name, index in (("out", 0), ("ssm_state", 2)):
+        errors[name] = (rel_err(ours[index], exact[index]), rel_err(theirs[index], exact[index]))
+        assert errors[name][0] <= COMPOSED_ERROR_FACTOR * errors[name][1], f"{name}: ours, XLA's {errors[name]}"
+    return errors
+
+
+def measure(name: str, batch: int, d_model: int, variants, args, dtype) -> list[dict]:
+    keys = jax.random.split(jax.random.key(0), args.layers + 1)
+    weights = tuple(random_layer(k, d_model, dtype) for k in keys[1:])
+    u = jax.random.normal(keys[0], (batch, d_model), jnp.float32).astype(dtype)
+    caches = tuple(
+        (jnp.zeros((batch, 4, 2 * d_model), dtype), jnp.zeros((batch, 2 * d_model, 16), jnp.float32))
+        for _ in range(args.layers)
+    )
+    layer_bytes = nbytes(weights[0]) + 2 * nbytes(caches[0])
+    floor_us = 1e6 * layer_bytes / BANDWIDTH
+    rows = []
+    for variant in ["reference", *variants]:
+        row = {"model": name, "batch": batch, "d_model": d_model, "variant": str(variant), "floor_us": floor_us}
+        try:
+            if variant == variants[0]:  # checked as tests/test_mamba_step.py checks the kernels
+                row["error_vs_float32"] = check(step_fn(variant), u, caches[0], weights[0], dtype)
+            run = loop(step_fn(variant), weights, args.iters, dtype)
+            timing = time_ms(run, weights, u, caches, reps=args.reps, warmup=2)
+            row["us_per_layer"] = 1e3 * timing["median_ms"] / (args.iters * args.layers)
+            row["over_floor"] = row["us_per_layer"] / floor_us
+            if args.profile and variant in ("reference", variants[0]):
+                trace_dir = os.path.join(args.profile, f"{name}-{batch}-{variant}".replace(" ", ""))
+                with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                    for _ in range(3):
+                        jax.block_until_ready(run(weights, u, caches))
+                # per loop -> per layer: the trace holds 3 loops of iters * layers steps
+                profile = kernel_times(trace_dir, 3 * args.iters * args.layers)
+                row["profile_per_layer"] = profile
+                print(json.dumps(profile, indent=1), flush=True)
+        except Exception as e:  # a variant Triton cannot compile: keep the others
+            row["error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true", help="one small shape, default kernels only (CPU check)")
+    parser.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
+    parser.add_argument("--profile", default=None, help="trace the reference and first variant here; kernel times")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    dtype = jnp.dtype(args.dtype)
+    shapes, variants = SHAPES, VARIANTS
+    if args.shapes:
+        shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    if args.tiny:
+        shapes, variants, args.layers, args.iters, args.reps = [("tiny", 1, 64)], VARIANTS[:1], 2, 2, 2
+    rows = []
+    for name, batch, d_model in shapes:
+        rows += measure(name, batch, d_model, variants, args, dtype)
+    result = {"environment": environment(), "dtype": args.dtype, "layers": args.layers, "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(f"{'model':<12} {'batch':>5} {'variant':<14} {'us/layer':>9} {'floor us':>9} {'x floor':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<12} {r['batch']:>5} {r['variant']:<14} ERROR {r['error']}")
+        else:
+            print(
+                f"{r['model']:<12} {r['batch']:>5} {r['variant']:<14} {r['us_per_layer']:>9.2f} "
+                f"{r['floor_us']:>9.2f} {r['over_floor']:>8.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""``mamba_step``: one decode step of a whole Mamba-1 mixer (in_proj, conv, x_proj, dt_proj, state update, gate,
+out_proj), checked and dispatched to ``reference`` (XLA, ``reference.py``) or ``pallas`` (two GPU kernels,
+``pallas.py``)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.mamba_step.reference import MambaStepWeights, mamba_step_reference
+
+IMPLEMENTATIONS = ("pallas", "reference")
+
+
+@functools.cache
+def _implementation(name: str):
+    """The jitted implementation ``name`` with the arguments of ``mamba_step_reference``."""
+    if name == "reference":
+        return jax.jit(mamba_step_reference, static_argnames=("dtype",))
+    from pallas_kernels.mamba_step.pallas import mamba_step_pallas  # GPU-only dependencies: import on use
+
+    return jax.jit(mamba_step_pallas, static_argnames=("dtype",))
+
+
+def default_implementation(batch: int, d_model: int, d_inner: int) -> str:
+    """What ``implementation=None`` runs: the kernels on a GPU Pallas compiles for, at batch 1, where their programs
+    (d_inner / CHANNELS) fit on the GPU's multiprocessors at once; else XLA.
+
+    Measured on an H100 (benchmarks/RESULTS.md, "A fused decode step"): at batch 1 the kernels beat XLA where their
+    programs fill at most one wave (Mamba-1 130m, 1.4b) and lose where a second, mostly idle wave follows (2.8b: 160
+    programs on 132 multiprocessors); at batch 16 they lose.
+    """
+    from pallas_kernels.mamba_step.pallas import CHANNELS, supports
+    from pallas_kernels.selective_scan.pallas import pallas_supported
+
+    if batch != 1 or not pallas_supported() or not supports(batch, d_model, d_inner):
+        return "reference"
+    multiprocessors = getattr(jax.devices()[0], "core_count", 0)
+    return "pallas" if d_inner // CHANNELS <= multiprocessors else "reference"
+
+
+def mamba_step(
+    u: jax.Array,
+    conv_state: jax.Array,
+    ssm_state: jax.Array,
+    weights: MambaStepWeights,
+    *,
+    dtype,
+    implementation: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One token through a Mamba-1 mixer: (out, new conv_state, new ssm_state); the caller's arrays are left as they
+    were (inside a decode loop XLA may reuse the carried cache's buffers).
+
+    Shapes: u (b, d); conv_state (b, w, di) the last w conv inputs, oldest first; ssm_state (b, di, n) float32;
+    ``weights`` a ``MambaStepWeights`` (shapes there). ``dtype`` is the compute dtype of the projections and the conv
+    (``Mamba``'s ``dtype``, or its inputs' and parameters' promoted dtype); the state update runs in float32.
+
+    implementation: "reference" (XLA, op by op), "pallas" (two kernel launches and two sums; without a supported
+      GPU Pallas's interpreter, slowly), or None: ``default_implementation`` (the kernels on a GPU at batch 1 where
+      they were measured faster, else "reference"). Both are differentiable, the kernels by running the reference
+      under jax.grad or jax.jvp.
+    """
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
+    _check(u, conv_state, ssm_state, weights)
+    batch, d_model = u.shape
+    if implementation is None:
+        implementation = default_implementation(batch, d_model, conv_state.shape[2])
+    return _implementation(implementation)(u, conv_state, ssm_state, weights, dtype=jnp.dtype(dtype))
+
+
+def _check(u, conv_state, ssm_state, weights: MambaStepWeights) -> None:
+    """ValueError naming the first argument whose shape does not fit the others."""
+    if u.ndim != 2:
+        raise ValueError(f"mamba_step: u must have shape (batch, d_model), got {u.shape}")
+    batch, d_model = u.shape
+    if ssm_state.ndim != 3 or ssm_state.shape[0] != batch:
+        raise ValueError(f"mamba_step: ssm_state must have shape ({batch}, d_inner, d_state), got {ssm_state.shape}")
+    _, d_inner, d_state = ssm_state.shape
+    width = weights.conv.shape[0]
+    rank = weights.dt_proj.shape[0]
+    expected = {
+        "conv_state": (conv_state, (batch, width, d_inner)),
+        "in_proj": (weights.in_proj, (d_model, 2 * d_inner)),
+        "in_proj_bias": (weights.in_proj_bias, (2 * d_inner,)),
+        "conv": (weights.conv, (width, d_inner)),
+        "conv_bias": (weights.conv_bias, (d_inner,)),
+        "x_proj": (weights.x_proj, (d_inner, rank + 2 * d_state)),
+        "dt_proj": (weights.dt_proj, (rank, d_inner)),
+        "dt_bias": (weights.dt_bias, (d_inner,)),
+        "A_log": (weights.A_log, (d_inner, d_state)),
+        "D": (weights.D, (d_inner,)),
+        "out_proj": (weights.out_proj, (d_inner, d_model)),
+        "out_proj_bias": (weights.out_proj_bias, (d_model,)),
+    }
+    for name, (array, shape) in expected.items():
+        if array is not None and array.shape != shape:
+            raise ValueError(f"mamba_step: {name} must have shape {shape}, got {array.shape}")

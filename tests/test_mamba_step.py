@@ -1,0 +1,200 @@
+"""mamba_step: the fused Mamba-1 decode step's kernels against its reference (in Pallas's interpreter on CPU; compiled,
+at published sizes, under the ``gpu`` marker), the reference against ``Mamba``'s full-sequence forward, derivatives,
+the dispatch and argument errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mamba_jax import Mamba
+from mamba_jax.generation.cache import SSMCache
+from pallas_kernels.mamba_step import MambaStepWeights, mamba_step
+from pallas_kernels.mamba_step.pallas import mamba_step_pallas
+from pallas_kernels.mamba_step.reference import mamba_step_reference
+from pallas_kernels.selective_scan.pallas import pallas_supported
+from tests.tolerances import COMPOSED_ERROR_FACTOR, assert_close, rel_err
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int
+    d_model: int
+    d_inner: int
+    d_state: int
+    rank: int
+    width: int
+    dtype: str
+    biases: bool = False  # in_proj and out_proj biases, and no conv bias (the layouts no published model uses)
+    param_dtype: str = "float32"
+    cache_dtype: str | None = None  # None: the compute dtype
+
+    def __str__(self):
+        return "-".join(str(v) for v in dataclasses.astuple(self) if v is not None)
+
+
+def arguments(shape: Shape, seed: int):
+    """Random (u, conv_state, ssm_state, weights) for ``shape``, scaled like a trained layer's activations."""
+    rng = np.random.default_rng(seed)
+    b, d, di, n, r, w = shape.batch, shape.d_model, shape.d_inner, shape.d_state, shape.rank, shape.width
+
+    def normal(*dims, scale=1.0, dtype=shape.param_dtype):
+        return jnp.asarray(rng.standard_normal(dims) * scale, jnp.float32).astype(dtype)
+
+    weights = MambaStepWeights(
+        in_proj=normal(d, 2 * di, scale=d**-0.5),
+        in_proj_bias=normal(2 * di, scale=0.1) if shape.biases else None,
+        conv=normal(w, di, scale=0.5),
+        conv_bias=None if shape.biases else normal(di, scale=0.5),
+        x_proj=normal(di, r + 2 * n, scale=di**-0.5),
+        dt_proj=normal(r, di, scale=r**-0.5),
+        dt_bias=normal(di, scale=0.5, dtype="float32") - 3.0,
+        A_log=jnp.log(jnp.asarray(rng.uniform(1.0, 16.0, (di, n)), jnp.float32)),
+        D=normal(di, dtype="float32"),
+        out_proj=normal(di, d, scale=di**-0.5),
+        out_proj_bias=normal(d, scale=0.1) if shape.biases else None,
+    )
+    u = normal(b, d, dtype=shape.dtype)
+    conv_state = normal(b, w, di, dtype=shape.cache_dtype or shape.dtype)
+    ssm_state = normal(b, di, n, dtype="float32")
+    return u, conv_state, ssm_state, weights
+
+
+def check_kernels(shape: Shape, seed: int, interpret: bool | None) -> None:
+    """float32: elementwise within the table's tolerance of the reference. 16-bit: norm-wise within
+    COMPOSED_ERROR_FACTOR times the 16-bit reference's own error, both against the float32 computation."""
+    args = arguments(shape, seed)
+    dtype = jnp.dtype(shape.dtype)
+    expected = jax.jit(mamba_step_reference, static_argnums=4)(*args, dtype)
+    actual = jax.jit(mamba_step_pallas, static_argnames=("dtype", "interpret"))(*args, dtype=dtype, interpret=interpret)
+    exact = jax.jit(mamba_step_reference, static_argnums=4)(*jax.tree.map(_float32, args), jnp.float32)
+    for name, a, e, x in zip(("out", "conv_state", "ssm_state"), actual, expected, exact, strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        if dtype == jnp.float32:
+            assert_close(a, e, shape.dtype, err_msg=f"{name} of {shape}")
+        else:
+            ours, theirs = rel_err(a, x), rel_err(e, x)
+            assert ours <= COMPOSED_ERROR_FACTOR * theirs, f"{name} of {shape}: error {ours:.2e}, XLA's {theirs:.2e}"
+
+
+def _float32(a):
+    return a.astype(jnp.float32) if a is not None and jnp.issubdtype(a.dtype, jnp.floating) else a
+
+
+# Small: the interpreter runs each program one after another. Odd sizes: batch 3 (rows padded to 16), d_model 48
+# (tiles of 16), d_state 6 (columns padded to 8), rank 3 (padded to 16), width 3.
+INTERPRETED = [
+    Shape(1, 32, 64, 4, 2, 4, "float32"),
+    Shape(3, 48, 96, 6, 3, 3, "float32", biases=True),
+    Shape(2, 64, 128, 16, 4, 4, "bfloat16"),
+    Shape(2, 32, 64, 16, 2, 4, "float16", param_dtype="float16"),
+    Shape(1, 32, 96, 8, 5, 4, "bfloat16", cache_dtype="float32"),
+    Shape(16, 32, 64, 4, 2, 2, "float32"),
+]
+
+
+@pytest.mark.parametrize("shape", INTERPRETED, ids=str)
+def test_kernels_match_reference(shape):
+    check_kernels(shape, seed=0, interpret=True)
+
+
+def test_reference_steps_equal_mamba_forward():
+    """Token by token through mamba_step's reference from an empty cache = Mamba's full-sequence forward (float32)."""
+    mixer = Mamba(32, d_state=4, d_conv=4, expand=2, rngs=nnx.Rngs(0), step_implementation="reference")
+    u = jax.random.normal(jax.random.key(1), (2, 7, 32))
+    cache = mixer.init_cache(2)
+    outs = []
+    for t in range(u.shape[1]):
+        out, cache = mixer.step(u[:, t], cache)
+        outs.append(out)
+    assert_close(jnp.stack(outs, axis=1), mixer(u), "float32")
+
+
+def test_mamba_step_implementations_agree_in_module():
+    """Mamba.step with the kernels (interpreted) = with the reference, over a few tokens carrying the cache."""
+    u = jax.random.normal(jax.random.key(2), (3, 4, 32))
+    results = {}
+    for implementation in ("pallas", "reference"):
+        mixer = Mamba(32, d_state=8, rngs=nnx.Rngs(0), step_implementation=implementation)
+        cache, outs = mixer.init_cache(3), []
+        for t in range(u.shape[1]):
+            out, cache = mixer.step(u[:, t], cache)
+            outs.append(out)
+        results[implementation] = (jnp.stack(outs, axis=1), cache)
+    (out, cache), (expected, expected_cache) = results["pallas"], results["reference"]
+    assert_close(out, expected, "float32")
+    assert_close(cache.ssm_state, expected_cache.ssm_state, "float32")
+    np.testing.assert_array_equal(cache.conv_state, expected_cache.conv_state)
+
+
+def test_kernels_differentiate_as_reference():
+    """jax.grad through the kernels' path runs the reference: the same gradients for every input and weight."""
+    shape = Shape(2, 32, 64, 4, 2, 4, "float32", biases=True)
+    u, conv_state, ssm_state, weights = arguments(shape, seed=3)
+
+    def loss(implementation):
+        def f(u, conv_state, ssm_state, weights):
+            out, conv_state, ssm_state = mamba_step(
+                u, conv_state, ssm_state, weights, dtype=jnp.float32, implementation=implementation
+            )
+            return jnp.sum(out**2) + jnp.sum(jnp.sin(ssm_state)) + jnp.sum(conv_state)
+
+        return jax.grad(f, argnums=(0, 1, 2, 3))(u, conv_state, ssm_state, weights)
+
+    for actual, expected in zip(jax.tree.leaves(loss("pallas")), jax.tree.leaves(loss("reference")), strict=True):
+        assert_close(actual, expected, "float32")
+
+
+def test_default_implementation():
+    from pallas_kernels.mamba_step.api import default_implementation
+
+    expected = "pallas" if pallas_supported() else "reference"
+    assert default_implementation(1, 2048, 4096) == expected  # 128 programs: one wave on an H100's 132 SMs
+    assert default_implementation(1, 2560, 5120) == "reference"  # 160 programs: a second wave
+    assert default_implementation(2, 2048, 4096) == "reference"
+
+
+def test_errors():
+    shape = Shape(2, 32, 64, 4, 2, 4, "float32")
+    u, conv_state, ssm_state, weights = arguments(shape, seed=0)
+    with pytest.raises(ValueError, match="implementation must be None or one of"):
+        mamba_step(u, conv_state, ssm_state, weights, dtype=jnp.float32, implementation="cuda")
+    with pytest.raises(ValueError, match=r"u must have shape \(batch, d_model\)"):
+        mamba_step(u[0], conv_state, ssm_state, weights, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"conv_state must have shape \(2, 4, 64\)"):
+        mamba_step(u, conv_state[:, 1:], ssm_state, weights, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"x_proj must have shape \(64, 10\)"):
+        mamba_step(u, conv_state, ssm_state, weights._replace(x_proj=weights.x_proj[:, 1:]), dtype=jnp.float32)
+    with pytest.raises(ValueError, match="needs batch <= 16"):
+        big = arguments(dataclasses.replace(shape, batch=17), seed=0)
+        mamba_step_pallas(*big, dtype=jnp.float32, interpret=True)
+
+
+def test_cache_passes_through_module():
+    """Mamba.step returns an SSMCache of the cache's dtypes whichever implementation runs."""
+    mixer = Mamba(32, d_state=4, rngs=nnx.Rngs(0), step_implementation="pallas")
+    cache = SSMCache(jnp.zeros((1, 4, 64), jnp.bfloat16), jnp.zeros((1, 64, 4), jnp.float32))
+    out, new = mixer.step(jnp.ones((1, 32)), cache)
+    assert out.shape == (1, 32) and new.conv_state.dtype == jnp.bfloat16 and new.ssm_state.dtype == jnp.float32
+
+
+# Published sizes: Mamba-1 130m (d 768), 1.4b (d 2048) and 2.8b (d 2560, rank 160: x_proj's columns padded).
+GPU_SHAPES = [
+    Shape(1, 2048, 4096, 16, 128, 4, "float16", param_dtype="float16"),
+    Shape(1, 2560, 5120, 16, 160, 4, "bfloat16", param_dtype="bfloat16"),
+    Shape(16, 768, 1536, 16, 48, 4, "bfloat16", param_dtype="bfloat16"),
+    Shape(5, 768, 1536, 16, 48, 4, "float32"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_kernels_match_reference_on_gpu(shape):
+    """The compiled kernels (tl.dot, single-instruction exp2, softplus, sigmoid) against the reference."""
+    assert pallas_supported()
+    check_kernels(shape, seed=5, interpret=None)
