@@ -33,15 +33,17 @@ from pallas_kernels.mamba_step.reference import mamba_step_reference
 
 # (name, batch, d_model): d_inner 2 d_model, d_state 16, dt_rank d_model / 16, d_conv 4, as the published models.
 SHAPES = [("mamba-1.4b", 1, 2048), ("mamba-2.8b", 1, 2560), ("mamba-130m", 1, 768), ("mamba-1.4b", 16, 2048)]
-# (channels, depth, columns, num_warps, num_stages) of the kernels (pallas.mamba_step_pallas); the first is the
-# default.
+# (channels, depth, columns, prefetch, num_warps, num_stages) of the kernels (pallas.mamba_step_pallas); the first is
+# the default.
 VARIANTS = [
-    (32, 256, 512, 4, 3),
-    (32, 512, 1024, 8, 3),
-    (64, 256, 512, 8, 3),
-    (64, 256, 1024, 8, 3),
-    (32, 256, 1024, 4, 3),
-    (32, 256, 512, 4, 4),
+    (64, 128, 512, 2, 8, 3),
+    (64, 128, 512, 0, 8, 3),
+    (64, 128, 512, 1, 8, 3),
+    (64, 128, 512, 3, 8, 3),
+    (32, 128, 512, 2, 8, 3),
+    (32, 256, 512, 0, 4, 3),
+    (64, 128, 256, 2, 8, 3),
+    (64, 64, 512, 2, 8, 3),
 ]
 
 
@@ -71,12 +73,13 @@ def step_fn(variant):
     """(u, conv_state, ssm_state, weights, dtype) -> (out, conv_state, ssm_state) for a variant."""
     if variant == "reference":
         return mamba_step_reference
-    channels, depth, columns, num_warps, num_stages = variant
+    channels, depth, columns, prefetch, num_warps, num_stages = variant
     return functools.partial(
         mamba_step_pallas,
         channels=channels,
         depth=depth,
         columns=columns,
+        prefetch=prefetch,
         num_warps=num_warps,
         num_stages=num_stages,
     )

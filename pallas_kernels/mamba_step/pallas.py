@@ -37,8 +37,8 @@ from pallas_kernels.state_update.pallas import combined_mask
 
 MIN_ROWS = 16  # tl.dot's smallest M, N and K
 MAX_BATCH = 16  # the batch rows one program holds (its state tile is rows x channels x n float32)
-CHANNELS = 32  # channels of d_inner per program
-DEPTH = 256  # rows of in_proj per loop iteration of the first kernel
+CHANNELS = 64  # channels of d_inner per program
+DEPTH = 128  # rows of in_proj per loop iteration of the first kernel
 COLUMNS = 512  # columns of out_proj per program of the second kernel
 
 
@@ -96,30 +96,40 @@ def _rounded(x: jax.Array, dtype) -> jax.Array:
     return x.astype(dtype).astype(jnp.float32)
 
 
-def _project(u_ref, kernel_ref, firsts, rows: Span, channels: int, depth: int, dtype) -> list[jax.Array]:
+def _project(u_ref, kernel_ref, firsts, rows: Span, channels: int, depth: int, dtype, prefetch: int):
     """[u (b, d) @ kernel[:, first : first + channels] for first in firsts] in float32, each (rows, channels), in one
-    loop over d in tiles of ``depth``. One row keeps (depth, channels) products and sums them after the loop."""
-    d = u_ref.shape[1]
+    loop over d in tiles of ``depth``. One row keeps (depth, channels) products and sums them after the loop.
+    ``prefetch``: how many iterations ahead the tiles are loaded: iteration k loads tile k + prefetch, then uses tile
+    k, loaded earlier, so that prefetch + 1 tiles are in flight (the last iterations load the last tile again,
+    unused)."""
+    steps = u_ref.shape[1] // depth
     gemv = rows.size == 1
     shape = (depth, channels) if gemv else (rows.size, channels)
 
-    def tile(k, accs):
-        start = pl.multiple_of(k * depth, depth)
-        u = _load(u_ref, rows, Span(start, depth, depth)).astype(dtype)
-        result = []
-        for first, acc in zip(firsts, accs, strict=True):
-            kernel = kernel_ref[pl.ds(start, depth), pl.ds(first, channels)].astype(dtype)
-            if gemv:
-                result.append(acc + u.astype(jnp.float32).T * kernel.astype(jnp.float32))
-            else:
-                result.append(acc + _product(u, kernel))
-        return tuple(result)
+    def load(k):
+        start = k * depth if isinstance(k, int) else pl.multiple_of(k * depth, depth)
+        kernels = tuple(kernel_ref[pl.ds(start, depth), pl.ds(first, channels)] for first in firsts)
+        return _load(u_ref, rows, Span(start, depth, depth)), kernels
 
-    accs = lax.fori_loop(0, d // depth, tile, tuple(jnp.zeros(shape, jnp.float32) for _ in firsts))
+    def accumulate(accs, tiles):
+        u, kernels = tiles
+        u = u.astype(dtype)
+        if gemv:
+            u = u.astype(jnp.float32).T
+            return tuple(acc + u * k.astype(dtype).astype(jnp.float32) for acc, k in zip(accs, kernels, strict=True))
+        return tuple(acc + _product(u, k.astype(dtype)) for acc, k in zip(accs, kernels, strict=True))
+
+    def tile(k, carry):
+        accs, loaded = carry
+        loaded = (*loaded, load(jnp.minimum(k + prefetch, steps - 1)))
+        return accumulate(accs, loaded[0]), loaded[1:]
+
+    zeros = tuple(jnp.zeros(shape, jnp.float32) for _ in firsts)
+    accs, _ = lax.fori_loop(0, steps, tile, (zeros, tuple(load(min(k, steps - 1)) for k in range(prefetch))))
     return [jnp.sum(acc, axis=0, keepdims=True) if gemv else acc for acc in accs]
 
 
-def _in_kernel(ins, outs, *, channels: int, depth: int, rows: Span, dtype, ops: KernelMath):
+def _in_kernel(ins, outs, *, channels: int, depth: int, prefetch: int, rows: Span, dtype, ops: KernelMath):
     """ins: u (b, d), in_proj (d, 2di) [in_proj_bias (2di,)], conv_state (b, w, di), conv (w, di) [conv_bias (di,)],
     x_proj (di, r + 2n), ssm_state (b, di, n). outs: conv_state (aliased), x and z (b, di), partial (di / channels, b,
     r + 2n) float32, old_state (b, di, n) float32: a copy of ssm_state (see ``_out_kernel``)."""
@@ -129,7 +139,7 @@ def _in_kernel(ins, outs, *, channels: int, depth: int, rows: Span, dtype, ops: 
     lanes = Span(first, channels, channels)
     states = Span(0, pl.next_power_of_2(ins["ssm_state"].shape[2]), ins["ssm_state"].shape[2])
     _store(outs["old_state"], _load(ins["ssm_state"], rows, lanes, states), rows, lanes, states)
-    x, z = _project(ins["u"], ins["in_proj"], (first, d_inner + first), rows, channels, depth, dtype)
+    x, z = _project(ins["u"], ins["in_proj"], (first, d_inner + first), rows, channels, depth, dtype, prefetch)
     if "in_proj_bias" in ins:
         x = _rounded(x, dtype) + _load(ins["in_proj_bias"], lanes)
         z = _rounded(z, dtype) + _load(ins["in_proj_bias"], Span(d_inner + first, channels, channels))
@@ -202,15 +212,16 @@ def _padded(n: int) -> int:
 
 
 def depth_for(d_model: int, depth: int = DEPTH) -> int:
-    """The largest power of 2 of at most ``depth`` dividing d_model (at least MIN_ROWS where ``supports`` holds)."""
+    """The largest power of 2 of at most ``depth`` dividing ``d_model`` (at least MIN_ROWS where ``supports`` holds);
+    also the channels of d_inner a program owns, from CHANNELS."""
     while d_model % depth:
         depth //= 2
     return depth
 
 
 def supports(batch: int, d_model: int, d_inner: int) -> bool:
-    """Whether the kernels take this shape: batch <= MAX_BATCH, d_model a multiple of 16, d_inner of CHANNELS."""
-    return batch <= MAX_BATCH and d_model % MIN_ROWS == 0 and d_inner % CHANNELS == 0
+    """Whether the kernels take this shape: batch <= MAX_BATCH, d_model and d_inner multiples of 16."""
+    return batch <= MAX_BATCH and d_model % MIN_ROWS == 0 and d_inner % MIN_ROWS == 0
 
 
 def mamba_step_pallas(
@@ -221,23 +232,26 @@ def mamba_step_pallas(
     dtype,
     *,
     interpret: bool | None = None,
-    channels: int = CHANNELS,
+    channels: int | None = None,
     depth: int = DEPTH,
     columns: int = COLUMNS,
-    num_warps: int = 4,
+    prefetch: int = 2,
+    num_warps: int = 8,
     num_stages: int = 3,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The step in three launches; arguments and results as ``mamba_step_reference``, shapes there and ``supports``.
 
     ``interpret`` None runs the compiled kernels where ``pallas_supported()``, else Pallas's interpreter (slow; for
-    tests). ``channels`` (a power of 2 of at least 16 dividing d_inner), ``depth`` (the rows of in_proj a loop
-    iteration reads, a power of 2), ``columns`` (the columns of out_proj a program of the second kernel writes, a
-    power of 2), ``num_warps`` and ``num_stages`` set the programs' size and Triton's; the
-    defaults are the measured best (benchmarks/mamba_step.py). Derivatives (jax.grad, jax.jvp) are the
-    reference's.
+    tests). ``channels`` (a power of 2 of at least 16 dividing d_inner; None: the largest such of at most CHANNELS),
+    ``depth`` (the rows of in_proj a loop iteration reads, a power of 2), ``columns`` (the columns of out_proj a
+    program of the second kernel writes, a power of 2), ``prefetch`` (see ``_project``), ``num_warps`` and
+    ``num_stages`` set the programs' size and Triton's; the defaults are the measured best on an H100
+    (benchmarks/mamba_step.py). Derivatives (jax.grad, jax.jvp) are the reference's.
     """
     batch, d_model = u.shape
     d_inner = conv_state.shape[2]
+    if channels is None:
+        channels = depth_for(d_inner, CHANNELS)
     if not supports(batch, d_model, d_inner) or d_inner % channels or channels < MIN_ROWS or channels & (channels - 1):
         raise ValueError(
             f"mamba_step_pallas: needs batch <= {MAX_BATCH}, d_model a multiple of {MIN_ROWS} and d_inner a multiple "
@@ -248,13 +262,13 @@ def mamba_step_pallas(
         interpret = not pallas_supported()
     if not interpret:
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
-    config = (jnp.dtype(dtype), bool(interpret), channels, depth, columns, num_warps, num_stages)
+    config = (jnp.dtype(dtype), bool(interpret), channels, depth, columns, int(prefetch), num_warps, num_stages)
     return _step(u, conv_state, ssm_state, weights, config)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _step(u, conv_state, ssm_state, weights, config):
-    dtype, interpret, channels, depth, columns, num_warps, num_stages = config
+    dtype, interpret, channels, depth, columns, prefetch, num_warps, num_stages = config
     batch, d_model = u.shape
     d_inner = conv_state.shape[2]
     blocks = d_inner // channels
@@ -265,7 +279,7 @@ def _step(u, conv_state, ssm_state, weights, config):
         dtype=dtype,
         ops=KernelMath(interpret),
     )
-    common = dict(common_out, depth=depth_for(d_model, depth))
+    common = dict(common_out, depth=depth_for(d_model, depth), prefetch=prefetch)
     params = plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     w = weights._asdict()
 
