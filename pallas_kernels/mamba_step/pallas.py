@@ -1,16 +1,19 @@
-"""``mamba_step`` as two Pallas GPU kernels (Triton) and one XLA sum: a Mamba-1 mixer's decode step in 3 launches
-where the op-by-op step takes about 10.
+"""``mamba_step`` as two Pallas GPU kernels (Triton) and two XLA sums: a Mamba-1 mixer's decode step in 4 launches
+where XLA's op-by-op step takes about 12 (docs/kernels.md, "Fused Mamba-1 decode step").
 
-Both kernels have grid (di / channels,): program j owns channels j * channels ... of d_inner for every batch row,
-the batch padded to ``rows`` (a power of 2, at least 16: ``tl.dot``'s smallest tile) and masked.
+Program j of either kernel owns channels j * channels ... of d_inner for every batch row; one batch row is a GEMV
+(products summed after the loop), more rows are padded to a power of 2 of at least 16 (``tl.dot``'s smallest tile)
+and masked.
 
-1. ``_in_kernel``: x = u @ in_proj[:, channels] (a loop over d in tiles of ``depth``), the conv window shifted in
-   place, x = silu(conv), stored; its share of x_proj, x[:, channels] @ x_proj[channels], stored as a float32
-   partial sum (di / channels, b, r + 2n).
-2. ``_out_kernel``: z = u @ in_proj[:, di + channels]; [dt, B, C] = the sum of the partials; dt = dt @ dt_proj; the
-   state update of its (b, channels, n) state in place; y gated by silu(z); its share of out_proj,
-   y[:, channels] @ out_proj[channels], stored as a float32 partial sum (di / channels, b, d).
-3. XLA sums the partials over di / channels.
+1. ``_in_kernel``, grid (di / channels,): x and z = u @ in_proj[:, its channels of each half] (one loop over d in
+   tiles of ``depth``, loaded ``prefetch`` iterations ahead); the conv window shifted in place; x = silu(conv);
+   x, z stored; its share of x_proj, x[:, channels] @ x_proj[channels], stored as a float32 partial sum
+   (di / channels, b, r + 2n); a copy of its part of the old SSM state.
+2. XLA sums the x_proj partials -> (b, r + 2n).
+3. ``_out_kernel``, grid (di / channels, d / columns): dt = dt_proj of the rounded sum, softplus; the state update
+   of its (b, channels, n) state (written in place by the column-0 programs); D; the silu(z) gate; ``columns``
+   columns of its share of out_proj, stored as a float32 partial sum (di / channels, b, d).
+4. XLA sums the out_proj partials over di / channels.
 
 Rounding follows the reference: every projection's result and the conv's output are rounded to the compute dtype
 where ``nnx.Linear`` and ``CausalConv1d`` round them; products accumulate in float32 (the conv too, rounded once).
@@ -239,7 +242,8 @@ def mamba_step_pallas(
     num_warps: int = 8,
     num_stages: int = 3,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The step in three launches; arguments and results as ``mamba_step_reference``, shapes there and ``supports``.
+    """The step in four launches (two kernels, two sums); arguments and results as ``mamba_step_reference``, shapes
+    there and ``supports``.
 
     ``interpret`` None runs the compiled kernels where ``pallas_supported()``, else Pallas's interpreter (slow; for
     tests). ``channels`` (a power of 2 of at least 16 dividing d_inner; None: the largest such of at most CHANNELS),
