@@ -4,8 +4,9 @@ Each op lives in its own folder with its reference beside the fast paths; ``impl
 available on the current platform.
 """
 
+from pallas_kernels.mamba_step import MambaStepWeights, mamba_step
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.ssd import mamba_chunk_scan
 from pallas_kernels.state_update import selective_state_update
 
-__all__ = ["mamba_chunk_scan", "selective_scan", "selective_state_update"]
+__all__ = ["MambaStepWeights", "mamba_chunk_scan", "mamba_step", "selective_scan", "selective_state_update"]
