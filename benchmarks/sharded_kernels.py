@@ -13,26 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from benchmarks import scaling
 from benchmarks.mamba_step import random_layer
 from benchmarks.timing import environment
 from pallas_kernels.mamba_step.pallas import mamba_step_pallas
 from pallas_kernels.mamba_step.reference import mamba_step_reference
 from pallas_kernels.selective_scan import selective_scan
 
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-
 
 def collectives(compiled) -> dict:
-    text = compiled.as_text()
-    # synchronous "all-gather(" or asynchronous "all-gather-start(" (whose result types are tuples)
-    return {name: len(re.findall(rf"\b{name}(?:-start)?\(", text)) for name in COLLECTIVES}
+    """How many of each collective the compiled program holds (an asynchronous -start counts once)."""
+    found = [c["op"] for c in scaling.collectives(compiled.as_text())]
+    return {name: found.count(name) for name in scaling.COLLECTIVES}
 
 
 def scan_case(mesh) -> dict:
