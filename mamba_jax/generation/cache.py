@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.mamba_step.reference import conv_step as conv_window_step
+
 
 class SSMCache(NamedTuple):
     """Decode state of a Mamba-1 or Mamba-2 layer (shapes in the module docstring)."""
@@ -93,16 +95,7 @@ def conv_prefill(
 
 
 def conv_step(conv: nnx.Module, x: jax.Array, conv_state: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One step of the causal conv: x (b, c), conv_state (b, w, c) -> (y (b, c), new conv_state (b, w, c)).
-
-    The products are summed in the order ``CausalConv1d.__call__`` uses (oldest tap first), so a step reproduces the
-    full-sequence conv to the bit in float32.
-    """
-    window = jnp.concatenate([conv_state[:, 1:], x[:, None].astype(conv_state.dtype)], axis=1)
-    dtype = conv.dtype or x.dtype
-    taps = window.astype(dtype)
-    kernel = conv.kernel[...].astype(dtype)
-    y = sum(taps[:, k] * kernel[k] for k in range(conv.width))
-    if conv.bias is not None:
-        y = y + conv.bias[...].astype(dtype)
-    return y, window
+    """One step of ``conv`` (a ``CausalConv1d``): x (b, c), conv_state (b, w, c) -> (y (b, c) in the conv's dtype,
+    default x's; new conv_state (b, w, c)). ``pallas_kernels.mamba_step.reference.conv_step`` on its parameters."""
+    bias = None if conv.bias is None else conv.bias[...]
+    return conv_window_step(x, conv_state, conv.kernel[...], bias, conv.dtype or x.dtype)

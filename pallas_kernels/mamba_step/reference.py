@@ -41,6 +41,23 @@ def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype) -> ja
     return y if bias is None else y + bias.astype(dtype)
 
 
+def conv_step(
+    x: jax.Array, conv_state: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype
+) -> tuple[jax.Array, jax.Array]:
+    """One step of the depthwise causal conv on its cached window: x (b, c), conv_state (b, w, c) the last w inputs,
+    oldest first, kernel (w, c), bias (c,) or None -> (y (b, c) in ``dtype``, the new window in conv_state's dtype).
+
+    The products are summed oldest tap first, as ``CausalConv1d`` sums them, so a step reproduces the full-sequence
+    conv to the bit in float32.
+    """
+    window = jnp.concatenate([conv_state[:, 1:], x[:, None].astype(conv_state.dtype)], axis=1)  # (b, w, c)
+    taps, kernel = window.astype(dtype), kernel.astype(dtype)
+    y = sum(taps[:, k] * kernel[k] for k in range(kernel.shape[0]))
+    if bias is not None:
+        y = y + bias.astype(dtype)
+    return y, window
+
+
 def mamba_step_reference(
     u: jax.Array, conv_state: jax.Array, ssm_state: jax.Array, weights: MambaStepWeights, dtype
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -54,11 +71,7 @@ def mamba_step_reference(
     rank = w.dt_proj.shape[0]
     d_state = w.A_log.shape[1]
     x, z = jnp.split(linear(u, w.in_proj, w.in_proj_bias, dtype), 2, axis=-1)  # (b, di) each
-    window = jnp.concatenate([conv_state[:, 1:], x[:, None].astype(conv_state.dtype)], axis=1)  # (b, w, di)
-    taps, kernel = window.astype(dtype), w.conv.astype(dtype)
-    x = sum(taps[:, k] * kernel[k] for k in range(kernel.shape[0]))  # oldest tap first, as CausalConv1d
-    if w.conv_bias is not None:
-        x = x + w.conv_bias.astype(dtype)
+    x, window = conv_step(x, conv_state, w.conv, w.conv_bias, dtype)
     x = jax.nn.silu(x)
     dt, B, C = jnp.split(linear(x, w.x_proj, None, dtype), [rank, rank + d_state], axis=-1)
     dt = linear(dt, w.dt_proj, None, dtype)
