@@ -131,19 +131,12 @@ def kernel_times(trace_dir: str, loops: int) -> dict:
 def check(step, u, cache, weights, dtype) -> dict:
     """Norm-wise errors of ``step``'s and the XLA reference's out and new SSM state against the float32 computation;
     AssertionError unless ours are within tests/tolerances.py's COMPOSED_ERROR_FACTOR of XLA's."""
-    from tests.tolerances import COMPOSED_ERROR_FACTOR, rel_err
+    from tests.tolerances import as_float32, assert_no_worse
 
-    def upcast(a):
-        return a.astype(jnp.float32) if a is not None else a
-
-    exact = jax.jit(mamba_step_reference, static_argnums=4)(*jax.tree.map(upcast, (u, *cache, weights)), jnp.float32)
+    exact = jax.jit(mamba_step_reference, static_argnums=4)(*as_float32((u, *cache, weights)), jnp.float32)
     ours = jax.jit(step, static_argnums=4)(u, *cache, weights, dtype)
     theirs = jax.jit(mamba_step_reference, static_argnums=4)(u, *cache, weights, dtype)
-    errors = {}
-    for name, index in (("out", 0), ("ssm_state", 2)):
-        errors[name] = (rel_err(ours[index], exact[index]), rel_err(theirs[index], exact[index]))
-        assert errors[name][0] <= COMPOSED_ERROR_FACTOR * errors[name][1], f"{name}: ours, XLA's {errors[name]}"
-    return errors
+    return {name: assert_no_worse(ours[i], theirs[i], exact[i], name) for name, i in (("out", 0), ("ssm_state", 2))}
 
 
 def measure(name: str, batch: int, d_model: int, variants, args, dtype) -> list[dict]:

@@ -5,6 +5,7 @@ by summation order; 16-bit paths compute in float32 too, so they differ by about
 Model parity against torch uses the relative norm error (``rel_err``) with the limits below.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,3 +49,21 @@ def rel_err(actual, expected) -> float:
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
     return float(np.linalg.norm(a - e) / np.linalg.norm(e))
+
+
+def assert_no_worse(actual, reference, exact, what: str = "") -> tuple[float, float]:
+    """The composed 16-bit rule (COMPOSED_ERROR_FACTOR): returns (rel_err(actual, exact), rel_err(reference, exact))
+    and raises AssertionError unless the first is at most the factor times the second."""
+    ours, theirs = rel_err(actual, exact), rel_err(reference, exact)
+    assert ours <= COMPOSED_ERROR_FACTOR * theirs, f"{what}: error {ours:.2e}, the reference's {theirs:.2e}"
+    return ours, theirs
+
+
+def as_float32(tree):
+    """``tree`` with its floating arrays in float32 (other leaves, and None, as they are): the inputs of the float32
+    computation ``assert_no_worse`` compares with."""
+
+    def cast(a):
+        return a.astype(jnp.float32) if a is not None and jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return jax.tree.map(cast, tree)
