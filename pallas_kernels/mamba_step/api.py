@@ -29,9 +29,9 @@ def default_implementation(batch: int, d_model: int, d_inner: int) -> str:
     """What ``implementation=None`` runs: the kernels on a GPU Pallas compiles for, at batch 1 and d_model <= 2048;
     else XLA.
 
-    Measured on an H100 (benchmarks/RESULTS.md, "A fused decode step"): at batch 1 the kernels take 33-40% less time
-    per layer than XLA at d_model 768 and 2048 (Mamba-1 130m, 1.4b) and are level with it at 2560 (2.8b), where XLA's
-    own matrix-vector products reach 80-85% of the memory bandwidth; at batch 16 they are slower.
+    Measured on an H100 (benchmarks/RESULTS.md, "A fused Mamba-1 decode step"): at batch 1 the kernels take 29% and
+    41% less time per layer than XLA at d_model 768 and 2048 (Mamba-1 130m, 1.4b) and 8% more at 2560 (2.8b), where
+    XLA's own matrix-vector products reach 80-85% of the memory bandwidth; at batch 16 they are slower.
     """
     from pallas_kernels.mamba_step.pallas import supports
     from pallas_kernels.selective_scan.pallas import pallas_supported
