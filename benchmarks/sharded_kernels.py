@@ -3,10 +3,12 @@ sharding, and whether the results equal the XLA reference's.
 
     PYTHONPATH=. python3 benchmarks/sharded_kernels.py --out benchmarks/results/sharded_kernels_2xh200.json
 
-Needs 2 or more GPUs. A Pallas kernel is a custom call that XLA's SPMD partitioner cannot split: if the compiled
-program gathers the kernel's operands (all-gather) every device runs the whole kernel. Cases: the selective scan with
-its inputs split over the batch (data parallel / FSDP training), and the fused Mamba-1 decode step with its weights
-split over d_inner (tensor parallel) or over d_model (FSDP).
+Needs 2 or more GPUs. A Pallas kernel is a custom call that XLA's SPMD partitioner cannot look into; the kernels'
+batch rule (``pallas_kernels.batch_split.over_batch``) lets each device run them on its rows of the batch. If the
+compiled program gathers a kernel's operands (all-gather), every device runs the whole kernel instead. Cases: the
+selective scan's forward and backward with its inputs split over the batch (data parallel / FSDP training), timed
+against one device running one device's share (equal times: the work is split), and the fused Mamba-1 decode step
+with its weights split over d_inner (tensor parallel) or over d_model (FSDP), which the batch rule does not cover.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks import scaling
 from benchmarks.mamba_step import random_layer
-from benchmarks.timing import environment
+from benchmarks.timing import environment, time_ms
 from pallas_kernels.mamba_step.pallas import mamba_step_pallas
 from pallas_kernels.mamba_step.reference import mamba_step_reference
 from pallas_kernels.selective_scan import selective_scan
@@ -33,27 +35,47 @@ def collectives(compiled) -> dict:
     return {name: found.count(name) for name in scaling.COLLECTIVES}
 
 
-def scan_case(mesh) -> dict:
-    batch, seqlen, dim, n = 2 * mesh.size, 256, 256, 16
+def scan_inputs(batch: int, seqlen: int, dim: int, n: int):
     keys = jax.random.split(jax.random.key(0), 5)
     u, delta, z = (jax.random.normal(k, (batch, seqlen, dim), jnp.bfloat16) for k in keys[:3])
     B, C = (jax.random.normal(k, (batch, seqlen, n), jnp.bfloat16) for k in keys[3:])
-    A = -jnp.ones((dim, n), jnp.float32)
+    return u, delta, B, C, z
+
+
+def scan_loss(implementation):
+    """sum(out^2) of the scan (A = -1, delta softplus): its value and its gradients in u, delta, B, C, z, jitted."""
+
+    def loss(u, delta, B, C, z):
+        A = -jnp.ones((u.shape[2], B.shape[2]), jnp.float32)
+        out = selective_scan(u, delta, A, B, C, z=z, delta_softplus=True, implementation=implementation)
+        return jnp.sum(jnp.square(out.astype(jnp.float32)))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
+def scan_case(mesh, shape: tuple[int, int, int, int], reps: int) -> dict:
+    """The scan's forward and backward with its inputs split over the batch: collectives, the result against the XLA
+    reference, and the time against one device running one device's share of the batch (equal: the work is split)."""
+    per_device, seqlen, dim, n = shape
+    inputs = scan_inputs(per_device * mesh.size, seqlen, dim, n)
     split = NamedSharding(mesh, PartitionSpec("x"))
-    u, delta, z, B, C = (jax.device_put(a, split) for a in (u, delta, z, B, C))
-
-    def run(implementation):
-        def f(u, delta, B, C, z):
-            return selective_scan(u, delta, A, B, C, z=z, delta_softplus=True, implementation=implementation)
-
-        return jax.jit(f, out_shardings=split)
-
-    kernel = run("pallas").lower(u, delta, B, C, z).compile()
-    got, expected = kernel(u, delta, B, C, z), run("reference")(u, delta, B, C, z)
+    placed = [jax.device_put(a, split) for a in inputs]
+    kernel = scan_loss("pallas")
+    compiled = kernel.lower(*placed).compile()
+    (loss, grads), (loss_ref, grads_ref) = kernel(*placed), scan_loss("reference")(*inputs)
+    errors = [
+        float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32))))
+        for g, r in zip(grads, grads_ref, strict=True)
+    ]
+    one_device = [jax.device_put(a[:per_device], jax.devices()[0]) for a in inputs]
     return {
-        "case": "selective_scan, inputs split over the batch",
-        "collectives": collectives(kernel),
-        "max_abs_diff_vs_reference": float(jnp.max(jnp.abs(got.astype(jnp.float32) - expected.astype(jnp.float32)))),
+        "case": f"selective_scan forward+backward, (batch, seqlen, d_inner, d_state) {shape} per device, split over "
+        "the batch",
+        "collectives": collectives(compiled),
+        "loss_rel_diff_vs_reference": float(abs(loss - loss_ref) / abs(loss_ref)),
+        "max_abs_grad_diff_vs_reference": max(errors),
+        "split_ms": time_ms(kernel, *placed, reps=reps)["median_ms"],
+        "one_device_share_ms": time_ms(kernel, *one_device, reps=reps)["median_ms"],
     }
 
 
@@ -92,6 +114,12 @@ def step_case(mesh, split: str) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--scan-shape",
+        default="8,2048,2048,16",
+        help="per-device batch, seqlen, d_inner, d_state of the scan case (default: Mamba-1 370m at batch 8 x 2048)",
+    )
+    parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args()
     if jax.device_count() < 2:
         raise SystemExit(f"needs 2 or more GPUs, found {jax.devices()}")
@@ -99,7 +127,12 @@ def main():
     # into the types, where Pallas refuses sharded operands outright).
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
     rows = []
-    for case in (lambda: scan_case(mesh), lambda: step_case(mesh, "tensor"), lambda: step_case(mesh, "fsdp")):
+    scan_shape = tuple(int(x) for x in args.scan_shape.split(","))
+    for case in (
+        lambda: scan_case(mesh, scan_shape, args.reps),
+        lambda: step_case(mesh, "tensor"),
+        lambda: step_case(mesh, "fsdp"),
+    ):
         try:
             rows.append(case())
         except Exception as e:  # keep the other cases

@@ -32,6 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.batch_split import over_batch
 from pallas_kernels.mamba_step.reference import MambaStepWeights, mamba_step_reference
 from pallas_kernels.selective_scan.kernel_math import LOG2_E, KernelMath
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
@@ -272,6 +273,21 @@ def mamba_step_pallas(
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _step(u, conv_state, ssm_state, weights, config):
+    """The kernels, each device on its rows of the batch in a sharded jit (the weights whole on every device)."""
+    present = {name: value for name, value in weights._asdict().items() if value is not None}
+    names = sorted(present)
+
+    def kernels(u, conv_state, ssm_state, *arrays):
+        weights = MambaStepWeights(
+            **{**dict.fromkeys(MambaStepWeights._fields), **dict(zip(names, arrays, strict=True))}
+        )
+        return _kernels(u, conv_state, ssm_state, weights, config)
+
+    arrays = [u, conv_state, ssm_state, *(present[name] for name in names)]
+    return over_batch(kernels, arrays, [True] * 3 + [False] * len(names))
+
+
+def _kernels(u, conv_state, ssm_state, weights, config):
     dtype, interpret, channels, depth, columns, prefetch, num_warps, num_stages = config
     batch, d_model = u.shape
     d_inner = conv_state.shape[2]

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.batch_split import over_batch
 from pallas_kernels.selective_scan import mosaic_fwd
 from pallas_kernels.selective_scan.kernel_math import LOG2_E
 from pallas_kernels.selective_scan.pallas_bwd import scan_adjoints, scan_backward, unpack_lane_sums
@@ -29,6 +30,7 @@ from pallas_kernels.selective_scan.pallas_fwd import chunks_for, chunks_of, scan
 # This filter matches that message and category alone.
 TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated and will be removed in a future JAX version"
 logger = logging.getLogger("pallas_kernels")
+PER_CHANNEL = ("A2", "D", "delta_bias")  # the kernel inputs without a batch dimension
 
 
 def pallas_supported() -> bool:
@@ -152,15 +154,32 @@ def chunk_entering_adjoints(local: dict[str, jax.Array], A2: jax.Array, dlast: j
 
 def _forward(inputs, delta_softplus, blocks, interpret):
     """(out (b, l, di), last state float32 (b, n, di), chunk start states float32 (b, K, n, di) or None when K = 1
-    and there is no initial state)."""
+    and there is no initial state). In a sharded jit each device scans its own rows of the batch."""
+
+    def kernels(inputs):
+        if blocks.forward_backend == "mosaic":
+            result = mosaic_fwd.scan_forward(
+                inputs, delta_softplus=delta_softplus, chunk=blocks.chunk, interpret=interpret
+            )
+        else:
+            result = _triton_forward(inputs, delta_softplus, blocks, interpret)
+        return result["out"], result["h_end"]
+
+    out, h_end = _rows_apart(kernels, inputs)
     h0 = inputs.get("h0")
-    if blocks.forward_backend == "mosaic":
-        result = mosaic_fwd.scan_forward(inputs, delta_softplus=delta_softplus, chunk=blocks.chunk, interpret=interpret)
-    else:
-        result = _triton_forward(inputs, delta_softplus, blocks, interpret)
-    h_end = result["h_end"]
     h_start = chunk_start_states(h_end, h0) if h_end.shape[1] > 1 or h0 is not None else None
-    return result["out"], h_end[:, -1], h_start
+    return out, h_end[:, -1], h_start
+
+
+def _rows_apart(fn, inputs: dict[str, jax.Array]):
+    """``fn(inputs)`` (a pytree of batch-leading arrays) run by ``over_batch``: every input is batch-leading except
+    the per-channel ones."""
+    names = sorted(inputs)
+    return over_batch(
+        lambda *arrays: fn(dict(zip(names, arrays, strict=True))),
+        [inputs[name] for name in names],
+        [name not in PER_CHANNEL for name in names],
+    )
 
 
 def _triton_forward(inputs, delta_softplus, blocks, interpret):
@@ -196,21 +215,8 @@ def _scan_bwd(delta_softplus, blocks, interpret, residuals, cotangents):
     inputs.pop("h0", None)
     if h_start is not None:
         inputs["h_start"] = h_start
-    options = {"delta_softplus": delta_softplus, "blocks": blocks, "interpret": interpret}
-    if blocks.forward_backend == "mosaic":
-        checkpoints = mosaic_fwd.scan_checkpoints(
-            inputs, delta_softplus=delta_softplus, chunk=blocks.chunk, every=blocks.backward_steps, interpret=interpret
-        )["checkpoints"]
-    else:
-        checkpoints = scan_forward(inputs, mode="checkpoints", **options)["checkpoints"]
-    inputs.pop("h_start", None)
-    inputs.update(dout=dout, checkpoints=checkpoints)
-    dlast = jnp.swapaxes(dlast.astype(jnp.float32), 1, 2)
-    if chunks_of(inputs, blocks).count > 1:
-        inputs["lam_in"] = chunk_entering_adjoints(scan_adjoints(inputs, **options), inputs["A2"], dlast)
-    else:
-        inputs["lam_in"] = dlast[:, None]
-    grads = scan_backward(inputs, **options)
+    inputs.update(dout=dout, dlast=jnp.swapaxes(dlast.astype(jnp.float32), 1, 2))
+    grads = _rows_apart(lambda inputs: _backward(inputs, delta_softplus, blocks, interpret), inputs)
 
     def cast(value, like):
         return None if like is None else value.astype(like.dtype)
@@ -232,6 +238,28 @@ def _scan_bwd(delta_softplus, blocks, interpret, residuals, cotangents):
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def _backward(inputs, delta_softplus, blocks, interpret) -> dict[str, jax.Array]:
+    """The backward's launches on ``inputs`` (the kernel inputs, the cotangents dout (b, l, di) and dlast (b, n, di),
+    the chunk start states h_start when the forward had them): the state checkpoints, the chunks' entering adjoints,
+    then ``scan_backward``'s per-row gradients (all batch-leading; the batch sums are the caller's)."""
+    options = {"delta_softplus": delta_softplus, "blocks": blocks, "interpret": interpret}
+    dout, dlast = inputs["dout"], inputs["dlast"]
+    inputs = {name: value for name, value in inputs.items() if name not in ("dout", "dlast")}
+    if blocks.forward_backend == "mosaic":
+        checkpoints = mosaic_fwd.scan_checkpoints(
+            inputs, delta_softplus=delta_softplus, chunk=blocks.chunk, every=blocks.backward_steps, interpret=interpret
+        )["checkpoints"]
+    else:
+        checkpoints = scan_forward(inputs, mode="checkpoints", **options)["checkpoints"]
+    inputs.pop("h_start", None)
+    inputs.update(dout=dout, checkpoints=checkpoints)
+    if chunks_of(inputs, blocks).count > 1:
+        inputs["lam_in"] = chunk_entering_adjoints(scan_adjoints(inputs, **options), inputs["A2"], dlast)
+    else:
+        inputs["lam_in"] = dlast[:, None]
+    return scan_backward(inputs, **options)
 
 
 def _check_arguments(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
