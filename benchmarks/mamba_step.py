@@ -33,17 +33,15 @@ from pallas_kernels.mamba_step.reference import mamba_step_reference
 
 # (name, batch, d_model): d_inner 2 d_model, d_state 16, dt_rank d_model / 16, d_conv 4, as the published models.
 SHAPES = [("mamba-1.4b", 1, 2048), ("mamba-2.8b", 1, 2560), ("mamba-130m", 1, 768), ("mamba-1.4b", 16, 2048)]
-# (channels, depth, columns, prefetch, num_warps, num_stages) of the kernels (pallas.mamba_step_pallas); the first is
-# the default.
+# (channels, depth, columns, prefetch, proj_columns, splits, num_warps, num_stages) of the kernels
+# (pallas.mamba_step_pallas; splits None: pallas.default_splits); the first is the default.
 VARIANTS = [
-    (64, 128, 512, 2, 8, 3),
-    (64, 128, 512, 0, 8, 3),
-    (64, 128, 512, 1, 8, 3),
-    (64, 128, 512, 3, 8, 3),
-    (32, 128, 512, 2, 8, 3),
-    (32, 256, 512, 0, 4, 3),
-    (64, 128, 256, 2, 8, 3),
-    (64, 64, 512, 2, 8, 3),
+    (64, 128, 512, 1, 64, None, 8, 3),
+    (64, 128, 512, 2, 64, None, 8, 3),
+    (64, 128, 512, 2, 128, None, 8, 3),
+    (64, 128, 512, 2, 128, 2, 8, 3),
+    (64, 64, 512, 2, 64, 2, 8, 3),
+    (64, 128, 1024, 2, 64, None, 8, 3),
 ]
 
 
@@ -73,13 +71,15 @@ def step_fn(variant):
     """(u, conv_state, ssm_state, weights, dtype) -> (out, conv_state, ssm_state) for a variant."""
     if variant == "reference":
         return mamba_step_reference
-    channels, depth, columns, prefetch, num_warps, num_stages = variant
+    channels, depth, columns, prefetch, proj_columns, splits, num_warps, num_stages = variant
     return functools.partial(
         mamba_step_pallas,
         channels=channels,
         depth=depth,
         columns=columns,
         prefetch=prefetch,
+        proj_columns=proj_columns,
+        splits=splits,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -1,19 +1,21 @@
-"""``mamba_step`` as two Pallas GPU kernels (Triton) and two XLA sums: a Mamba-1 mixer's decode step in 4 launches
+"""``mamba_step`` as three Pallas GPU kernels (Triton) and two XLA sums: a Mamba-1 mixer's decode step in 5 launches
 where XLA's op-by-op step takes about 12 (docs/kernels.md, "Fused Mamba-1 decode step").
 
-Program j of either kernel owns channels j * channels ... of d_inner for every batch row; one batch row is a GEMV
-(products summed after the loop), more rows are padded to a power of 2 of at least 16 (``tl.dot``'s smallest tile)
-and masked.
+One batch row is a GEMV (products summed after the loop); more rows are padded to a power of 2 of at least 16
+(``tl.dot``'s smallest tile) and masked.
 
-1. ``_in_kernel``, grid (di / channels,): x and z = u @ in_proj[:, its channels of each half] (one loop over d in
-   tiles of ``depth``, loaded ``prefetch`` iterations ahead); the conv window shifted in place; x = silu(conv);
-   x, z stored; its share of x_proj, x[:, channels] @ x_proj[channels], stored as a float32 partial sum
-   (di / channels, b, r + 2n); a copy of its part of the old SSM state.
-2. XLA sums the x_proj partials -> (b, r + 2n).
-3. ``_out_kernel``, grid (di / channels, d / columns): dt = dt_proj of the rounded sum, softplus; the state update
-   of its (b, channels, n) state (written in place by the column-0 programs); D; the silu(z) gate; ``columns``
+1. ``_proj_kernel``, grid (2di / proj_columns, splits): in_proj, each program ``proj_columns`` columns of one split
+   of d_model (one loop in tiles of ``depth`` rows, loaded ``prefetch`` iterations ahead), stored as float32 partial
+   sums (splits, b, 2di). Splitting d_model is what lets this kernel read in_proj near the memory bandwidth: the
+   grid has enough programs (benchmarks/gemv.py).
+2. ``_in_kernel``, grid (di / channels,): program j owns channels j * channels ... of d_inner for every batch row:
+   x and z = the sums of its partials; the conv window shifted in place; x = silu(conv); x, z stored; its share of
+   x_proj, x[:, channels] @ x_proj[channels], stored as a float32 partial sum (di / channels, b, r + 2n).
+3. XLA sums the x_proj partials -> (b, r + 2n).
+4. ``_out_kernel``, grid (di / channels, d / columns): dt = dt_proj of the rounded sum, softplus; the state update
+   of its (b, channels, n) state (stored by the column-0 programs); D; the silu(z) gate; ``columns``
    columns of its share of out_proj, stored as a float32 partial sum (di / channels, b, d).
-4. XLA sums the out_proj partials over di / channels.
+5. XLA sums the out_proj partials over di / channels.
 
 Rounding follows the reference: every projection's result and the conv's output are rounded to the compute dtype
 where ``nnx.Linear`` and ``CausalConv1d`` round them; products accumulate in float32 (the conv too, rounded once).
@@ -44,6 +46,8 @@ MAX_BATCH = 16  # the batch rows one program holds (its state tile is rows x cha
 CHANNELS = 64  # channels of d_inner per program
 DEPTH = 128  # rows of in_proj per loop iteration of the first kernel
 COLUMNS = 512  # columns of out_proj per program of the second kernel
+PROJ_COLUMNS = 64  # columns of in_proj per program of the first kernel
+PROJ_PROGRAMS = 256  # the first kernel's grid size that the default splits of d_model reach where they can
 
 
 class Span(NamedTuple):
@@ -100,53 +104,62 @@ def _rounded(x: jax.Array, dtype) -> jax.Array:
     return x.astype(dtype).astype(jnp.float32)
 
 
-def _project(u_ref, kernel_ref, firsts, rows: Span, channels: int, depth: int, dtype, prefetch: int):
-    """[u (b, d) @ kernel[:, first : first + channels] for first in firsts] in float32, each (rows, channels), in one
-    loop over d in tiles of ``depth``. One row keeps (depth, channels) products and sums them after the loop.
-    ``prefetch``: how many iterations ahead the tiles are loaded: iteration k loads tile k + prefetch, then uses tile
-    k, loaded earlier, so that prefetch + 1 tiles are in flight (the last iterations load the last tile again,
-    unused)."""
-    steps = u_ref.shape[1] // depth
+def _project(u_ref, kernel_ref, first, rows: Span, columns: int, depth: int, dtype, prefetch: int, start, steps: int):
+    """u (b, d) @ kernel[start : start + steps * depth, first : first + columns] in float32, (rows, columns), in one
+    loop over the rows in tiles of ``depth``. One batch row keeps (depth, columns) products and sums them after the
+    loop. ``prefetch``: how many iterations ahead the tiles are loaded: iteration k loads tile k + prefetch, then
+    uses tile k, loaded earlier, so that prefetch + 1 tiles are in flight (the last iterations load the last tile
+    again, unused). ``start`` is a traced multiple of ``depth``."""
     gemv = rows.size == 1
-    shape = (depth, channels) if gemv else (rows.size, channels)
 
     def load(k):
-        start = k * depth if isinstance(k, int) else pl.multiple_of(k * depth, depth)
-        kernels = tuple(kernel_ref[pl.ds(start, depth), pl.ds(first, channels)] for first in firsts)
-        return _load(u_ref, rows, Span(start, depth, depth)), kernels
-
-    def accumulate(accs, tiles):
-        u, kernels = tiles
-        u = u.astype(dtype)
-        if gemv:
-            u = u.astype(jnp.float32).T
-            return tuple(acc + u * k.astype(dtype).astype(jnp.float32) for acc, k in zip(accs, kernels, strict=True))
-        return tuple(acc + _product(u, k.astype(dtype)) for acc, k in zip(accs, kernels, strict=True))
+        row = pl.multiple_of(start + k * depth, depth)
+        return _load(u_ref, rows, Span(row, depth, depth)), kernel_ref[pl.ds(row, depth), pl.ds(first, columns)]
 
     def tile(k, carry):
-        accs, loaded = carry
+        acc, loaded = carry
         loaded = (*loaded, load(jnp.minimum(k + prefetch, steps - 1)))
-        return accumulate(accs, loaded[0]), loaded[1:]
+        u, kernel = loaded[0]
+        u, kernel = u.astype(dtype), kernel.astype(dtype)
+        if gemv:
+            acc = acc + u.astype(jnp.float32).T * kernel.astype(jnp.float32)
+        else:
+            acc = acc + _product(u, kernel)
+        return acc, loaded[1:]
 
-    zeros = tuple(jnp.zeros(shape, jnp.float32) for _ in firsts)
-    accs, _ = lax.fori_loop(0, steps, tile, (zeros, tuple(load(min(k, steps - 1)) for k in range(prefetch))))
-    return [jnp.sum(acc, axis=0, keepdims=True) if gemv else acc for acc in accs]
+    zeros = jnp.zeros((depth, columns) if gemv else (rows.size, columns), jnp.float32)
+    acc, _ = lax.fori_loop(0, steps, tile, (zeros, tuple(load(min(k, steps - 1)) for k in range(prefetch))))
+    return jnp.sum(acc, axis=0, keepdims=True) if gemv else acc
 
 
-def _in_kernel(ins, outs, *, channels: int, depth: int, prefetch: int, rows: Span, dtype, ops: KernelMath):
-    """ins: u (b, d), in_proj (d, 2di) [in_proj_bias (2di,)], conv_state (b, w, di), conv (w, di) [conv_bias (di,)],
-    x_proj (di, r + 2n), ssm_state (b, di, n). outs: conv_state (aliased), x and z (b, di), partial (di / channels, b,
-    r + 2n) float32, old_state (b, di, n) float32: a copy of ssm_state (see ``_out_kernel``)."""
+def _proj_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Span, dtype):
+    """ins: u (b, d), in_proj (d, 2di). outs: xz (splits, b, 2di) float32, partial sums of u @ in_proj.
+
+    Grid (2di / columns, splits): program (j, s) multiplies rows s d / splits ... (s + 1) d / splits of u and in_proj's
+    columns j columns ... (a split of the rows gives the grid enough programs to keep the memory busy)."""
+    column, split = pl.program_id(0), pl.program_id(1)
+    splits = outs["xz"].shape[0]
+    span = ins["u"].shape[1] // splits
+    first = pl.multiple_of(column * columns, columns)
+    acc = _project(ins["u"], ins["in_proj"], first, rows, columns, depth, dtype, prefetch, split * span, span // depth)
+    _store(outs["xz"], acc, split, rows, Span(first, columns, columns))
+
+
+def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
+    """ins: xz (splits, b, 2di) float32 (``_proj_kernel``'s partial sums) [in_proj_bias (2di,)], conv_state
+    (b, w, di), conv (w, di) [conv_bias (di,)], x_proj (di, r + 2n). outs: conv_state (aliased), x and z
+    (b, di), partial (di / channels, b, r + 2n) float32."""
     block = pl.program_id(0)
     first = pl.multiple_of(block * channels, channels)
     d_inner = ins["conv"].shape[1]
     lanes = Span(first, channels, channels)
-    states = Span(0, pl.next_power_of_2(ins["ssm_state"].shape[2]), ins["ssm_state"].shape[2])
-    _store(outs["old_state"], _load(ins["ssm_state"], rows, lanes, states), rows, lanes, states)
-    x, z = _project(ins["u"], ins["in_proj"], (first, d_inner + first), rows, channels, depth, dtype, prefetch)
+    z_lanes = Span(d_inner + first, channels, channels)
+    splits = range(ins["xz"].shape[0])
+    x = functools.reduce(jnp.add, [_load(ins["xz"], split, rows, lanes) for split in splits])
+    z = functools.reduce(jnp.add, [_load(ins["xz"], split, rows, z_lanes) for split in splits])
     if "in_proj_bias" in ins:
         x = _rounded(x, dtype) + _load(ins["in_proj_bias"], lanes)
-        z = _rounded(z, dtype) + _load(ins["in_proj_bias"], Span(d_inner + first, channels, channels))
+        z = _rounded(z, dtype) + _load(ins["in_proj_bias"], z_lanes)
     x = _rounded(x, dtype)
     _store(outs["z"], z, rows, lanes)
 
@@ -169,12 +182,12 @@ def _in_kernel(ins, outs, *, channels: int, depth: int, prefetch: int, rows: Spa
 
 def _out_kernel(ins, outs, *, channels: int, columns: int, rows: Span, dtype, ops: KernelMath):
     """ins: x, z (b, di), x_dbl (b, r + 2n) float32 (x_proj's result before rounding), dt_proj (r, di), dt_bias (di,),
-    A_log (di, n), D (di,), old_state (b, di, n) float32, ssm_state (b, di, n) (not read), out_proj (di, d).
-    outs: ssm_state (aliased), out (di / channels, b, d) float32.
+    A_log (di, n), D (di,), ssm_state (b, di, n), out_proj (di, d).
+    outs: ssm_state (the new state), out (di / channels, b, d) float32.
 
     Grid (di / channels, d / columns): program (j, k) updates channel block j's state (every k computes it; k = 0
-    stores it) and writes columns k * columns ... of its share of out_proj. The programs read the state from the
-    first kernel's copy: reading ssm_state itself would race with the k = 0 programs writing the new state there."""
+    stores it) and writes columns k * columns ... of its share of out_proj. The new state is a buffer of its own:
+    written over the old one in place, the k = 0 programs would race with the others still reading it."""
     block, column = pl.program_id(0), pl.program_id(1)
     first = pl.multiple_of(block * channels, channels)
     lanes = Span(first, channels, channels)
@@ -192,7 +205,7 @@ def _out_kernel(ins, outs, *, channels: int, columns: int, rows: Span, dtype, op
     dt = ops.softplus(dt)  # (rows, channels)
 
     A = -jnp.exp(_load(ins["A_log"], lanes, states))  # (channels, n)
-    state = _load(ins["old_state"], rows, lanes, states)  # (rows, channels, n)
+    state = _load(ins["ssm_state"], rows, lanes, states)  # (rows, channels, n)
     x = _load(ins["x"], rows, lanes)
     decay = ops.exp2((dt * LOG2_E)[:, :, None] * A[None])
     state = ops.fma(decay, state, (dt * x)[:, :, None] * B[:, None, :])
@@ -223,6 +236,14 @@ def depth_for(d_model: int, depth: int = DEPTH) -> int:
     return depth
 
 
+def default_splits(d_model: int, d_inner: int, depth: int, proj_columns: int) -> int:
+    """The fewest splits of d_model (each a multiple of ``depth`` rows) that give in_proj's kernel PROJ_PROGRAMS
+    programs, or the most there can be."""
+    candidates = [s for s in range(1, d_model // depth + 1) if d_model % (s * depth) == 0]
+    enough = [s for s in candidates if s * (2 * d_inner // proj_columns) >= PROJ_PROGRAMS]
+    return enough[0] if enough else candidates[-1]
+
+
 def supports(batch: int, d_model: int, d_inner: int) -> bool:
     """Whether the kernels take this shape: batch <= MAX_BATCH, d_model and d_inner multiples of 16."""
     return batch <= MAX_BATCH and d_model % MIN_ROWS == 0 and d_inner % MIN_ROWS == 0
@@ -239,17 +260,21 @@ def mamba_step_pallas(
     channels: int | None = None,
     depth: int = DEPTH,
     columns: int = COLUMNS,
-    prefetch: int = 2,
+    prefetch: int = 1,
+    proj_columns: int = PROJ_COLUMNS,
+    splits: int | None = None,
     num_warps: int = 8,
     num_stages: int = 3,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The step in four launches (two kernels, two sums); arguments and results as ``mamba_step_reference``, shapes
-    there and ``supports``.
+    """The step in five launches (three kernels, two sums); arguments and results as ``mamba_step_reference``,
+    shapes there and ``supports``.
 
     ``interpret`` None runs the compiled kernels where ``pallas_supported()``, else Pallas's interpreter (slow; for
     tests). ``channels`` (a power of 2 of at least 16 dividing d_inner; None: the largest such of at most CHANNELS),
-    ``depth`` (the rows of in_proj a loop iteration reads, a power of 2), ``columns`` (the columns of out_proj a
-    program of the second kernel writes, a power of 2), ``prefetch`` (see ``_project``), ``num_warps`` and
+    ``depth`` (the rows of in_proj a loop iteration reads, a power of 2), ``proj_columns`` (the columns of in_proj a
+    program reads, a power of 2), ``splits`` (how many parts d_model is cut into for in_proj, each a multiple of
+    ``depth``; None: ``default_splits``), ``columns`` (the columns of out_proj a program of the last kernel writes,
+    a power of 2), ``prefetch`` (see ``_project``), ``num_warps`` and
     ``num_stages`` set the programs' size and Triton's; the defaults are the measured best on an H100
     (benchmarks/mamba_step.py). Derivatives (jax.grad, jax.jvp) are the reference's.
     """
@@ -257,6 +282,14 @@ def mamba_step_pallas(
     d_inner = conv_state.shape[2]
     if channels is None:
         channels = depth_for(d_inner, CHANNELS)
+    depth, proj_columns = depth_for(d_model, depth), depth_for(2 * d_inner, proj_columns)
+    if splits is None:
+        splits = default_splits(d_model, d_inner, depth, proj_columns)
+    if not isinstance(splits, int) or splits < 1 or d_model % (splits * depth):
+        raise ValueError(
+            f"mamba_step_pallas: splits must be a positive int dividing d_model / depth = {d_model} / {depth}, "
+            f"got {splits!r}"
+        )
     if not supports(batch, d_model, d_inner) or d_inner % channels or channels < MIN_ROWS or channels & (channels - 1):
         raise ValueError(
             f"mamba_step_pallas: needs batch <= {MAX_BATCH}, d_model a multiple of {MIN_ROWS} and d_inner a multiple "
@@ -267,7 +300,8 @@ def mamba_step_pallas(
         interpret = not pallas_supported()
     if not interpret:
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
-    config = (jnp.dtype(dtype), bool(interpret), channels, depth, columns, int(prefetch), num_warps, num_stages)
+    config = (jnp.dtype(dtype), bool(interpret), channels, depth, columns, int(prefetch))
+    config += (proj_columns, splits, num_warps, num_stages)
     return _step(u, conv_state, ssm_state, weights, config)
 
 
@@ -288,7 +322,7 @@ def _step(u, conv_state, ssm_state, weights, config):
 
 
 def _kernels(u, conv_state, ssm_state, weights, config):
-    dtype, interpret, channels, depth, columns, prefetch, num_warps, num_stages = config
+    dtype, interpret, channels, depth, columns, prefetch, proj_columns, splits, num_warps, num_stages = config
     batch, d_model = u.shape
     d_inner = conv_state.shape[2]
     blocks = d_inner // channels
@@ -299,23 +333,35 @@ def _kernels(u, conv_state, ssm_state, weights, config):
         dtype=dtype,
         ops=KernelMath(interpret),
     )
-    common = dict(common_out, depth=depth_for(d_model, depth), prefetch=prefetch)
     params = plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     w = weights._asdict()
 
-    ins = {"u": u, "conv_state": conv_state, "ssm_state": ssm_state}
-    ins |= _pick(w, "in_proj", "in_proj_bias", "conv", "conv_bias", "x_proj")
+    xz = pl.pallas_call(
+        functools.partial(
+            _proj_kernel, columns=proj_columns, depth=depth, prefetch=prefetch, rows=common_out["rows"], dtype=dtype
+        ),
+        out_shape={"xz": jax.ShapeDtypeStruct((splits, batch, 2 * d_inner), jnp.float32)},
+        grid=(2 * d_inner // proj_columns, splits),
+        compiler_params=params,
+        interpret=interpret,
+        name="mamba_step_proj",
+    )({"u": u, "in_proj": weights.in_proj})["xz"]
+
+    ins = {"xz": xz, "conv_state": conv_state}
+    ins |= _pick(w, "in_proj_bias", "conv", "conv_bias", "x_proj")
+    # The conv window is updated in place (each program reads and writes only its own channels; in a decode loop this
+    # saves a copy of the window). The SSM state is not: an in-place state next to the in-place window failed about
+    # one call in two on an H100 (tests/test_mamba_step.py::test_kernels_repeat_exactly_on_gpu), either alone never.
     first = pl.pallas_call(
-        functools.partial(_in_kernel, **common),
+        functools.partial(_in_kernel, **common_out),
+        input_output_aliases={sorted(ins).index("conv_state"): 0},  # outs flatten in sorted key order
         out_shape={
             "conv_state": jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
-            "old_state": jax.ShapeDtypeStruct(ssm_state.shape, jnp.float32),
             "partial": jax.ShapeDtypeStruct((blocks, batch, width), jnp.float32),
             "x": jax.ShapeDtypeStruct((batch, d_inner), dtype),
             "z": jax.ShapeDtypeStruct((batch, d_inner), dtype),
         },
         grid=(blocks,),
-        input_output_aliases={sorted(ins).index("conv_state"): 0},  # outs flatten in sorted key order
         compiler_params=params,
         interpret=interpret,
         name="mamba_step_in",
@@ -325,11 +371,9 @@ def _kernels(u, conv_state, ssm_state, weights, config):
         "x": first["x"],
         "z": first["z"],
         "x_dbl": first["partial"].sum(axis=0),
-        "old_state": first["old_state"],
         "ssm_state": ssm_state,
         **_pick(w, "dt_proj", "dt_bias", "A_log", "D", "out_proj"),
     }
-    aliases = {sorted(ins).index("ssm_state"): 1} if ssm_state.dtype == jnp.float32 else {}
     out_columns = depth_for(d_model, columns)
     second = pl.pallas_call(
         functools.partial(_out_kernel, **common_out, columns=out_columns),
@@ -338,7 +382,6 @@ def _kernels(u, conv_state, ssm_state, weights, config):
             "ssm_state": jax.ShapeDtypeStruct(ssm_state.shape, jnp.float32),
         },
         grid=(blocks, d_model // out_columns),
-        input_output_aliases=aliases,
         compiler_params=params,
         interpret=interpret,
         name="mamba_step_out",

@@ -1,0 +1,177 @@
+"""Batch-1 matrix-vector products y (1, N) = u (1, K) @ W (K, N), the decode step's projections, as XLA runs them and
+as Pallas (Triton) tilings of the kind ``pallas_kernels/mamba_step`` uses: which tiling reads W nearest the memory
+bandwidth. The fused step's first kernel reads in_proj at ~1.6 TB/s of the H100's 3.35 (benchmarks/RESULTS.md).
+
+    PYTHONPATH=. python3 benchmarks/gemv.py --out benchmarks/results/gemv_h100.json
+    PYTHONPATH=. python3 benchmarks/gemv.py --tiny        # a small shape in the interpreter, for a CPU check
+
+A Pallas variant is (columns, depth, splits, warps, stages): program (j, s) of the grid (N / columns, splits) reads
+rows s K / splits ... (s + 1) K / splits of the ``columns`` columns j columns ... in tiles of (depth, columns), keeps
+the (depth, columns) float32 products and sums them after its loop; with splits > 1 XLA sums the (splits, N) float32
+partials. Each timing runs the product for ``--matrices`` different random W (more bytes than the L2 holds) ``--iters``
+times in one compiled loop; us per product = median loop time / (iters * matrices); TB/s = bytes of W / that time.
+Every variant's result is first checked against XLA's in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from benchmarks.timing import environment, time_ms
+from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
+
+# (name, K, N): the Mamba-1 decode step's two large projections.
+SHAPES = [
+    ("1.4b in_proj", 2048, 8192),
+    ("2.8b in_proj", 2560, 10240),
+    ("1.4b out_proj", 4096, 2048),
+    ("130m in_proj", 768, 3072),
+]
+# (columns, depth, splits, warps, stages)
+VARIANTS = [
+    (64, 128, 1, 8, 3),
+    (128, 64, 1, 8, 3),
+    (128, 128, 1, 8, 3),
+    (256, 32, 1, 8, 3),
+    (256, 64, 1, 8, 3),
+    (512, 16, 1, 8, 3),
+    (512, 32, 1, 8, 3),
+    (128, 64, 2, 4, 3),
+    (128, 64, 2, 8, 3),
+    (256, 32, 2, 8, 3),
+    (256, 64, 2, 8, 3),
+    (256, 64, 4, 8, 3),
+    (512, 32, 2, 8, 3),
+    (512, 32, 4, 8, 3),
+    (512, 16, 4, 4, 3),
+    (1024, 16, 4, 8, 3),
+    (1024, 16, 8, 8, 3),
+    (256, 64, 2, 8, 4),
+    (256, 64, 2, 8, 2),
+    (128, 128, 4, 8, 3),
+]
+
+
+def _gemv_kernel(u_ref, w_ref, out_ref, *, depth: int):
+    """u_ref (rows,), w_ref (rows, columns): out_ref (1, columns) = float32 sum over rows of u * w."""
+    rows, columns = w_ref.shape
+
+    def body(i, acc):
+        start = pl.multiple_of(i * depth, depth)
+        u = u_ref[pl.ds(start, depth)].astype(jnp.float32)
+        w = w_ref[pl.ds(start, depth), :].astype(jnp.float32)
+        return acc + u[:, None] * w
+
+    acc = lax.fori_loop(0, rows // depth, body, jnp.zeros((depth, columns), jnp.float32))
+    out_ref[...] = jnp.sum(acc, axis=0, keepdims=True)
+
+
+def pallas_gemv(variant, interpret: bool):
+    """u (K,), W (K, N) -> y (N,) float32 with the tiling ``variant``."""
+    columns, depth, splits, warps, stages = variant
+
+    def gemv(u, w):
+        k, n = w.shape
+        rows = k // splits
+        partial = pl.pallas_call(
+            functools.partial(_gemv_kernel, depth=depth),
+            out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
+            grid=(n // columns, splits),
+            in_specs=[
+                pl.BlockSpec((rows,), lambda j, s: (s,)),
+                pl.BlockSpec((rows, columns), lambda j, s: (s, j)),
+            ],
+            out_specs=pl.BlockSpec((1, columns), lambda j, s: (s, j)),
+            compiler_params=plt.CompilerParams(num_warps=warps, num_stages=stages),
+            interpret=interpret,
+        )(u, w)
+        return partial.sum(axis=0)
+
+    return gemv
+
+
+def xla_gemv(u, w):
+    return jnp.dot(u, w, preferred_element_type=jnp.float32)
+
+
+def loop(gemv, iters: int):
+    """A jitted loop: ``iters`` passes of y = gemv(u, W) over the matrices, u nudged by each y's sum (a dependency
+    chain, as layers make)."""
+
+    @jax.jit
+    def run(matrices, u):
+        def body(_, u):
+            for w in matrices:
+                y = gemv(u, w)
+                u = u + (1e-3 * jnp.sum(y)).astype(u.dtype)
+            return u
+
+        return lax.fori_loop(0, iters, body, u)
+
+    return run
+
+
+def measure(name, k, n, variants, args, interpret) -> list[dict]:
+    dtype = jnp.dtype(args.dtype)
+    keys = jax.random.split(jax.random.key(0), args.matrices + 1)
+    matrices = tuple(jax.random.normal(key, (k, n), jnp.float32).astype(dtype) / k**0.5 for key in keys[1:])
+    u = jax.random.normal(keys[0], (k,), jnp.float32).astype(dtype)
+    exact = xla_gemv(u.astype(jnp.float32), matrices[0].astype(jnp.float32))
+    nbytes = k * n * dtype.itemsize
+    rows = []
+    for variant in ["xla", *variants]:
+        row = {"shape": name, "K": k, "N": n, "variant": str(variant)}
+        try:
+            gemv = xla_gemv if variant == "xla" else pallas_gemv(variant, interpret)
+            if variant != "xla" and (n % variant[0] or k % (variant[1] * variant[2])):
+                raise ValueError("the tiling does not divide the shape")
+            got = jax.jit(gemv)(u, matrices[0])
+            row["max_rel_err"] = float(jnp.max(jnp.abs(got - exact)) / jnp.max(jnp.abs(exact)))
+            timing = time_ms(loop(gemv, args.iters), matrices, u, reps=args.reps, warmup=2)
+            row["us"] = 1e3 * timing["median_ms"] / (args.iters * args.matrices)
+            row["TB_per_s"] = nbytes / row["us"] / 1e6
+        except Exception as e:  # a tiling Triton cannot compile: keep the others
+            row["error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--matrices", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true", help="one small shape and two tilings in the interpreter")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    interpret = not pallas_supported()
+    if not interpret:
+        warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+    shapes, variants = SHAPES, VARIANTS
+    if args.tiny:
+        shapes, variants = [("tiny", 64, 128)], [(64, 16, 1, 4, 3), (32, 16, 2, 4, 3)]
+        args.matrices, args.iters, args.reps = 2, 2, 2
+    rows = []
+    for name, k, n in shapes:
+        rows += measure(name, k, n, variants, args, interpret)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"environment": environment(), "dtype": args.dtype, "rows": rows}, f, indent=2)
+    for r in rows:
+        result = r.get("error") or f"{r['us']:8.2f} us {r['TB_per_s']:5.2f} TB/s err {r['max_rel_err']:.1e}"
+        print(f"{r['shape']:<14} {r['variant']:<22} {result}")
+
+
+if __name__ == "__main__":
+    main()
