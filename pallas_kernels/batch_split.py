@@ -7,6 +7,10 @@ a decode step) that is wasted work and memory. ``over_batch`` wraps such a funct
 every result keeps the operands' split over the mesh; all other dimensions, and the operands without a batch
 dimension (weights, per-channel parameters), are whole on every device. Each device then runs the function on its
 rows, with no collective. On one device, or outside jit, the function runs as written.
+
+Under a mesh of Explicit axes (``jax.make_mesh``'s default, with ``jax.set_mesh``) the shardings are part of the
+arrays' types and Pallas refuses sharded operands while tracing, before any partitioner runs. There the same split
+is written out: the operands are resharded to the rule's shardings and the function runs under ``jax.shard_map``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import jax
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 logger = logging.getLogger("pallas_kernels")
 
@@ -37,8 +41,19 @@ def over_batch(fn: Callable[..., Any], args: Sequence[jax.Array], batched: Seque
     if not any(batched) or any(rank == 0 for rank, flag in zip(ranks, batched, strict=True) if flag):
         raise ValueError("over_batch: needs at least one batched operand, each with a leading batch dimension")
     batch = args[batched.index(True)].shape[0]
-    out_leaves, out_tree = jax.tree.flatten(jax.eval_shape(fn, *args))
+    # Traced without the operands' shardings: an explicitly sharded operand would fail in a Pallas kernel here.
+    out_leaves, out_tree = jax.tree.flatten(jax.eval_shape(fn, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args)))
     out_ranks = [out.ndim for out in out_leaves]
+    explicit = _explicit_batch_axes(args[batched.index(True)])
+    if explicit is not None:
+        mesh, axes = explicit
+        axes = axes if batch % math.prod(mesh.shape[axis] for axis in axes) == 0 else ()
+        split, whole = PartitionSpec(axes or None), PartitionSpec()
+        in_specs = tuple(split if flag else whole for flag in batched)
+        args = [jax.sharding.reshard(arg, spec) for arg, spec in zip(args, in_specs, strict=True)]
+        out_specs = out_tree.unflatten([split] * len(out_ranks))
+        # check_vma=False: a pallas_call states no varying mesh axes for its outputs.
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
     def factors(index: int, rank: int, leading_batch: bool) -> str:
         names = [f"d{index}_{axis}" for axis in range(rank)]
@@ -85,3 +100,15 @@ def over_batch(fn: Callable[..., Any], args: Sequence[jax.Array], batched: Seque
         need_replication_factors=tuple(others),
     )
     return wrapped(*args)
+
+
+def _explicit_batch_axes(x: jax.Array):
+    """(mesh, the Explicit mesh axes splitting x's dimension 0) where x's type carries an Explicit sharding, else
+    None (Auto axes, one device, no mesh)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or not any(t == AxisType.Explicit for t in mesh.axis_types):
+        return None
+    entry = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return mesh, tuple(axis for axis in axes if mesh.axis_types[mesh.axis_names.index(axis)] == AxisType.Explicit)

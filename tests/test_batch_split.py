@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.mamba_step import random_layer
@@ -99,6 +99,28 @@ def test_selective_scan_pallas_split_over_the_batch():
     assert out.sharding.spec == P(("data", "fsdp"))
     assert_close(out, out1, jnp.float32)
     assert_close(last, last1, jnp.float32)
+    assert_close(loss, loss1, jnp.float32)
+    for name, g, g1 in zip("u delta A B C D z delta_bias h0".split(), grads, grads1, strict=True):
+        assert_close(g, g1, jnp.float32, err_msg=name)
+
+
+def test_selective_scan_pallas_under_explicit_axes():
+    """jax.make_mesh's Explicit axes put the shardings into the types, where a Pallas kernel refuses sharded operands
+    while tracing; over_batch runs the kernels under shard_map there: one device's forward and gradients, no gather."""
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Explicit, AxisType.Explicit))
+    inputs = scan_inputs()
+    batched = (True, True, False, True, True, False, True, False, True)
+    grad = jax.jit(jax.value_and_grad(scan_loss, argnums=tuple(range(9)), has_aux=True))
+    (loss1, (out1, _)), grads1 = grad(*inputs)
+    with jax.set_mesh(mesh):
+        placed = [
+            jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp")) if flag else P()))
+            for x, flag in zip(inputs, batched, strict=True)
+        ]
+        assert "all-gather" not in ops_of(grad.lower(*placed).compile())
+        (loss, (out, _)), grads = grad(*placed)
+    assert out.sharding.spec[0] == ("data", "fsdp")
+    assert_close(out, out1, jnp.float32)
     assert_close(loss, loss1, jnp.float32)
     for name, g, g1 in zip("u delta A B C D z delta_bias h0".split(), grads, grads1, strict=True):
         assert_close(g, g1, jnp.float32, err_msg=name)
