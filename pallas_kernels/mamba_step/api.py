@@ -1,5 +1,5 @@
 """``mamba_step``: one decode step of a whole Mamba-1 mixer (in_proj, conv, x_proj, dt_proj, state update, gate,
-out_proj), checked and dispatched to ``reference`` (XLA, ``reference.py``) or ``pallas`` (two GPU kernels,
+out_proj), checked and dispatched to ``reference`` (XLA, ``reference.py``) or ``pallas`` (three GPU kernels,
 ``pallas.py``)."""
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ def default_implementation(batch: int, d_model: int, d_inner: int) -> str:
     """What ``implementation=None`` runs: the kernels on a GPU Pallas compiles for, at batch 1 and d_model <= 2048;
     else XLA.
 
-    Measured on an H100 (benchmarks/RESULTS.md, "A fused Mamba-1 decode step"): at batch 1 the kernels take 29% and
-    41% less time per layer than XLA at d_model 768 and 2048 (Mamba-1 130m, 1.4b) and 8% more at 2560 (2.8b), where
-    XLA's own matrix-vector products reach 80-85% of the memory bandwidth; at batch 16 they are slower.
-    """
+    Measured on an H100 (benchmarks/RESULTS.md, "in_proj on its own grid"): at batch 1 the kernels take 36% and 45%
+    less time per layer than XLA at d_model 768 and 2048 (Mamba-1 130m, 1.4b) and 7% more at 2560 (2.8b), where
+    XLA's own matrix-vector products read in_proj faster than ours; at batch 16 they are slower ("A fused Mamba-1
+    decode step")."""
     from pallas_kernels.mamba_step.pallas import supports
     from pallas_kernels.selective_scan.pallas import pallas_supported
 
@@ -57,7 +57,7 @@ def mamba_step(
     ``weights`` a ``MambaStepWeights`` (shapes there). ``dtype`` is the compute dtype of the projections and the conv
     (``Mamba``'s ``dtype``, or its inputs' and parameters' promoted dtype); the state update runs in float32.
 
-    implementation: "reference" (XLA, op by op), "pallas" (two kernel launches and two sums; without a supported
+    implementation: "reference" (XLA, op by op), "pallas" (three kernel launches and two sums; without a supported
       GPU Pallas's interpreter, slowly), or None: ``default_implementation`` (the kernels on a GPU at batch 1 where
       they were measured faster, else "reference"). Both are differentiable, the kernels by running the reference
       under jax.grad or jax.jvp.

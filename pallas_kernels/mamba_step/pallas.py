@@ -45,7 +45,7 @@ MIN_ROWS = 16  # tl.dot's smallest M, N and K
 MAX_BATCH = 16  # the batch rows one program holds (its state tile is rows x channels x n float32)
 CHANNELS = 64  # channels of d_inner per program
 DEPTH = 128  # rows of in_proj per loop iteration of the first kernel
-COLUMNS = 512  # columns of out_proj per program of the second kernel
+COLUMNS = 512  # columns of out_proj per program of the last kernel
 PROJ_COLUMNS = 64  # columns of in_proj per program of the first kernel
 PROJ_PROGRAMS = 256  # the first kernel's grid size that the default splits of d_model reach where they can
 
