@@ -5,6 +5,7 @@ and the fused decode step give one device's results, forward and gradients, with
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -14,6 +15,7 @@ from benchmarks.scaling import collectives
 from mamba_jax.config import MambaConfig
 from mamba_jax.model import MambaLMHeadModel
 from mamba_jax.sharding import make_mesh, named_sharding, state_shardings
+from mamba_jax.train.remat import apply_remat
 from pallas_kernels.batch_split import over_batch
 from pallas_kernels.mamba_step.pallas import mamba_step_pallas
 from pallas_kernels.mamba_step.reference import mamba_step_reference
@@ -144,12 +146,15 @@ def test_mamba_step_pallas_split_over_the_batch():
         assert_close(a, b, jnp.float32, err_msg=name)
 
 
-def test_mamba1_model_with_the_pallas_scan_data_parallel():
-    """A whole Mamba-1 LM with the (interpreted) Pallas scan, the batch split 8 ways: one device's loss and gradients,
-    and the only collective of the compiled step is the gradients' all-reduce (the scan's operands are not gathered:
-    before ``over_batch`` they were, with 20 all-gathers and 80 collective permutes in this program)."""
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_mamba1_model_with_the_pallas_scan_data_parallel(remat):
+    """A whole Mamba-1 LM with the (interpreted) Pallas scan, the batch split 8 ways, with and without the training
+    loop's rematerialisation: one device's loss and gradients, and the only collective of the compiled step is the
+    gradients' all-reduce (the scan's operands are not gathered: before ``over_batch`` they were, with 20 all-gathers
+    and 80 collective permutes in this program)."""
     config = MambaConfig(d_model=16, n_layer=2, vocab_size=61, ssm_cfg={"d_state": 4})
-    graphdef, state = nnx.split(MambaLMHeadModel(config, rngs=nnx.Rngs(0), scan_implementation="pallas"))
+    model = apply_remat(MambaLMHeadModel(config, rngs=nnx.Rngs(0), scan_implementation="pallas"), remat)
+    graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     tokens = jax.random.randint(jax.random.key(1), (8, 11), 0, config.vocab_size)
 
