@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import glob
-import gzip
 import json
 import math
 import os
@@ -26,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.generation import BANDWIDTH, nbytes
-from benchmarks.timing import environment, time_ms
+from benchmarks.timing import busy_fraction, environment, gpu_kernels, time_ms
 from pallas_kernels.mamba_step import MambaStepWeights
 from pallas_kernels.mamba_step.pallas import mamba_step_pallas
 from pallas_kernels.mamba_step.reference import mamba_step_reference
@@ -105,27 +103,18 @@ def loop(step, layers, iters: int, dtype):
 
 
 def kernel_times(trace_dir: str, loops: int) -> dict:
-    """GPU kernels in the profiler's trace (perfetto JSON): total us per loop by kernel name, and the fraction of the
-    traced span in which some kernel ran (the rest: gaps between launches)."""
-    path = max(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True), key=os.path.getmtime)
-    with gzip.open(path) as f:
-        events = json.load(f)["traceEvents"]
-    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
-    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and e.get("dur")]
-    if not kernels:
-        return {"error": f"no GPU kernel events in {path} (processes: {sorted(set(names.values()))})"}
+    """GPU kernels in the profiler's trace: total us per loop by kernel name, and the fraction of the traced span in
+    which some kernel ran (the rest: gaps between launches)."""
+    try:
+        kernels = gpu_kernels(trace_dir)
+    except ValueError as e:  # keep the row's timings
+        return {"error": str(e)}
     totals = collections.Counter()
-    for e in kernels:
-        totals[e["name"]] += e["dur"] / loops
-    intervals = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
-    busy, end = 0.0, -math.inf
-    for start, stop in intervals:
-        busy += max(0.0, stop - max(start, end))
-        end = max(end, stop)
-    span = intervals[-1][1] - intervals[0][0]
+    for name, _, duration in kernels:
+        totals[name] += duration / loops
+    busy, span = busy_fraction(kernels)
     top = dict(sorted(totals.items(), key=lambda kv: -kv[1])[:12])
-    return {"busy_fraction": busy / span, "span_us_per_loop": span / loops, "kernels_us_per_loop": top}
+    return {"busy_fraction": busy, "span_us_per_loop": span / loops, "kernels_us_per_loop": top}
 
 
 def check(step, u, cache, weights, dtype) -> dict:

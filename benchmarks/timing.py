@@ -3,6 +3,10 @@ memory accounting of the compiled program."""
 
 from __future__ import annotations
 
+import glob
+import gzip
+import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -50,3 +54,29 @@ def environment() -> dict[str, str]:
         "flax": flax.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def gpu_kernels(trace_dir: str) -> list[tuple[str, float, float]]:
+    """(name, start us, duration us) of every GPU kernel in the newest perfetto trace under ``trace_dir`` (as
+    ``jax.profiler.trace(trace_dir, create_perfetto_trace=True)`` writes it), in start order."""
+    path = max(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True), key=os.path.getmtime)
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
+    kernels = [
+        (e["name"], e["ts"], e["dur"]) for e in events if e.get("ph") == "X" and e.get("pid") in gpu and e.get("dur")
+    ]
+    if not kernels:
+        raise ValueError(f"no GPU kernel events in {path} (processes: {sorted(set(names.values()))})")
+    return sorted(kernels, key=lambda k: k[1])
+
+
+def busy_fraction(kernels: list[tuple[str, float, float]]) -> tuple[float, float]:
+    """(the fraction of the traced span in which some kernel ran, the span in us) of ``gpu_kernels``' list."""
+    busy, end = 0.0, float("-inf")
+    for _, start, duration in kernels:
+        busy += max(0.0, start + duration - max(start, end))
+        end = max(end, start + duration)
+    span = max(start + duration for _, start, duration in kernels) - kernels[0][1]
+    return busy / span, span

@@ -5,6 +5,8 @@ Usage (GPU machine, repository root):
     PYTHONPATH=. python3 benchmarks/train_step.py --models mamba2-370m,mamba-370m --remat none,dots,block \
         --scan-implementations pallas --out train_step.json
 ``--loss-chunk N`` computes the LM head and loss N positions at a time (``next_token_loss``) in every row.
+``--profile DIR`` traces three steps of each row after its timing and adds where a step's GPU time goes: by kind of
+kernel (``KINDS``) and the slowest kernels by name, in ms per step.
 Every row (model, scan implementation, remat policy) runs in a fresh process, so its peak memory is its own; rows
 stop being started when ``--time-budget`` seconds would be passed, and the JSON is rewritten after each row.
 
@@ -34,6 +36,38 @@ ANCHOR = {
 }
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM
 GIB = 2**30
+# Kinds of GPU kernel by name, first match wins: what a profiled step's time is spent on.
+KINDS = [
+    ("Pallas scan", r"selective_scan|mosaic"),
+    ("matmul", r"gemm|cublas|cutlass|xmma|nvjet|dot|matmul"),
+    ("collective", r"nccl|all-reduce|all-gather|reduce-scatter"),
+    ("copy", r"memcpy|memset|copy"),
+    ("reduction", r"reduce"),
+    ("other fusion", r""),
+]
+
+
+def step_profile(trace_dir: str, steps: int) -> dict:
+    """ms per step by kind of kernel (KINDS), the 15 slowest kernels by name, and the fraction of the traced span in
+    which some kernel ran, from the trace of ``steps`` steps."""
+    import collections
+    import re
+
+    from benchmarks.timing import busy_fraction, gpu_kernels
+
+    kernels = gpu_kernels(trace_dir)
+    by_kind, by_name = collections.Counter(), collections.Counter()
+    for name, _, duration in kernels:
+        kind = next(kind for kind, pattern in KINDS if re.search(pattern, name, re.IGNORECASE))
+        by_kind[kind] += duration / 1e3 / steps
+        by_name[name] += duration / 1e3 / steps
+    busy, span = busy_fraction(kernels)
+    return {
+        "busy_fraction": busy,
+        "span_ms_per_step": span / 1e3 / steps,
+        "ms_per_step_by_kind": dict(by_kind.most_common()),
+        "slowest_kernels_ms_per_step": dict(by_name.most_common(15)),
+    }
 
 
 def memory_plan(compiled) -> dict[str, float]:
@@ -61,9 +95,10 @@ def bench(
     reps: int,
     compile_only: bool,
     loss_chunk: int = 0,
+    profile: str | None = None,
 ) -> dict:
     """One row: compile the step of ``name`` with ``remat`` and ``loss_chunk`` (``next_token_loss``); unless
-    ``compile_only``, time it and read the peak."""
+    ``compile_only``, time it and read the peak, then trace three steps into ``profile`` if given."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -120,6 +155,16 @@ def bench(
         return metrics["loss"]
 
     timing = time_ms(run, tokens, reps=reps, warmup=2)
+    peak_gib = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / GIB
+    if profile:
+        trace_dir = os.path.join(profile, f"{name}-{scan_implementation or 'default'}-{remat}")
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(3):
+                jax.block_until_ready(run(tokens))
+        try:
+            timing["profile"] = step_profile(trace_dir, 3)
+        except ValueError as e:  # no GPU kernels in the trace (a CPU run): keep the row
+            timing["profile"] = {"error": str(e)}
     tokens_per_s = batch * seqlen / (timing["median_ms"] / 1e3)
     anchor_ms, anchor_tps, anchor_gib = ANCHOR.get(name, (float("nan"),) * 3)
     return {
@@ -127,7 +172,7 @@ def bench(
         **timing,
         "tokens_per_s": tokens_per_s,
         "mfu": 6 * row["params"] * tokens_per_s / H100_BF16_PEAK,
-        "peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / GIB,
+        "peak_gib": peak_gib,
         "anchor_tokens_per_s": anchor_tps,
         "anchor_step_ms": anchor_ms,
         "ratio_vs_anchor": tokens_per_s / anchor_tps,
@@ -172,6 +217,7 @@ def main():
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--compile-only", action="store_true", help="XLA's memory plan only (runs on a CPU)")
     parser.add_argument("--time-budget", type=float, default=540.0, help="seconds for the whole run")
+    parser.add_argument("--profile", default=None, help="trace 3 steps of each row here; adds where the time goes")
     parser.add_argument("--out", default=None)
     parser.add_argument("--row", action="store_true", help="internal: run one row in this process")
     args = parser.parse_args()
@@ -185,6 +231,7 @@ def main():
             args.reps,
             args.compile_only,
             args.loss_chunk,
+            args.profile,
         )
         print("ROW " + json.dumps(row), flush=True)
         return
@@ -193,6 +240,7 @@ def main():
     common = ["--batch", str(args.batch), "--seqlen", str(args.seqlen), "--reps", str(args.reps)]
     common += ["--loss-chunk", str(args.loss_chunk)]
     common += ["--compile-only"] if args.compile_only else []
+    common += ["--profile", args.profile] if args.profile else []
     jobs = []
     for name in args.models.split(","):
         impls = args.scan_implementations.split(",") if name.startswith("mamba-") else ["default"]
