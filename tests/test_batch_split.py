@@ -62,9 +62,10 @@ def test_over_batch_makes_other_dimensions_whole():
         jax.device_put(w, NamedSharding(mesh, P("tensor"))),
     )
     assert_close(got[0]["y"], rows_then_weight(x, w)[0]["y"], jnp.float32)
-    odd = x[:3]
-    got = jax.jit(lambda x, w: over_batch(rows_then_weight, [x, w], [True, False]))(odd, w)
-    assert_close(got[1], rows_then_weight(odd, w)[1], jnp.float32)
+    # Three rows of a batch split four ways (data x fsdp): the rows run whole on every device.
+    split = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+    got = jax.jit(lambda x, w: over_batch(rows_then_weight, [x[:3], w], [True, False]))(split, w)
+    assert_close(got[1], rows_then_weight(x[:3], w)[1], jnp.float32)
 
 
 def scan_inputs(batch=8, seqlen=20, dim=12, n=4):
