@@ -6,7 +6,8 @@ a decode step) that is wasted work and memory. ``over_batch`` wraps such a funct
 ``jax.experimental.custom_partitioning`` with one rule: the leading (batch) dimension of every batched operand and of
 every result keeps the operands' split over the mesh; all other dimensions, and the operands without a batch
 dimension (weights, per-channel parameters), are whole on every device. Each device then runs the function on its
-rows, with no collective. On one device, or outside jit, the function runs as written.
+rows, with no collective. On one device, or outside jit, the function runs as written; so does a function with side
+effects (Pallas's Mosaic GPU interpreter uses callbacks), which custom_partitioning cannot take.
 
 Under a mesh of Explicit axes (``jax.make_mesh``'s default, with ``jax.set_mesh``) the shardings are part of the
 arrays' types and Pallas refuses sharded operands while tracing, before any partitioner runs. There the same split
@@ -42,7 +43,11 @@ def over_batch(fn: Callable[..., Any], args: Sequence[jax.Array], batched: Seque
         raise ValueError("over_batch: needs at least one batched operand, each with a leading batch dimension")
     batch = args[batched.index(True)].shape[0]
     # Traced without the operands' shardings: an explicitly sharded operand would fail in a Pallas kernel here.
-    out_leaves, out_tree = jax.tree.flatten(jax.eval_shape(fn, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args)))
+    traced, out_shapes = jax.make_jaxpr(fn, return_shape=True)(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args))
+    if traced.effects:
+        # Side effects (the Mosaic GPU interpreter's callbacks) cannot go through custom_partitioning: run unsplit.
+        return fn(*args)
+    out_leaves, out_tree = jax.tree.flatten(out_shapes)
     out_ranks = [out.ndim for out in out_leaves]
     explicit = _explicit_batch_axes(args[batched.index(True)])
     if explicit is not None:
