@@ -49,14 +49,18 @@ def over_batch(fn: Callable[..., Any], args: Sequence[jax.Array], batched: Seque
         return fn(*args)
     out_leaves, out_tree = jax.tree.flatten(out_shapes)
     out_ranks = [out.ndim for out in out_leaves]
-    explicit = _explicit_batch_axes(args[batched.index(True)])
+
+    def layout(axes: tuple[str, ...], wrap: Callable[[PartitionSpec], Any]):
+        """(one spec per operand, the results' tree of specs): dimension 0 split over ``axes`` where batched, all
+        else whole; ``wrap`` turns a PartitionSpec into what the caller needs."""
+        split, whole = wrap(PartitionSpec(axes or None)), wrap(PartitionSpec())
+        return tuple(split if flag else whole for flag in batched), out_tree.unflatten([split] * len(out_ranks))
+
+    explicit = _explicit_batch_axes(args[batched.index(True)], batch)
     if explicit is not None:
         mesh, axes = explicit
-        axes = axes if batch % math.prod(mesh.shape[axis] for axis in axes) == 0 else ()
-        split, whole = PartitionSpec(axes or None), PartitionSpec()
-        in_specs = tuple(split if flag else whole for flag in batched)
+        in_specs, out_specs = layout(axes, lambda spec: spec)
         args = [jax.sharding.reshard(arg, spec) for arg, spec in zip(args, in_specs, strict=True)]
-        out_specs = out_tree.unflatten([split] * len(out_ranks))
         # check_vma=False: a pallas_call states no varying mesh axes for its outputs.
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
@@ -73,16 +77,12 @@ def over_batch(fn: Callable[..., Any], args: Sequence[jax.Array], batched: Seque
     def batch_axes(mesh, arg_shapes) -> tuple[str, ...]:
         """The mesh axes that split the batch of the first batched operand, if they divide it evenly."""
         sharding = arg_shapes[batched.index(True)].sharding
-        if not isinstance(sharding, NamedSharding) or not sharding.spec:
+        if not isinstance(sharding, NamedSharding):
             return ()
-        entry = sharding.spec[0]
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        return axes if batch % math.prod(mesh.shape[axis] for axis in axes) == 0 else ()
+        return _dividing(_leading_axes(sharding.spec), mesh, batch)
 
     def shardings(mesh, axes):
-        split = NamedSharding(mesh, PartitionSpec(axes or None))
-        whole = NamedSharding(mesh, PartitionSpec())
-        return tuple(split if flag else whole for flag in batched), out_tree.unflatten([split] * len(out_ranks))
+        return layout(axes, lambda spec: NamedSharding(mesh, spec))
 
     def infer(mesh, arg_shapes, result_shape):
         return shardings(mesh, batch_axes(mesh, arg_shapes))[1]
@@ -107,13 +107,24 @@ def over_batch(fn: Callable[..., Any], args: Sequence[jax.Array], batched: Seque
     return wrapped(*args)
 
 
-def _explicit_batch_axes(x: jax.Array):
-    """(mesh, the Explicit mesh axes splitting x's dimension 0) where x's type carries an Explicit sharding, else
-    None (Auto axes, one device, no mesh)."""
+def _leading_axes(spec: PartitionSpec) -> tuple[str, ...]:
+    """The mesh axes of ``spec``'s dimension 0 (none where it has no entry)."""
+    entry = spec[0] if len(spec) else None
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _dividing(axes: tuple[str, ...], mesh, batch: int) -> tuple[str, ...]:
+    """``axes`` if their sizes on ``mesh`` divide ``batch`` evenly, else () (the batch stays whole)."""
+    return axes if batch % math.prod(mesh.shape[axis] for axis in axes) == 0 else ()
+
+
+def _explicit_batch_axes(x: jax.Array, batch: int):
+    """(mesh, the Explicit mesh axes splitting x's dimension 0 where they divide ``batch``) where x's type carries an
+    Explicit sharding, else None (Auto axes, one device, no mesh)."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or mesh.empty or not any(t == AxisType.Explicit for t in mesh.axis_types):
         return None
-    entry = sharding.spec[0] if len(sharding.spec) else None
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    return mesh, tuple(axis for axis in axes if mesh.axis_types[mesh.axis_names.index(axis)] == AxisType.Explicit)
+    explicit = [name for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True) if kind == AxisType.Explicit]
+    axes = tuple(axis for axis in _leading_axes(sharding.spec) if axis in explicit)
+    return mesh, _dividing(axes, mesh, batch)
