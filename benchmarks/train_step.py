@@ -21,8 +21,10 @@ global-norm clipping and AdamW, random tokens. Anchors: mamba_ssm at batch 8 x 2
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -50,9 +52,6 @@ KINDS = [
 def step_profile(trace_dir: str, steps: int) -> dict:
     """ms per step by kind of kernel (KINDS), the 15 slowest kernels by name, and the fraction of the traced span in
     which some kernel ran, from the trace of ``steps`` steps."""
-    import collections
-    import re
-
     from benchmarks.timing import busy_fraction, gpu_kernels
 
     kernels = gpu_kernels(trace_dir)
