@@ -8,6 +8,7 @@ in chunks of at most 8 MiB (``convert.writer``), so each device reads about its 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,8 +40,29 @@ def read_config(directory: Path) -> MambaConfig:
         raise ConversionError(f"{directory / CONFIG_FILE}: {e}") from None
 
 
+def check_array_stores(params_dir: Path) -> None:
+    """ConversionError naming the first array whose zarr store is missing from an Orbax checkpoint written one store
+    per array (as ``convert.writer`` does). Orbax's own reads, when a store is missing, fail part-way and leave
+    tensorstore callbacks behind that fire on a closed event loop; this check runs before any of them."""
+    try:
+        index = json.loads((params_dir / "_METADATA").read_text())
+        tree, ocdbt = index["tree_metadata"], index.get("use_ocdbt", False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConversionError(
+            f"{params_dir}: incomplete Orbax checkpoint (cannot read _METADATA: {first_line(e)})"
+        ) from None
+    if ocdbt:  # one database for all arrays: nothing per array to look for
+        return
+    for entry in tree.values():
+        name = ".".join(str(k["key"]) for k in entry["key_metadata"])
+        store = params_dir / name
+        if not ((store / ".zarray").is_file() or (store / "zarr.json").is_file()):
+            raise ConversionError(f"{params_dir}: incomplete Orbax checkpoint (array {name} missing)")
+
+
 def stored_params(directory: Path) -> dict[str, jax.ShapeDtypeStruct]:
     """Shape and dtype of every array of a converted checkpoint, by dotted path (read from Orbax metadata)."""
+    check_array_stores(directory / PARAMS_DIR)
     checkpointer = ocp.StandardCheckpointer()
     try:
         metadata = checkpointer.metadata((directory / PARAMS_DIR).absolute()).item_metadata
