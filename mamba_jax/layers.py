@@ -37,6 +37,11 @@ def param(rngs: nnx.Rngs, init: nnx.Initializer, shape: Sequence[int], dtype, ax
     return with_axes(nnx.Param(init(rngs.params(), tuple(shape), dtype)), axes)
 
 
+def value_or_none(param: nnx.Param | None) -> jax.Array | None:
+    """A parameter's array, or None for an absent (bias) parameter."""
+    return None if param is None else param[...]
+
+
 def linear(
     in_features: int,
     out_features: int,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mamba_jax.generation.cache import SSMCache, check_lengths, conv_prefill, valid_mask
-from mamba_jax.layers import CausalConv1d, linear, with_axes
+from mamba_jax.layers import CausalConv1d, linear, value_or_none, with_axes
 from pallas_kernels.mamba_step import MambaStepWeights, mamba_step
 from pallas_kernels.selective_scan import selective_scan
 
@@ -164,16 +164,16 @@ class Mamba(nnx.Module):
             raise ValueError(f"Mamba: u must have shape (batch, d_model={self.d_model}), found {u.shape}")
         weights = MambaStepWeights(
             in_proj=self.in_proj.kernel[...],
-            in_proj_bias=_value(self.in_proj.bias),
+            in_proj_bias=value_or_none(self.in_proj.bias),
             conv=self.conv1d.kernel[...],
-            conv_bias=_value(self.conv1d.bias),
+            conv_bias=value_or_none(self.conv1d.bias),
             x_proj=self.x_proj.kernel[...],
             dt_proj=self.dt_proj.kernel[...],
             dt_bias=self.dt_proj.bias[...],
             A_log=self.A_log[...],
             D=self.D[...],
             out_proj=self.out_proj.kernel[...],
-            out_proj_bias=_value(self.out_proj.bias),
+            out_proj_bias=value_or_none(self.out_proj.bias),
         )
         dtype = self.dtype or jnp.result_type(u, weights.in_proj)
         out, conv_state, ssm_state = mamba_step(
@@ -208,8 +208,3 @@ class Mamba(nnx.Module):
     def _A(self) -> jax.Array:
         """A = -exp(A_log), float32 (di, n)."""
         return -jnp.exp(self.A_log[...].astype(jnp.float32))
-
-
-def _value(param: nnx.Param | None) -> jax.Array | None:
-    """A parameter's array, or None for an absent (bias) parameter."""
-    return None if param is None else param[...]

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mamba_jax.generation.cache import SSMCache, check_lengths, conv_prefill, conv_step, valid_mask
-from mamba_jax.layers import CausalConv1d, linear, param, with_axes
+from mamba_jax.generation.cache import SSMCache, check_lengths, conv_prefill, valid_mask
+from mamba_jax.layers import CausalConv1d, linear, param, value_or_none, with_axes
+from pallas_kernels.mamba2_step import Mamba2StepOptions, Mamba2StepWeights, mamba2_step
 from pallas_kernels.ssd import mamba_chunk_scan
-from pallas_kernels.state_update import selective_state_update
 
 
 class RMSNormGated(nnx.Module):
@@ -105,7 +105,8 @@ class Mamba2(nnx.Module):
     Torch-only arguments: ``use_mem_eff_path`` (a fused-kernel switch; XLA fuses on its own, the maths is the same),
     ``layer_idx`` and ``sequence_parallel`` are accepted and ignored; ``process_group`` and ``device`` must be None
     (parallelism and placement come from the logical-axis sharding rules in ``mamba_jax.sharding``).
-    ``ssd_implementation`` is passed to ``mamba_chunk_scan(implementation=...)``; None picks the platform's best.
+    ``ssd_implementation`` is passed to ``mamba_chunk_scan(implementation=...)``, ``step_implementation`` (the decode
+    step) to ``pallas_kernels.mamba2_step``; None picks the platform's best.
     """
 
     def __init__(
@@ -139,6 +140,7 @@ class Mamba2(nnx.Module):
         dtype=None,
         param_dtype=jnp.float32,
         ssd_implementation: str | None = None,
+        step_implementation: str | None = None,
     ):
         del use_mem_eff_path, layer_idx, sequence_parallel  # see the class docstring
         if process_group is not None:
@@ -182,6 +184,9 @@ class Mamba2(nnx.Module):
         self.dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
         self.chunk_size = chunk_size
         self.ssd_implementation = ssd_implementation
+        self.dtype = dtype
+        self.step_implementation = step_implementation
+        self.norm_before_gate = norm_before_gate
 
         conv_dim = d_ssm + 2 * ngroups * d_state
         d_in_proj = 2 * d_inner + 2 * ngroups * d_state + nheads
@@ -280,27 +285,38 @@ class Mamba2(nnx.Module):
     def step(self, u: jax.Array, cache: SSMCache) -> tuple[jax.Array, SSMCache]:
         """One token per row: u (b, d) -> (out (b, d), the cache after it), in O(1) time and memory.
 
-        Unlike mamba_ssm's ``step`` this applies ``dt_limit``, as the full-sequence forward does, so decoding
-        reproduces ``self(u)`` for every model (mamba_ssm's differs when a model sets a limit).
+        The whole step is ``pallas_kernels.mamba2_step`` with ``step_implementation`` (None: XLA op by op;
+        "pallas": the fused kernels, opt-in until they have been timed on a GPU). Unlike mamba_ssm's
+        ``step`` this applies ``dt_limit``, as the full-sequence forward does, so decoding reproduces ``self(u)`` for
+        every model (mamba_ssm's differs when a model sets a limit).
         """
         self._check_input(u, 2)
-        b = u.shape[0]
-        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
-
-        z0, x0, z, xbc, dt = self._split_projection(self.in_proj(u))
-        xbc, conv_state = conv_step(self.conv1d, xbc, cache.conv_state)
-        x, B, C = jnp.split(jax.nn.silu(xbc), [self.d_ssm, self.d_ssm + g * n], axis=-1)
-        y, ssm_state = selective_state_update(
-            cache.ssm_state,
-            x.reshape(b, h, p),
-            self._discretize_dt(dt),
-            -jnp.exp(self.A_log[...].astype(jnp.float32)),
-            B.reshape(b, g, n),
-            C.reshape(b, g, n),
-            D=self._skip(),
-            z=None if self.rmsnorm else z.reshape(b, h, p),
+        weights = Mamba2StepWeights(
+            in_proj=self.in_proj.kernel[...],
+            in_proj_bias=value_or_none(self.in_proj.bias),
+            conv=self.conv1d.kernel[...],
+            conv_bias=value_or_none(self.conv1d.bias),
+            dt_bias=self.dt_bias[...],
+            A_log=self.A_log[...],
+            D=self.D[...],
+            norm=None if self.norm is None else self.norm.weight[...],
+            out_proj=self.out_proj.kernel[...],
+            out_proj_bias=value_or_none(self.out_proj.bias),
         )
-        return self._gate_and_project(y.reshape(b, self.d_ssm), z, z0, x0), SSMCache(conv_state, ssm_state)
+        options = Mamba2StepOptions(
+            self.ngroups, self.dt_limit, self.norm_before_gate, 1e-5 if self.norm is None else self.norm.eps
+        )
+        dtype = self.dtype or jnp.result_type(u, weights.in_proj)
+        out, conv_state, ssm_state = mamba2_step(
+            u,
+            cache.conv_state,
+            cache.ssm_state,
+            weights,
+            dtype=dtype,
+            options=options,
+            implementation=self.step_implementation,
+        )
+        return out, SSMCache(conv_state, ssm_state)
 
     # ---- pieces shared by the three paths ----
 

@@ -42,8 +42,8 @@ def create_block(
     in attn_layer_idx, else the ssm_cfg["layer"] mixer (Mamba1 or Mamba2, built from the other ssm_cfg keys), followed
     by norm2 + GatedMLP(hidden_features=d_intermediate) when d_intermediate > 0.
 
-    ``scan_implementation`` and ``step_implementation`` pick the Mamba-1 selective scan's and decode step's
-    implementations (``pallas_kernels.selective_scan``, ``pallas_kernels.mamba_step``).
+    ``scan_implementation`` picks the Mamba-1 selective scan's implementation (``pallas_kernels.selective_scan``),
+    ``step_implementation`` the decode step's (``pallas_kernels.mamba_step``, ``pallas_kernels.mamba2_step``).
     """
     factory = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
     if layer_idx in config.attn_layer_idx:
@@ -52,7 +52,15 @@ def create_block(
         implementations = {"scan_implementation": scan_implementation, "step_implementation": step_implementation}
         mixer = _build("ssm_cfg", config.mixer_kwargs, Mamba, config.d_model, **implementations, **factory)
     elif config.ssm_layer == "Mamba2":
-        mixer = _build("ssm_cfg", config.mixer_kwargs, Mamba2, config.d_model, layer_idx=layer_idx, **factory)
+        mixer = _build(
+            "ssm_cfg",
+            config.mixer_kwargs,
+            Mamba2,
+            config.d_model,
+            layer_idx=layer_idx,
+            step_implementation=step_implementation,
+            **factory,
+        )
     else:
         raise ValueError(
             f"ssm_cfg['layer'] = {config.ssm_layer!r} is not supported (supported: 'Mamba1', 'Mamba2'; "

@@ -4,7 +4,7 @@ where XLA's op-by-op step takes about 12 (docs/kernels.md, "Fused Mamba-1 decode
 One batch row is a GEMV (products summed after the loop); more rows are padded to a power of 2 of at least 16
 (``tl.dot``'s smallest tile) and masked.
 
-1. ``_proj_kernel``, grid (2di / proj_columns, splits): in_proj, each program ``proj_columns`` columns of one split
+1. ``proj_kernel``, grid (2di / proj_columns, splits): in_proj, each program ``proj_columns`` columns of one split
    of d_model (one loop in tiles of ``depth`` rows, loaded ``prefetch`` iterations ahead), stored as float32 partial
    sums (splits, b, 2di). Splitting d_model is what lets this kernel read in_proj near the memory bandwidth: the
    grid has enough programs (benchmarks/gemv.py).
@@ -77,20 +77,20 @@ def _view(ref, index):
     return ref.at[tuple(parts)], combined_mask(masks, shape)
 
 
-def _load(ref, *index) -> jax.Array:
+def load(ref, *index) -> jax.Array:
     """float32 ref[index]; positions out of range read as 0."""
     view, mask = _view(ref, index)
     value = view[...] if mask is None else plt.load(view, mask=mask, other=0)
     return value.astype(jnp.float32)
 
 
-def _store(ref, value: jax.Array, *index) -> None:
+def store(ref, value: jax.Array, *index) -> None:
     """ref[index] = value in ref's dtype, positions out of range skipped."""
     view, mask = _view(ref, index)
     plt.store(view, value.astype(ref.dtype), mask=mask)
 
 
-def _product(a: jax.Array, b: jax.Array) -> jax.Array:
+def product(a: jax.Array, b: jax.Array) -> jax.Array:
     """a (rows, k) @ b (k, n) accumulated in float32: one row as products summed over k (a GEMV), more with tl.dot
     (float32 operands exactly: IEEE, not TF32)."""
     if a.shape[0] == 1:
@@ -99,54 +99,79 @@ def _product(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _rounded(x: jax.Array, dtype) -> jax.Array:
+def rounded(x: jax.Array, dtype) -> jax.Array:
     """x rounded to ``dtype`` and back to float32."""
     return x.astype(dtype).astype(jnp.float32)
 
 
-def _project(u_ref, kernel_ref, first, rows: Span, columns: int, depth: int, dtype, prefetch: int, start, steps: int):
+def project(
+    u_ref,
+    kernel_ref,
+    first,
+    rows: Span,
+    columns: int,
+    depth: int,
+    dtype,
+    prefetch: int,
+    start,
+    steps: int,
+    prepare=None,
+):
     """u (b, d) @ kernel[start : start + steps * depth, first : first + columns] in float32, (rows, columns), in one
     loop over the rows in tiles of ``depth``. One batch row keeps (depth, columns) products and sums them after the
     loop. ``prefetch``: how many iterations ahead the tiles are loaded: iteration k loads tile k + prefetch, then
     uses tile k, loaded earlier, so that prefetch + 1 tiles are in flight (the last iterations load the last tile
-    again, unused). ``start`` is a traced multiple of ``depth``."""
+    again, unused). ``start`` is a traced multiple of ``depth``. ``prepare(tile, row)``, if given, maps each float32
+    (rows, depth) tile of u, from u's row ``row`` on, to what is multiplied (rounded to ``dtype`` after it)."""
     gemv = rows.size == 1
 
-    def load(k):
+    def fetch(k):
         row = pl.multiple_of(start + k * depth, depth)
-        return _load(u_ref, rows, Span(row, depth, depth)), kernel_ref[pl.ds(row, depth), pl.ds(first, columns)]
+        u = load(u_ref, rows, Span(row, depth, depth))
+        if prepare is not None:
+            u = prepare(u, row)
+        return u, kernel_ref[pl.ds(row, depth), pl.ds(first, columns)]
 
     def tile(k, carry):
         acc, loaded = carry
-        loaded = (*loaded, load(jnp.minimum(k + prefetch, steps - 1)))
+        loaded = (*loaded, fetch(jnp.minimum(k + prefetch, steps - 1)))
         u, kernel = loaded[0]
         u, kernel = u.astype(dtype), kernel.astype(dtype)
         if gemv:
             acc = acc + u.astype(jnp.float32).T * kernel.astype(jnp.float32)
         else:
-            acc = acc + _product(u, kernel)
+            acc = acc + product(u, kernel)
         return acc, loaded[1:]
 
     zeros = jnp.zeros((depth, columns) if gemv else (rows.size, columns), jnp.float32)
-    acc, _ = lax.fori_loop(0, steps, tile, (zeros, tuple(load(min(k, steps - 1)) for k in range(prefetch))))
+    acc, _ = lax.fori_loop(0, steps, tile, (zeros, tuple(fetch(min(k, steps - 1)) for k in range(prefetch))))
     return jnp.sum(acc, axis=0, keepdims=True) if gemv else acc
 
 
-def _proj_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Span, dtype):
-    """ins: u (b, d), in_proj (d, 2di). outs: xz (splits, b, 2di) float32, partial sums of u @ in_proj.
+def first_column(column, columns: int, width: int):
+    """The first of the ``columns`` columns that program ``column`` of a grid of cdiv(width, columns) programs
+    covers: column * columns, except for a last block that would overhang ``width``, which ends at ``width`` instead
+    (overlapping its neighbour, which computes and stores the same values)."""
+    if width % columns == 0:
+        return pl.multiple_of(column * columns, columns)
+    return pl.multiple_of(jnp.minimum(column * columns, width - columns), width & -width)
 
-    Grid (2di / columns, splits): program (j, s) multiplies rows s d / splits ... (s + 1) d / splits of u and in_proj's
-    columns j columns ... (a split of the rows gives the grid enough programs to keep the memory busy)."""
+
+def proj_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Span, dtype):
+    """ins: u (b, d), in_proj (d, m). outs: xz (splits, b, m) float32, partial sums of u @ in_proj.
+
+    Grid (cdiv(m, columns), splits): program (j, s) multiplies rows s d / splits ... (s + 1) d / splits of u and
+    in_proj's columns j columns ... (a split of the rows gives the grid enough programs to keep the memory busy)."""
     column, split = pl.program_id(0), pl.program_id(1)
-    splits = outs["xz"].shape[0]
+    splits, width = outs["xz"].shape[0], outs["xz"].shape[2]
     span = ins["u"].shape[1] // splits
-    first = pl.multiple_of(column * columns, columns)
-    acc = _project(ins["u"], ins["in_proj"], first, rows, columns, depth, dtype, prefetch, split * span, span // depth)
-    _store(outs["xz"], acc, split, rows, Span(first, columns, columns))
+    first = first_column(column, columns, width)
+    acc = project(ins["u"], ins["in_proj"], first, rows, columns, depth, dtype, prefetch, split * span, span // depth)
+    store(outs["xz"], acc, split, rows, Span(first, columns, columns))
 
 
 def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
-    """ins: xz (splits, b, 2di) float32 (``_proj_kernel``'s partial sums) [in_proj_bias (2di,)], conv_state
+    """ins: xz (splits, b, 2di) float32 (``proj_kernel``'s partial sums) [in_proj_bias (2di,)], conv_state
     (b, w, di), conv (w, di) [conv_bias (di,)], x_proj (di, r + 2n). outs: conv_state (aliased), x and z
     (b, di), partial (di / channels, b, r + 2n) float32."""
     block = pl.program_id(0)
@@ -155,29 +180,29 @@ def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
     lanes = Span(first, channels, channels)
     z_lanes = Span(d_inner + first, channels, channels)
     splits = range(ins["xz"].shape[0])
-    x = functools.reduce(jnp.add, [_load(ins["xz"], split, rows, lanes) for split in splits])
-    z = functools.reduce(jnp.add, [_load(ins["xz"], split, rows, z_lanes) for split in splits])
+    x = functools.reduce(jnp.add, [load(ins["xz"], split, rows, lanes) for split in splits])
+    z = functools.reduce(jnp.add, [load(ins["xz"], split, rows, z_lanes) for split in splits])
     if "in_proj_bias" in ins:
-        x = _rounded(x, dtype) + _load(ins["in_proj_bias"], lanes)
-        z = _rounded(z, dtype) + _load(ins["in_proj_bias"], z_lanes)
-    x = _rounded(x, dtype)
-    _store(outs["z"], z, rows, lanes)
+        x = rounded(x, dtype) + load(ins["in_proj_bias"], lanes)
+        z = rounded(z, dtype) + load(ins["in_proj_bias"], z_lanes)
+    x = rounded(x, dtype)
+    store(outs["z"], z, rows, lanes)
 
     width = ins["conv"].shape[0]
-    taps = [_load(ins["conv_state"], rows, k, lanes) for k in range(1, width)] + [x]
+    taps = [load(ins["conv_state"], rows, k, lanes) for k in range(1, width)] + [x]
     conv = 0.0
     for k, tap in enumerate(taps):  # oldest first, as the reference sums them
-        _store(outs["conv_state"], tap, rows, k, lanes)
-        conv = conv + _rounded(tap, dtype) * _rounded(_load(ins["conv"], k, lanes), dtype)
+        store(outs["conv_state"], tap, rows, k, lanes)
+        conv = conv + rounded(tap, dtype) * rounded(load(ins["conv"], k, lanes), dtype)
     if "conv_bias" in ins:
-        conv = conv + _rounded(_load(ins["conv_bias"], lanes), dtype)
-    conv = _rounded(conv, dtype)
+        conv = conv + rounded(load(ins["conv_bias"], lanes), dtype)
+    conv = rounded(conv, dtype)
     x = (conv * ops.sigmoid(conv)).astype(dtype)
-    _store(outs["x"], x, rows, lanes)
+    store(outs["x"], x, rows, lanes)
 
-    columns = Span(0, _padded(outs["partial"].shape[2]), outs["partial"].shape[2])
-    x_proj = _load(ins["x_proj"], lanes, columns).astype(dtype)
-    _store(outs["partial"], _product(x, x_proj), block, rows, columns)
+    columns = Span(0, padded(outs["partial"].shape[2]), outs["partial"].shape[2])
+    x_proj = load(ins["x_proj"], lanes, columns).astype(dtype)
+    store(outs["partial"], product(x, x_proj), block, rows, columns)
 
 
 def _out_kernel(ins, outs, *, channels: int, columns: int, rows: Span, dtype, ops: KernelMath):
@@ -197,33 +222,33 @@ def _out_kernel(ins, outs, *, channels: int, columns: int, rows: Span, dtype, op
     # Where d_state is not a power of 2, C's padded columns overhang the array's end (masked); Pallas rejects such a
     # slice when its start is a known number, so B's and C's starts are traced values.
     traced = block * 0
-    dt = _rounded(_load(ins["x_dbl"], rows, Span(0, _padded(rank), rank)), dtype)  # (rows, padded rank)
-    B = _rounded(_load(ins["x_dbl"], rows, Span(traced + rank, states.size, d_state)), dtype)  # (rows, n)
-    C = _rounded(_load(ins["x_dbl"], rows, Span(traced + rank + d_state, states.size, d_state)), dtype)
-    dt_proj = _load(ins["dt_proj"], Span(0, _padded(rank), rank), lanes).astype(dtype)
-    dt = _rounded(_product(dt.astype(dtype), dt_proj), dtype) + _load(ins["dt_bias"], lanes)
+    dt = rounded(load(ins["x_dbl"], rows, Span(0, padded(rank), rank)), dtype)  # (rows, padded rank)
+    B = rounded(load(ins["x_dbl"], rows, Span(traced + rank, states.size, d_state)), dtype)  # (rows, n)
+    C = rounded(load(ins["x_dbl"], rows, Span(traced + rank + d_state, states.size, d_state)), dtype)
+    dt_proj = load(ins["dt_proj"], Span(0, padded(rank), rank), lanes).astype(dtype)
+    dt = rounded(product(dt.astype(dtype), dt_proj), dtype) + load(ins["dt_bias"], lanes)
     dt = ops.softplus(dt)  # (rows, channels)
 
-    A = -jnp.exp(_load(ins["A_log"], lanes, states))  # (channels, n)
-    state = _load(ins["ssm_state"], rows, lanes, states)  # (rows, channels, n)
-    x = _load(ins["x"], rows, lanes)
+    A = -jnp.exp(load(ins["A_log"], lanes, states))  # (channels, n)
+    state = load(ins["ssm_state"], rows, lanes, states)  # (rows, channels, n)
+    x = load(ins["x"], rows, lanes)
     decay = ops.exp2((dt * LOG2_E)[:, :, None] * A[None])
     state = ops.fma(decay, state, (dt * x)[:, :, None] * B[:, None, :])
 
     @pl.when(column == 0)
     def _():
-        _store(outs["ssm_state"], state, rows, lanes, states)
+        store(outs["ssm_state"], state, rows, lanes, states)
 
     y = jnp.sum(state * C[:, None, :], axis=2)
-    y = ops.fma(_load(ins["D"], lanes), x, y)
-    z = _load(ins["z"], rows, lanes)
+    y = ops.fma(load(ins["D"], lanes), x, y)
+    z = load(ins["z"], rows, lanes)
     y = (y * (z * ops.sigmoid(z))).astype(dtype)
     start = pl.multiple_of(column * columns, columns)
     out_proj = ins["out_proj"][pl.ds(first, channels), pl.ds(start, columns)].astype(dtype)
-    _store(outs["out"], _product(y, out_proj), block, rows, Span(start, columns, columns))
+    store(outs["out"], product(y, out_proj), block, rows, Span(start, columns, columns))
 
 
-def _padded(n: int) -> int:
+def padded(n: int) -> int:
     """n rounded up to a power of 2 of at least MIN_ROWS (a tl.dot operand's dimension)."""
     return max(MIN_ROWS, pl.next_power_of_2(n))
 
@@ -274,7 +299,7 @@ def mamba_step_pallas(
     ``depth`` (the rows of in_proj a loop iteration reads, a power of 2), ``proj_columns`` (the columns of in_proj a
     program reads, a power of 2), ``splits`` (how many parts d_model is cut into for in_proj, each a multiple of
     ``depth``; None: ``default_splits``), ``columns`` (the columns of out_proj a program of the last kernel writes,
-    a power of 2), ``prefetch`` (see ``_project``), ``num_warps`` and
+    a power of 2), ``prefetch`` (see ``project``), ``num_warps`` and
     ``num_stages`` set the programs' size and Triton's; the defaults are the measured best on an H100
     (benchmarks/mamba_step.py). Derivatives (jax.grad, jax.jvp) are the reference's.
     """
@@ -338,7 +363,7 @@ def _kernels(u, conv_state, ssm_state, weights, config):
 
     xz = pl.pallas_call(
         functools.partial(
-            _proj_kernel, columns=proj_columns, depth=depth, prefetch=prefetch, rows=common_out["rows"], dtype=dtype
+            proj_kernel, columns=proj_columns, depth=depth, prefetch=prefetch, rows=common_out["rows"], dtype=dtype
         ),
         out_shape={"xz": jax.ShapeDtypeStruct((splits, batch, 2 * d_inner), jnp.float32)},
         grid=(2 * d_inner // proj_columns, splits),

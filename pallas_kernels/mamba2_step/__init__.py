@@ -1,0 +1,6 @@
+"""One decode step of a whole Mamba-2 mixer (``mamba2_step``): XLA op by op, or three Pallas GPU kernels."""
+
+from pallas_kernels.mamba2_step.api import mamba2_step
+from pallas_kernels.mamba2_step.reference import Mamba2StepOptions, Mamba2StepWeights
+
+__all__ = ["Mamba2StepOptions", "Mamba2StepWeights", "mamba2_step"]

@@ -1,0 +1,100 @@
+"""``mamba2_step``: one decode step of a whole Mamba-2 mixer (in_proj, conv, state update, gated norm, out_proj),
+checked and dispatched to ``reference`` (XLA, ``reference.py``) or ``pallas`` (three GPU kernels, ``pallas.py``)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.mamba2_step.reference import (
+    DEFAULT_OPTIONS,
+    Mamba2StepOptions,
+    Mamba2StepWeights,
+    mamba2_step_reference,
+)
+
+IMPLEMENTATIONS = ("pallas", "reference")
+
+
+@functools.cache
+def _implementation(name: str):
+    """The jitted implementation ``name`` with the arguments of ``mamba2_step_reference``."""
+    if name == "reference":
+        return jax.jit(mamba2_step_reference, static_argnames=("dtype", "options"))
+    from pallas_kernels.mamba2_step.pallas import mamba2_step_pallas  # GPU-only dependencies: import on use
+
+    return jax.jit(mamba2_step_pallas, static_argnames=("dtype", "options"))
+
+
+def mamba2_step(
+    u: jax.Array,
+    conv_state: jax.Array,
+    ssm_state: jax.Array,
+    weights: Mamba2StepWeights,
+    *,
+    dtype,
+    options: Mamba2StepOptions = DEFAULT_OPTIONS,
+    implementation: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One token through a Mamba-2 mixer: (out, new conv_state, new ssm_state); the caller's arrays are left as they
+    were (inside a decode loop XLA may reuse the carried cache's buffers).
+
+    Shapes: u (b, d); conv_state (b, w, d_ssm + 2gn) the last w conv inputs, oldest first; ssm_state (b, h, p, n)
+    float32; ``weights`` a ``Mamba2StepWeights`` (shapes there); ``options`` the mixer's ngroups, dt_limit and norm
+    settings. ``dtype`` is the compute dtype of the projections and the conv (``Mamba2``'s ``dtype``, or its inputs'
+    and parameters' promoted dtype); the state update and the norm run in float32.
+
+    implementation: "reference" (XLA, op by op; also what None picks), or "pallas" (three kernel launches and a sum;
+      without a supported GPU Pallas's interpreter, slowly). The kernels are opt-in: they are checked in the
+      interpreter and lowered to Triton on CPU, but have not yet been compiled or timed on a GPU
+      (benchmarks/mamba2_step.py and ``pytest -m gpu tests/test_mamba2_step.py`` are the measurements to run before
+      they can become the default). Both are differentiable, the kernels by running the reference under jax.grad or
+      jax.jvp.
+    """
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if not isinstance(options, Mamba2StepOptions):
+        raise ValueError(f"mamba2_step: options must be a Mamba2StepOptions, got {type(options).__name__}")
+    _check(u, conv_state, ssm_state, weights, options)
+    return _implementation(implementation or "reference")(
+        u, conv_state, ssm_state, weights, dtype=jnp.dtype(dtype), options=options
+    )
+
+
+def _check(u, conv_state, ssm_state, weights: Mamba2StepWeights, options: Mamba2StepOptions) -> None:
+    """ValueError naming the first argument whose shape does not fit the others."""
+    if u.ndim != 2:
+        raise ValueError(f"mamba2_step: u must have shape (batch, d_model), got {u.shape}")
+    batch, d_model = u.shape
+    if ssm_state.ndim != 4 or ssm_state.shape[0] != batch:
+        raise ValueError(
+            f"mamba2_step: ssm_state must have shape ({batch}, nheads, headdim, d_state), got {ssm_state.shape}"
+        )
+    _, heads, headdim, d_state = ssm_state.shape
+    groups = options.ngroups
+    if not isinstance(groups, int) or groups < 1 or heads % groups:
+        raise ValueError(f"mamba2_step: options.ngroups must be a positive divisor of nheads {heads}, got {groups!r}")
+    d_ssm, width = heads * headdim, weights.conv.shape[0]
+    d_inner = weights.out_proj.shape[0]
+    conv_dim = d_ssm + 2 * groups * d_state
+    d_in_proj = 2 * d_inner + 2 * groups * d_state + heads
+    expected = {
+        "conv_state": (conv_state, (batch, width, conv_dim)),
+        "in_proj": (weights.in_proj, (d_model, d_in_proj)),
+        "in_proj_bias": (weights.in_proj_bias, (d_in_proj,)),
+        "conv": (weights.conv, (width, conv_dim)),
+        "conv_bias": (weights.conv_bias, (conv_dim,)),
+        "dt_bias": (weights.dt_bias, (heads,)),
+        "A_log": (weights.A_log, (heads,)),
+        "D": (weights.D, (d_ssm,) if weights.D.shape == (d_ssm,) else (heads,)),
+        "norm": (weights.norm, (d_ssm,)),
+        "out_proj": (weights.out_proj, (d_inner, d_model)),
+        "out_proj_bias": (weights.out_proj_bias, (d_model,)),
+    }
+    for name, (array, shape) in expected.items():
+        if array is not None and array.shape != shape:
+            raise ValueError(f"mamba2_step: {name} must have shape {shape}, got {array.shape}")
+    if d_inner < d_ssm:
+        raise ValueError(f"mamba2_step: out_proj must have at least nheads * headdim = {d_ssm} rows, got {d_inner}")

@@ -1,0 +1,367 @@
+"""``mamba2_step`` as three Pallas GPU kernels (Triton) and one XLA sum: a Mamba-2 mixer's decode step in 4 launches
+where XLA's op-by-op step takes about 12 (docs/kernels.md, "Fused Mamba-2 decode step").
+
+1. ``proj_kernel`` (shared with ``mamba_step``), grid (cdiv(m, proj_columns), splits): in_proj, m = 2di + 2gn + h
+   columns, as float32 partial sums over ``splits`` parts of d_model, (splits, b, m).
+2. ``_state_kernel``, grid (h * parts, b): program (j, r) owns 1 / parts of head j // parts (p / parts channels) of
+   batch row r. It adds up its columns of the partial sums (x, z, dt, and its group's B and C), runs the conv over
+   its x channels (their window shifted in place) and over B and C, updates its (p / parts, n) tile of the state in
+   place, and stores y (b, d_ssm): with the norm, y * silu(z) in float32 and the partial sum of its squares
+   (b, h * parts); without it, y * silu(z) rounded to the compute dtype.
+3. ``_out_kernel``, grid (cdiv(d, columns), splits): out_proj as partial sums (splits, b, d) float32 of the normed
+   y (each tile scaled by its group's rsqrt(mean square + eps) and the norm's weight, then rounded). Program (0, 0)
+   also shifts B's and C's conv window: every ``_state_kernel`` program of a group reads it, so none of them may
+   write it.
+4. XLA sums the out_proj partials (and adds out_proj's bias).
+
+Rounding follows the reference, as in ``mamba_step``. The kernels take mixers without the gated-MLP branch
+(d_ssm = d_inner) and with the norm after the gate (``norm_before_gate=False``), which is every published Mamba-2.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels.batch_split import over_batch
+from pallas_kernels.mamba2_step.reference import (
+    DEFAULT_OPTIONS,
+    Mamba2StepOptions,
+    Mamba2StepWeights,
+    mamba2_step_reference,
+)
+from pallas_kernels.mamba_step.pallas import (
+    MAX_BATCH,
+    MIN_ROWS,
+    PROJ_COLUMNS,
+    Span,
+    default_splits,
+    depth_for,
+    first_column,
+    load,
+    proj_kernel,
+    project,
+    rounded,
+    store,
+)
+from pallas_kernels.selective_scan.kernel_math import LOG2_E, KernelMath
+from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
+
+DEPTH = 128  # rows of a projection per loop iteration
+COLUMNS = 64  # columns of out_proj per program of the last kernel
+PARTS = 2  # programs per head and batch row in the state kernel
+
+
+def padded_span(start, size: int) -> Span:
+    """``size`` positions from ``start``, padded to a power of 2 (Triton's block sizes) and masked."""
+    return Span(start, pl.next_power_of_2(size), size)
+
+
+def _sum_partials(xz_ref, row, span: Span, bias_ref, dtype) -> jax.Array:
+    """The in_proj output's columns ``span`` of batch row ``row``: the sum of the splits' partial sums, rounded to
+    ``dtype``, plus the rounded bias (rounded again), as ``nnx.Linear`` computes it; float32."""
+    value = functools.reduce(jnp.add, [load(xz_ref, s, row, span) for s in range(xz_ref.shape[0])])
+    value = rounded(value, dtype)
+    if bias_ref is not None:
+        value = rounded(value + rounded(load(bias_ref, span), dtype), dtype)
+    return value
+
+
+def _conv(window: list[jax.Array], conv_ref, bias_ref, span: Span, dtype, ops: KernelMath) -> jax.Array:
+    """silu(the depthwise conv of the taps ``window`` (oldest first) over channels ``span``), rounded to ``dtype``."""
+    conv = 0.0
+    for k, tap in enumerate(window):
+        conv = conv + rounded(tap, dtype) * rounded(load(conv_ref, k, span), dtype)
+    if bias_ref is not None:
+        conv = conv + rounded(load(bias_ref, span), dtype)
+    conv = rounded(conv, dtype)
+    return rounded(conv * ops.sigmoid(conv), dtype)
+
+
+def _state_kernel(ins, outs, *, parts: int, groups: int, dt_limit, dtype, ops: KernelMath):
+    """ins: xz (splits, b, m) float32 [in_proj_bias (m,)], conv_state (b, w, conv_dim), conv (w, conv_dim)
+    [conv_bias (conv_dim,)], dt_bias (h,), A_log (h,), D (h,) or (d_ssm,), ssm_state (b, h, p, n).
+    outs: conv_state and ssm_state (aliased, updated in place), y (b, d_ssm), [sumsq (b, h * parts) float32]."""
+    program, row = pl.program_id(0), pl.program_id(1)
+    head, part = program // parts, program % parts
+    _, heads, headdim, d_state = ins["ssm_state"].shape
+    d_ssm, width = heads * headdim, ins["conv"].shape[0]
+    channels = headdim // parts
+    group = head // (heads // groups)
+    bias = ins.get("in_proj_bias")
+
+    # (a headdim that is not a power of 2 leaves masked lanes, which read as 0 and end as 0)
+    lanes = padded_span(pl.multiple_of(head * headdim + part * channels, channels & -channels), channels)
+    xbc = Span(d_ssm + lanes.start, lanes.size, channels)  # x's columns in in_proj's output
+    z = _sum_partials(ins["xz"], row, lanes, bias, dtype)
+    x = _sum_partials(ins["xz"], row, xbc, bias, dtype)
+    window = [load(ins["conv_state"], row, k, lanes) for k in range(1, width)] + [x]
+    for k, tap in enumerate(window):
+        store(outs["conv_state"], tap, row, k, lanes)
+    x = _conv(window, ins["conv"], ins.get("conv_bias"), lanes, dtype, ops)  # (channels,)
+
+    # B and C of the head's group: their conv over the cached window (shifted later, by _out_kernel).
+    traced = program * 0  # padded spans may overhang the array's end: Pallas wants their starts traced
+    bc = []
+    for first in (d_ssm + group * d_state, d_ssm + (groups + group) * d_state):
+        span = padded_span(traced + first, d_state)
+        new = _sum_partials(ins["xz"], row, Span(d_ssm + span.start, span.size, span.valid), bias, dtype)
+        taps = [load(ins["conv_state"], row, k, span) for k in range(1, width)] + [new]
+        bc.append(_conv(taps, ins["conv"], ins.get("conv_bias"), span, dtype, ops))
+    B, C = bc  # (padded n,)
+
+    dt = ins["xz"].shape[2] - heads + head
+    dt = functools.reduce(jnp.add, [ins["xz"][s, row, dt] for s in range(ins["xz"].shape[0])])
+    dt = rounded(dt, dtype)
+    if bias is not None:
+        dt = rounded(dt + rounded(bias[ins["xz"].shape[2] - heads + head].astype(jnp.float32), dtype), dtype)
+    # per channel from here (the same value in each): Triton's inline-assembly ops take blocks, not scalars
+    dt = jnp.broadcast_to(dt + ins["dt_bias"][head].astype(jnp.float32), (lanes.size,))
+    dt = ops.softplus(dt)
+    dt = jnp.clip(dt, *dt_limit)
+    A = -jnp.exp(ins["A_log"][head].astype(jnp.float32))
+    D = load(ins["D"], lanes) if ins["D"].shape[0] == d_ssm else ins["D"][head].astype(jnp.float32)
+
+    states = padded_span(traced, d_state)
+    tile = (row, head, Span(part * channels, lanes.size, channels), states)
+    state = load(ins["ssm_state"], *tile)  # (channels, padded n)
+    decay = ops.exp2(dt * A * LOG2_E)[:, None]
+    state = ops.fma(decay, state, (dt * x)[:, None] * B[None, :])
+    store(outs["ssm_state"], state, *tile)
+    y = rounded(ops.fma(D, x, jnp.sum(state * C[None, :], axis=1)), dtype)
+    gated = y * (z * ops.sigmoid(z))
+    if "sumsq" in outs:
+        store(outs["y"], gated, row, lanes)
+        outs["sumsq"][row, program] = jnp.sum(gated * gated)
+    else:
+        store(outs["y"], rounded(gated, dtype), row, lanes)
+
+
+def _out_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Span, groups: int, eps: float, dtype):
+    """ins: y (b, d_ssm), [sumsq (b, h * parts) float32, norm (d_ssm,)], out_proj (di, d); for B's and C's window:
+    xz (splits, b, m) float32 [in_proj_bias (m,)], conv_state (b, w, conv_dim).
+    outs: out (splits, b, d) float32 partial sums; conv_state (aliased)."""
+    column, split = pl.program_id(0), pl.program_id(1)
+    splits, width = outs["out"].shape[0], outs["out"].shape[2]
+    d_ssm = ins["y"].shape[1]
+    span = d_ssm // splits
+    prepare = None
+    if "sumsq" in ins:
+        group_size, per_group = d_ssm // groups, ins["sumsq"].shape[1] // groups
+
+        def prepare(tile, row):  # (rows, depth) from channel ``row`` on: the gated RMSNorm's output
+            group = row // group_size
+            sumsq = load(ins["sumsq"], rows, padded_span(group * per_group, per_group))
+            scale = lax.rsqrt(jnp.sum(sumsq, axis=1, keepdims=True) / group_size + eps)
+            return rounded(tile * scale * load(ins["norm"], Span(row, depth, depth))[None, :], dtype)
+
+    first = first_column(column, columns, width)
+    acc = project(
+        ins["y"], ins["out_proj"], first, rows, columns, depth, dtype, prefetch, split * span, span // depth, prepare
+    )
+    store(outs["out"], acc, split, rows, Span(first, columns, columns))
+
+    @pl.when((column == 0) & (split == 0))
+    def _():
+        conv_dim = ins["conv_state"].shape[2]
+        bc = padded_span(column * 0 + d_ssm, conv_dim - d_ssm)
+        new = _sum_partials(ins["xz"], rows, Span(d_ssm + bc.start, bc.size, bc.valid), ins.get("in_proj_bias"), dtype)
+        window = [load(ins["conv_state"], rows, k, bc) for k in range(1, ins["conv_state"].shape[1])] + [new]
+        for k, tap in enumerate(window):
+            store(outs["conv_state"], tap, rows, k, bc)
+
+
+def supports(batch: int, weights: Mamba2StepWeights, ssm_state_shape, options: Mamba2StepOptions) -> bool:
+    """Whether the kernels take this mixer: batch <= MAX_BATCH, no gated-MLP branch, the norm (if any) after the
+    gate, and d_model and the channels of a group (d_ssm / ngroups) multiples of 16."""
+    _, heads, headdim, _ = ssm_state_shape
+    d_model, d_ssm = weights.in_proj.shape[0], heads * headdim
+    return (
+        batch <= MAX_BATCH
+        and weights.out_proj.shape[0] == d_ssm
+        and not (weights.norm is not None and options.norm_before_gate)
+        and d_model % MIN_ROWS == 0
+        and d_ssm % MIN_ROWS == 0
+        and (d_ssm // options.ngroups) % MIN_ROWS == 0
+    )
+
+
+def mamba2_step_pallas(
+    u: jax.Array,
+    conv_state: jax.Array,
+    ssm_state: jax.Array,
+    weights: Mamba2StepWeights,
+    dtype,
+    options: Mamba2StepOptions = DEFAULT_OPTIONS,
+    *,
+    interpret: bool | None = None,
+    depth: int = DEPTH,
+    proj_columns: int = PROJ_COLUMNS,
+    splits: int | None = None,
+    columns: int = COLUMNS,
+    out_splits: int | None = None,
+    parts: int | None = None,
+    prefetch: int = 1,
+    num_warps: int = 8,
+    num_stages: int = 3,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The step in four launches (three kernels, one sum); arguments and results as ``mamba2_step_reference``,
+    shapes there and ``supports``.
+
+    ``interpret`` None runs the compiled kernels where ``pallas_supported()``, else Pallas's interpreter (slow; for
+    tests). ``depth`` (rows of a projection a loop iteration reads), ``proj_columns`` and ``splits`` (in_proj's
+    columns a program reads and the parts d_model is cut into; None: ``default_splits``), ``columns`` and
+    ``out_splits`` (the same for out_proj over d_ssm), ``parts`` (programs per head and row in the state kernel, a
+    power of 2 dividing headdim; None: PARTS where that leaves MIN_ROWS channels a program), ``prefetch`` (see
+    ``project``), ``num_warps`` and ``num_stages``: the defaults are the measured best on an H100
+    (benchmarks/mamba2_step.py). Derivatives (jax.grad, jax.jvp) are the reference's.
+    """
+    batch, d_model = u.shape
+    _, heads, headdim, _ = ssm_state.shape
+    d_ssm, width = heads * headdim, weights.in_proj.shape[1]
+    if not supports(batch, weights, ssm_state.shape, options):
+        raise ValueError(
+            f"mamba2_step_pallas: needs batch <= {MAX_BATCH}, d_ssm = d_inner, the norm after the gate, d_model and "
+            f"d_ssm / ngroups multiples of {MIN_ROWS}; got batch {batch}, d_model "
+            f"{d_model}, d_ssm {d_ssm}, d_inner {weights.out_proj.shape[0]}, {options}"
+        )
+    if parts is None:  # PARTS, or fewer where the parts would have fewer than MIN_ROWS channels
+        parts = PARTS
+        while parts > 1 and (headdim % parts or headdim // parts < MIN_ROWS):
+            parts //= 2
+    if not isinstance(parts, int) or parts < 1 or parts & (parts - 1) or headdim % parts or headdim // parts < MIN_ROWS:
+        raise ValueError(
+            f"mamba2_step_pallas: parts must be a power of 2 dividing headdim {headdim} into at least {MIN_ROWS} "
+            f"channels, got {parts!r}"
+        )
+    # out_proj's tiles lie within one group of the norm
+    in_depth, out_depth = depth_for(d_model, depth), depth_for(d_ssm // options.ngroups, depth)
+    # powers of 2, at most the width they cut (a last block overhanging the width starts earlier: first_column)
+    proj_columns = min(pl.next_power_of_2(proj_columns), 1 << (width.bit_length() - 1))
+    columns = min(pl.next_power_of_2(columns), 1 << (d_model.bit_length() - 1))
+    if splits is None:
+        splits = default_splits(d_model, width // 2, in_depth, proj_columns)
+    if out_splits is None:
+        out_splits = default_splits(d_ssm, d_model // 2, out_depth, columns)
+    for name, value, rows, rows_depth in (
+        ("splits", splits, d_model, in_depth),
+        ("out_splits", out_splits, d_ssm, out_depth),
+    ):
+        if not isinstance(value, int) or value < 1 or rows % (value * rows_depth):
+            raise ValueError(
+                f"mamba2_step_pallas: {name} must be a positive int dividing {rows} / {rows_depth}, got {value!r}"
+            )
+    if interpret is None:
+        interpret = not pallas_supported()
+    if not interpret:
+        warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+    config = (jnp.dtype(dtype), options, bool(interpret), in_depth, out_depth, proj_columns, splits, columns)
+    config += (out_splits, parts, int(prefetch), num_warps, num_stages)
+    return _step(u, conv_state, ssm_state, weights, config)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _step(u, conv_state, ssm_state, weights, config):
+    """The kernels, each device on its rows of the batch in a sharded jit (the weights whole on every device)."""
+    present = {name: value for name, value in weights._asdict().items() if value is not None}
+    names = sorted(present)
+
+    def kernels(u, conv_state, ssm_state, *arrays):
+        weights = Mamba2StepWeights(
+            **{**dict.fromkeys(Mamba2StepWeights._fields), **dict(zip(names, arrays, strict=True))}
+        )
+        return _kernels(u, conv_state, ssm_state, weights, config)
+
+    arrays = [u, conv_state, ssm_state, *(present[name] for name in names)]
+    return over_batch(kernels, arrays, [True] * 3 + [False] * len(names))
+
+
+def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, config):
+    dtype, options, interpret, in_depth, out_depth, proj_columns, splits, columns = config[:8]
+    out_splits, parts, prefetch, num_warps, num_stages = config[8:]
+    batch, d_model = u.shape
+    _, heads, headdim, _ = ssm_state.shape
+    d_ssm, width = heads * headdim, weights.in_proj.shape[1]
+    rows = Span(0, 1 if batch == 1 else max(MIN_ROWS, pl.next_power_of_2(batch)), batch)
+    params = plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    ops = KernelMath(interpret)
+    w = {name: value for name, value in weights._asdict().items() if value is not None}
+
+    xz = pl.pallas_call(
+        functools.partial(proj_kernel, columns=proj_columns, depth=in_depth, prefetch=prefetch, rows=rows, dtype=dtype),
+        out_shape={"xz": jax.ShapeDtypeStruct((splits, batch, width), jnp.float32)},
+        grid=(pl.cdiv(width, proj_columns), splits),
+        compiler_params=params,
+        interpret=interpret,
+        name="mamba2_step_proj",
+    )({"u": u, "in_proj": weights.in_proj})["xz"]
+
+    norm = weights.norm is not None
+    ins = {"xz": xz, "conv_state": conv_state, "ssm_state": ssm_state}
+    ins |= {name: w[name] for name in ("in_proj_bias", "conv", "conv_bias", "dt_bias", "A_log", "D") if name in w}
+    out_shape = {
+        "conv_state": jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
+        "ssm_state": jax.ShapeDtypeStruct(ssm_state.shape, jnp.float32),
+        "y": jax.ShapeDtypeStruct((batch, d_ssm), jnp.float32 if norm else dtype),
+    }
+    if norm:
+        out_shape["sumsq"] = jax.ShapeDtypeStruct((batch, heads * parts), jnp.float32)
+    outs = sorted(out_shape)  # pallas_call flattens dicts in sorted key order
+    state = pl.pallas_call(
+        functools.partial(
+            _state_kernel, parts=parts, groups=options.ngroups, dt_limit=options.dt_limit, dtype=dtype, ops=ops
+        ),
+        out_shape=out_shape,
+        input_output_aliases={sorted(ins).index(name): outs.index(name) for name in ("conv_state", "ssm_state")},
+        grid=(heads * parts, batch),
+        compiler_params=params,
+        interpret=interpret,
+        name="mamba2_step_state",
+    )(ins)
+
+    ins = {"y": state["y"], "out_proj": weights.out_proj, "xz": xz, "conv_state": state["conv_state"]}
+    ins |= {name: w[name] for name in ("in_proj_bias",) if name in w}
+    if norm:
+        ins |= {"sumsq": state["sumsq"], "norm": weights.norm}
+    out = pl.pallas_call(
+        functools.partial(
+            _out_kernel,
+            columns=columns,
+            depth=out_depth,
+            prefetch=prefetch,
+            rows=rows,
+            groups=options.ngroups,
+            eps=options.eps,
+            dtype=dtype,
+        ),
+        out_shape={
+            "conv_state": jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
+            "out": jax.ShapeDtypeStruct((out_splits, batch, d_model), jnp.float32),
+        },
+        input_output_aliases={sorted(ins).index("conv_state"): 0},
+        grid=(pl.cdiv(d_model, columns), out_splits),
+        compiler_params=params,
+        interpret=interpret,
+        name="mamba2_step_out",
+    )(ins)
+
+    result = out["out"].sum(axis=0).astype(dtype)
+    if weights.out_proj_bias is not None:
+        result = result + weights.out_proj_bias.astype(dtype)
+    return result, out["conv_state"], state["ssm_state"]
+
+
+@_step.defjvp
+def _step_jvp(config, primals, tangents):
+    dtype, options = config[:2]
+
+    def reference(u, conv_state, ssm_state, weights):
+        return mamba2_step_reference(u, conv_state, ssm_state, weights, dtype, options)
+
+    return jax.jvp(reference, primals, tangents)

@@ -1,0 +1,285 @@
+"""mamba2_step: the fused Mamba-2 decode step's kernels against its reference (in Pallas's interpreter on CPU;
+compiled, at published sizes, under the ``gpu`` marker), the reference against ``Mamba2``'s full-sequence forward,
+derivatives, the dispatch and argument errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mamba_jax import Mamba2
+from mamba_jax.generation.cache import SSMCache
+from pallas_kernels.mamba2_step import Mamba2StepOptions, Mamba2StepWeights, mamba2_step
+from pallas_kernels.mamba2_step.pallas import mamba2_step_pallas
+from pallas_kernels.mamba2_step.reference import mamba2_step_reference
+from pallas_kernels.selective_scan.pallas import pallas_supported
+from tests.tolerances import as_float32, assert_close, assert_no_worse
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int
+    d_model: int
+    heads: int
+    headdim: int
+    d_state: int
+    groups: int
+    width: int
+    dtype: str
+    biases: bool = False  # in_proj and out_proj biases, and no conv bias (the layouts no published model uses)
+    norm: bool = True  # the gated RMSNorm (rmsnorm=True) or y * silu(z)
+    d_has_hdim: bool = False  # D per channel (h * p,) instead of per head
+    dt_limit: tuple[float, float] = (0.0, float("inf"))
+    param_dtype: str = "float32"
+
+    def __str__(self):
+        return "-".join(str(v) for v in dataclasses.astuple(self))
+
+
+def arguments(shape: Shape, seed: int):
+    """Random (u, conv_state, ssm_state, weights) for ``shape``, scaled like a trained layer's activations."""
+    rng = np.random.default_rng(seed)
+    b, d, h, p, n, g, w = (
+        shape.batch,
+        shape.d_model,
+        shape.heads,
+        shape.headdim,
+        shape.d_state,
+        shape.groups,
+        shape.width,
+    )
+    d_ssm = h * p
+    conv_dim, width = d_ssm + 2 * g * n, 2 * d_ssm + 2 * g * n + h
+
+    def normal(*dims, scale=1.0, dtype=shape.param_dtype):
+        return jnp.asarray(rng.standard_normal(dims) * scale, jnp.float32).astype(dtype)
+
+    weights = Mamba2StepWeights(
+        in_proj=normal(d, width, scale=d**-0.5),
+        in_proj_bias=normal(width, scale=0.1) if shape.biases else None,
+        conv=normal(w, conv_dim, scale=0.5),
+        conv_bias=None if shape.biases else normal(conv_dim, scale=0.5),
+        dt_bias=normal(h, scale=0.5, dtype="float32") - 3.0,
+        A_log=jnp.log(jnp.asarray(rng.uniform(1.0, 16.0, (h,)), jnp.float32)),
+        D=normal(d_ssm if shape.d_has_hdim else h, dtype="float32"),
+        norm=1.0 + normal(d_ssm, scale=0.1) if shape.norm else None,
+        out_proj=normal(d_ssm, d, scale=d_ssm**-0.5),
+        out_proj_bias=normal(d, scale=0.1) if shape.biases else None,
+    )
+    u = normal(b, d, dtype=shape.dtype)
+    conv_state = normal(b, w, conv_dim, dtype=shape.dtype)
+    ssm_state = normal(b, h, p, n, dtype="float32")
+    return u, conv_state, ssm_state, weights
+
+
+def options_of(shape: Shape) -> Mamba2StepOptions:
+    return Mamba2StepOptions(ngroups=shape.groups, dt_limit=shape.dt_limit)
+
+
+def check_kernels(shape: Shape, seed: int, interpret: bool | None, **options) -> None:
+    """float32: elementwise within the table's tolerance of the reference. 16-bit: norm-wise within
+    COMPOSED_ERROR_FACTOR times the 16-bit reference's own error, both against the float32 computation."""
+    args = arguments(shape, seed)
+    dtype, settings = jnp.dtype(shape.dtype), options_of(shape)
+    reference = jax.jit(mamba2_step_reference, static_argnums=(4, 5))
+    expected = reference(*args, dtype, settings)
+    kernels = jax.jit(
+        functools.partial(mamba2_step_pallas, **options), static_argnames=("dtype", "options", "interpret")
+    )
+    actual = kernels(*args, dtype=dtype, options=settings, interpret=interpret)
+    exact = reference(*as_float32(args), jnp.float32, settings)
+    for name, a, e, x in zip(("out", "conv_state", "ssm_state"), actual, expected, exact, strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        if dtype == jnp.float32:
+            assert_close(a, e, shape.dtype, err_msg=f"{name} of {shape}")
+        else:
+            assert_no_worse(a, e, x, f"{name} of {shape}")
+
+
+# Small: the interpreter runs each program one after another. Odd sizes: batch 3 (rows padded to 16), 6 heads in 2
+# groups, d_state 24 (padded to 32), d_model 48 (tiles of 16), in_proj's 6 + 2 * 192 + 96 = 486 columns (the last
+# block of columns overlapping its neighbour), width 3.
+INTERPRETED = [
+    Shape(1, 64, 4, 16, 16, 1, 4, "float32"),
+    Shape(3, 48, 6, 32, 24, 2, 3, "float32", biases=True, d_has_hdim=True, dt_limit=(0.0, 0.05)),
+    Shape(1, 128, 4, 32, 16, 1, 4, "float32", norm=False),
+    Shape(2, 64, 4, 16, 16, 2, 4, "bfloat16"),
+    Shape(2, 64, 4, 32, 32, 1, 4, "float16", param_dtype="float16"),
+    Shape(16, 32, 2, 16, 8, 1, 2, "float32"),
+]
+
+
+@pytest.mark.parametrize("shape", INTERPRETED, ids=str)
+def test_kernels_match_reference(shape):
+    check_kernels(shape, seed=0, interpret=True, parts=2 if shape.headdim >= 32 else 1)
+
+
+@pytest.mark.parametrize(
+    "shape, options",
+    [
+        (Shape(1, 64, 4, 32, 16, 1, 4, "float32"), dict(depth=16, prefetch=0, parts=1)),
+        (Shape(1, 64, 4, 32, 16, 1, 4, "float32"), dict(depth=16, prefetch=2, splits=2, out_splits=4)),
+        (Shape(3, 96, 4, 64, 16, 2, 4, "bfloat16"), dict(depth=32, proj_columns=128, columns=32, parts=4)),
+        (Shape(1, 96, 2, 48, 8, 1, 4, "float32"), dict(depth=16, splits=3, proj_columns=32, parts=1)),
+    ],
+    ids=str,
+)
+def test_kernel_options_match_reference(shape, options):
+    check_kernels(shape, seed=1, interpret=True, **options)
+
+
+@pytest.mark.parametrize("rmsnorm", [True, False])
+def test_reference_steps_equal_mamba2_forward(rmsnorm):
+    """Token by token through mamba2_step's reference from an empty cache = Mamba2's full-sequence forward (float32),
+    with two groups and a dt limit."""
+    mixer = Mamba2(
+        32,
+        d_state=8,
+        headdim=16,
+        ngroups=2,
+        rmsnorm=rmsnorm,
+        dt_limit=(0.0, 0.05),
+        chunk_size=4,
+        rngs=nnx.Rngs(0),
+        step_implementation="reference",
+    )
+    u = jax.random.normal(jax.random.key(1), (2, 7, 32))
+    cache = mixer.init_cache(2)
+    outs = []
+    for t in range(u.shape[1]):
+        out, cache = mixer.step(u[:, t], cache)
+        outs.append(out)
+    assert_close(jnp.stack(outs, axis=1), mixer(u), "float32")
+
+
+def test_mamba2_step_implementations_agree_in_module():
+    """Mamba2.step with the kernels (interpreted) = with the reference, over a few tokens carrying the cache."""
+    u = jax.random.normal(jax.random.key(2), (3, 4, 32))
+    results = {}
+    for implementation in ("pallas", "reference"):
+        mixer = Mamba2(32, d_state=16, headdim=16, rngs=nnx.Rngs(0), step_implementation=implementation)
+        cache, outs = mixer.init_cache(3), []
+        for t in range(u.shape[1]):
+            out, cache = mixer.step(u[:, t], cache)
+            outs.append(out)
+        results[implementation] = (jnp.stack(outs, axis=1), cache)
+    (out, cache), (expected, expected_cache) = results["pallas"], results["reference"]
+    assert_close(out, expected, "float32")
+    assert_close(cache.ssm_state, expected_cache.ssm_state, "float32")
+    np.testing.assert_array_equal(cache.conv_state, expected_cache.conv_state)
+
+
+def test_kernels_differentiate_as_reference():
+    """jax.grad through the kernels' path runs the reference: the same gradients for every input and weight."""
+    shape = Shape(2, 32, 2, 16, 8, 1, 4, "float32", biases=True)
+    u, conv_state, ssm_state, weights = arguments(shape, seed=3)
+
+    def grads(implementation):
+        def f(u, conv_state, ssm_state, weights):
+            out, conv_state, ssm_state = mamba2_step(
+                u, conv_state, ssm_state, weights, dtype=jnp.float32, implementation=implementation
+            )
+            return jnp.sum(out**2) + jnp.sum(jnp.sin(ssm_state)) + jnp.sum(conv_state)
+
+        return jax.grad(f, argnums=(0, 1, 2, 3))(u, conv_state, ssm_state, weights)
+
+    for actual, expected in zip(jax.tree.leaves(grads("pallas")), jax.tree.leaves(grads("reference")), strict=True):
+        assert_close(actual, expected, "float32")
+
+
+def test_default_implementation_is_the_reference():
+    """None runs XLA's step until the kernels have been measured on a GPU: bit for bit the reference's result."""
+    args = arguments(Shape(2, 64, 4, 16, 16, 1, 4, "float32"), seed=4)
+    default = mamba2_step(*args, dtype=jnp.float32)
+    reference = mamba2_step(*args, dtype=jnp.float32, implementation="reference")
+    for a, b in zip(default, reference, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_errors():
+    shape = Shape(2, 64, 4, 16, 16, 1, 4, "float32")
+    u, conv_state, ssm_state, weights = arguments(shape, seed=0)
+    with pytest.raises(ValueError, match="implementation must be None or one of"):
+        mamba2_step(u, conv_state, ssm_state, weights, dtype=jnp.float32, implementation="cuda")
+    with pytest.raises(ValueError, match=r"u must have shape \(batch, d_model\)"):
+        mamba2_step(u[0], conv_state, ssm_state, weights, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"conv_state must have shape \(2, 4, 96\)"):
+        mamba2_step(u, conv_state[:, 1:], ssm_state, weights, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"in_proj must have shape \(64, 164\)"):
+        mamba2_step(u, conv_state, ssm_state, weights._replace(in_proj=weights.in_proj[:, 1:]), dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"options\.ngroups must be a positive divisor of nheads 4, got 3"):
+        mamba2_step(u, conv_state, ssm_state, weights, dtype=jnp.float32, options=Mamba2StepOptions(ngroups=3))
+    with pytest.raises(ValueError, match="options must be a Mamba2StepOptions"):
+        mamba2_step(u, conv_state, ssm_state, weights, dtype=jnp.float32, options={"ngroups": 1})
+    with pytest.raises(ValueError, match=r"splits must be a positive int dividing 64 / 16, got 3"):
+        mamba2_step_pallas(u, conv_state, ssm_state, weights, jnp.float32, interpret=True, depth=16, splits=3)
+    with pytest.raises(ValueError, match="parts must be a power of 2 dividing headdim 16"):
+        mamba2_step_pallas(u, conv_state, ssm_state, weights, jnp.float32, interpret=True, parts=2)
+    with pytest.raises(ValueError, match="needs batch <= 16"):
+        big = arguments(dataclasses.replace(shape, batch=17), seed=0)
+        mamba2_step_pallas(*big, jnp.float32, interpret=True, parts=1)
+
+
+def test_cache_passes_through_module():
+    """Mamba2.step returns an SSMCache of the cache's dtypes whichever implementation runs."""
+    mixer = Mamba2(32, d_state=16, headdim=16, rngs=nnx.Rngs(0), step_implementation="pallas")
+    cache = SSMCache(jnp.zeros((1, 4, 96), jnp.bfloat16), jnp.zeros((1, 4, 16, 16), jnp.float32))
+    out, new = mixer.step(jnp.ones((1, 32)), cache)
+    assert out.shape == (1, 32) and new.conv_state.dtype == jnp.bfloat16 and new.ssm_state.dtype == jnp.float32
+
+
+# Published sizes: Mamba-2 130m (d 768, 24 heads: in_proj's 3352 columns end in a partial block), 1.3b (d 2048),
+# 2.7b (d 2560, 80 heads), all headdim 64, d_state 128, one group.
+GPU_SHAPES = [
+    Shape(1, 2048, 64, 64, 128, 1, 4, "float16", param_dtype="float16"),
+    Shape(1, 2560, 80, 64, 128, 1, 4, "bfloat16", param_dtype="bfloat16"),
+    Shape(16, 768, 24, 64, 128, 1, 4, "bfloat16", param_dtype="bfloat16"),
+    Shape(5, 768, 24, 64, 128, 1, 4, "float32"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_kernels_match_reference_on_gpu(shape):
+    """The compiled kernels (tl.dot, single-instruction exp2, softplus, sigmoid) against the reference."""
+    assert pallas_supported()
+    check_kernels(shape, seed=5, interpret=None)
+
+
+@pytest.mark.gpu
+def test_kernels_repeat_exactly_on_gpu():
+    """The same step 200 times gives the same result each time: both caches are updated in place, B's and C's conv
+    window by the last kernel, so a race between programs or launches would show (as it did once in mamba_step)."""
+    assert pallas_supported()
+    args = arguments(GPU_SHAPES[0], seed=7)
+    kernels = jax.jit(mamba2_step_pallas, static_argnames="dtype")
+    first = [np.asarray(x) for x in kernels(*args, dtype=jnp.float16)]
+    for _ in range(200):
+        for a, b in zip(kernels(*args, dtype=jnp.float16), first, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_language_model_steps_agree():
+    """MambaLMHeadModel(step_implementation=...) reaches every Mamba-2 layer: the kernels' logits over a few decode
+    steps equal the reference's (float32)."""
+    from mamba_jax import MambaConfig, MambaLMHeadModel
+
+    config = MambaConfig(
+        d_model=32, n_layer=2, vocab_size=50, ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16}
+    )
+    logits = {}
+    for implementation in ("pallas", "reference"):
+        model = MambaLMHeadModel(config, rngs=nnx.Rngs(0), step_implementation=implementation)
+        assert all(layer.mixer.step_implementation == implementation for layer in model.backbone.layers)
+        cache, steps = model.init_cache(2, 8), []
+        for token in ([1, 2], [3, 4], [5, 6]):
+            out, cache = model.step(jnp.asarray(token), cache)
+            steps.append(out)
+        logits[implementation] = jnp.stack(steps)
+    assert_close(logits["pallas"], logits["reference"], "float32")
