@@ -1,6 +1,6 @@
 """pallas_kernels.batch_split on the 8 fake CPU devices: a kernel wrapped in ``over_batch`` runs on each device's rows
 of the batch inside a sharded jit (no collective, no gathered operand), and the Pallas selective scan (interpreted)
-and the fused decode step give one device's results, forward and gradients, with their inputs split over the batch."""
+and the fused decode steps give one device's results, forward and gradients, with their inputs split over the batch."""
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +17,12 @@ from mamba_jax.model import MambaLMHeadModel
 from mamba_jax.sharding import make_mesh, named_sharding, state_shardings
 from mamba_jax.train.remat import apply_remat
 from pallas_kernels.batch_split import over_batch
+from pallas_kernels.mamba2_step.pallas import mamba2_step_pallas
+from pallas_kernels.mamba2_step.reference import mamba2_step_reference
 from pallas_kernels.mamba_step.pallas import mamba_step_pallas
 from pallas_kernels.mamba_step.reference import mamba_step_reference
 from pallas_kernels.selective_scan.pallas import selective_scan_pallas
+from tests.test_mamba2_step import Shape, arguments
 from tests.tolerances import assert_close
 
 
@@ -142,6 +145,20 @@ def test_mamba_step_pallas_split_over_the_batch():
     assert "all-gather" not in ops_of(step.lower(*placed, weights).compile())
     got = step(*placed, weights)
     expected = mamba_step_reference(u, conv_state, ssm_state, weights, dtype=jnp.float32)
+    for name, a, b in zip(("out", "conv_state", "ssm_state"), got, expected, strict=True):
+        assert a.sharding.spec == P(("data", "fsdp")), name
+        assert_close(a, b, jnp.float32, err_msg=name)
+
+
+def test_mamba2_step_pallas_split_over_the_batch():
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    u, conv_state, ssm_state, weights = arguments(Shape(4, 32, 2, 16, 8, 1, 4, "float32"), seed=0)
+    split = NamedSharding(mesh, P(("data", "fsdp")))
+    step = jax.jit(lambda *args: mamba2_step_pallas(*args, jnp.float32, interpret=True))
+    placed = [jax.device_put(x, split) for x in (u, conv_state, ssm_state)]
+    assert "all-gather" not in ops_of(step.lower(*placed, weights).compile())
+    got = step(*placed, weights)
+    expected = mamba2_step_reference(u, conv_state, ssm_state, weights, jnp.float32)
     for name, a, b in zip(("out", "conv_state", "ssm_state"), got, expected, strict=True):
         assert a.sharding.spec == P(("data", "fsdp")), name
         assert_close(a, b, jnp.float32, err_msg=name)
