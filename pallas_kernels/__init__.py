@@ -4,9 +4,19 @@ Each op lives in its own folder with its reference beside the fast paths; ``impl
 available on the current platform.
 """
 
+from pallas_kernels.mamba2_step import Mamba2StepOptions, Mamba2StepWeights, mamba2_step
 from pallas_kernels.mamba_step import MambaStepWeights, mamba_step
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.ssd import mamba_chunk_scan
 from pallas_kernels.state_update import selective_state_update
 
-__all__ = ["MambaStepWeights", "mamba_chunk_scan", "mamba_step", "selective_scan", "selective_state_update"]
+__all__ = [
+    "Mamba2StepOptions",
+    "Mamba2StepWeights",
+    "MambaStepWeights",
+    "mamba2_step",
+    "mamba_chunk_scan",
+    "mamba_step",
+    "selective_scan",
+    "selective_state_update",
+]
