@@ -21,6 +21,7 @@ from pallas_kernels.mamba2_step.pallas import mamba2_step_pallas
 from pallas_kernels.mamba2_step.reference import mamba2_step_reference
 from pallas_kernels.mamba_step.pallas import mamba_step_pallas
 from pallas_kernels.mamba_step.reference import mamba_step_reference
+from pallas_kernels.selective_scan import pallas_config
 from pallas_kernels.selective_scan.pallas import selective_scan_pallas
 from tests.test_mamba2_step import Shape, arguments
 from tests.tolerances import assert_close
@@ -107,6 +108,27 @@ def test_selective_scan_pallas_split_over_the_batch():
     assert_close(last, last1, jnp.float32)
     assert_close(loss, loss1, jnp.float32)
     for name, g, g1 in zip("u delta A B C D z delta_bias h0".split(), grads, grads1, strict=True):
+        assert_close(g, g1, jnp.float32, err_msg=name)
+
+
+def test_selective_scan_pallas_split_keeps_the_whole_calls_chunks(monkeypatch):
+    """The Triton path picks its time chunks from the number of programs: fixed from the whole batch, not from each
+    device's rows (a device's 1 row would cut 512 steps into 8 chunks where the whole batch's 8 rows give 4, and the
+    results' shapes would not fit the call's)."""
+    monkeypatch.setattr(pallas_config, "TARGET_PROGRAMS", 32)  # real sizes' chunking on a small shape
+    inputs = scan_inputs(batch=8, seqlen=512, dim=16, n=2)
+    batched = (True, True, False, True, True, False, True, False, True)
+    mesh = make_mesh(data=8, fsdp=1)
+    placed = [
+        jax.device_put(x, NamedSharding(mesh, P("data") if flag else P()))
+        for x, flag in zip(inputs, batched, strict=True)
+    ]
+    grad = jax.jit(jax.value_and_grad(scan_loss, argnums=(0, 2), has_aux=True))
+    (_, (out, last)), grads = grad(*placed)
+    (_, (out1, last1)), grads1 = grad(*inputs)
+    assert_close(out, out1, jnp.float32)
+    assert_close(last, last1, jnp.float32)
+    for name, g, g1 in zip(("u", "A"), grads, grads1, strict=True):
         assert_close(g, g1, jnp.float32, err_msg=name)
 
 

@@ -75,9 +75,10 @@ def selective_scan_pallas(
 
 def plan_forward(blocks: ScanBlocks, shape: tuple[int, int, int], B: jax.Array, C: jax.Array, interpret: bool):
     """``blocks`` with ``forward_backend`` resolved to "triton" or "mosaic" for u of ``shape`` (b, l, di) and these
-    B, C; for Mosaic GPU also the chunk length, which the backward then shares (its checkpoints start from the
-    forward's chunk start states, and Mosaic GPU stores them too). "auto" picks Mosaic GPU on a supported GPU (never
-    in the interpreter) when ``mosaic_fwd.supports`` the call and ``blocks.steps`` divides its tiles."""
+    B, C, and the chunk length, which the backward then shares: for Mosaic GPU its own (the backward's checkpoints
+    start from the forward's chunk start states, and Mosaic GPU stores them too), for Triton what ``chunks_for``
+    gives the whole call. "auto" picks Mosaic GPU on a supported GPU (never in the interpreter) when
+    ``mosaic_fwd.supports`` the call and ``blocks.steps`` divides its tiles."""
     _, seqlen, dim = shape
     groups = B.shape[2]
     packed = blocks.pack_bc and B.dtype == C.dtype == jnp.bfloat16
@@ -94,7 +95,10 @@ def plan_forward(blocks: ScanBlocks, shape: tuple[int, int, int], B: jax.Array, 
         blocks.forward_backend,
     )
     if backend == "triton":
-        return dataclasses.replace(blocks, forward_backend="triton")
+        # The chunk length is fixed here, from the whole call's shape: inside a sharded jit each device runs the
+        # kernels on its rows of the batch (over_batch), and a length chosen there from fewer rows would give other
+        # chunk counts, and results of other shapes, than the call's.
+        return dataclasses.replace(blocks, forward_backend="triton", chunk=chunks_for(blocks, shape, groups).length)
     if not covered or not mosaic_fwd.available():
         raise ValueError(
             "selective_scan_pallas: forward_backend='mosaic' needs jax >= 0.11 with Mosaic GPU, bfloat16 B and C "
