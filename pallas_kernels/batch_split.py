@@ -9,6 +9,11 @@ dimension (weights, per-channel parameters), are whole on every device. Each dev
 rows, with no collective. On one device, or outside jit, the function runs as written; so does a function with side
 effects (Pallas's Mosaic GPU interpreter uses callbacks), which custom_partitioning cannot take.
 
+Where the channels are independent too (the selective scan's: tensor parallelism splits d_inner), a ``ChannelSplit``
+names each operand's and result's channel dimension, and those keep the operands' split over other mesh axes as
+well: each device runs the function on its rows and its channels. Per-channel weights are then split with them;
+operands without channels (B and C) stay whole.
+
 Under a mesh of Explicit axes (``jax.make_mesh``'s default, with ``jax.set_mesh``) the shardings are part of the
 arrays' types and Pallas refuses sharded operands while tracing, before any partitioner runs. There the same split
 is written out: the operands are resharded to the rule's shardings and the function runs under ``jax.shard_map``.
@@ -16,6 +21,7 @@ is written out: the operands are resharded to the rule's shardings and the funct
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -28,71 +34,140 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 logger = logging.getLogger("pallas_kernels")
 
 
-def over_batch(fn: Callable[..., Any], args: Sequence[jax.Array], batched: Sequence[bool]) -> Any:
-    """``fn(*args)``, partitioned over dimension 0 of the arrays marked in ``batched`` and of every result.
+@dataclasses.dataclass(frozen=True)
+class ChannelSplit:
+    """Where a function's channels are, for ``over_batch`` to split them too (tensor parallelism).
+
+    operands: per operand, the dimension holding its channels, or None (whole on every device). results: a function
+      of the results' pytree of shapes returning the same tree of such dimensions (a channel dimension of a result may
+      count blocks of channels rather than channels). unit: a device's share of the first channel operand's channels
+      must be a multiple of it (the kernels' blocks of channels), and every channel dimension must divide evenly.
+    """
+
+    operands: Sequence[int | None]
+    results: Callable[[Any], Any]
+    unit: int = 1
+
+
+def over_batch(
+    fn: Callable[..., Any], args: Sequence[jax.Array], batched: Sequence[bool], channels: ChannelSplit | None = None
+) -> Any:
+    """``fn(*args)``, partitioned over dimension 0 of the arrays marked in ``batched`` and of every result, and with
+    ``channels`` also over their channel dimensions.
 
     fn: a function of arrays returning a pytree of arrays (a tuple, a dict), each with the batch as its leading
       dimension, whose rows depend only on the same rows of the batched operands (so it gives the same rows on any
-      slice of the batch).
+      slice of the batch); with ``channels``, likewise each channel (or block of channels) of a result only on the
+      same channels of the operands that have them.
     args: the arrays (no None); batched: one bool per array, True where its dimension 0 is the batch.
     """
-    if len(args) != len(batched):
-        raise ValueError(f"over_batch: {len(args)} arrays but {len(batched)} batched flags")
+    if len(args) != len(batched) or (channels is not None and len(channels.operands) != len(args)):
+        raise ValueError(f"over_batch: {len(args)} arrays but {len(batched)} batched flags or channel dimensions")
     ranks = [arg.ndim for arg in args]
     if not any(batched) or any(rank == 0 for rank, flag in zip(ranks, batched, strict=True) if flag):
         raise ValueError("over_batch: needs at least one batched operand, each with a leading batch dimension")
-    batch = args[batched.index(True)].shape[0]
+    first = batched.index(True)
+    batch = args[first].shape[0]
     # Traced without the operands' shardings: an explicitly sharded operand would fail in a Pallas kernel here.
     traced, out_shapes = jax.make_jaxpr(fn, return_shape=True)(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args))
     if traced.effects:
         # Side effects (the Mosaic GPU interpreter's callbacks) cannot go through custom_partitioning: run unsplit.
         return fn(*args)
     out_leaves, out_tree = jax.tree.flatten(out_shapes)
-    out_ranks = [out.ndim for out in out_leaves]
+    arg_channels = list(channels.operands) if channels else [None] * len(args)
+    out_channels = out_tree.flatten_up_to(channels.results(out_shapes)) if channels else [None] * len(out_leaves)
+    sizes = [a.shape[c] for a, c in zip(args, arg_channels, strict=True) if c is not None]
+    sizes += [out.shape[c] for out, c in zip(out_leaves, out_channels, strict=True) if c is not None]
+    # The channels as Shardy factors: c counts the smallest channel dimension's entries (blocks of channels, where a
+    # result has such a dimension), a larger one is c times a factor mR of its R channels per block, so that
+    # splitting c splits every channel dimension alike. With a single block nothing can split them.
+    blocks = min(sizes, default=1)
+    if blocks == 1 or any(size % blocks for size in sizes):
+        arg_channels, out_channels, sizes = [None] * len(args), [None] * len(out_leaves), []
+    per_block = {f"m{size // blocks}": size // blocks for size in sizes if size != blocks}
+    # (shape, leading batch, channel dimension) of every operand, then of every result
+    tensors = [(a.shape, flag, c) for a, flag, c in zip(args, batched, arg_channels, strict=True)]
+    tensors += [(out.shape, True, c) for out, c in zip(out_leaves, out_channels, strict=True)]
+    # The operand whose split decides the channels' (the first batched one with channels), as args[first] the batch's.
+    lead = next(
+        (i for i, (flag, c) in enumerate(zip(batched, arg_channels, strict=True)) if flag and c is not None), None
+    )
 
-    def layout(axes: tuple[str, ...], wrap: Callable[[PartitionSpec], Any]):
-        """(one spec per operand, the results' tree of specs): dimension 0 split over ``axes`` where batched, all
-        else whole; ``wrap`` turns a PartitionSpec into what the caller needs."""
-        split, whole = wrap(PartitionSpec(axes or None)), wrap(PartitionSpec())
-        return tuple(split if flag else whole for flag in batched), out_tree.unflatten([split] * len(out_ranks))
+    def split_channels(mesh, axes: tuple[str, ...], batch_axes: tuple[str, ...]) -> tuple[str, ...]:
+        """``axes`` where they split every channel dimension evenly, the lead operand's in shares of whole units,
+        and do not split the batch; else () (channels whole)."""
+        count = math.prod(mesh.shape[axis] for axis in axes)
+        if not axes or set(axes) & set(batch_axes) or any(size % count for size in sizes):
+            return ()
+        return axes if (args[lead].shape[arg_channels[lead]] // count) % channels.unit == 0 else ()
 
-    explicit = _explicit_batch_axes(args[batched.index(True)], batch)
+    def layout(batch_axes: tuple[str, ...], channel_axes: tuple[str, ...], wrap: Callable[[PartitionSpec], Any]):
+        """(one spec per operand, the results' tree of specs): dimension 0 split over ``batch_axes`` where batched,
+        the channel dimensions over ``channel_axes``, all else whole; ``wrap`` turns a PartitionSpec into what the
+        caller needs."""
+
+        def spec(rank: int, leading: bool, channel: int | None):
+            entries = [None] * rank
+            if leading and batch_axes:
+                entries[0] = batch_axes
+            if channel is not None and channel_axes:
+                entries[channel] = channel_axes
+            return wrap(PartitionSpec(*entries))
+
+        specs = [spec(len(shape), leading, channel) for shape, leading, channel in tensors]
+        return tuple(specs[: len(args)]), out_tree.unflatten(specs[len(args) :])
+
+    explicit = _explicit_axes(args[first], batch, 0)
     if explicit is not None:
-        mesh, axes = explicit
-        in_specs, out_specs = layout(axes, lambda spec: spec)
+        mesh, batch_axes = explicit
+        channel_axes = ()
+        if lead is not None:
+            channel_axes = split_channels(mesh, _explicit_axes(args[lead], None, arg_channels[lead])[1], batch_axes)
+        in_specs, out_specs = layout(batch_axes, channel_axes, lambda spec: spec)
         args = [jax.sharding.reshard(arg, spec) for arg, spec in zip(args, in_specs, strict=True)]
         # check_vma=False: a pallas_call states no varying mesh axes for its outputs.
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
-    def factors(index: int, rank: int, leading_batch: bool) -> str:
-        names = [f"d{index}_{axis}" for axis in range(rank)]
+    def factors(index: int, shape: tuple[int, ...], leading_batch: bool, channel: int | None) -> str:
+        """One tensor's Shardy factors: b for the batch, c or (c mR) for its channels, and one factor of its own for
+        every other dimension."""
+        names = [f"d{index}_{axis}" for axis in range(len(shape))]
         if leading_batch:
             names[0] = "b"
+        if channel is not None:
+            names[channel] = "c" if shape[channel] == blocks else f"(c m{shape[channel] // blocks})"
         return " ".join(names)
 
-    operands = [factors(i, rank, flag) for i, (rank, flag) in enumerate(zip(ranks, batched, strict=True))]
-    results = [factors(len(ranks) + i, rank, True) for i, rank in enumerate(out_ranks)]
-    others = [name for spec in operands + results for name in spec.split() if name != "b"]
+    specs = [factors(i, *tensor) for i, tensor in enumerate(tensors)]
+    operands, results = specs[: len(args)], specs[len(args) :]
+    # every other factor, in the rule's order (Shardy wants them sorted so)
+    names = [name.strip("()") for spec in specs for name in spec.split()]
+    whole = [name for name in dict.fromkeys(names) if name not in ("b", "c")]
 
-    def batch_axes(mesh, arg_shapes) -> tuple[str, ...]:
-        """The mesh axes that split the batch of the first batched operand, if they divide it evenly."""
-        sharding = arg_shapes[batched.index(True)].sharding
+    def axes_of(mesh, arg_shapes):
+        """(batch axes, channel axes) from the shardings of the first batched operand and of the lead one."""
+        sharding = arg_shapes[first].sharding
         if not isinstance(sharding, NamedSharding):
-            return ()
-        return _dividing(_leading_axes(sharding.spec), mesh, batch)
+            return (), ()
+        batch_axes = _dividing(_axes_at(sharding.spec, 0), mesh, batch)
+        if lead is None or not isinstance(arg_shapes[lead].sharding, NamedSharding):
+            return batch_axes, ()
+        channel_axes = _axes_at(arg_shapes[lead].sharding.spec, arg_channels[lead])
+        return batch_axes, split_channels(mesh, channel_axes, batch_axes)
 
     def shardings(mesh, axes):
-        return layout(axes, lambda spec: NamedSharding(mesh, spec))
+        return layout(*axes, lambda spec: NamedSharding(mesh, spec))
 
     def infer(mesh, arg_shapes, result_shape):
-        return shardings(mesh, batch_axes(mesh, arg_shapes))[1]
+        return shardings(mesh, axes_of(mesh, arg_shapes))[1]
 
     def partition(mesh, arg_shapes, result_shape):
-        axes = batch_axes(mesh, arg_shapes)
+        axes = axes_of(mesh, arg_shapes)
         logger.debug(
-            "over_batch: %s on each device's rows, the batch split over %s",
+            "over_batch: %s on each device's share, the batch split over %s, the channels over %s",
             getattr(fn, "__name__", fn),
-            axes or "nothing",
+            axes[0] or "nothing",
+            axes[1] or "nothing",
         )
         arg_shardings, result_shardings = shardings(mesh, axes)
         return mesh, fn, result_shardings, arg_shardings
@@ -102,14 +177,15 @@ def over_batch(fn: Callable[..., Any], args: Sequence[jax.Array], batched: Seque
         partition,
         infer_sharding_from_operands=infer,
         sharding_rule=f"{', '.join(operands)} -> {', '.join(results)}",
-        need_replication_factors=tuple(others),
+        need_replication_factors=tuple(whole),
+        **per_block,
     )
     return wrapped(*args)
 
 
-def _leading_axes(spec: PartitionSpec) -> tuple[str, ...]:
-    """The mesh axes of ``spec``'s dimension 0 (none where it has no entry)."""
-    entry = spec[0] if len(spec) else None
+def _axes_at(spec: PartitionSpec, dim: int) -> tuple[str, ...]:
+    """The mesh axes of ``spec``'s dimension ``dim`` (none where it has no entry)."""
+    entry = spec[dim] if len(spec) > dim else None
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
@@ -118,13 +194,13 @@ def _dividing(axes: tuple[str, ...], mesh, batch: int) -> tuple[str, ...]:
     return axes if batch % math.prod(mesh.shape[axis] for axis in axes) == 0 else ()
 
 
-def _explicit_batch_axes(x: jax.Array, batch: int):
-    """(mesh, the Explicit mesh axes splitting x's dimension 0 where they divide ``batch``) where x's type carries an
-    Explicit sharding, else None (Auto axes, one device, no mesh)."""
+def _explicit_axes(x: jax.Array, size: int | None, dim: int):
+    """(mesh, the Explicit mesh axes splitting x's dimension ``dim`` where they divide ``size``, or any split for
+    None) where x's type carries an Explicit sharding, else None (Auto axes, one device, no mesh)."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or mesh.empty or not any(t == AxisType.Explicit for t in mesh.axis_types):
         return None
     explicit = [name for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True) if kind == AxisType.Explicit]
-    axes = tuple(axis for axis in _leading_axes(sharding.spec) if axis in explicit)
-    return mesh, _dividing(axes, mesh, batch)
+    axes = tuple(axis for axis in _axes_at(sharding.spec, dim) if axis in explicit)
+    return mesh, axes if size is None else _dividing(axes, mesh, size)

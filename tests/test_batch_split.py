@@ -111,6 +111,42 @@ def test_selective_scan_pallas_split_over_the_batch():
         assert_close(g, g1, jnp.float32, err_msg=name)
 
 
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto-axes", "explicit-axes"])
+def test_selective_scan_pallas_split_over_batch_and_channels(explicit):
+    """Tensor parallelism: u, delta, z, A, D, delta_bias and h0 split over d_inner too (B and C whole). Each device
+    scans its rows and its 32 channels: no operand is gathered; the per-channel gradients' batch sums and dB, dC's
+    sums over channels are the only collectives (all-reduces). On Explicit axes the same split runs under shard_map."""
+    if explicit:
+        mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Explicit, AxisType.Explicit))
+    else:
+        mesh = make_mesh(data=2, fsdp=1, tensor=4)
+    inputs = scan_inputs(batch=4, seqlen=20, dim=128, n=4)
+    specs = [
+        P("data", None, "tensor"),
+        P("data", None, "tensor"),
+        P("tensor", None),
+        P("data"),
+        P("data"),
+        P("tensor"),
+        P("data", None, "tensor"),
+        P("tensor"),
+        P("data", "tensor", None),
+    ]
+    grad = jax.jit(jax.value_and_grad(scan_loss, argnums=tuple(range(9)), has_aux=True))
+    (loss1, (out1, last1)), grads1 = grad(*inputs)
+    with jax.set_mesh(mesh):
+        placed = [jax.device_put(x, NamedSharding(mesh, spec)) for x, spec in zip(inputs, specs, strict=True)]
+        ops = ops_of(grad.lower(*placed).compile())
+        assert "all-gather" not in ops and "all-to-all" not in ops, ops
+        (loss, (out, last)), grads = grad(*placed)
+    assert out.sharding.spec == P("data", None, "tensor")
+    assert_close(out, out1, jnp.float32)
+    assert_close(last, last1, jnp.float32)
+    assert_close(loss, loss1, jnp.float32)
+    for name, g, g1 in zip("u delta A B C D z delta_bias h0".split(), grads, grads1, strict=True):
+        assert_close(g, g1, jnp.float32, err_msg=name)
+
+
 def test_selective_scan_pallas_split_keeps_the_whole_calls_chunks(monkeypatch):
     """The Triton path picks its time chunks from the number of programs: fixed from the whole batch, not from each
     device's rows (a device's 1 row would cut 512 steps into 8 chunks where the whole batch's 8 rows give 4, and the
@@ -209,6 +245,35 @@ def test_mamba1_model_with_the_pallas_scan_data_parallel(remat):
     batch = jax.device_put(tokens, named_sharding(("batch", None), tokens.shape, mesh))
     assert ops_of(grad.lower(replicated, batch).compile()) == ["all-reduce"]
     s_loss, s_grads = grad(replicated, batch)
+    assert_close(s_loss, loss, jnp.float32)
+    for (path, g), s in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(s_grads), strict=True):
+        assert_close(s, g, jnp.float32, err_msg=jax.tree_util.keystr(path))
+
+
+def test_mamba1_model_with_the_pallas_scan_tensor_parallel():
+    """The same LM over data 2 x tensor 4 with the model's sharding rules (in_proj column-parallel, out_proj and
+    x_proj row-parallel): one device's loss and gradients, and the scan runs on each device's rows and 32 of the 128
+    channels. The compiled step has no all-gather at all (before the channel split: the scan's (b, l, d_inner)
+    operands and cotangents, and its per-channel parameters, were gathered whole onto every device); its collectives
+    are those of XLA's own partitioning of the chunked scan."""
+    config = MambaConfig(d_model=64, n_layer=2, vocab_size=64, ssm_cfg={"d_state": 4})
+    model = MambaLMHeadModel(config, rngs=nnx.Rngs(0), scan_implementation="pallas")
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    tokens = jax.random.randint(jax.random.key(1), (4, 9), 0, config.vocab_size)
+
+    def loss_fn(params, tokens):
+        logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    grad = jax.jit(jax.value_and_grad(loss_fn))
+    loss, grads = grad(params, tokens)
+    mesh = make_mesh(data=2, fsdp=1, tensor=4)
+    sharded = jax.device_put(params, nnx.to_pure_dict(state_shardings(state, mesh)))
+    batch = jax.device_put(tokens, named_sharding(("batch", None), tokens.shape, mesh))
+    hlo = grad.lower(sharded, batch).compile().as_text()
+    assert " all-gather(" not in hlo, [line for line in hlo.splitlines() if " all-gather(" in line]
+    s_loss, s_grads = grad(sharded, batch)
     assert_close(s_loss, loss, jnp.float32)
     for (path, g), s in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(s_grads), strict=True):
         assert_close(s, g, jnp.float32, err_msg=jax.tree_util.keystr(path))

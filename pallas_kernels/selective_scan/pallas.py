@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.batch_split import over_batch
+from pallas_kernels.batch_split import ChannelSplit, over_batch
 from pallas_kernels.selective_scan import mosaic_fwd
 from pallas_kernels.selective_scan.kernel_math import LOG2_E
 from pallas_kernels.selective_scan.pallas_bwd import scan_adjoints, scan_backward, unpack_lane_sums
 from pallas_kernels.selective_scan.pallas_config import DEFAULT_BLOCKS, ScanBlocks
-from pallas_kernels.selective_scan.pallas_fwd import chunks_for, chunks_of, scan_forward
+from pallas_kernels.selective_scan.pallas_fwd import chunks_for, chunks_of, groups_of, scan_forward
 
 # jax 0.11 warns at every lowering of a Triton-backend pallas_call. The lowering happens when the enclosing jit
 # compiles, after our call returned, so a warnings.catch_warnings around the call cannot reach it (only eager calls).
@@ -169,21 +169,36 @@ def _forward(inputs, delta_softplus, blocks, interpret):
             result = _triton_forward(inputs, delta_softplus, blocks, interpret)
         return result["out"], result["h_end"]
 
-    out, h_end = _rows_apart(kernels, inputs)
+    out, h_end = _rows_apart(kernels, inputs, blocks)
     h0 = inputs.get("h0")
     h_start = chunk_start_states(h_end, h0) if h_end.shape[1] > 1 or h0 is not None else None
     return out, h_end[:, -1], h_start
 
 
-def _rows_apart(fn, inputs: dict[str, jax.Array]):
+def _rows_apart(fn, inputs: dict[str, jax.Array], blocks: ScanBlocks):
     """``fn(inputs)`` (a pytree of batch-leading arrays) run by ``over_batch``: every input is batch-leading except
-    the per-channel ones."""
+    the per-channel ones; with one group of B and C the channels split too (each device its rows and its channels,
+    in whole programs' worth: ``blocks.channels``, or Mosaic GPU's WIDTH)."""
     names = sorted(inputs)
+    channels = None
+    if groups_of(inputs) == 1:
+        unit = mosaic_fwd.WIDTH if blocks.forward_backend == "mosaic" else blocks.channels
+        operands = [None if name in ("B", "C", "BC") else inputs[name].ndim - 1 for name in names]
+        channels = ChannelSplit(operands, _channel_dims, unit)
     return over_batch(
         lambda *arrays: fn(dict(zip(names, arrays, strict=True))),
         [inputs[name] for name in names],
         [name not in PER_CHANNEL for name in names],
+        channels,
     )
+
+
+def _channel_dims(results):
+    """The channel dimension of each of the kernels' results: the last, except dBC's (b, l, g, blocks, R, C), whose
+    blocks of channels are dimension 3."""
+    if isinstance(results, dict):
+        return {name: 3 if name == "dBC" else value.ndim - 1 for name, value in results.items()}
+    return tuple(value.ndim - 1 for value in results)
 
 
 def _triton_forward(inputs, delta_softplus, blocks, interpret):
@@ -220,7 +235,7 @@ def _scan_bwd(delta_softplus, blocks, interpret, residuals, cotangents):
     if h_start is not None:
         inputs["h_start"] = h_start
     inputs.update(dout=dout, dlast=jnp.swapaxes(dlast.astype(jnp.float32), 1, 2))
-    grads = _rows_apart(lambda inputs: _backward(inputs, delta_softplus, blocks, interpret), inputs)
+    grads = _rows_apart(lambda inputs: _backward(inputs, delta_softplus, blocks, interpret), inputs, blocks)
 
     def cast(value, like):
         return None if like is None else value.astype(like.dtype)
