@@ -6,9 +6,10 @@ sharding, and whether the results equal the XLA reference's.
 Needs 2 or more GPUs. A Pallas kernel is a custom call that XLA's SPMD partitioner cannot look into; the kernels'
 batch rule (``pallas_kernels.batch_split.over_batch``) lets each device run them on its rows of the batch. If the
 compiled program gathers a kernel's operands (all-gather), every device runs the whole kernel instead. Cases: the
-selective scan's forward and backward with its inputs split over the batch (data parallel / FSDP training), timed
-against one device running one device's share (equal times: the work is split), and the fused Mamba-1 decode step
-with its weights split over d_inner (tensor parallel) or over d_model (FSDP), which the batch rule does not cover.
+selective scan's forward and backward with its inputs split over the batch (data parallel / FSDP training) or over
+d_inner (tensor parallel), timed against one device running one device's share (equal times: the work is split), and
+the fused Mamba-1 decode step with its weights split over d_inner (tensor parallel) or over d_model (FSDP), which the
+batch rule does not cover.
 """
 
 from __future__ import annotations
@@ -55,25 +56,35 @@ def scan_loss(implementation):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
-def scan_case(mesh, shape: tuple[int, int, int, int], reps: int) -> dict:
-    """The scan's forward and backward with its inputs split over the batch: collectives, the result against the XLA
-    reference, and the time against one device running one device's share of the batch (equal: the work is split).
-    On a mesh of Explicit axes the split runs under ``jax.set_mesh``."""
+def scan_case(mesh, shape: tuple[int, int, int, int], reps: int, over: str = "batch") -> dict:
+    """The scan's forward and backward with its inputs split over the batch (data parallel / FSDP) or, ``over`` =
+    "channels", over d_inner (tensor parallel: u, delta, z split, B and C whole): collectives, the result against the
+    XLA reference, and the time against one device running one device's share (equal: the work is split). ``shape``
+    is one device's share. On a mesh of Explicit axes the split runs under ``jax.set_mesh``."""
     per_device, seqlen, dim, n = shape
-    inputs = scan_inputs(per_device * mesh.size, seqlen, dim, n)
+    devices = mesh.size
+    if over == "batch":
+        inputs = scan_inputs(per_device * devices, seqlen, dim, n)
+        specs = [PartitionSpec("x")] * 5
+        share = [a[:per_device] for a in inputs]
+    else:
+        inputs = scan_inputs(per_device, seqlen, dim * devices, n)
+        channels = PartitionSpec(None, None, "x")
+        specs = [channels, channels, PartitionSpec(), PartitionSpec(), channels]
+        share = [a if a.shape[2] == n else a[:, :, :dim] for a in inputs]
     kernel = scan_loss("pallas")
     explicit = AxisType.Explicit in mesh.axis_types
     with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
-        placed = [jax.device_put(a, NamedSharding(mesh, PartitionSpec("x"))) for a in inputs]
+        placed = [jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in zip(inputs, specs, strict=True)]
         compiled = kernel.lower(*placed).compile()
         loss, grads = kernel(*placed)
         split_ms = time_ms(kernel, *placed, reps=reps)["median_ms"]
     loss_ref, grads_ref = scan_loss("reference")(*inputs)
     errors = [float(rel_err(g, r)) for g, r in zip(grads, grads_ref, strict=True)]
-    one_device = [jax.device_put(a[:per_device], jax.devices()[0]) for a in inputs]
+    one_device = [jax.device_put(a, jax.devices()[0]) for a in share]
     return {
         "case": f"selective_scan forward+backward, (batch, seqlen, d_inner, d_state) {shape} per device, split over "
-        f"the batch{', Explicit mesh axes' if explicit else ''}",
+        f"the {over}{', Explicit mesh axes' if explicit else ''}",
         "collectives": collectives(compiled),
         "loss_rel_diff_vs_reference": float(abs(loss - loss_ref) / abs(loss_ref)),
         "grad_rel_err_vs_reference": max(errors),  # norm-wise, the worst of the five gradients
@@ -137,6 +148,7 @@ def main():
         lambda: step_case(mesh, "tensor"),
         lambda: step_case(mesh, "fsdp"),
         lambda: scan_case(explicit, scan_shape, args.reps),
+        lambda: scan_case(mesh, scan_shape, args.reps, over="channels"),
     ):
         try:
             rows.append(case())

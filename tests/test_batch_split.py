@@ -250,14 +250,15 @@ def test_mamba1_model_with_the_pallas_scan_data_parallel(remat):
         assert_close(s, g, jnp.float32, err_msg=jax.tree_util.keystr(path))
 
 
-def test_mamba1_model_with_the_pallas_scan_tensor_parallel():
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_mamba1_model_with_the_pallas_scan_tensor_parallel(remat):
     """The same LM over data 2 x tensor 4 with the model's sharding rules (in_proj column-parallel, out_proj and
-    x_proj row-parallel): one device's loss and gradients, and the scan runs on each device's rows and 32 of the 128
-    channels. The compiled step has no all-gather at all (before the channel split: the scan's (b, l, d_inner)
-    operands and cotangents, and its per-channel parameters, were gathered whole onto every device); its collectives
-    are those of XLA's own partitioning of the chunked scan."""
+    x_proj row-parallel), with and without rematerialisation: one device's loss and gradients, and the scan runs on
+    each device's rows and 32 of the 128 channels. The compiled step has no all-gather at all (before the channel
+    split: the scan's (b, l, d_inner) operands and cotangents, and its per-channel parameters, were gathered whole
+    onto every device); its collectives are those of XLA's own partitioning of the chunked scan."""
     config = MambaConfig(d_model=64, n_layer=2, vocab_size=64, ssm_cfg={"d_state": 4})
-    model = MambaLMHeadModel(config, rngs=nnx.Rngs(0), scan_implementation="pallas")
+    model = apply_remat(MambaLMHeadModel(config, rngs=nnx.Rngs(0), scan_implementation="pallas"), remat)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     tokens = jax.random.randint(jax.random.key(1), (4, 9), 0, config.vocab_size)
