@@ -19,6 +19,8 @@ import functools
 import json
 import math
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,9 +68,7 @@ def random_layer(key, d_model: int, dtype) -> MambaStepWeights:
 
 
 def step_fn(variant):
-    """(u, conv_state, ssm_state, weights, dtype) -> (out, conv_state, ssm_state) for a variant."""
-    if variant == "reference":
-        return mamba_step_reference
+    """(u, conv_state, ssm_state, weights, dtype) -> (out, conv_state, ssm_state) for a variant of the kernels."""
     channels, depth, columns, prefetch, proj_columns, splits, num_warps, num_stages = variant
     return functools.partial(
         mamba_step_pallas,
@@ -117,34 +117,46 @@ def kernel_times(trace_dir: str, loops: int) -> dict:
     return {"busy_fraction": busy, "span_us_per_loop": span / loops, "kernels_us_per_loop": top}
 
 
-def check(step, u, cache, weights, dtype) -> dict:
-    """Norm-wise errors of ``step``'s and the XLA reference's out and new SSM state against the float32 computation;
+class Mixer(NamedTuple):
+    """What the decode-step benchmarks need of one kind of mixer (this file's Mamba-1, mamba2_step.py's Mamba-2)."""
+
+    random_layer: Callable  # (key, d_model, dtype) -> weights
+    empty_cache: Callable  # (batch, d_model, dtype) -> (conv_state, ssm_state)
+    step_fn: Callable  # variant -> (u, conv_state, ssm_state, weights, dtype) -> (out, conv_state, ssm_state)
+    reference: Callable  # the XLA step, with step_fn's signature
+    shapes: list  # (name, batch, d_model)
+    variants: list  # the kernels' options; the first is the default
+    tiny_d_model: int  # --tiny's shape
+
+
+def check(mixer: Mixer, step, u, cache, weights, dtype) -> dict:
+    """Norm-wise errors of ``step``'s and the XLA reference's results against the float32 computation;
     AssertionError unless ours are within tests/tolerances.py's COMPOSED_ERROR_FACTOR of XLA's."""
     from tests.tolerances import as_float32, assert_no_worse
 
-    exact = jax.jit(mamba_step_reference, static_argnums=4)(*as_float32((u, *cache, weights)), jnp.float32)
+    reference = jax.jit(mixer.reference, static_argnums=4)
+    exact = reference(*as_float32((u, *cache, weights)), jnp.float32)
     ours = jax.jit(step, static_argnums=4)(u, *cache, weights, dtype)
-    theirs = jax.jit(mamba_step_reference, static_argnums=4)(u, *cache, weights, dtype)
-    return {name: assert_no_worse(ours[i], theirs[i], exact[i], name) for name, i in (("out", 0), ("ssm_state", 2))}
+    theirs = reference(u, *cache, weights, dtype)
+    names = ("out", "conv_state", "ssm_state")
+    return {name: assert_no_worse(ours[i], theirs[i], exact[i], name) for i, name in enumerate(names)}
 
 
-def measure(name: str, batch: int, d_model: int, variants, args, dtype) -> list[dict]:
+def measure(mixer: Mixer, name: str, batch: int, d_model: int, variants, args, dtype) -> list[dict]:
     keys = jax.random.split(jax.random.key(0), args.layers + 1)
-    weights = tuple(random_layer(k, d_model, dtype) for k in keys[1:])
+    weights = tuple(mixer.random_layer(k, d_model, dtype) for k in keys[1:])
     u = jax.random.normal(keys[0], (batch, d_model), jnp.float32).astype(dtype)
-    caches = tuple(
-        (jnp.zeros((batch, 4, 2 * d_model), dtype), jnp.zeros((batch, 2 * d_model, 16), jnp.float32))
-        for _ in range(args.layers)
-    )
+    caches = tuple(mixer.empty_cache(batch, d_model, dtype) for _ in range(args.layers))
     layer_bytes = nbytes(weights[0]) + 2 * nbytes(caches[0])
     floor_us = 1e6 * layer_bytes / BANDWIDTH
     rows = []
     for variant in ["reference", *variants]:
         row = {"model": name, "batch": batch, "d_model": d_model, "variant": str(variant), "floor_us": floor_us}
+        step = mixer.reference if variant == "reference" else mixer.step_fn(variant)
         try:
-            if variant == variants[0]:  # checked as tests/test_mamba_step.py checks the kernels
-                row["error_vs_float32"] = check(step_fn(variant), u, caches[0], weights[0], dtype)
-            run = loop(step_fn(variant), weights, args.iters, dtype)
+            if variant == variants[0]:  # checked as the tests check the kernels
+                row["error_vs_float32"] = check(mixer, step, u, caches[0], weights[0], dtype)
+            run = loop(step, weights, args.iters, dtype)
             timing = time_ms(run, weights, u, caches, reps=args.reps, warmup=2)
             row["us_per_layer"] = 1e3 * timing["median_ms"] / (args.iters * args.layers)
             row["over_floor"] = row["us_per_layer"] / floor_us
@@ -164,40 +176,51 @@ def measure(name: str, batch: int, d_model: int, variants, args, dtype) -> list[
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(mixer: Mixer, description: str):
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="one small shape, default kernels only (CPU check)")
     parser.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
+    parser.add_argument("--variants", default=None, help="comma-separated indices into VARIANTS (default: all)")
     parser.add_argument("--profile", default=None, help="trace the reference and first variant here; kernel times")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
-    shapes, variants = SHAPES, VARIANTS
+    shapes, variants = mixer.shapes, mixer.variants
     if args.shapes:
-        shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+        shapes = [mixer.shapes[int(i)] for i in args.shapes.split(",")]
+    if args.variants:
+        variants = [mixer.variants[int(i)] for i in args.variants.split(",")]
     if args.tiny:
-        shapes, variants, args.layers, args.iters, args.reps = [("tiny", 1, 64)], VARIANTS[:1], 2, 2, 2
+        shapes, variants = [("tiny", 1, mixer.tiny_d_model)], variants[:1]
+        args.layers, args.iters, args.reps = 2, 2, 2
     rows = []
     for name, batch, d_model in shapes:
-        rows += measure(name, batch, d_model, variants, args, dtype)
+        rows += measure(mixer, name, batch, d_model, variants, args, dtype)
     result = {"environment": environment(), "dtype": args.dtype, "layers": args.layers, "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
-    print(f"{'model':<12} {'batch':>5} {'variant':<14} {'us/layer':>9} {'floor us':>9} {'x floor':>8}")
+    width = max(len(r["variant"]) for r in rows)
+    print(f"{'model':<12} {'batch':>5} {'variant':<{width}} {'us/layer':>9} {'floor us':>9} {'x floor':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<12} {r['batch']:>5} {r['variant']:<14} ERROR {r['error']}")
+            print(f"{r['model']:<12} {r['batch']:>5} {r['variant']:<{width}} ERROR {r['error']}")
         else:
             print(
-                f"{r['model']:<12} {r['batch']:>5} {r['variant']:<14} {r['us_per_layer']:>9.2f} "
+                f"{r['model']:<12} {r['batch']:>5} {r['variant']:<{width}} {r['us_per_layer']:>9.2f} "
                 f"{r['floor_us']:>9.2f} {r['over_floor']:>8.2f}"
             )
 
 
+def empty_cache(batch: int, d_model: int, dtype):
+    return jnp.zeros((batch, 4, 2 * d_model), dtype), jnp.zeros((batch, 2 * d_model, 16), jnp.float32)
+
+
+MAMBA1 = Mixer(random_layer, empty_cache, step_fn, mamba_step_reference, SHAPES, VARIANTS, tiny_d_model=64)
+
 if __name__ == "__main__":
-    main()
+    main(MAMBA1, __doc__)

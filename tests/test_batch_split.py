@@ -222,17 +222,14 @@ def test_mamba2_step_pallas_split_over_the_batch():
         assert_close(a, b, jnp.float32, err_msg=name)
 
 
-@pytest.mark.parametrize("remat", ["none", "dots"])
-def test_mamba1_model_with_the_pallas_scan_data_parallel(remat):
-    """A whole Mamba-1 LM with the (interpreted) Pallas scan, the batch split 8 ways, with and without the training
-    loop's rematerialisation: one device's loss and gradients, and the only collective of the compiled step is the
-    gradients' all-reduce (the scan's operands are not gathered: before ``over_batch`` they were, with 20 all-gathers
-    and 80 collective permutes in this program)."""
-    config = MambaConfig(d_model=16, n_layer=2, vocab_size=61, ssm_cfg={"d_state": 4})
+def check_lm_on_mesh(config, remat: str, batch_shape: tuple[int, int], mesh) -> str:
+    """A Mamba-1 LM with the (interpreted) Pallas scan and ``remat``: the loss and gradients of a batch of
+    ``batch_shape`` tokens placed on ``mesh`` by the sharding rules equal one device's; returns the compiled step's
+    HLO text."""
     model = apply_remat(MambaLMHeadModel(config, rngs=nnx.Rngs(0), scan_implementation="pallas"), remat)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
-    tokens = jax.random.randint(jax.random.key(1), (8, 11), 0, config.vocab_size)
+    tokens = jax.random.randint(jax.random.key(1), batch_shape, 0, config.vocab_size)
 
     def loss_fn(params, tokens):
         logits = nnx.merge(graphdef, params)(tokens[:, :-1])
@@ -240,14 +237,24 @@ def test_mamba1_model_with_the_pallas_scan_data_parallel(remat):
 
     grad = jax.jit(jax.value_and_grad(loss_fn))
     loss, grads = grad(params, tokens)
-    mesh = make_mesh(data=8, fsdp=1)
-    replicated = jax.device_put(params, nnx.to_pure_dict(state_shardings(state, mesh)))
+    placed = jax.device_put(params, nnx.to_pure_dict(state_shardings(state, mesh)))
     batch = jax.device_put(tokens, named_sharding(("batch", None), tokens.shape, mesh))
-    assert ops_of(grad.lower(replicated, batch).compile()) == ["all-reduce"]
-    s_loss, s_grads = grad(replicated, batch)
+    s_loss, s_grads = grad(placed, batch)
     assert_close(s_loss, loss, jnp.float32)
     for (path, g), s in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(s_grads), strict=True):
         assert_close(s, g, jnp.float32, err_msg=jax.tree_util.keystr(path))
+    return grad.lower(placed, batch).compile().as_text()
+
+
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_mamba1_model_with_the_pallas_scan_data_parallel(remat):
+    """A whole Mamba-1 LM with the (interpreted) Pallas scan, the batch split 8 ways, with and without the training
+    loop's rematerialisation: one device's loss and gradients, and the only collective of the compiled step is the
+    gradients' all-reduce (the scan's operands are not gathered: before ``over_batch`` they were, with 20 all-gathers
+    and 80 collective permutes in this program)."""
+    config = MambaConfig(d_model=16, n_layer=2, vocab_size=61, ssm_cfg={"d_state": 4})
+    hlo = check_lm_on_mesh(config, remat, (8, 11), make_mesh(data=8, fsdp=1))
+    assert [c["op"] for c in collectives(hlo)] == ["all-reduce"]
 
 
 @pytest.mark.parametrize("remat", ["none", "dots"])
@@ -258,23 +265,5 @@ def test_mamba1_model_with_the_pallas_scan_tensor_parallel(remat):
     split: the scan's (b, l, d_inner) operands and cotangents, and its per-channel parameters, were gathered whole
     onto every device); its collectives are those of XLA's own partitioning of the chunked scan."""
     config = MambaConfig(d_model=64, n_layer=2, vocab_size=64, ssm_cfg={"d_state": 4})
-    model = apply_remat(MambaLMHeadModel(config, rngs=nnx.Rngs(0), scan_implementation="pallas"), remat)
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
-    tokens = jax.random.randint(jax.random.key(1), (4, 9), 0, config.vocab_size)
-
-    def loss_fn(params, tokens):
-        logits = nnx.merge(graphdef, params)(tokens[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-    grad = jax.jit(jax.value_and_grad(loss_fn))
-    loss, grads = grad(params, tokens)
-    mesh = make_mesh(data=2, fsdp=1, tensor=4)
-    sharded = jax.device_put(params, nnx.to_pure_dict(state_shardings(state, mesh)))
-    batch = jax.device_put(tokens, named_sharding(("batch", None), tokens.shape, mesh))
-    hlo = grad.lower(sharded, batch).compile().as_text()
+    hlo = check_lm_on_mesh(config, remat, (4, 9), make_mesh(data=2, fsdp=1, tensor=4))
     assert " all-gather(" not in hlo, [line for line in hlo.splitlines() if " all-gather(" in line]
-    s_loss, s_grads = grad(sharded, batch)
-    assert_close(s_loss, loss, jnp.float32)
-    for (path, g), s in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(s_grads), strict=True):
-        assert_close(s, g, jnp.float32, err_msg=jax.tree_util.keystr(path))

@@ -19,6 +19,12 @@ from pallas_kernels.mamba_step import MambaStepWeights, mamba_step
 from pallas_kernels.mamba_step.pallas import mamba_step_pallas
 from pallas_kernels.mamba_step.reference import mamba_step_reference
 from pallas_kernels.selective_scan.pallas import pallas_supported
+from tests.step_checks import (
+    assert_gradients_match,
+    assert_language_model_steps_agree,
+    assert_mixer_steps_agree,
+    assert_repeats_exactly,
+)
 from tests.tolerances import as_float32, assert_close, assert_no_worse
 
 
@@ -130,36 +136,14 @@ def test_reference_steps_equal_mamba_forward():
 def test_mamba_step_implementations_agree_in_module():
     """Mamba.step with the kernels (interpreted) = with the reference, over a few tokens carrying the cache."""
     u = jax.random.normal(jax.random.key(2), (3, 4, 32))
-    results = {}
-    for implementation in ("pallas", "reference"):
-        mixer = Mamba(32, d_state=8, rngs=nnx.Rngs(0), step_implementation=implementation)
-        cache, outs = mixer.init_cache(3), []
-        for t in range(u.shape[1]):
-            out, cache = mixer.step(u[:, t], cache)
-            outs.append(out)
-        results[implementation] = (jnp.stack(outs, axis=1), cache)
-    (out, cache), (expected, expected_cache) = results["pallas"], results["reference"]
-    assert_close(out, expected, "float32")
-    assert_close(cache.ssm_state, expected_cache.ssm_state, "float32")
-    np.testing.assert_array_equal(cache.conv_state, expected_cache.conv_state)
+    assert_mixer_steps_agree(
+        lambda implementation: Mamba(32, d_state=8, rngs=nnx.Rngs(0), step_implementation=implementation), u
+    )
 
 
 def test_kernels_differentiate_as_reference():
     """jax.grad through the kernels' path runs the reference: the same gradients for every input and weight."""
-    shape = Shape(2, 32, 64, 4, 2, 4, "float32", biases=True)
-    u, conv_state, ssm_state, weights = arguments(shape, seed=3)
-
-    def loss(implementation):
-        def f(u, conv_state, ssm_state, weights):
-            out, conv_state, ssm_state = mamba_step(
-                u, conv_state, ssm_state, weights, dtype=jnp.float32, implementation=implementation
-            )
-            return jnp.sum(out**2) + jnp.sum(jnp.sin(ssm_state)) + jnp.sum(conv_state)
-
-        return jax.grad(f, argnums=(0, 1, 2, 3))(u, conv_state, ssm_state, weights)
-
-    for actual, expected in zip(jax.tree.leaves(loss("pallas")), jax.tree.leaves(loss("reference")), strict=True):
-        assert_close(actual, expected, "float32")
+    assert_gradients_match(mamba_step, arguments(Shape(2, 32, 64, 4, 2, 4, "float32", biases=True), seed=3))
 
 
 def test_default_implementation():
@@ -220,27 +204,11 @@ def test_kernels_repeat_exactly_on_gpu():
     call may miss: a version with both states updated in place gave a wrong state in about one call in two at 1.4b's
     size (test_kernels_match_reference_on_gpu checks the values)."""
     assert pallas_supported()
-    args = arguments(GPU_SHAPES[0], seed=7)
-    kernels = jax.jit(mamba_step_pallas, static_argnames="dtype")
-    first = [np.asarray(x) for x in kernels(*args, dtype=jnp.float16)]
-    for _ in range(200):
-        for a, b in zip(kernels(*args, dtype=jnp.float16), first, strict=True):
-            np.testing.assert_array_equal(np.asarray(a), b)
+    assert_repeats_exactly(mamba_step_pallas, arguments(GPU_SHAPES[0], seed=7), jnp.float16)
 
 
 def test_language_model_steps_agree():
-    """MambaLMHeadModel(step_implementation=...) reaches every layer: the kernels' logits over a few decode steps
-    equal the reference's (float32)."""
-    from mamba_jax import MambaConfig, MambaLMHeadModel
+    """MambaLMHeadModel(step_implementation=...) reaches every layer: the kernels' logits equal the reference's."""
+    from mamba_jax import MambaConfig
 
-    config = MambaConfig(d_model=32, n_layer=2, vocab_size=50)
-    logits = {}
-    for implementation in ("pallas", "reference"):
-        model = MambaLMHeadModel(config, rngs=nnx.Rngs(0), step_implementation=implementation)
-        assert all(layer.mixer.step_implementation == implementation for layer in model.backbone.layers)
-        cache, steps = model.init_cache(2, 8), []
-        for token in ([1, 2], [3, 4], [5, 6]):
-            out, cache = model.step(jnp.asarray(token), cache)
-            steps.append(out)
-        logits[implementation] = jnp.stack(steps)
-    assert_close(logits["pallas"], logits["reference"], "float32")
+    assert_language_model_steps_agree(MambaConfig(d_model=32, n_layer=2, vocab_size=50))

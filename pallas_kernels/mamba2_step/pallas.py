@@ -29,7 +29,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.batch_split import over_batch
 from pallas_kernels.mamba2_step.reference import (
     DEFAULT_OPTIONS,
     Mamba2StepOptions,
@@ -48,6 +47,7 @@ from pallas_kernels.mamba_step.pallas import (
     proj_kernel,
     project,
     rounded,
+    step_over_batch,
     store,
 )
 from pallas_kernels.selective_scan.kernel_math import LOG2_E, KernelMath
@@ -269,17 +269,7 @@ def mamba2_step_pallas(
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _step(u, conv_state, ssm_state, weights, config):
     """The kernels, each device on its rows of the batch in a sharded jit (the weights whole on every device)."""
-    present = {name: value for name, value in weights._asdict().items() if value is not None}
-    names = sorted(present)
-
-    def kernels(u, conv_state, ssm_state, *arrays):
-        weights = Mamba2StepWeights(
-            **{**dict.fromkeys(Mamba2StepWeights._fields), **dict(zip(names, arrays, strict=True))}
-        )
-        return _kernels(u, conv_state, ssm_state, weights, config)
-
-    arrays = [u, conv_state, ssm_state, *(present[name] for name in names)]
-    return over_batch(kernels, arrays, [True] * 3 + [False] * len(names))
+    return step_over_batch(functools.partial(_kernels, config=config), u, conv_state, ssm_state, weights)
 
 
 def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, config):

@@ -333,17 +333,21 @@ def mamba_step_pallas(
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _step(u, conv_state, ssm_state, weights, config):
     """The kernels, each device on its rows of the batch in a sharded jit (the weights whole on every device)."""
+    return step_over_batch(functools.partial(_kernels, config=config), u, conv_state, ssm_state, weights)
+
+
+def step_over_batch(kernels, u, conv_state, ssm_state, weights):
+    """``kernels(u, conv_state, ssm_state, weights)``, each device on its rows of the batch in a sharded jit
+    (``over_batch``), the weights (a NamedTuple; None for an absent parameter) whole on every device."""
     present = {name: value for name, value in weights._asdict().items() if value is not None}
     names = sorted(present)
 
-    def kernels(u, conv_state, ssm_state, *arrays):
-        weights = MambaStepWeights(
-            **{**dict.fromkeys(MambaStepWeights._fields), **dict(zip(names, arrays, strict=True))}
-        )
-        return _kernels(u, conv_state, ssm_state, weights, config)
+    def rows(u, conv_state, ssm_state, *arrays):
+        given = dict.fromkeys(type(weights)._fields) | dict(zip(names, arrays, strict=True))
+        return kernels(u, conv_state, ssm_state, type(weights)(**given))
 
     arrays = [u, conv_state, ssm_state, *(present[name] for name in names)]
-    return over_batch(kernels, arrays, [True] * 3 + [False] * len(names))
+    return over_batch(rows, arrays, [True] * 3 + [False] * len(names))
 
 
 def _kernels(u, conv_state, ssm_state, weights, config):

@@ -1,0 +1,74 @@
+"""Checks shared by the fused decode steps' tests (tests/test_mamba_step.py, tests/test_mamba2_step.py): the kernels
+against the reference through jax.grad, inside a mixer and a language model, and repeated on a GPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tests.tolerances import assert_close
+
+
+def assert_gradients_match(step, args) -> None:
+    """jax.grad through ``step(..., implementation="pallas")`` (which runs the reference under differentiation)
+    equals jax.grad through "reference", for every input and weight of ``args`` (u, conv_state, ssm_state, weights)."""
+
+    def gradients(implementation):
+        def f(u, conv_state, ssm_state, weights):
+            out, conv_state, ssm_state = step(
+                u, conv_state, ssm_state, weights, dtype=jnp.float32, implementation=implementation
+            )
+            return jnp.sum(out**2) + jnp.sum(jnp.sin(ssm_state)) + jnp.sum(conv_state)
+
+        return jax.grad(f, argnums=(0, 1, 2, 3))(*args)
+
+    for actual, expected in zip(
+        jax.tree.leaves(gradients("pallas")), jax.tree.leaves(gradients("reference")), strict=True
+    ):
+        assert_close(actual, expected, "float32")
+
+
+def assert_mixer_steps_agree(make_mixer, u: jax.Array) -> None:
+    """``make_mixer(implementation).step`` over the tokens of u (b, l, d), carrying the cache: the kernels
+    (interpreted) give the reference's outputs and caches (float32)."""
+    results = {}
+    for implementation in ("pallas", "reference"):
+        mixer = make_mixer(implementation)
+        cache, outs = mixer.init_cache(u.shape[0]), []
+        for t in range(u.shape[1]):
+            out, cache = mixer.step(u[:, t], cache)
+            outs.append(out)
+        results[implementation] = (jnp.stack(outs, axis=1), cache)
+    (out, cache), (expected, expected_cache) = results["pallas"], results["reference"]
+    assert_close(out, expected, "float32")
+    assert_close(cache.ssm_state, expected_cache.ssm_state, "float32")
+    np.testing.assert_array_equal(cache.conv_state, expected_cache.conv_state)
+
+
+def assert_language_model_steps_agree(config) -> None:
+    """MambaLMHeadModel(step_implementation=...) reaches every layer: the kernels' logits over a few decode steps
+    equal the reference's (float32)."""
+    from mamba_jax import MambaLMHeadModel
+
+    logits = {}
+    for implementation in ("pallas", "reference"):
+        model = MambaLMHeadModel(config, rngs=nnx.Rngs(0), step_implementation=implementation)
+        assert all(layer.mixer.step_implementation == implementation for layer in model.backbone.layers)
+        cache, steps = model.init_cache(2, 8), []
+        for token in ([1, 2], [3, 4], [5, 6]):
+            out, cache = model.step(jnp.asarray(token), cache)
+            steps.append(out)
+        logits[implementation] = jnp.stack(steps)
+    assert_close(logits["pallas"], logits["reference"], "float32")
+
+
+def assert_repeats_exactly(kernels, args, dtype, times: int = 200) -> None:
+    """The compiled ``kernels(*args, dtype=dtype)`` gives the same results ``times`` times over: a race between
+    programs or launches that one call may miss shows here."""
+    step = jax.jit(kernels, static_argnames="dtype")
+    first = [np.asarray(x) for x in step(*args, dtype=dtype)]
+    for _ in range(times):
+        for a, b in zip(step(*args, dtype=dtype), first, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), b)
