@@ -116,11 +116,10 @@ def _state_kernel(ins, outs, *, parts: int, groups: int, dt_limit, dtype, ops: K
         bc.append(_conv(taps, ins["conv"], ins.get("conv_bias"), span, dtype, ops))
     B, C = bc  # (padded n,)
 
-    dt = ins["xz"].shape[2] - heads + head
-    dt = functools.reduce(jnp.add, [ins["xz"][s, row, dt] for s in range(ins["xz"].shape[0])])
-    dt = rounded(dt, dtype)
+    dt_column = ins["xz"].shape[2] - heads + head  # the head's dt, the last h columns of in_proj
+    dt = rounded(functools.reduce(jnp.add, [ins["xz"][s, row, dt_column] for s in range(ins["xz"].shape[0])]), dtype)
     if bias is not None:
-        dt = rounded(dt + rounded(bias[ins["xz"].shape[2] - heads + head].astype(jnp.float32), dtype), dtype)
+        dt = rounded(dt + rounded(bias[dt_column].astype(jnp.float32), dtype), dtype)
     # per channel from here (the same value in each): Triton's inline-assembly ops take blocks, not scalars
     dt = jnp.broadcast_to(dt + ins["dt_bias"][head].astype(jnp.float32), (lanes.size,))
     dt = ops.softplus(dt)
