@@ -40,11 +40,14 @@ def model_config(source: Source) -> MambaConfig:
         raise ConversionError(f"{source.directory / CONFIG_FILE}: {e}") from None
 
 
-def abstract_model(config: MambaConfig, param_dtype, compute_dtype=None) -> MambaLMHeadModel:
-    """``MambaLMHeadModel(config)`` with abstract parameters (shapes and dtypes only, no memory)."""
+def abstract_model(config: MambaConfig, param_dtype, compute_dtype=None, **implementations) -> MambaLMHeadModel:
+    """``MambaLMHeadModel(config)`` with abstract parameters (shapes and dtypes only, no memory); ``implementations``
+    (scan_implementation, step_implementation) go to the model."""
     try:
         return nnx.eval_shape(
-            lambda: MambaLMHeadModel(config, rngs=nnx.Rngs(0), dtype=compute_dtype, param_dtype=param_dtype)
+            lambda: MambaLMHeadModel(
+                config, rngs=nnx.Rngs(0), dtype=compute_dtype, param_dtype=param_dtype, **implementations
+            )
         )
     except (ValueError, NotImplementedError) as e:
         raise ConversionError(f"cannot build a model for this config: {e}") from None

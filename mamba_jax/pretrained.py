@@ -28,6 +28,8 @@ from convert.writer import PARAMS_DIR, is_converted
 from mamba_jax.config import MambaConfig
 from mamba_jax.model import MambaLMHeadModel
 from mamba_jax.sharding import LOGICAL_AXIS_RULES, MeshAxes, state_shardings
+from pallas_kernels.mamba_step.api import IMPLEMENTATIONS as STEP_IMPLEMENTATIONS
+from pallas_kernels.selective_scan.api import IMPLEMENTATIONS as SCAN_IMPLEMENTATIONS
 
 EMBEDDING_PATH = "backbone.embedding.embedding"
 
@@ -137,11 +139,12 @@ def _compute_dtype(compute_dtype, param_dtype):
     return param_dtype if jnp.dtype(param_dtype).itemsize == 2 else None
 
 
-def _convert_in_memory(source_arg: str, dtype, compute_dtype, mesh, rules) -> MambaLMHeadModel:
+def _convert_in_memory(source_arg: str, dtype, compute_dtype, mesh, rules, implementations) -> MambaLMHeadModel:
     """Convert a source (directory or Hub repo id) tensor by tensor, placing each on its devices as it comes."""
     source = inspect_source(resolve_source(source_arg))
     config = model_config(source)
-    graphdef, params = nnx.split(abstract_model(config, dtype, _compute_dtype(compute_dtype, dtype)), nnx.Param)
+    model = abstract_model(config, dtype, _compute_dtype(compute_dtype, dtype), **implementations)
+    graphdef, params = nnx.split(model, nnx.Param)
     placement = placements(params, mesh, rules)
     arrays: dict = {}
     with Weights([source.weights]) as weights:
@@ -158,6 +161,8 @@ def load_pretrained(
     compute_dtype=None,
     mesh: Mesh | None = None,
     rules: Mapping[str, MeshAxes] | None = None,
+    scan_implementation: str | None = None,
+    step_implementation: str | None = None,
 ) -> MambaLMHeadModel:
     """A ready ``MambaLMHeadModel`` with pretrained weights.
 
@@ -169,20 +174,31 @@ def load_pretrained(
       16-bit (a bf16 / fp16 checkpoint runs in bf16 / fp16, as in mamba_ssm), else float32.
     mesh, rules: place every parameter by its logical axes on ``mesh`` with ``rules`` (default
       ``mamba_jax.sharding.LOGICAL_AXIS_RULES``); each device reads only its shards. No mesh: the first device.
+    scan_implementation, step_implementation: as ``MambaLMHeadModel``'s (the Mamba-1 scan's, and the decode step's:
+      ``pallas_kernels.mamba_step`` / ``mamba2_step``); None: the platform's best. For sharded decoding of a model
+      too large for one device pass step_implementation="reference" (the kernels gather the weights).
     """
     dtype = _floating_dtype("dtype", dtype)
     compute_dtype = _floating_dtype("compute_dtype", compute_dtype)
     if mesh is not None and not isinstance(mesh, Mesh):
         raise ValueError(f"load_pretrained: mesh must be a jax.sharding.Mesh, found {type(mesh).__name__}")
+    implementations = {"scan_implementation": scan_implementation, "step_implementation": step_implementation}
+    for name, value, allowed in (
+        ("scan_implementation", scan_implementation, SCAN_IMPLEMENTATIONS),
+        ("step_implementation", step_implementation, STEP_IMPLEMENTATIONS),
+    ):
+        if value is not None and value not in allowed:
+            raise ValueError(f"load_pretrained: {name} must be None or one of {allowed}, found {value!r}")
     directory = Path(path_or_repo_id).expanduser()
     if not is_converted(directory):
         dtype = jnp.dtype(jnp.float32) if dtype is None else dtype
-        return _convert_in_memory(os.fspath(path_or_repo_id), dtype, compute_dtype, mesh, rules)
+        return _convert_in_memory(os.fspath(path_or_repo_id), dtype, compute_dtype, mesh, rules, implementations)
     config = read_config(directory)
     if dtype is None:
         stored = stored_params(directory)
         dtype = stored[EMBEDDING_PATH].dtype if EMBEDDING_PATH in stored else jnp.float32
-    graphdef, params = nnx.split(abstract_model(config, dtype, _compute_dtype(compute_dtype, dtype)), nnx.Param)
+    model = abstract_model(config, dtype, _compute_dtype(compute_dtype, dtype), **implementations)
+    graphdef, params = nnx.split(model, nnx.Param)
     restored = restore_params(directory, params, placements(params, mesh, rules))
     nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params)

@@ -87,6 +87,11 @@ def test_16bit_dtype_and_verify(tmp_path, capsys):
     assert load_pretrained(tmp_path / "dst", compute_dtype="float32").dtype == jnp.float32
     with pytest.raises(ValueError, match="compute_dtype must be a floating dtype, found int32"):
         load_pretrained(tmp_path / "dst", compute_dtype="int32")
+    with pytest.raises(ValueError, match=r"step_implementation must be None or one of \('pallas', 'reference'\)"):
+        load_pretrained(tmp_path / "dst", step_implementation="cuda")
+    chosen = load_pretrained(tmp_path / "dst", scan_implementation="reference", step_implementation="reference")
+    assert {layer.mixer.step_implementation for layer in chosen.backbone.layers} == {"reference"}
+    assert {layer.mixer.scan_implementation for layer in chosen.backbone.layers} == {"reference"}
     mixer = loaded.backbone.layers[0].mixer
     assert mixer.in_proj.kernel[...].dtype == jnp.bfloat16
     assert mixer.A_log[...].dtype == mixer.D[...].dtype == jnp.float32  # as in mamba_ssm

@@ -45,6 +45,25 @@ def test_streams_the_greedy_continuation_and_reports_speed(checkpoint, capsys):
     assert "prompt 3 tokens" in err and "tokens/s" in err and "first token after" in err
 
 
+def test_step_implementation_flag(checkpoint, capsys, monkeypatch):
+    """--step-implementation reaches every layer of the model: the fused kernels (interpreted here) continue as
+    XLA's step does."""
+    loaded = []
+
+    def load(*args, **kwargs):
+        loaded.append(load_pretrained(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(cli, "load_pretrained", load)
+    texts = []
+    for implementation in ("reference", "pallas"):
+        argv = ["--model", str(checkpoint), "--prompt", "w3 w1 w4", "--max-new-tokens", "4"]
+        cli.main([*argv, "--step-implementation", implementation])
+        texts.append(capsys.readouterr().out)
+        assert {layer.mixer.step_implementation for layer in loaded[-1].backbone.layers} == {implementation}
+    assert texts[0] == texts[1]
+
+
 @pytest.mark.parametrize(
     ("arguments", "match"),
     [

@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--batch", type=int, default=1, help="decode this many copies of the prompt (throughput)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="parameter dtype (default: stored)")
+    parser.add_argument(
+        "--step-implementation",
+        choices=["pallas", "reference"],
+        default=None,
+        help="the decode step's (default: the platform's best; see pallas_kernels.mamba_step / mamba2_step)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", default=None, help="transformers tokenizer name or directory")
     return parser
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         directory = checkpoint_directory(args.model)
         tokenizer = load_tokenizer(args.tokenizer, directory)
-        model = load_pretrained(directory, dtype=DTYPES.get(args.dtype))
+        model = load_pretrained(directory, dtype=DTYPES.get(args.dtype), step_implementation=args.step_implementation)
     except (ConversionError, OSError, ValueError) as e:
         parser.error(str(e))
     prompt_ids = tokenizer(args.prompt)["input_ids"]
