@@ -115,7 +115,7 @@ INTERPRETED = [
     Shape(1, 64, 4, 16, 16, 1, 4, "float32"),
     Shape(3, 48, 6, 32, 24, 2, 3, "float32", biases=True, d_has_hdim=True, dt_limit=(0.0, 0.05)),
     Shape(1, 128, 4, 32, 16, 1, 4, "float32", norm=False),
-    Shape(2, 64, 4, 16, 16, 2, 4, "bfloat16"),
+    Shape(2, 64, 4, 16, 16, 2, 4, "bfloat16", biases=True),  # float32 biases, bf16 compute
     Shape(2, 64, 4, 32, 32, 1, 4, "float16", param_dtype="float16"),
     Shape(16, 32, 2, 16, 8, 1, 2, "float32"),
 ]

@@ -95,6 +95,7 @@ INTERPRETED = [
     Shape(1, 32, 64, 4, 2, 4, "float32"),
     Shape(3, 48, 96, 6, 3, 3, "float32", biases=True),
     Shape(2, 64, 128, 16, 4, 4, "bfloat16"),
+    Shape(2, 32, 64, 4, 2, 4, "bfloat16", biases=True),  # float32 biases, bf16 compute
     Shape(2, 32, 64, 16, 2, 4, "float16", param_dtype="float16"),
     Shape(1, 32, 96, 8, 5, 4, "bfloat16", cache_dtype="float32"),
     Shape(16, 32, 64, 4, 2, 2, "float32"),

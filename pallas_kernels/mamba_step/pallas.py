@@ -183,8 +183,8 @@ def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
     x = functools.reduce(jnp.add, [load(ins["xz"], split, rows, lanes) for split in splits])
     z = functools.reduce(jnp.add, [load(ins["xz"], split, rows, z_lanes) for split in splits])
     if "in_proj_bias" in ins:
-        x = rounded(x, dtype) + load(ins["in_proj_bias"], lanes)
-        z = rounded(z, dtype) + load(ins["in_proj_bias"], z_lanes)
+        x = rounded(x, dtype) + rounded(load(ins["in_proj_bias"], lanes), dtype)
+        z = rounded(z, dtype) + rounded(load(ins["in_proj_bias"], z_lanes), dtype)
     x = rounded(x, dtype)
     store(outs["z"], z, rows, lanes)
 
