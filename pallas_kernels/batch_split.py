@@ -120,9 +120,8 @@ def over_batch(
     explicit = _explicit_axes(args[first], batch, 0)
     if explicit is not None:
         mesh, batch_axes = explicit
-        channel_axes = ()
-        if lead is not None:
-            channel_axes = split_channels(mesh, _explicit_axes(args[lead], None, arg_channels[lead])[1], batch_axes)
+        lead_axes = None if lead is None else _explicit_axes(args[lead], None, arg_channels[lead])
+        channel_axes = () if lead_axes is None else split_channels(mesh, lead_axes[1], batch_axes)
         in_specs, out_specs = layout(batch_axes, channel_axes, lambda spec: spec)
         args = [jax.sharding.reshard(arg, spec) for arg, spec in zip(args, in_specs, strict=True)]
         # check_vma=False: a pallas_call states no varying mesh axes for its outputs.
