@@ -40,6 +40,7 @@ from pallas_kernels.mamba_step.pallas import (
     MIN_ROWS,
     PROJ_COLUMNS,
     Span,
+    conv_silu,
     default_splits,
     depth_for,
     first_column,
@@ -49,6 +50,7 @@ from pallas_kernels.mamba_step.pallas import (
     rounded,
     step_over_batch,
     store,
+    sum_partials,
 )
 from pallas_kernels.selective_scan.kernel_math import LOG2_E, KernelMath
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
@@ -61,27 +63,6 @@ PARTS = 2  # programs per head and batch row in the state kernel
 def padded_span(start, size: int) -> Span:
     """``size`` positions from ``start``, padded to a power of 2 (Triton's block sizes) and masked."""
     return Span(start, pl.next_power_of_2(size), size)
-
-
-def _sum_partials(xz_ref, row, span: Span, bias_ref, dtype) -> jax.Array:
-    """The in_proj output's columns ``span`` of batch row ``row``: the sum of the splits' partial sums, rounded to
-    ``dtype``, plus the rounded bias (rounded again), as ``nnx.Linear`` computes it; float32."""
-    value = functools.reduce(jnp.add, [load(xz_ref, s, row, span) for s in range(xz_ref.shape[0])])
-    value = rounded(value, dtype)
-    if bias_ref is not None:
-        value = rounded(value + rounded(load(bias_ref, span), dtype), dtype)
-    return value
-
-
-def _conv(window: list[jax.Array], conv_ref, bias_ref, span: Span, dtype, ops: KernelMath) -> jax.Array:
-    """silu(the depthwise conv of the taps ``window`` (oldest first) over channels ``span``), rounded to ``dtype``."""
-    conv = 0.0
-    for k, tap in enumerate(window):
-        conv = conv + rounded(tap, dtype) * rounded(load(conv_ref, k, span), dtype)
-    if bias_ref is not None:
-        conv = conv + rounded(load(bias_ref, span), dtype)
-    conv = rounded(conv, dtype)
-    return rounded(conv * ops.sigmoid(conv), dtype)
 
 
 def _state_kernel(ins, outs, *, parts: int, groups: int, dt_limit, dtype, ops: KernelMath):
@@ -99,21 +80,21 @@ def _state_kernel(ins, outs, *, parts: int, groups: int, dt_limit, dtype, ops: K
     # (a headdim that is not a power of 2 leaves masked lanes, which read as 0 and end as 0)
     lanes = padded_span(pl.multiple_of(head * headdim + part * channels, channels & -channels), channels)
     xbc = Span(d_ssm + lanes.start, lanes.size, channels)  # x's columns in in_proj's output
-    z = _sum_partials(ins["xz"], row, lanes, bias, dtype)
-    x = _sum_partials(ins["xz"], row, xbc, bias, dtype)
+    z = sum_partials(ins["xz"], row, lanes, bias, dtype)
+    x = sum_partials(ins["xz"], row, xbc, bias, dtype)
     window = [load(ins["conv_state"], row, k, lanes) for k in range(1, width)] + [x]
     for k, tap in enumerate(window):
         store(outs["conv_state"], tap, row, k, lanes)
-    x = _conv(window, ins["conv"], ins.get("conv_bias"), lanes, dtype, ops)  # (channels,)
+    x = conv_silu(window, ins["conv"], ins.get("conv_bias"), lanes, dtype, ops)  # (channels,)
 
     # B and C of the head's group: their conv over the cached window (shifted later, by _out_kernel).
     traced = program * 0  # padded spans may overhang the array's end: Pallas wants their starts traced
     bc = []
     for first in (d_ssm + group * d_state, d_ssm + (groups + group) * d_state):
         span = padded_span(traced + first, d_state)
-        new = _sum_partials(ins["xz"], row, Span(d_ssm + span.start, span.size, span.valid), bias, dtype)
+        new = sum_partials(ins["xz"], row, Span(d_ssm + span.start, span.size, span.valid), bias, dtype)
         taps = [load(ins["conv_state"], row, k, span) for k in range(1, width)] + [new]
-        bc.append(_conv(taps, ins["conv"], ins.get("conv_bias"), span, dtype, ops))
+        bc.append(conv_silu(taps, ins["conv"], ins.get("conv_bias"), span, dtype, ops))
     B, C = bc  # (padded n,)
 
     dt_column = ins["xz"].shape[2] - heads + head  # the head's dt, the last h columns of in_proj
@@ -170,7 +151,7 @@ def _out_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Spa
     def _():
         conv_dim = ins["conv_state"].shape[2]
         bc = padded_span(column * 0 + d_ssm, conv_dim - d_ssm)
-        new = _sum_partials(ins["xz"], rows, Span(d_ssm + bc.start, bc.size, bc.valid), ins.get("in_proj_bias"), dtype)
+        new = sum_partials(ins["xz"], rows, Span(d_ssm + bc.start, bc.size, bc.valid), ins.get("in_proj_bias"), dtype)
         window = [load(ins["conv_state"], rows, k, bc) for k in range(1, ins["conv_state"].shape[1])] + [new]
         for k, tap in enumerate(window):
             store(outs["conv_state"], tap, rows, k, bc)
@@ -186,7 +167,6 @@ def supports(batch: int, weights: Mamba2StepWeights, ssm_state_shape, options: M
         and weights.out_proj.shape[0] == d_ssm
         and not (weights.norm is not None and options.norm_before_gate)
         and d_model % MIN_ROWS == 0
-        and d_ssm % MIN_ROWS == 0
         and (d_ssm // options.ngroups) % MIN_ROWS == 0
     )
 

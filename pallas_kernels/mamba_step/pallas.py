@@ -170,6 +170,29 @@ def proj_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Spa
     store(outs["xz"], acc, split, rows, Span(first, columns, columns))
 
 
+def sum_partials(xz_ref, rows, span: Span, bias_ref, dtype) -> jax.Array:
+    """Columns ``span`` of in_proj's output for ``rows`` (an index or a Span): the sum of ``proj_kernel``'s partial
+    sums (xz_ref (splits, b, m)), rounded to ``dtype``, plus the rounded bias and rounded again, as ``nnx.Linear``
+    computes it; float32."""
+    value = functools.reduce(jnp.add, [load(xz_ref, split, rows, span) for split in range(xz_ref.shape[0])])
+    value = rounded(value, dtype)
+    if bias_ref is not None:
+        value = rounded(value + rounded(load(bias_ref, span), dtype), dtype)
+    return value
+
+
+def conv_silu(window: list[jax.Array], conv_ref, bias_ref, span: Span, dtype, ops: KernelMath) -> jax.Array:
+    """silu(the depthwise conv of the taps ``window``, oldest first as the reference sums them, over channels
+    ``span``), the conv and the silu each rounded to ``dtype``; float32."""
+    conv = 0.0
+    for k, tap in enumerate(window):
+        conv = conv + rounded(tap, dtype) * rounded(load(conv_ref, k, span), dtype)
+    if bias_ref is not None:
+        conv = conv + rounded(load(bias_ref, span), dtype)
+    conv = rounded(conv, dtype)
+    return rounded(conv * ops.sigmoid(conv), dtype)
+
+
 def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
     """ins: xz (splits, b, 2di) float32 (``proj_kernel``'s partial sums) [in_proj_bias (2di,)], conv_state
     (b, w, di), conv (w, di) [conv_bias (di,)], x_proj (di, r + 2n). outs: conv_state (aliased), x and z
@@ -179,25 +202,15 @@ def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
     d_inner = ins["conv"].shape[1]
     lanes = Span(first, channels, channels)
     z_lanes = Span(d_inner + first, channels, channels)
-    splits = range(ins["xz"].shape[0])
-    x = functools.reduce(jnp.add, [load(ins["xz"], split, rows, lanes) for split in splits])
-    z = functools.reduce(jnp.add, [load(ins["xz"], split, rows, z_lanes) for split in splits])
-    if "in_proj_bias" in ins:
-        x = rounded(x, dtype) + rounded(load(ins["in_proj_bias"], lanes), dtype)
-        z = rounded(z, dtype) + rounded(load(ins["in_proj_bias"], z_lanes), dtype)
-    x = rounded(x, dtype)
-    store(outs["z"], z, rows, lanes)
+    bias = ins.get("in_proj_bias")
+    x = sum_partials(ins["xz"], rows, lanes, bias, dtype)
+    store(outs["z"], sum_partials(ins["xz"], rows, z_lanes, bias, dtype), rows, lanes)
 
     width = ins["conv"].shape[0]
-    taps = [load(ins["conv_state"], rows, k, lanes) for k in range(1, width)] + [x]
-    conv = 0.0
-    for k, tap in enumerate(taps):  # oldest first, as the reference sums them
+    window = [load(ins["conv_state"], rows, k, lanes) for k in range(1, width)] + [x]
+    for k, tap in enumerate(window):
         store(outs["conv_state"], tap, rows, k, lanes)
-        conv = conv + rounded(tap, dtype) * rounded(load(ins["conv"], k, lanes), dtype)
-    if "conv_bias" in ins:
-        conv = conv + rounded(load(ins["conv_bias"], lanes), dtype)
-    conv = rounded(conv, dtype)
-    x = (conv * ops.sigmoid(conv)).astype(dtype)
+    x = conv_silu(window, ins["conv"], ins.get("conv_bias"), lanes, dtype, ops).astype(dtype)
     store(outs["x"], x, rows, lanes)
 
     columns = Span(0, padded(outs["partial"].shape[2]), outs["partial"].shape[2])
