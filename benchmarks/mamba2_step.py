@@ -6,8 +6,8 @@ and their block-size variants, at the published models' sizes.
 
 Measured by benchmarks/mamba_step.py's harness, as the Mamba-1 step (``--layers`` mixers with their own random
 weights, ``--iters`` passes in one compiled loop, the caches carried); us per layer = median loop time / (iters *
-layers); bytes floor = (weights + conv and SSM states read and written) / 3.0 TB/s per layer. The first variant of
-every shape is checked against the float32 computation first, as tests/test_mamba2_step.py checks the kernels.
+layers); bytes floor = (weights + conv and SSM states read and written) / 3.0 TB/s per layer. Every variant is
+checked first against the float32 computation on random caches, as tests/test_mamba2_step.py checks the kernels.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ SHAPES = [("mamba2-1.3b", 1, 2048), ("mamba2-2.7b", 1, 2560), ("mamba2-130m", 1,
 # (depth, proj_columns, splits, columns, out_splits, parts, prefetch, num_warps, num_stages) of the kernels
 # (pallas.mamba2_step_pallas; splits None: pallas.default_splits); the first is the default.
 VARIANTS = [
+    (128, 64, None, 64, None, 2, 1, 4, 3),
     (128, 64, None, 64, None, 2, 1, 8, 3),
     (128, 64, None, 64, None, 1, 1, 8, 3),
-    (128, 64, None, 64, None, 4, 1, 8, 3),
-    (128, 64, None, 128, None, 2, 1, 8, 3),
-    (128, 64, None, 64, None, 2, 2, 8, 3),
+    (64, 64, None, 64, None, 2, 1, 8, 3),
     (64, 64, None, 64, None, 2, 1, 4, 3),
+    (64, 64, None, 64, None, 1, 1, 4, 3),
+    (64, 64, None, 64, None, 4, 1, 4, 3),
+    (128, 64, 4, 64, None, 2, 1, 8, 3),
 ]
 
 

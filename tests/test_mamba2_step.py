@@ -179,8 +179,22 @@ def test_kernels_differentiate_as_reference():
     assert_gradients_match(mamba2_step, arguments(Shape(2, 32, 2, 16, 8, 1, 4, "float32", biases=True), seed=3))
 
 
-def test_default_implementation_is_the_reference():
-    """None runs XLA's step until the kernels have been measured on a GPU: bit for bit the reference's result."""
+def test_default_implementation():
+    """The kernels at batch 1 up to d_model 2048 on a GPU, XLA elsewhere; on CPU bit for bit the reference."""
+    from pallas_kernels.mamba2_step.api import default_implementation
+
+    def pick(batch, d_model, headdim=64, d_state=128, **options):
+        args = arguments(Shape(batch, d_model, 2 * d_model // headdim, headdim, d_state, 1, 4, "float16"), seed=0)
+        options = Mamba2StepOptions()._replace(**options)
+        return default_implementation(batch, args[3], args[2].shape, options)
+
+    expected = "pallas" if pallas_supported() else "reference"
+    assert pick(1, 2048) == expected  # Mamba-2 1.3b
+    assert pick(1, 768) == expected  # 130m
+    assert pick(1, 2560) == "reference"  # 2.7b: XLA's step is faster
+    assert pick(2, 2048) == "reference"
+    assert pick(1, 2048, norm_before_gate=True) == "reference"  # a mixer the kernels do not take
+
     args = arguments(Shape(2, 64, 4, 16, 16, 1, 4, "float32"), seed=4)
     default = mamba2_step(*args, dtype=jnp.float32)
     reference = mamba2_step(*args, dtype=jnp.float32, implementation="reference")

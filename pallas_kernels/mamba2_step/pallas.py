@@ -58,6 +58,7 @@ from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supp
 DEPTH = 128  # rows of a projection per loop iteration
 COLUMNS = 64  # columns of out_proj per program of the last kernel
 PARTS = 2  # programs per head and batch row in the state kernel
+NUM_WARPS = 4  # of every kernel: 4 took 6-11% less time than 8 at 130m and 1.3b on an H100 (benchmarks/RESULTS.md)
 
 
 def padded_span(start, size: int) -> Span:
@@ -83,8 +84,6 @@ def _state_kernel(ins, outs, *, parts: int, groups: int, dt_limit, dtype, ops: K
     z = sum_partials(ins["xz"], row, lanes, bias, dtype)
     x = sum_partials(ins["xz"], row, xbc, bias, dtype)
     window = [load(ins["conv_state"], row, k, lanes) for k in range(1, width)] + [x]
-    for k, tap in enumerate(window):
-        store(outs["conv_state"], tap, row, k, lanes)
     x = conv_silu(window, ins["conv"], ins.get("conv_bias"), lanes, dtype, ops)  # (channels,)
 
     # B and C of the head's group: their conv over the cached window (shifted later, by _out_kernel).
@@ -108,9 +107,11 @@ def _state_kernel(ins, outs, *, parts: int, groups: int, dt_limit, dtype, ops: K
     A = -jnp.exp(ins["A_log"][head].astype(jnp.float32))
     D = load(ins["D"], lanes) if ins["D"].shape[0] == d_ssm else ins["D"][head].astype(jnp.float32)
 
-    states = padded_span(traced, d_state)
-    tile = (row, head, Span(part * channels, lanes.size, channels), states)
+    tile = (row, head, Span(part * channels, lanes.size, channels), padded_span(traced, d_state))
     state = load(ins["ssm_state"], *tile)  # (channels, padded n)
+    ops.barrier()  # x's window and the state are updated in place: every warp has read them before any writes
+    for k, tap in enumerate(window):
+        store(outs["conv_state"], tap, row, k, lanes)
     decay = ops.exp2(dt * A * LOG2_E)[:, None]
     state = ops.fma(decay, state, (dt * x)[:, None] * B[None, :])
     store(outs["ssm_state"], state, *tile)
@@ -123,7 +124,9 @@ def _state_kernel(ins, outs, *, parts: int, groups: int, dt_limit, dtype, ops: K
         store(outs["y"], rounded(gated, dtype), row, lanes)
 
 
-def _out_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Span, groups: int, eps: float, dtype):
+def _out_kernel(
+    ins, outs, *, columns: int, depth: int, prefetch: int, rows: Span, groups: int, eps: float, dtype, ops: KernelMath
+):
     """ins: y (b, d_ssm), [sumsq (b, h * parts) float32, norm (d_ssm,)], out_proj (di, d); for B's and C's window:
     xz (splits, b, m) float32 [in_proj_bias (m,)], conv_state (b, w, conv_dim).
     outs: out (splits, b, d) float32 partial sums; conv_state (aliased)."""
@@ -153,6 +156,7 @@ def _out_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Spa
         bc = padded_span(column * 0 + d_ssm, conv_dim - d_ssm)
         new = sum_partials(ins["xz"], rows, Span(d_ssm + bc.start, bc.size, bc.valid), ins.get("in_proj_bias"), dtype)
         window = [load(ins["conv_state"], rows, k, bc) for k in range(1, ins["conv_state"].shape[1])] + [new]
+        ops.barrier()  # shifted in place: every warp has read the window before any writes
         for k, tap in enumerate(window):
             store(outs["conv_state"], tap, rows, k, bc)
 
@@ -187,7 +191,7 @@ def mamba2_step_pallas(
     out_splits: int | None = None,
     parts: int | None = None,
     prefetch: int = 1,
-    num_warps: int = 8,
+    num_warps: int = NUM_WARPS,
     num_stages: int = 3,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The step in four launches (three kernels, one sum); arguments and results as ``mamba2_step_reference``,
@@ -308,6 +312,7 @@ def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, config):
             groups=options.ngroups,
             eps=options.eps,
             dtype=dtype,
+            ops=ops,
         ),
         out_shape={
             "conv_state": jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),

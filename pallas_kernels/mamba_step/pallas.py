@@ -208,6 +208,7 @@ def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
 
     width = ins["conv"].shape[0]
     window = [load(ins["conv_state"], rows, k, lanes) for k in range(1, width)] + [x]
+    ops.barrier()  # the window is shifted in place: every warp reads it first
     for k, tap in enumerate(window):
         store(outs["conv_state"], tap, rows, k, lanes)
     x = conv_silu(window, ins["conv"], ins.get("conv_bias"), lanes, dtype, ops).astype(dtype)

@@ -40,6 +40,14 @@ class KernelMath:
         )
         return result
 
+    def barrier(self) -> None:
+        """Every thread of a Triton program waits here until all have arrived, their earlier loads done. A kernel that
+        updates a buffer in place calls it between reading and overwriting: Triton spreads a block's elements over
+        warps that run unsynchronised, and replicates a small block in several, so without it one warp can read an
+        element another has already overwritten. The interpreter runs a program's operations in order: no-op."""
+        if not self.interpret:
+            plt.debug_barrier()
+
     def exp2(self, x: jax.Array) -> jax.Array:
         """2^x; results below 2^-126 flush to 0."""
         return jnp.exp2(x) if self.interpret else self._ptx("ex2.approx.ftz.f32", x)
