@@ -75,9 +75,7 @@ def mamba2_step(
     _check(u, conv_state, ssm_state, weights, options)
     if implementation is None:
         implementation = default_implementation(u.shape[0], weights, ssm_state.shape, options)
-    return _implementation(implementation)(
-        u, conv_state, ssm_state, weights, dtype=jnp.dtype(dtype), options=options
-    )
+    return _implementation(implementation)(u, conv_state, ssm_state, weights, dtype=jnp.dtype(dtype), options=options)
 
 
 def _check(u, conv_state, ssm_state, weights: Mamba2StepWeights, options: Mamba2StepOptions) -> None:
