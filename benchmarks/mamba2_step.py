@@ -25,17 +25,17 @@ from pallas_kernels.mamba2_step.reference import mamba2_step_reference
 HEADDIM, D_STATE, WIDTH = 64, 128, 4  # the published Mamba-2 models' (expand 2, ngroups 1)
 # (name, batch, d_model)
 SHAPES = [("mamba2-1.3b", 1, 2048), ("mamba2-2.7b", 1, 2560), ("mamba2-130m", 1, 768), ("mamba2-1.3b", 16, 2048)]
-# (depth, proj_columns, splits, columns, out_splits, parts, prefetch, num_warps, num_stages) of the kernels
-# (pallas.mamba2_step_pallas; splits None: pallas.default_splits); the first is the default.
+# (depth, proj_columns, splits, columns, out_splits, parts, prefetch, xla_in_proj, num_warps, state_warps,
+# num_stages) of the kernels (pallas.mamba2_step_pallas; None: its default); the first is the default.
 VARIANTS = [
-    (128, 64, None, 64, None, 2, 1, 4, 3),
-    (128, 64, None, 64, None, 2, 1, 8, 3),
-    (128, 64, None, 64, None, 1, 1, 8, 3),
-    (64, 64, None, 64, None, 2, 1, 8, 3),
-    (64, 64, None, 64, None, 2, 1, 4, 3),
-    (64, 64, None, 64, None, 1, 1, 4, 3),
-    (64, 64, None, 64, None, 4, 1, 4, 3),
-    (128, 64, 4, 64, None, 2, 1, 8, 3),
+    (128, 64, None, 64, None, 2, 1, None, 8, 4, 3),
+    (128, 64, None, 64, None, 2, 1, False, 8, 4, 3),  # in_proj by the first kernel at every size
+    (128, 64, None, 64, None, 2, 1, True, 8, 4, 3),  # in_proj by XLA's product at every size
+    (128, 64, None, 64, None, 2, 1, None, 4, 4, 3),
+    (128, 64, None, 64, None, 2, 1, None, 8, 8, 3),
+    (64, 64, None, 64, None, 2, 1, None, 8, 4, 3),
+    (128, 64, None, 64, None, 4, 1, None, 8, 4, 3),
+    (128, 64, None, 64, None, 1, 1, None, 8, 4, 3),
 ]
 
 
@@ -64,7 +64,8 @@ def random_layer(key, d_model: int, dtype) -> Mamba2StepWeights:
 
 def step_fn(variant):
     """(u, conv_state, ssm_state, weights, dtype) -> (out, conv_state, ssm_state) for a variant of the kernels."""
-    depth, proj_columns, splits, columns, out_splits, parts, prefetch, num_warps, num_stages = variant
+    depth, proj_columns, splits, columns, out_splits, parts, prefetch, xla_in_proj = variant[:8]
+    num_warps, state_warps, num_stages = variant[8:]
     return functools.partial(
         mamba2_step_pallas,
         depth=depth,
@@ -74,7 +75,9 @@ def step_fn(variant):
         out_splits=out_splits,
         parts=parts,
         prefetch=prefetch,
+        xla_in_proj=xla_in_proj,
         num_warps=num_warps,
+        state_warps=state_warps,
         num_stages=num_stages,
     )
 

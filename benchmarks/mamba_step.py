@@ -33,18 +33,15 @@ from pallas_kernels.mamba_step.reference import mamba_step_reference
 
 # (name, batch, d_model): d_inner 2 d_model, d_state 16, dt_rank d_model / 16, d_conv 4, as the published models.
 SHAPES = [("mamba-1.4b", 1, 2048), ("mamba-2.8b", 1, 2560), ("mamba-130m", 1, 768), ("mamba-1.4b", 16, 2048)]
-# (channels, depth, columns, prefetch, proj_columns, splits, num_warps, num_stages) of the kernels
-# (pallas.mamba_step_pallas; splits None: pallas.default_splits); the first is the default.
+# (channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj, num_warps, num_stages) of the kernels
+# (pallas.mamba_step_pallas; None: its default); the first is the default.
 VARIANTS = [
-    (64, 128, 512, 1, 64, None, 8, 3),
-    (64, 128, 512, 2, 64, None, 8, 3),
-    (64, 128, 512, 2, 128, None, 8, 3),
-    (64, 128, 512, 2, 128, 2, 8, 3),
-    (64, 64, 512, 2, 64, 2, 8, 3),
-    (64, 128, 1024, 2, 64, None, 8, 3),
-    # in_proj's grid in whole waves of the H100's 132 SMs: at 2.8b the default 2 splits give 320 programs (2.4 waves,
-    # the last 42% full); 4 give 640 (4.8 waves). Not yet measured.
-    (64, 128, 512, 1, 64, 4, 8, 3),
+    (64, 128, 512, 1, 64, None, None, 8, 3),
+    (64, 128, 512, 1, 64, None, False, 8, 3),  # in_proj by the first kernel at every size
+    (64, 128, 512, 1, 64, None, True, 8, 3),  # in_proj by XLA's product at every size
+    (64, 128, 512, 2, 64, None, None, 8, 3),
+    (64, 128, 1024, 1, 64, None, None, 8, 3),
+    (64, 128, 512, 1, 64, 4, False, 8, 3),  # in_proj's grid in 4.8 waves of 132 SMs at 2.8b (2 splits: 2.4)
 ]
 
 
@@ -72,7 +69,7 @@ def random_layer(key, d_model: int, dtype) -> MambaStepWeights:
 
 def step_fn(variant):
     """(u, conv_state, ssm_state, weights, dtype) -> (out, conv_state, ssm_state) for a variant of the kernels."""
-    channels, depth, columns, prefetch, proj_columns, splits, num_warps, num_stages = variant
+    channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj, num_warps, num_stages = variant
     return functools.partial(
         mamba_step_pallas,
         channels=channels,
@@ -81,6 +78,7 @@ def step_fn(variant):
         prefetch=prefetch,
         proj_columns=proj_columns,
         splits=splits,
+        xla_in_proj=xla_in_proj,
         num_warps=num_warps,
         num_stages=num_stages,
     )

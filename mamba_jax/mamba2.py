@@ -286,7 +286,7 @@ class Mamba2(nnx.Module):
         """One token per row: u (b, d) -> (out (b, d), the cache after it), in O(1) time and memory.
 
         The whole step is ``pallas_kernels.mamba2_step`` with ``step_implementation`` (None: the fused kernels on a
-        GPU at batch 1 and d_model <= 2048, where they were measured faster, else XLA op by op). Unlike mamba_ssm's
+        GPU at batch 1, where they were measured faster, else XLA op by op). Unlike mamba_ssm's
         ``step`` this applies ``dt_limit``, as the full-sequence forward does, so decoding reproduces ``self(u)`` for
         every model (mamba_ssm's differs when a model sets a limit).
         """

@@ -115,6 +115,7 @@ def test_kernels_match_reference(shape):
         (Shape(3, 64, 128, 8, 3, 4, "bfloat16"), dict(channels=64, depth=32, columns=16, prefetch=3)),
         (Shape(1, 96, 64, 4, 6, 4, "float32"), dict(depth=16, splits=3, proj_columns=32)),  # d_model in 3 parts
         (Shape(5, 48, 96, 4, 3, 4, "float32"), dict(depth=16, splits=1, proj_columns=64)),  # one part, tl.dot
+        (Shape(3, 48, 96, 6, 3, 3, "bfloat16", biases=True), dict(xla_in_proj=True)),  # in_proj by XLA
     ],
     ids=str,
 )

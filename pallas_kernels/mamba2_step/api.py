@@ -16,7 +16,6 @@ from pallas_kernels.mamba2_step.reference import (
 )
 
 IMPLEMENTATIONS = ("pallas", "reference")
-MAX_D_MODEL = 2048  # the widest layer the kernels run by default (see default_implementation)
 
 
 @functools.cache
@@ -30,17 +29,16 @@ def _implementation(name: str):
 
 
 def default_implementation(batch: int, weights: Mamba2StepWeights, ssm_state_shape, options: Mamba2StepOptions) -> str:
-    """What ``implementation=None`` runs: the kernels on a GPU Pallas compiles for, at batch 1 and d_model <= 2048,
-    where ``pallas.supports`` takes the mixer; else XLA.
+    """What ``implementation=None`` runs: the kernels on a GPU Pallas compiles for, at batch 1, where
+    ``pallas.supports`` takes the mixer; else XLA.
 
-    Measured on an H100 (benchmarks/RESULTS.md, "A fused Mamba-2 decode step"): at batch 1 the kernels take 38% and
-    40% less time per layer than XLA at d_model 2048 and 768 (Mamba-2 1.3b, 130m) and 3% more at 2560 (2.7b), where
-    XLA's matrix-vector products read in_proj faster than ours; at batch 16 they are 10% slower."""
+    Measured on an H100 (benchmarks/RESULTS.md, "A fused Mamba-2 decode step"): at batch 1 the kernels take 40%, 38%
+    and 11% less time per layer than XLA at d_model 768, 2048 and 2560 (Mamba-2 130m, 1.3b, 2.7b); at batch 16
+    they are 10% slower."""
     from pallas_kernels.mamba2_step.pallas import supports
     from pallas_kernels.selective_scan.pallas import pallas_supported
 
-    d_model = weights.in_proj.shape[0]
-    if batch != 1 or d_model > MAX_D_MODEL or not pallas_supported():
+    if batch != 1 or not pallas_supported():
         return "reference"
     return "pallas" if supports(batch, weights, ssm_state_shape, options) else "reference"
 

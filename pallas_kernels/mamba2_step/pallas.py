@@ -2,7 +2,8 @@
 where XLA's op-by-op step takes about 12 (docs/kernels.md, "Fused Mamba-2 decode step").
 
 1. ``proj_kernel`` (shared with ``mamba_step``), grid (cdiv(m, proj_columns), splits): in_proj, m = 2di + 2gn + h
-   columns, as float32 partial sums over ``splits`` parts of d_model, (splits, b, m).
+   columns, as float32 partial sums over ``splits`` parts of d_model, (splits, b, m). From d_model
+   ``XLA_IN_PROJ_FROM`` on XLA's own product instead, (1, b, m) in the compute dtype (``in_proj_partials``).
 2. ``_state_kernel``, grid (h * parts, b): program (j, r) owns 1 / parts of head j // parts (p / parts channels) of
    batch row r. It adds up its columns of the partial sums (x, z, dt, and its group's B and C), runs the conv over
    its x channels (their window shifted in place) and over B and C, updates its (p / parts, n) tile of the state in
@@ -44,8 +45,8 @@ from pallas_kernels.mamba_step.pallas import (
     default_splits,
     depth_for,
     first_column,
+    in_proj_partials,
     load,
-    proj_kernel,
     project,
     rounded,
     step_over_batch,
@@ -58,7 +59,13 @@ from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supp
 DEPTH = 128  # rows of a projection per loop iteration
 COLUMNS = 64  # columns of out_proj per program of the last kernel
 PARTS = 2  # programs per head and batch row in the state kernel
-NUM_WARPS = 4  # of every kernel: 4 took 6-11% less time than 8 at 130m and 1.3b on an H100 (benchmarks/RESULTS.md)
+# Warps of a program. The state kernel's blocks are small (p / parts channels): with 8 warps they are replicated
+# over more warps, and it took 4.5 us at 1.3b with 4 against 7.3 with 8; out_proj's kernel at 2.7b took 19.9 with 4
+# against 13.8 with 8 (H100, benchmarks/RESULTS.md).
+NUM_WARPS, STATE_WARPS = 8, 4
+# From this d_model on in_proj is XLA's own matrix-vector product, not proj_kernel: per layer on an H100 at 1.3b
+# 35.3 against 38.2 us and at 2.7b 45.0 against 52.8; at 130m (d_model 768) 17.7 against 16.6 (benchmarks/RESULTS.md).
+XLA_IN_PROJ_FROM = 2048
 
 
 def padded_span(start, size: int) -> Span:
@@ -67,8 +74,8 @@ def padded_span(start, size: int) -> Span:
 
 
 def _state_kernel(ins, outs, *, parts: int, groups: int, dt_limit, dtype, ops: KernelMath):
-    """ins: xz (splits, b, m) float32 [in_proj_bias (m,)], conv_state (b, w, conv_dim), conv (w, conv_dim)
-    [conv_bias (conv_dim,)], dt_bias (h,), A_log (h,), D (h,) or (d_ssm,), ssm_state (b, h, p, n).
+    """ins: xz (splits, b, m) (``in_proj_partials``) [in_proj_bias (m,)], conv_state (b, w, conv_dim), conv
+    (w, conv_dim) [conv_bias (conv_dim,)], dt_bias (h,), A_log (h,), D (h,) or (d_ssm,), ssm_state (b, h, p, n).
     outs: conv_state and ssm_state (aliased, updated in place), y (b, d_ssm), [sumsq (b, h * parts) float32]."""
     program, row = pl.program_id(0), pl.program_id(1)
     head, part = program // parts, program % parts
@@ -128,7 +135,7 @@ def _out_kernel(
     ins, outs, *, columns: int, depth: int, prefetch: int, rows: Span, groups: int, eps: float, dtype, ops: KernelMath
 ):
     """ins: y (b, d_ssm), [sumsq (b, h * parts) float32, norm (d_ssm,)], out_proj (di, d); for B's and C's window:
-    xz (splits, b, m) float32 [in_proj_bias (m,)], conv_state (b, w, conv_dim).
+    xz (splits, b, m) [in_proj_bias (m,)], conv_state (b, w, conv_dim).
     outs: out (splits, b, d) float32 partial sums; conv_state (aliased)."""
     column, split = pl.program_id(0), pl.program_id(1)
     splits, width = outs["out"].shape[0], outs["out"].shape[2]
@@ -191,7 +198,9 @@ def mamba2_step_pallas(
     out_splits: int | None = None,
     parts: int | None = None,
     prefetch: int = 1,
+    xla_in_proj: bool | None = None,
     num_warps: int = NUM_WARPS,
+    state_warps: int = STATE_WARPS,
     num_stages: int = 3,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The step in four launches (three kernels, one sum); arguments and results as ``mamba2_step_reference``,
@@ -202,8 +211,10 @@ def mamba2_step_pallas(
     columns a program reads and the parts d_model is cut into; None: ``default_splits``), ``columns`` and
     ``out_splits`` (the same for out_proj over d_ssm), ``parts`` (programs per head and row in the state kernel, a
     power of 2 dividing headdim; None: PARTS where that leaves MIN_ROWS channels a program), ``prefetch`` (see
-    ``project``), ``num_warps`` and ``num_stages``: the defaults are the measured best on an H100
-    (benchmarks/mamba2_step.py). Derivatives (jax.grad, jax.jvp) are the reference's.
+    ``project``), ``xla_in_proj`` (in_proj by XLA's product instead of the first kernel; None: from d_model
+    XLA_IN_PROJ_FROM on), ``num_warps`` (of the projections' kernels), ``state_warps`` (of the state kernel's) and
+    ``num_stages``: the defaults are the measured best on an H100 (benchmarks/mamba2_step.py). Derivatives
+    (jax.grad, jax.jvp) are the reference's.
     """
     batch, d_model = u.shape
     _, heads, headdim, _ = ssm_state.shape
@@ -245,7 +256,9 @@ def mamba2_step_pallas(
     if not interpret:
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
     config = (jnp.dtype(dtype), options, bool(interpret), in_depth, out_depth, proj_columns, splits, columns)
-    config += (out_splits, parts, int(prefetch), num_warps, num_stages)
+    if xla_in_proj is None:
+        xla_in_proj = d_model >= XLA_IN_PROJ_FROM
+    config += (out_splits, parts, int(prefetch), bool(xla_in_proj), num_warps, state_warps, num_stages)
     return _step(u, conv_state, ssm_state, weights, config)
 
 
@@ -257,23 +270,28 @@ def _step(u, conv_state, ssm_state, weights, config):
 
 def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, config):
     dtype, options, interpret, in_depth, out_depth, proj_columns, splits, columns = config[:8]
-    out_splits, parts, prefetch, num_warps, num_stages = config[8:]
+    out_splits, parts, prefetch, xla_in_proj, num_warps, state_warps, num_stages = config[8:]
     batch, d_model = u.shape
     _, heads, headdim, _ = ssm_state.shape
-    d_ssm, width = heads * headdim, weights.in_proj.shape[1]
+    d_ssm = heads * headdim
     rows = Span(0, 1 if batch == 1 else max(MIN_ROWS, pl.next_power_of_2(batch)), batch)
     params = plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     ops = KernelMath(interpret)
     w = {name: value for name, value in weights._asdict().items() if value is not None}
 
-    xz = pl.pallas_call(
-        functools.partial(proj_kernel, columns=proj_columns, depth=in_depth, prefetch=prefetch, rows=rows, dtype=dtype),
-        out_shape={"xz": jax.ShapeDtypeStruct((splits, batch, width), jnp.float32)},
-        grid=(pl.cdiv(width, proj_columns), splits),
-        compiler_params=params,
+    xz = in_proj_partials(
+        u,
+        weights.in_proj,
+        xla=xla_in_proj,
+        columns=proj_columns,
+        depth=in_depth,
+        prefetch=prefetch,
+        splits=splits,
+        dtype=dtype,
+        params=params,
         interpret=interpret,
         name="mamba2_step_proj",
-    )({"u": u, "in_proj": weights.in_proj})["xz"]
+    )
 
     norm = weights.norm is not None
     ins = {"xz": xz, "conv_state": conv_state, "ssm_state": ssm_state}
@@ -293,7 +311,7 @@ def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, config):
         out_shape=out_shape,
         input_output_aliases={sorted(ins).index(name): outs.index(name) for name in ("conv_state", "ssm_state")},
         grid=(heads * parts, batch),
-        compiler_params=params,
+        compiler_params=plt.CompilerParams(num_warps=state_warps, num_stages=num_stages),
         interpret=interpret,
         name="mamba2_step_state",
     )(ins)

@@ -7,7 +7,8 @@ One batch row is a GEMV (products summed after the loop); more rows are padded t
 1. ``proj_kernel``, grid (2di / proj_columns, splits): in_proj, each program ``proj_columns`` columns of one split
    of d_model (one loop in tiles of ``depth`` rows, loaded ``prefetch`` iterations ahead), stored as float32 partial
    sums (splits, b, 2di). Splitting d_model is what lets this kernel read in_proj near the memory bandwidth: the
-   grid has enough programs (benchmarks/gemv.py).
+   grid has enough programs (benchmarks/gemv.py). From d_model ``XLA_IN_PROJ_FROM`` on XLA's own product instead,
+   (1, b, 2di) in the compute dtype (``in_proj_partials``).
 2. ``_in_kernel``, grid (di / channels,): program j owns channels j * channels ... of d_inner for every batch row:
    x and z = the sums of its partials; the conv window shifted in place; x = silu(conv); x, z stored; its share of
    x_proj, x[:, channels] @ x_proj[channels], stored as a float32 partial sum (di / channels, b, r + 2n).
@@ -48,6 +49,9 @@ DEPTH = 128  # rows of in_proj per loop iteration of the first kernel
 COLUMNS = 512  # columns of out_proj per program of the last kernel
 PROJ_COLUMNS = 64  # columns of in_proj per program of the first kernel
 PROJ_PROGRAMS = 256  # the first kernel's grid size that the default splits of d_model reach where they can
+# From this d_model on in_proj is XLA's own matrix-vector product, not proj_kernel: per layer on an H100 at 2.8b
+# 50.7 against 54.8 us, at 1.4b 37.2 against 36.3 (benchmarks/RESULTS.md).
+XLA_IN_PROJ_FROM = 2560
 
 
 class Span(NamedTuple):
@@ -170,10 +174,40 @@ def proj_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Spa
     store(outs["xz"], acc, split, rows, Span(first, columns, columns))
 
 
+def in_proj_partials(
+    u,
+    in_proj,
+    *,
+    xla: bool,
+    columns: int,
+    depth: int,
+    prefetch: int,
+    splits: int,
+    dtype,
+    params,
+    interpret: bool,
+    name: str,
+) -> jax.Array:
+    """u (b, d) @ in_proj (d, m) without its bias: ``proj_kernel``'s float32 partial sums (splits, b, m), or with
+    ``xla`` XLA's own product in ``dtype``, (1, b, m): ``sum_partials`` takes either."""
+    batch, width = u.shape[0], in_proj.shape[1]
+    if xla:
+        return (u.astype(dtype) @ in_proj.astype(dtype))[None]
+    rows = Span(0, 1 if batch == 1 else max(MIN_ROWS, pl.next_power_of_2(batch)), batch)
+    return pl.pallas_call(
+        functools.partial(proj_kernel, columns=columns, depth=depth, prefetch=prefetch, rows=rows, dtype=dtype),
+        out_shape={"xz": jax.ShapeDtypeStruct((splits, batch, width), jnp.float32)},
+        grid=(pl.cdiv(width, columns), splits),
+        compiler_params=params,
+        interpret=interpret,
+        name=name,
+    )({"u": u, "in_proj": in_proj})["xz"]
+
+
 def sum_partials(xz_ref, rows, span: Span, bias_ref, dtype) -> jax.Array:
     """Columns ``span`` of in_proj's output for ``rows`` (an index or a Span): the sum of ``proj_kernel``'s partial
     sums (xz_ref (splits, b, m)), rounded to ``dtype``, plus the rounded bias and rounded again, as ``nnx.Linear``
-    computes it; float32."""
+    computes it; float32. (A single "split" of XLA's product in ``dtype`` passes through the rounding unchanged.)"""
     value = functools.reduce(jnp.add, [load(xz_ref, split, rows, span) for split in range(xz_ref.shape[0])])
     value = rounded(value, dtype)
     if bias_ref is not None:
@@ -194,7 +228,7 @@ def conv_silu(window: list[jax.Array], conv_ref, bias_ref, span: Span, dtype, op
 
 
 def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
-    """ins: xz (splits, b, 2di) float32 (``proj_kernel``'s partial sums) [in_proj_bias (2di,)], conv_state
+    """ins: xz (splits, b, 2di) (``in_proj_partials``) [in_proj_bias (2di,)], conv_state
     (b, w, di), conv (w, di) [conv_bias (di,)], x_proj (di, r + 2n). outs: conv_state (aliased), x and z
     (b, di), partial (di / channels, b, r + 2n) float32."""
     block = pl.program_id(0)
@@ -302,6 +336,7 @@ def mamba_step_pallas(
     prefetch: int = 1,
     proj_columns: int = PROJ_COLUMNS,
     splits: int | None = None,
+    xla_in_proj: bool | None = None,
     num_warps: int = 8,
     num_stages: int = 3,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -313,9 +348,10 @@ def mamba_step_pallas(
     ``depth`` (the rows of in_proj a loop iteration reads, a power of 2), ``proj_columns`` (the columns of in_proj a
     program reads, a power of 2), ``splits`` (how many parts d_model is cut into for in_proj, each a multiple of
     ``depth``; None: ``default_splits``), ``columns`` (the columns of out_proj a program of the last kernel writes,
-    a power of 2), ``prefetch`` (see ``project``), ``num_warps`` and
-    ``num_stages`` set the programs' size and Triton's; the defaults are the measured best on an H100
-    (benchmarks/mamba_step.py). Derivatives (jax.grad, jax.jvp) are the reference's.
+    a power of 2), ``prefetch`` (see ``project``), ``xla_in_proj`` (in_proj by XLA's product instead of the first
+    kernel; None: from d_model XLA_IN_PROJ_FROM on), ``num_warps`` and ``num_stages`` set the programs' size and
+    Triton's; the defaults are the measured best on an H100 (benchmarks/mamba_step.py). Derivatives (jax.grad,
+    jax.jvp) are the reference's.
     """
     batch, d_model = u.shape
     d_inner = conv_state.shape[2]
@@ -339,8 +375,10 @@ def mamba_step_pallas(
         interpret = not pallas_supported()
     if not interpret:
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+    if xla_in_proj is None:
+        xla_in_proj = d_model >= XLA_IN_PROJ_FROM
     config = (jnp.dtype(dtype), bool(interpret), channels, depth, columns, int(prefetch))
-    config += (proj_columns, splits, num_warps, num_stages)
+    config += (proj_columns, splits, bool(xla_in_proj), num_warps, num_stages)
     return _step(u, conv_state, ssm_state, weights, config)
 
 
@@ -365,7 +403,8 @@ def step_over_batch(kernels, u, conv_state, ssm_state, weights):
 
 
 def _kernels(u, conv_state, ssm_state, weights, config):
-    dtype, interpret, channels, depth, columns, prefetch, proj_columns, splits, num_warps, num_stages = config
+    dtype, interpret, channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj = config[:9]
+    num_warps, num_stages = config[9:]
     batch, d_model = u.shape
     d_inner = conv_state.shape[2]
     blocks = d_inner // channels
@@ -379,16 +418,19 @@ def _kernels(u, conv_state, ssm_state, weights, config):
     params = plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     w = weights._asdict()
 
-    xz = pl.pallas_call(
-        functools.partial(
-            proj_kernel, columns=proj_columns, depth=depth, prefetch=prefetch, rows=common_out["rows"], dtype=dtype
-        ),
-        out_shape={"xz": jax.ShapeDtypeStruct((splits, batch, 2 * d_inner), jnp.float32)},
-        grid=(2 * d_inner // proj_columns, splits),
-        compiler_params=params,
+    xz = in_proj_partials(
+        u,
+        weights.in_proj,
+        xla=xla_in_proj,
+        columns=proj_columns,
+        depth=depth,
+        prefetch=prefetch,
+        splits=splits,
+        dtype=dtype,
+        params=params,
         interpret=interpret,
         name="mamba_step_proj",
-    )({"u": u, "in_proj": weights.in_proj})["xz"]
+    )
 
     ins = {"xz": xz, "conv_state": conv_state}
     ins |= _pick(w, "in_proj_bias", "conv", "conv_bias", "x_proj")
