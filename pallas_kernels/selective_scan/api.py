@@ -59,16 +59,23 @@ def default_implementation() -> str:
     return name
 
 
+@functools.cache
 def _implementation(name: str):
+    """The implementation ``name`` under ``jax.jit`` (``delta_softplus`` static). Inside a model's jit every layer
+    then calls one traced and lowered function instead of tracing and lowering the scan (and its kernels) again: on
+    an H100 lowering the Pallas scan's forward and backward took 2-5 s per layer, 3-4 minutes of a 48-layer training
+    step's compile (benchmarks/RESULTS.md, "Compile time")."""
     if name == "reference":
-        return selective_scan_reference
-    if name == "associative":
-        return selective_scan_associative
-    if name == "chunked":
-        return selective_scan_chunked
-    from pallas_kernels.selective_scan.pallas import selective_scan_pallas  # GPU-only dependencies: import on use
+        fn = selective_scan_reference
+    elif name == "associative":
+        fn = selective_scan_associative
+    elif name == "chunked":
+        fn = selective_scan_chunked
+    else:
+        from pallas_kernels.selective_scan.pallas import selective_scan_pallas  # GPU-only dependencies: import on use
 
-    return selective_scan_pallas
+        fn = selective_scan_pallas
+    return jax.jit(fn, static_argnums=8)
 
 
 def _check_array(name: str, x, shape: tuple[int, ...], shape_text: str, float32: bool = False) -> jax.Array:
