@@ -111,7 +111,7 @@ def random_model(config: MambaConfig, dtype, step_implementation: str | None = N
 
 def abstract_model(config: MambaConfig, dtype, step_implementation: str | None = None) -> MambaLMHeadModel:
     """Shapes only (``nnx.eval_shape``): enough to lower and compile the generate program. ``step_implementation``:
-    the Mamba-1 decode step's (``pallas_kernels.mamba_step``; None: the platform's default)."""
+    the decode steps' (``pallas_kernels.mamba_step`` and ``mamba2_step``; None: the platform's default)."""
     return nnx.eval_shape(
         lambda: MambaLMHeadModel(
             config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, step_implementation=step_implementation
@@ -305,8 +305,8 @@ def main():
     parser.add_argument(
         "--step-implementations",
         default="default",
-        help="comma-separated Mamba-1 decode steps, of 'default' (the platform's), 'pallas', 'reference': each "
-        "row once per step (pallas_kernels.mamba_step)",
+        help="comma-separated decode steps, of 'default' (the platform's), 'pallas', 'reference': each row once per "
+        "step (pallas_kernels.mamba_step for Mamba-1 layers, mamba2_step for Mamba-2 layers)",
     )
     parser.add_argument("--out", default=None, help="write the environment and rows as JSON here")
     parser.add_argument("--compilation-cache", default=None, help="persistent XLA cache directory (faster reruns)")
