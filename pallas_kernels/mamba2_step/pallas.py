@@ -41,6 +41,7 @@ from pallas_kernels.mamba_step.pallas import (
     MIN_ROWS,
     PROJ_COLUMNS,
     Span,
+    batch_rows,
     conv_silu,
     default_splits,
     depth_for,
@@ -274,7 +275,7 @@ def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, config):
     batch, d_model = u.shape
     _, heads, headdim, _ = ssm_state.shape
     d_ssm = heads * headdim
-    rows = Span(0, 1 if batch == 1 else max(MIN_ROWS, pl.next_power_of_2(batch)), batch)
+    rows = batch_rows(batch)
     params = plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     ops = KernelMath(interpret)
     w = {name: value for name, value in weights._asdict().items() if value is not None}

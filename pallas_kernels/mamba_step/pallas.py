@@ -193,7 +193,7 @@ def in_proj_partials(
     batch, width = u.shape[0], in_proj.shape[1]
     if xla:
         return (u.astype(dtype) @ in_proj.astype(dtype))[None]
-    rows = Span(0, 1 if batch == 1 else max(MIN_ROWS, pl.next_power_of_2(batch)), batch)
+    rows = batch_rows(batch)
     return pl.pallas_call(
         functools.partial(proj_kernel, columns=columns, depth=depth, prefetch=prefetch, rows=rows, dtype=dtype),
         out_shape={"xz": jax.ShapeDtypeStruct((splits, batch, width), jnp.float32)},
@@ -299,6 +299,11 @@ def _out_kernel(ins, outs, *, channels: int, columns: int, rows: Span, dtype, op
 def padded(n: int) -> int:
     """n rounded up to a power of 2 of at least MIN_ROWS (a tl.dot operand's dimension)."""
     return max(MIN_ROWS, pl.next_power_of_2(n))
+
+
+def batch_rows(batch: int) -> Span:
+    """The batch rows a program holds: one as a GEMV, more padded (``padded``) for tl.dot and masked."""
+    return Span(0, 1 if batch == 1 else padded(batch), batch)
 
 
 def depth_for(d_model: int, depth: int = DEPTH) -> int:
@@ -411,7 +416,7 @@ def _kernels(u, conv_state, ssm_state, weights, config):
     width = weights.x_proj.shape[1]
     common_out = dict(
         channels=channels,
-        rows=Span(0, 1 if batch == 1 else max(MIN_ROWS, pl.next_power_of_2(batch)), batch),
+        rows=batch_rows(batch),
         dtype=dtype,
         ops=KernelMath(interpret),
     )
