@@ -36,6 +36,12 @@ VARIANTS = [
     (64, 64, None, 64, None, 2, 1, None, 8, 4, 3),
     (128, 64, None, 64, None, 4, 1, None, 8, 4, 3),
     (128, 64, None, 64, None, 1, 1, None, 8, 4, 3),
+    (128, 64, None, 128, None, 2, 1, None, 8, 4, 3),  # out_proj: 128 columns a program
+    (128, 64, None, 32, None, 2, 1, None, 8, 4, 3),  # 32
+    (128, 64, None, 64, 4, 2, 1, None, 8, 4, 3),  # half the programs, each twice the rows
+    (128, 64, None, 64, 16, 2, 1, None, 8, 4, 3),  # twice the programs
+    (128, 64, None, 64, None, 2, 2, None, 8, 4, 3),  # tiles loaded 2 iterations ahead
+    (256, 64, None, 64, None, 2, 1, None, 8, 4, 3),  # 256 rows an iteration
 ]
 
 

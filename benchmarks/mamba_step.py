@@ -33,15 +33,19 @@ from pallas_kernels.mamba_step.reference import mamba_step_reference
 
 # (name, batch, d_model): d_inner 2 d_model, d_state 16, dt_rank d_model / 16, d_conv 4, as the published models.
 SHAPES = [("mamba-1.4b", 1, 2048), ("mamba-2.8b", 1, 2560), ("mamba-130m", 1, 768), ("mamba-1.4b", 16, 2048)]
-# (channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj, num_warps, num_stages) of the kernels
-# (pallas.mamba_step_pallas; None: its default); the first is the default.
+# (channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj, xla_out_proj, num_warps, num_stages) of the
+# kernels (pallas.mamba_step_pallas; None: its default); the first is the default.
 VARIANTS = [
-    (64, 128, 512, 1, 64, None, None, 8, 3),
-    (64, 128, 512, 1, 64, None, False, 8, 3),  # in_proj by the first kernel at every size
-    (64, 128, 512, 1, 64, None, True, 8, 3),  # in_proj by XLA's product at every size
-    (64, 128, 512, 2, 64, None, None, 8, 3),
-    (64, 128, 1024, 1, 64, None, None, 8, 3),
-    (64, 128, 512, 1, 64, 4, False, 8, 3),  # in_proj's grid in 4.8 waves of 132 SMs at 2.8b (2 splits: 2.4)
+    (64, 128, 512, 1, 64, None, None, False, 8, 3),
+    (64, 128, 512, 1, 64, None, False, False, 8, 3),  # in_proj by the first kernel at every size
+    (64, 128, 512, 1, 64, None, True, False, 8, 3),  # in_proj by XLA's product at every size
+    (64, 128, 512, 2, 64, None, None, False, 8, 3),
+    (64, 128, 1024, 1, 64, None, None, False, 8, 3),
+    (64, 128, 512, 1, 64, 4, False, False, 8, 3),  # in_proj's grid in 4.8 waves of 132 SMs at 2.8b (2 splits: 2.4)
+    (64, 128, 512, 1, 64, None, None, True, 8, 3),  # out_proj by XLA, the state updated in place
+    (64, 128, 512, 1, 64, None, True, True, 8, 3),  # both projections by XLA
+    (32, 128, 512, 1, 64, None, None, True, 8, 3),  # twice the programs in the conv and state kernels
+    (32, 128, 512, 1, 64, None, None, True, 4, 3),
 ]
 
 
@@ -69,7 +73,7 @@ def random_layer(key, d_model: int, dtype) -> MambaStepWeights:
 
 def step_fn(variant):
     """(u, conv_state, ssm_state, weights, dtype) -> (out, conv_state, ssm_state) for a variant of the kernels."""
-    channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj, num_warps, num_stages = variant
+    channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj, xla_out_proj, num_warps, num_stages = variant
     return functools.partial(
         mamba_step_pallas,
         channels=channels,
@@ -79,6 +83,7 @@ def step_fn(variant):
         proj_columns=proj_columns,
         splits=splits,
         xla_in_proj=xla_in_proj,
+        xla_out_proj=xla_out_proj,
         num_warps=num_warps,
         num_stages=num_stages,
     )

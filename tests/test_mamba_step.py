@@ -116,6 +116,8 @@ def test_kernels_match_reference(shape):
         (Shape(1, 96, 64, 4, 6, 4, "float32"), dict(depth=16, splits=3, proj_columns=32)),  # d_model in 3 parts
         (Shape(5, 48, 96, 4, 3, 4, "float32"), dict(depth=16, splits=1, proj_columns=64)),  # one part, tl.dot
         (Shape(3, 48, 96, 6, 3, 3, "bfloat16", biases=True), dict(xla_in_proj=True)),  # in_proj by XLA
+        (Shape(3, 48, 96, 6, 3, 3, "bfloat16", biases=True), dict(xla_out_proj=True)),  # out_proj by XLA
+        (Shape(1, 32, 64, 4, 2, 4, "float32"), dict(xla_in_proj=True, xla_out_proj=True)),  # both: two kernels
     ],
     ids=str,
 )
@@ -153,7 +155,7 @@ def test_default_implementation():
 
     expected = "pallas" if pallas_supported() else "reference"
     assert default_implementation(1, 2048, 4096) == expected  # Mamba-1 1.4b
-    assert default_implementation(1, 2560, 5120) == "reference"  # 2.8b: level with XLA
+    assert default_implementation(1, 2560, 5120) == expected  # 2.8b: both projections by XLA
     assert default_implementation(2, 2048, 4096) == "reference"
 
 
@@ -207,6 +209,16 @@ def test_kernels_repeat_exactly_on_gpu():
     size (test_kernels_match_reference_on_gpu checks the values)."""
     assert pallas_supported()
     assert_repeats_exactly(mamba_step_pallas, arguments(GPU_SHAPES[0], seed=7), jnp.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES[:3], ids=str)
+def test_state_kernel_in_place_on_gpu(shape):
+    """With out_proj by XLA the last kernel updates the state in place: its values, and 200 calls alike."""
+    assert pallas_supported()
+    check_kernels(shape, seed=5, interpret=None, xla_out_proj=True)
+    kernels = functools.partial(mamba_step_pallas, xla_out_proj=True)
+    assert_repeats_exactly(kernels, arguments(shape, seed=7), jnp.dtype(shape.dtype))
 
 
 def test_language_model_steps_agree():

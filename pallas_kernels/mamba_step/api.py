@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from pallas_kernels.mamba_step.reference import MambaStepWeights, mamba_step_reference
 
 IMPLEMENTATIONS = ("pallas", "reference")
-MAX_D_MODEL = 2048  # the widest layer the kernels run by default (see default_implementation)
 
 
 @functools.cache
@@ -26,17 +25,16 @@ def _implementation(name: str):
 
 
 def default_implementation(batch: int, d_model: int, d_inner: int) -> str:
-    """What ``implementation=None`` runs: the kernels on a GPU Pallas compiles for, at batch 1 and d_model <= 2048;
-    else XLA.
+    """What ``implementation=None`` runs: the kernels on a GPU Pallas compiles for, at batch 1; else XLA.
 
-    Measured on an H100 (benchmarks/RESULTS.md, "in_proj on its own grid"): at batch 1 the kernels take 36% and 45%
-    less time per layer than XLA at d_model 768 and 2048 (Mamba-1 130m, 1.4b) and 7% more at 2560 (2.8b), where
-    XLA's own matrix-vector products read in_proj faster than ours; at batch 16 they are slower ("A fused Mamba-1
-    decode step")."""
+    Measured per layer on an H100, batch 1, fp16 (benchmarks/RESULTS.md, "Mamba-1 2.8b: out_proj by XLA"): the
+    kernels take 39% and 43% less time than XLA at d_model 768 and 2048 (Mamba-1 130m, 1.4b), and 8-12% less at
+    2560 (2.8b), where both projections are XLA's own products (``XLA_IN_PROJ_FROM``, ``XLA_OUT_PROJ_FROM``). At
+    batch 16 they are slower ("A fused Mamba-1 decode step")."""
     from pallas_kernels.mamba_step.pallas import supports
     from pallas_kernels.selective_scan.pallas import pallas_supported
 
-    if batch == 1 and d_model <= MAX_D_MODEL and pallas_supported() and supports(batch, d_model, d_inner):
+    if batch == 1 and pallas_supported() and supports(batch, d_model, d_inner):
         return "pallas"
     return "reference"
 

@@ -18,6 +18,9 @@ One batch row is a GEMV (products summed after the loop); more rows are padded t
    columns of its share of out_proj, stored as a float32 partial sum (di / channels, b, d).
 5. XLA sums the out_proj partials over di / channels.
 
+From d_model ``XLA_OUT_PROJ_FROM`` on, 4 and 5 are instead ``_state_kernel``, grid (di / channels,), which updates
+its channels' state in place and stores y (b, di), and XLA's product y @ out_proj.
+
 Rounding follows the reference: every projection's result and the conv's output are rounded to the compute dtype
 where ``nnx.Linear`` and ``CausalConv1d`` round them; products accumulate in float32 (the conv too, rounded once).
 A float32 operand's ``tl.dot`` is exact float32 (no TF32).
@@ -52,6 +55,10 @@ PROJ_PROGRAMS = 256  # the first kernel's grid size that the default splits of d
 # From this d_model on in_proj is XLA's own matrix-vector product, not proj_kernel: per layer on an H100 at 2.8b
 # 50.7 against 54.8 us, at 1.4b 37.2 against 36.3 (benchmarks/RESULTS.md).
 XLA_IN_PROJ_FROM = 2560
+# From this d_model on out_proj is XLA's product too, and the last kernel only updates the state (in place): at 2.8b
+# 44.9-46.4 against 51.0 us a layer. Below it XLA computes (1, 4096) @ (4096, 2048) as a multiply and a reduction
+# (23 us): 54.2 against 37.4 at 1.4b, 22.3 against 17.6 at 130m (H100, benchmarks/RESULTS.md).
+XLA_OUT_PROJ_FROM = 2560
 
 
 class Span(NamedTuple):
@@ -253,23 +260,16 @@ def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
     store(outs["partial"], product(x, x_proj), block, rows, columns)
 
 
-def _out_kernel(ins, outs, *, channels: int, columns: int, rows: Span, dtype, ops: KernelMath):
-    """ins: x, z (b, di), x_dbl (b, r + 2n) float32 (x_proj's result before rounding), dt_proj (r, di), dt_bias (di,),
-    A_log (di, n), D (di,), ssm_state (b, di, n), out_proj (di, d).
-    outs: ssm_state (the new state), out (di / channels, b, d) float32.
-
-    Grid (di / channels, d / columns): program (j, k) updates channel block j's state (every k computes it; k = 0
-    stores it) and writes columns k * columns ... of its share of out_proj. The new state is a buffer of its own:
-    written over the old one in place, the k = 0 programs would race with the others still reading it."""
-    block, column = pl.program_id(0), pl.program_id(1)
-    first = pl.multiple_of(block * channels, channels)
-    lanes = Span(first, channels, channels)
+def _update(ins, lanes: Span, rows: Span, dtype, ops: KernelMath):
+    """Channel block ``lanes``'s step from x_proj's result on: dt = softplus(dt_proj of dt + dt_bias), the state
+    update, D and the silu(z) gate. ins: x, z (b, di), x_dbl (b, r + 2n) float32 (x_proj's result before
+    rounding), dt_proj (r, di), dt_bias (di,), A_log (di, n), D (di,), ssm_state (b, di, n).
+    Returns the new state (rows, channels, padded n) float32 and y (rows, channels) in ``dtype``."""
     rank, d_state = ins["dt_proj"].shape[0], ins["A_log"].shape[1]
-
     states = Span(0, pl.next_power_of_2(d_state), d_state)
     # Where d_state is not a power of 2, C's padded columns overhang the array's end (masked); Pallas rejects such a
     # slice when its start is a known number, so B's and C's starts are traced values.
-    traced = block * 0
+    traced = pl.program_id(0) * 0
     dt = rounded(load(ins["x_dbl"], rows, Span(0, padded(rank), rank)), dtype)  # (rows, padded rank)
     B = rounded(load(ins["x_dbl"], rows, Span(traced + rank, states.size, d_state)), dtype)  # (rows, n)
     C = rounded(load(ins["x_dbl"], rows, Span(traced + rank + d_state, states.size, d_state)), dtype)
@@ -283,17 +283,41 @@ def _out_kernel(ins, outs, *, channels: int, columns: int, rows: Span, dtype, op
     decay = ops.exp2((dt * LOG2_E)[:, :, None] * A[None])
     state = ops.fma(decay, state, (dt * x)[:, :, None] * B[:, None, :])
 
-    @pl.when(column == 0)
-    def _():
-        store(outs["ssm_state"], state, rows, lanes, states)
-
     y = jnp.sum(state * C[:, None, :], axis=2)
     y = ops.fma(load(ins["D"], lanes), x, y)
     z = load(ins["z"], rows, lanes)
-    y = (y * (z * ops.sigmoid(z))).astype(dtype)
+    return state, (y * (z * ops.sigmoid(z))).astype(dtype)
+
+
+def _out_kernel(ins, outs, *, channels: int, columns: int, rows: Span, dtype, ops: KernelMath):
+    """ins: as ``_update``'s, and out_proj (di, d). outs: ssm_state (the new state), out (di / channels, b, d)
+    float32.
+
+    Grid (di / channels, d / columns): program (j, k) updates channel block j's state (every k computes it; k = 0
+    stores it) and writes columns k * columns ... of its share of out_proj. The new state is a buffer of its own:
+    written over the old one in place, the k = 0 programs would race with the others still reading it."""
+    block, column = pl.program_id(0), pl.program_id(1)
+    first = pl.multiple_of(block * channels, channels)
+    lanes = Span(first, channels, channels)
+    state, y = _update(ins, lanes, rows, dtype, ops)
+
+    @pl.when(column == 0)
+    def _():
+        store(outs["ssm_state"], state, rows, lanes, Span(0, state.shape[2], ins["A_log"].shape[1]))
+
     start = pl.multiple_of(column * columns, columns)
     out_proj = ins["out_proj"][pl.ds(first, channels), pl.ds(start, columns)].astype(dtype)
     store(outs["out"], product(y, out_proj), block, rows, Span(start, columns, columns))
+
+
+def _state_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
+    """ins: as ``_update``'s. outs: ssm_state (aliased, updated in place), y (b, di) in ``dtype``, which XLA
+    multiplies by out_proj. Grid (di / channels,): each program the sole reader and writer of its channels' state."""
+    lanes = Span(pl.multiple_of(pl.program_id(0) * channels, channels), channels, channels)
+    state, y = _update(ins, lanes, rows, dtype, ops)
+    ops.barrier()  # in place: every warp has read the state before any writes
+    store(outs["ssm_state"], state, rows, lanes, Span(0, state.shape[2], ins["A_log"].shape[1]))
+    store(outs["y"], y, rows, lanes)
 
 
 def padded(n: int) -> int:
@@ -342,6 +366,7 @@ def mamba_step_pallas(
     proj_columns: int = PROJ_COLUMNS,
     splits: int | None = None,
     xla_in_proj: bool | None = None,
+    xla_out_proj: bool | None = None,
     num_warps: int = 8,
     num_stages: int = 3,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -354,9 +379,10 @@ def mamba_step_pallas(
     program reads, a power of 2), ``splits`` (how many parts d_model is cut into for in_proj, each a multiple of
     ``depth``; None: ``default_splits``), ``columns`` (the columns of out_proj a program of the last kernel writes,
     a power of 2), ``prefetch`` (see ``project``), ``xla_in_proj`` (in_proj by XLA's product instead of the first
-    kernel; None: from d_model XLA_IN_PROJ_FROM on), ``num_warps`` and ``num_stages`` set the programs' size and
-    Triton's; the defaults are the measured best on an H100 (benchmarks/mamba_step.py). Derivatives (jax.grad,
-    jax.jvp) are the reference's.
+    kernel; None: from d_model XLA_IN_PROJ_FROM on), ``xla_out_proj`` (out_proj by XLA's product: the last kernel
+    then only updates the state, in place, and writes y; None: from d_model XLA_OUT_PROJ_FROM on), ``num_warps``
+    and ``num_stages`` set the programs' size and Triton's; the defaults are the measured best on an H100
+    (benchmarks/mamba_step.py). Derivatives (jax.grad, jax.jvp) are the reference's.
     """
     batch, d_model = u.shape
     d_inner = conv_state.shape[2]
@@ -382,8 +408,10 @@ def mamba_step_pallas(
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
     if xla_in_proj is None:
         xla_in_proj = d_model >= XLA_IN_PROJ_FROM
+    if xla_out_proj is None:
+        xla_out_proj = d_model >= XLA_OUT_PROJ_FROM
     config = (jnp.dtype(dtype), bool(interpret), channels, depth, columns, int(prefetch))
-    config += (proj_columns, splits, bool(xla_in_proj), num_warps, num_stages)
+    config += (proj_columns, splits, bool(xla_in_proj), bool(xla_out_proj), num_warps, num_stages)
     return _step(u, conv_state, ssm_state, weights, config)
 
 
@@ -409,7 +437,7 @@ def step_over_batch(kernels, u, conv_state, ssm_state, weights):
 
 def _kernels(u, conv_state, ssm_state, weights, config):
     dtype, interpret, channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj = config[:9]
-    num_warps, num_stages = config[9:]
+    xla_out_proj, num_warps, num_stages = config[9:]
     batch, d_model = u.shape
     d_inner = conv_state.shape[2]
     blocks = d_inner // channels
@@ -440,8 +468,8 @@ def _kernels(u, conv_state, ssm_state, weights, config):
     ins = {"xz": xz, "conv_state": conv_state}
     ins |= _pick(w, "in_proj_bias", "conv", "conv_bias", "x_proj")
     # The conv window is updated in place (each program reads and writes only its own channels; in a decode loop this
-    # saves a copy of the window). The SSM state is not: an in-place state next to the in-place window failed about
-    # one call in two on an H100 (tests/test_mamba_step.py::test_kernels_repeat_exactly_on_gpu), either alone never.
+    # saves a copy of the window). The SSM state is too where one program owns its channels (``_state_kernel``), not
+    # in ``_out_kernel``, where every column's program reads it (``_out_kernel``'s docstring).
     first = pl.pallas_call(
         functools.partial(_in_kernel, **common_out),
         input_output_aliases={sorted(ins).index("conv_state"): 0},  # outs flatten in sorted key order
@@ -462,22 +490,36 @@ def _kernels(u, conv_state, ssm_state, weights, config):
         "z": first["z"],
         "x_dbl": first["partial"].sum(axis=0),
         "ssm_state": ssm_state,
-        **_pick(w, "dt_proj", "dt_bias", "A_log", "D", "out_proj"),
+        **_pick(w, "dt_proj", "dt_bias", "A_log", "D"),
     }
-    out_columns = depth_for(d_model, columns)
-    second = pl.pallas_call(
-        functools.partial(_out_kernel, **common_out, columns=out_columns),
-        out_shape={
-            "out": jax.ShapeDtypeStruct((blocks, batch, d_model), jnp.float32),
-            "ssm_state": jax.ShapeDtypeStruct(ssm_state.shape, jnp.float32),
-        },
-        grid=(blocks, d_model // out_columns),
-        compiler_params=params,
-        interpret=interpret,
-        name="mamba_step_out",
-    )(ins)
-
-    out = second["out"].sum(axis=0).astype(dtype)
+    if xla_out_proj:
+        second = pl.pallas_call(
+            functools.partial(_state_kernel, **common_out),
+            input_output_aliases={sorted(ins).index("ssm_state"): 0},
+            out_shape={
+                "ssm_state": jax.ShapeDtypeStruct(ssm_state.shape, jnp.float32),
+                "y": jax.ShapeDtypeStruct((batch, d_inner), dtype),
+            },
+            grid=(blocks,),
+            compiler_params=params,
+            interpret=interpret,
+            name="mamba_step_state",
+        )(ins)
+        out = second["y"] @ weights.out_proj.astype(dtype)
+    else:
+        out_columns = depth_for(d_model, columns)
+        second = pl.pallas_call(
+            functools.partial(_out_kernel, **common_out, columns=out_columns),
+            out_shape={
+                "out": jax.ShapeDtypeStruct((blocks, batch, d_model), jnp.float32),
+                "ssm_state": jax.ShapeDtypeStruct(ssm_state.shape, jnp.float32),
+            },
+            grid=(blocks, d_model // out_columns),
+            compiler_params=params,
+            interpret=interpret,
+            name="mamba_step_out",
+        )(ins | {"out_proj": weights.out_proj})
+        out = second["out"].sum(axis=0).astype(dtype)
     if weights.out_proj_bias is not None:
         out = out + weights.out_proj_bias.astype(dtype)
     return out, first["conv_state"], second["ssm_state"]
