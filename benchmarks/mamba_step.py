@@ -33,6 +33,7 @@ from pallas_kernels.mamba_step.reference import mamba_step_reference
 
 # (name, batch, d_model): d_inner 2 d_model, d_state 16, dt_rank d_model / 16, d_conv 4, as the published models.
 SHAPES = [("mamba-1.4b", 1, 2048), ("mamba-2.8b", 1, 2560), ("mamba-130m", 1, 768), ("mamba-1.4b", 16, 2048)]
+SHAPES += [("mamba-1.4b", 64, 2048), ("mamba-130m", 64, 768), ("mamba-2.8b", 64, 2560)]
 # (channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj, xla_out_proj, num_warps, num_stages) of the
 # kernels (pallas.mamba_step_pallas; None: its default); the first is the default.
 VARIANTS = [
@@ -46,6 +47,7 @@ VARIANTS = [
     (64, 128, 512, 1, 64, None, True, True, 8, 3),  # both projections by XLA
     (32, 128, 512, 1, 64, None, None, True, 8, 3),  # twice the programs in the conv and state kernels
     (32, 128, 512, 1, 64, None, None, True, 4, 3),
+    (16, 128, 512, 1, 64, None, True, True, 4, 3),  # batch > 1: a program's state tile 16 rows x 16 channels x n
 ]
 
 

@@ -118,6 +118,8 @@ def test_kernels_match_reference(shape):
         (Shape(3, 48, 96, 6, 3, 3, "bfloat16", biases=True), dict(xla_in_proj=True)),  # in_proj by XLA
         (Shape(3, 48, 96, 6, 3, 3, "bfloat16", biases=True), dict(xla_out_proj=True)),  # out_proj by XLA
         (Shape(1, 32, 64, 4, 2, 4, "float32"), dict(xla_in_proj=True, xla_out_proj=True)),  # both: two kernels
+        (Shape(17, 32, 64, 4, 2, 4, "float32"), {}),  # past 16 rows: blocks of 16, the last of one row
+        (Shape(40, 48, 96, 6, 3, 3, "bfloat16", biases=True), dict(channels=32)),  # 3 blocks, 3 x 3 programs
     ],
     ids=str,
 )
@@ -156,7 +158,8 @@ def test_default_implementation():
     expected = "pallas" if pallas_supported() else "reference"
     assert default_implementation(1, 2048, 4096) == expected  # Mamba-1 1.4b
     assert default_implementation(1, 2560, 5120) == expected  # 2.8b: both projections by XLA
-    assert default_implementation(2, 2048, 4096) == "reference"
+    assert default_implementation(64, 2048, 4096) == expected  # past one row: XLA's projections
+    assert default_implementation(64, 2560, 5120) == "reference"
 
 
 def test_errors():
@@ -172,9 +175,9 @@ def test_errors():
         mamba_step(u, conv_state, ssm_state, weights._replace(x_proj=weights.x_proj[:, 1:]), dtype=jnp.float32)
     with pytest.raises(ValueError, match=r"splits must be a positive int dividing d_model / depth = 32 / 16, got 3"):
         mamba_step_pallas(u, conv_state, ssm_state, weights, dtype=jnp.float32, interpret=True, depth=16, splits=3)
-    with pytest.raises(ValueError, match="needs batch <= 16"):
+    with pytest.raises(ValueError, match="batch 17 > 16 needs in_proj and out_proj by XLA, got xla_in_proj=False"):
         big = arguments(dataclasses.replace(shape, batch=17), seed=0)
-        mamba_step_pallas(*big, dtype=jnp.float32, interpret=True)
+        mamba_step_pallas(*big, dtype=jnp.float32, interpret=True, xla_in_proj=False)
 
 
 def test_cache_passes_through_module():
@@ -219,6 +222,15 @@ def test_state_kernel_in_place_on_gpu(shape):
     check_kernels(shape, seed=5, interpret=None, xla_out_proj=True)
     kernels = functools.partial(mamba_step_pallas, xla_out_proj=True)
     assert_repeats_exactly(kernels, arguments(shape, seed=7), jnp.dtype(shape.dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels", [None, 16], ids=str)
+def test_kernels_past_16_rows_on_gpu(channels):
+    """Batch 64 (both projections by XLA, the kernels over 4 blocks of 16 rows) at 1.4b's size."""
+    assert pallas_supported()
+    shape = Shape(64, 2048, 4096, 16, 128, 4, "float16", param_dtype="float16")
+    check_kernels(shape, seed=5, interpret=None, channels=channels)
 
 
 def test_language_model_steps_agree():

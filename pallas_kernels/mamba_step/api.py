@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from pallas_kernels.mamba_step.reference import MambaStepWeights, mamba_step_reference
 
 IMPLEMENTATIONS = ("pallas", "reference")
+MAX_BATCHED_D_MODEL = 2048  # the widest layer the kernels run by default past one row (see default_implementation)
 
 
 @functools.cache
@@ -25,16 +26,19 @@ def _implementation(name: str):
 
 
 def default_implementation(batch: int, d_model: int, d_inner: int) -> str:
-    """What ``implementation=None`` runs: the kernels on a GPU Pallas compiles for, at batch 1; else XLA.
+    """What ``implementation=None`` runs: the kernels on a GPU Pallas compiles for, at batch 1, and past one row up
+    to d_model MAX_BATCHED_D_MODEL; else XLA.
 
-    Measured per layer on an H100, batch 1, fp16 (benchmarks/RESULTS.md, "Mamba-1 2.8b: out_proj by XLA"): the
-    kernels take 39% and 43% less time than XLA at d_model 768 and 2048 (Mamba-1 130m, 1.4b), and 8-12% less at
-    2560 (2.8b), where both projections are XLA's own products (``XLA_IN_PROJ_FROM``, ``XLA_OUT_PROJ_FROM``). At
-    batch 16 they are slower ("A fused Mamba-1 decode step")."""
+    Measured per layer on an H100, fp16 (benchmarks/RESULTS.md, "Mamba-1 2.8b: out_proj by XLA" and "Past one
+    row"): at batch 1 the kernels take 39% and 43% less time than XLA at d_model 768 and 2048 (Mamba-1 130m, 1.4b),
+    and 8-12% less at 2560 (2.8b), where both projections are XLA's own products (``XLA_IN_PROJ_FROM``,
+    ``XLA_OUT_PROJ_FROM``). Past one row (both projections XLA's) 17% less at 130m and 9-12% at 1.4b (batch 16, 64),
+    but 2-8% more at 2.8b (batch 64)."""
     from pallas_kernels.mamba_step.pallas import supports
     from pallas_kernels.selective_scan.pallas import pallas_supported
 
-    if batch == 1 and pallas_supported() and supports(batch, d_model, d_inner):
+    wanted = batch == 1 or d_model <= MAX_BATCHED_D_MODEL
+    if wanted and pallas_supported() and supports(batch, d_model, d_inner):
         return "pallas"
     return "reference"
 
@@ -55,10 +59,10 @@ def mamba_step(
     ``weights`` a ``MambaStepWeights`` (shapes there). ``dtype`` is the compute dtype of the projections and the conv
     (``Mamba``'s ``dtype``, or its inputs' and parameters' promoted dtype); the state update runs in float32.
 
-    implementation: "reference" (XLA, op by op), "pallas" (three kernel launches and two sums; without a supported
-      GPU Pallas's interpreter, slowly), or None: ``default_implementation`` (the kernels on a GPU at batch 1 where
-      they were measured faster, else "reference"). Both are differentiable, the kernels by running the reference
-      under jax.grad or jax.jvp.
+    implementation: "reference" (XLA, op by op), "pallas" (three kernels and two XLA sums, or two kernels between
+      XLA's own projections; without a supported GPU Pallas's interpreter, slowly), or None:
+      ``default_implementation`` (the kernels on a GPU where they were measured faster, else "reference"). Both
+      are differentiable, the kernels by running the reference under jax.grad or jax.jvp.
     """
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")

@@ -2,7 +2,8 @@
 where XLA's op-by-op step takes about 12 (docs/kernels.md, "Fused Mamba-1 decode step").
 
 One batch row is a GEMV (products summed after the loop); more rows are padded to a power of 2 of at least 16
-(``tl.dot``'s smallest tile) and masked.
+(``tl.dot``'s smallest tile) and masked. Past MAX_BATCH rows both projections are XLA's and the other two kernels run
+over blocks of MAX_BATCH rows (a second grid axis).
 
 1. ``proj_kernel``, grid (2di / proj_columns, splits): in_proj, each program ``proj_columns`` columns of one split
    of d_model (one loop in tiles of ``depth`` rows, loaded ``prefetch`` iterations ahead), stored as float32 partial
@@ -47,7 +48,11 @@ from pallas_kernels.state_update.pallas import combined_mask
 
 MIN_ROWS = 16  # tl.dot's smallest M, N and K
 MAX_BATCH = 16  # the batch rows one program holds (its state tile is rows x channels x n float32)
-CHANNELS = 64  # channels of d_inner per program
+# Channels of d_inner per program and warps per program, at batch 1 and past it. Per layer on an H100 at batch 16
+# (1.4b) and 64 (130m), 16 channels and 4 warps took 43.4 and 27.9 us against 46.8 and 31.8 with 64 and 8
+# (benchmarks/RESULTS.md, "Past one row").
+CHANNELS, BATCHED_CHANNELS = 64, 16
+NUM_WARPS, BATCHED_WARPS = 8, 4
 DEPTH = 128  # rows of in_proj per loop iteration of the first kernel
 COLUMNS = 512  # columns of out_proj per program of the last kernel
 PROJ_COLUMNS = 64  # columns of in_proj per program of the first kernel
@@ -72,7 +77,9 @@ class Span(NamedTuple):
         return pl.ds(self.start, self.size)
 
     def mask(self) -> jax.Array | None:
-        return lax.iota(jnp.int32, self.size) < self.valid if self.valid < self.size else None
+        if isinstance(self.valid, int) and self.valid >= self.size:
+            return None
+        return lax.iota(jnp.int32, self.size) < self.valid
 
 
 def _view(ref, index):
@@ -237,8 +244,9 @@ def conv_silu(window: list[jax.Array], conv_ref, bias_ref, span: Span, dtype, op
 def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
     """ins: xz (splits, b, 2di) (``in_proj_partials``) [in_proj_bias (2di,)], conv_state
     (b, w, di), conv (w, di) [conv_bias (di,)], x_proj (di, r + 2n). outs: conv_state (aliased), x and z
-    (b, di), partial (di / channels, b, r + 2n) float32."""
+    (b, di), partial (di / channels, b, r + 2n) float32. Grid (di / channels, cdiv(b, rows.size))."""
     block = pl.program_id(0)
+    rows = program_rows(rows, ins["conv_state"].shape[0])
     first = pl.multiple_of(block * channels, channels)
     d_inner = ins["conv"].shape[1]
     lanes = Span(first, channels, channels)
@@ -312,8 +320,10 @@ def _out_kernel(ins, outs, *, channels: int, columns: int, rows: Span, dtype, op
 
 def _state_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
     """ins: as ``_update``'s. outs: ssm_state (aliased, updated in place), y (b, di) in ``dtype``, which XLA
-    multiplies by out_proj. Grid (di / channels,): each program the sole reader and writer of its channels' state."""
+    multiplies by out_proj. Grid (di / channels, cdiv(b, rows.size)): each program the sole reader and writer of its
+    channels' state in its rows."""
     lanes = Span(pl.multiple_of(pl.program_id(0) * channels, channels), channels, channels)
+    rows = program_rows(rows, ins["x"].shape[0])
     state, y = _update(ins, lanes, rows, dtype, ops)
     ops.barrier()  # in place: every warp has read the state before any writes
     store(outs["ssm_state"], state, rows, lanes, Span(0, state.shape[2], ins["A_log"].shape[1]))
@@ -326,8 +336,20 @@ def padded(n: int) -> int:
 
 
 def batch_rows(batch: int) -> Span:
-    """The batch rows a program holds: one as a GEMV, more padded (``padded``) for tl.dot and masked."""
+    """The batch rows a program holds: one as a GEMV, more padded (``padded``) for tl.dot and masked; past MAX_BATCH
+    a block of MAX_BATCH rows (``program_rows``)."""
+    if batch > MAX_BATCH:
+        return Span(0, MAX_BATCH, MAX_BATCH)
     return Span(0, 1 if batch == 1 else padded(batch), batch)
+
+
+def program_rows(rows: Span, batch: int) -> Span:
+    """The batch rows of this program: ``rows`` where they hold the whole batch, else block ``pl.program_id(1)`` of
+    ``rows.size`` rows (the last one masked where it overhangs the batch)."""
+    if rows.size >= batch:
+        return rows
+    start = pl.multiple_of(pl.program_id(1) * rows.size, rows.size)
+    return Span(start, rows.size, batch - start)
 
 
 def depth_for(d_model: int, depth: int = DEPTH) -> int:
@@ -347,8 +369,9 @@ def default_splits(d_model: int, d_inner: int, depth: int, proj_columns: int) ->
 
 
 def supports(batch: int, d_model: int, d_inner: int) -> bool:
-    """Whether the kernels take this shape: batch <= MAX_BATCH, d_model and d_inner multiples of 16."""
-    return batch <= MAX_BATCH and d_model % MIN_ROWS == 0 and d_inner % MIN_ROWS == 0
+    """Whether the kernels take this shape: d_model and d_inner multiples of 16 (past MAX_BATCH rows, with both
+    projections by XLA)."""
+    return batch >= 1 and d_model % MIN_ROWS == 0 and d_inner % MIN_ROWS == 0
 
 
 def mamba_step_pallas(
@@ -367,27 +390,33 @@ def mamba_step_pallas(
     splits: int | None = None,
     xla_in_proj: bool | None = None,
     xla_out_proj: bool | None = None,
-    num_warps: int = 8,
+    num_warps: int | None = None,
     num_stages: int = 3,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The step in five launches (three kernels, two sums); arguments and results as ``mamba_step_reference``,
-    shapes there and ``supports``.
+    """The step in five launches (three kernels, two sums), or with XLA's projections in five too (its in_proj,
+    two kernels, a sum, its out_proj); arguments and results as ``mamba_step_reference``, shapes there and
+    ``supports``.
 
     ``interpret`` None runs the compiled kernels where ``pallas_supported()``, else Pallas's interpreter (slow; for
-    tests). ``channels`` (a power of 2 of at least 16 dividing d_inner; None: the largest such of at most CHANNELS),
+    tests). ``channels`` (a power of 2 of at least 16 dividing d_inner; None: the largest such of at most CHANNELS,
+    or BATCHED_CHANNELS past one row),
     ``depth`` (the rows of in_proj a loop iteration reads, a power of 2), ``proj_columns`` (the columns of in_proj a
     program reads, a power of 2), ``splits`` (how many parts d_model is cut into for in_proj, each a multiple of
     ``depth``; None: ``default_splits``), ``columns`` (the columns of out_proj a program of the last kernel writes,
     a power of 2), ``prefetch`` (see ``project``), ``xla_in_proj`` (in_proj by XLA's product instead of the first
-    kernel; None: from d_model XLA_IN_PROJ_FROM on), ``xla_out_proj`` (out_proj by XLA's product: the last kernel
-    then only updates the state, in place, and writes y; None: from d_model XLA_OUT_PROJ_FROM on), ``num_warps``
-    and ``num_stages`` set the programs' size and Triton's; the defaults are the measured best on an H100
-    (benchmarks/mamba_step.py). Derivatives (jax.grad, jax.jvp) are the reference's.
+    kernel; None: past one row or from d_model XLA_IN_PROJ_FROM on), ``xla_out_proj`` (out_proj by XLA's product:
+    the last kernel then only updates the state, in place, and writes y; None: past one row or from d_model
+    XLA_OUT_PROJ_FROM on; both are XLA's past MAX_BATCH rows, where the other kernels run over blocks of MAX_BATCH
+    rows), ``num_warps`` (None: NUM_WARPS, or BATCHED_WARPS past one row) and ``num_stages`` set the programs' size
+    and Triton's; the defaults are the measured best on an H100 (benchmarks/mamba_step.py). Derivatives (jax.grad,
+    jax.jvp) are the reference's.
     """
     batch, d_model = u.shape
     d_inner = conv_state.shape[2]
     if channels is None:
-        channels = depth_for(d_inner, CHANNELS)
+        channels = depth_for(d_inner, CHANNELS if batch == 1 else BATCHED_CHANNELS)
+    if num_warps is None:
+        num_warps = NUM_WARPS if batch == 1 else BATCHED_WARPS
     depth, proj_columns = depth_for(d_model, depth), depth_for(2 * d_inner, proj_columns)
     if splits is None:
         splits = default_splits(d_model, d_inner, depth, proj_columns)
@@ -398,18 +427,25 @@ def mamba_step_pallas(
         )
     if not supports(batch, d_model, d_inner) or d_inner % channels or channels < MIN_ROWS or channels & (channels - 1):
         raise ValueError(
-            f"mamba_step_pallas: needs batch <= {MAX_BATCH}, d_model a multiple of {MIN_ROWS} and d_inner a multiple "
-            f"of channels ({channels}, a power of 2 of at least {MIN_ROWS}), got batch {batch}, d_model {d_model}, "
+            f"mamba_step_pallas: needs d_model a multiple of {MIN_ROWS} and d_inner a multiple of channels "
+            f"({channels}, a power of 2 of at least {MIN_ROWS}), got batch {batch}, d_model {d_model}, "
             f"d_inner {d_inner}"
         )
+    if batch > MAX_BATCH:  # the projections' kernels hold every row: past MAX_BATCH rows XLA's products
+        if xla_in_proj is False or xla_out_proj is False:
+            raise ValueError(
+                f"mamba_step_pallas: batch {batch} > {MAX_BATCH} needs in_proj and out_proj by XLA, got "
+                f"xla_in_proj={xla_in_proj}, xla_out_proj={xla_out_proj}"
+            )
+        xla_in_proj = xla_out_proj = True
     if interpret is None:
         interpret = not pallas_supported()
     if not interpret:
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
-    if xla_in_proj is None:
-        xla_in_proj = d_model >= XLA_IN_PROJ_FROM
+    if xla_in_proj is None:  # past one row XLA's GEMMs (the kernels' tl.dot tiles were slower: docs/kernels.md)
+        xla_in_proj = batch > 1 or d_model >= XLA_IN_PROJ_FROM
     if xla_out_proj is None:
-        xla_out_proj = d_model >= XLA_OUT_PROJ_FROM
+        xla_out_proj = batch > 1 or d_model >= XLA_OUT_PROJ_FROM
     config = (jnp.dtype(dtype), bool(interpret), channels, depth, columns, int(prefetch))
     config += (proj_columns, splits, bool(xla_in_proj), bool(xla_out_proj), num_warps, num_stages)
     return _step(u, conv_state, ssm_state, weights, config)
@@ -442,12 +478,8 @@ def _kernels(u, conv_state, ssm_state, weights, config):
     d_inner = conv_state.shape[2]
     blocks = d_inner // channels
     width = weights.x_proj.shape[1]
-    common_out = dict(
-        channels=channels,
-        rows=batch_rows(batch),
-        dtype=dtype,
-        ops=KernelMath(interpret),
-    )
+    rows = batch_rows(batch)
+    common_out = dict(channels=channels, rows=rows, dtype=dtype, ops=KernelMath(interpret))
     params = plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     w = weights._asdict()
 
@@ -479,7 +511,7 @@ def _kernels(u, conv_state, ssm_state, weights, config):
             "x": jax.ShapeDtypeStruct((batch, d_inner), dtype),
             "z": jax.ShapeDtypeStruct((batch, d_inner), dtype),
         },
-        grid=(blocks,),
+        grid=(blocks, pl.cdiv(batch, rows.size)),
         compiler_params=params,
         interpret=interpret,
         name="mamba_step_in",
@@ -500,7 +532,7 @@ def _kernels(u, conv_state, ssm_state, weights, config):
                 "ssm_state": jax.ShapeDtypeStruct(ssm_state.shape, jnp.float32),
                 "y": jax.ShapeDtypeStruct((batch, d_inner), dtype),
             },
-            grid=(blocks,),
+            grid=(blocks, pl.cdiv(batch, rows.size)),
             compiler_params=params,
             interpret=interpret,
             name="mamba_step_state",
