@@ -25,6 +25,7 @@ from pallas_kernels.mamba2_step.reference import mamba2_step_reference
 HEADDIM, D_STATE, WIDTH = 64, 128, 4  # the published Mamba-2 models' (expand 2, ngroups 1)
 # (name, batch, d_model)
 SHAPES = [("mamba2-1.3b", 1, 2048), ("mamba2-2.7b", 1, 2560), ("mamba2-130m", 1, 768), ("mamba2-1.3b", 16, 2048)]
+SHAPES += [("mamba2-1.3b", 64, 2048), ("mamba2-130m", 64, 768), ("mamba2-2.7b", 64, 2560)]
 # (depth, proj_columns, splits, columns, out_splits, parts, prefetch, xla_in_proj, num_warps, state_warps,
 # num_stages) of the kernels (pallas.mamba2_step_pallas; None: its default); the first is the default.
 VARIANTS = [

@@ -136,6 +136,11 @@ def test_kernels_match_reference(shape):
         # in_proj by XLA's product (a 16-bit one, with and without the bias, added in the kernels)
         (Shape(3, 48, 6, 32, 24, 2, 3, "bfloat16", biases=True), dict(xla_in_proj=True)),
         (Shape(1, 64, 4, 32, 32, 1, 4, "float16", param_dtype="float16"), dict(xla_in_proj=True)),
+        # B's and C's window, the norm and out_proj by XLA (the default past one row), and past 16 rows
+        (Shape(3, 48, 6, 32, 24, 2, 3, "bfloat16", biases=True), {}),
+        (Shape(1, 64, 4, 32, 32, 1, 4, "float32", norm=False), dict(xla_out_proj=True)),
+        (Shape(2, 64, 4, 16, 16, 1, 4, "float32"), dict(xla_in_proj=False, parts=1)),  # out_proj alone by XLA
+        (Shape(17, 32, 2, 16, 8, 1, 2, "float32", biases=True), dict(parts=1)),
     ],
     ids=str,
 )
@@ -224,9 +229,9 @@ def test_errors():
         mamba2_step_pallas(u, conv_state, ssm_state, weights, jnp.float32, interpret=True, depth=16, splits=3)
     with pytest.raises(ValueError, match="parts must be a power of 2 dividing headdim 16"):
         mamba2_step_pallas(u, conv_state, ssm_state, weights, jnp.float32, interpret=True, parts=2)
-    with pytest.raises(ValueError, match="needs batch <= 16"):
+    with pytest.raises(ValueError, match="batch 17 > 16 needs in_proj and out_proj by XLA, got xla_in_proj=None"):
         big = arguments(dataclasses.replace(shape, batch=17), seed=0)
-        mamba2_step_pallas(*big, jnp.float32, interpret=True, parts=1)
+        mamba2_step_pallas(*big, jnp.float32, interpret=True, parts=1, xla_out_proj=False)
 
 
 def test_cache_passes_through_module():
@@ -253,6 +258,13 @@ def test_kernels_match_reference_on_gpu(shape):
     """The compiled kernels (tl.dot, single-instruction exp2, softplus, sigmoid) against the reference."""
     assert pallas_supported()
     check_kernels(shape, seed=5, interpret=None)
+
+
+@pytest.mark.gpu
+def test_kernels_past_16_rows_on_gpu():
+    """Batch 64 at 1.3b's size: the state kernel between XLA's projections (and XLA's norm and B/C window)."""
+    assert pallas_supported()
+    check_kernels(Shape(64, 2048, 64, 64, 128, 1, 4, "float16", param_dtype="float16"), seed=5, interpret=None)
 
 
 @pytest.mark.gpu

@@ -32,9 +32,9 @@ def default_implementation(batch: int, weights: Mamba2StepWeights, ssm_state_sha
     """What ``implementation=None`` runs: the kernels on a GPU Pallas compiles for, at batch 1, where
     ``pallas.supports`` takes the mixer; else XLA.
 
-    Measured on an H100 (benchmarks/RESULTS.md, "A fused Mamba-2 decode step"): at batch 1 the kernels take 38%, 40%
-    and 9% less time per layer than XLA at d_model 768, 2048 and 2560 (Mamba-2 130m, 1.3b, 2.7b); at batch 16
-    they are 10-25% slower."""
+    Measured on an H100 (benchmarks/RESULTS.md, "A fused Mamba-2 decode step" and "Past one row, Mamba-2"): at
+    batch 1 the kernels take 38%, 40% and 9% less time per layer than XLA at d_model 768, 2048 and 2560 (Mamba-2
+    130m, 1.3b, 2.7b); at batch 16 and 64 they are 1-4% slower (XLA's state update already runs at the bandwidth)."""
     from pallas_kernels.mamba2_step.pallas import supports
     from pallas_kernels.selective_scan.pallas import pallas_supported
 

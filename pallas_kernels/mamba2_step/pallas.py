@@ -15,6 +15,10 @@ where XLA's op-by-op step takes about 12 (docs/kernels.md, "Fused Mamba-2 decode
    write it.
 4. XLA sums the out_proj partials (and adds out_proj's bias).
 
+With ``xla_out_proj`` (the default past one row) 3 and 4 are XLA's instead: B's and C's window shifted
+(``_shift_bc``), the norm (``_normed``) and out_proj's product. Past MAX_BATCH rows both projections are XLA's; the
+state kernel takes any batch (one row a program).
+
 Rounding follows the reference, as in ``mamba_step``. The kernels take mixers without the gated-MLP branch
 (d_ssm = d_inner) and with the norm after the gate (``norm_before_gate=False``), which is every published Mamba-2.
 """
@@ -170,12 +174,12 @@ def _out_kernel(
 
 
 def supports(batch: int, weights: Mamba2StepWeights, ssm_state_shape, options: Mamba2StepOptions) -> bool:
-    """Whether the kernels take this mixer: batch <= MAX_BATCH, no gated-MLP branch, the norm (if any) after the
-    gate, and d_model and the channels of a group (d_ssm / ngroups) multiples of 16."""
+    """Whether the kernels take this mixer: no gated-MLP branch, the norm (if any) after the gate, and d_model and
+    the channels of a group (d_ssm / ngroups) multiples of 16 (past MAX_BATCH rows, with both projections by XLA)."""
     _, heads, headdim, _ = ssm_state_shape
     d_model, d_ssm = weights.in_proj.shape[0], heads * headdim
     return (
-        batch <= MAX_BATCH
+        batch >= 1
         and weights.out_proj.shape[0] == d_ssm
         and not (weights.norm is not None and options.norm_before_gate)
         and d_model % MIN_ROWS == 0
@@ -200,6 +204,7 @@ def mamba2_step_pallas(
     parts: int | None = None,
     prefetch: int = 1,
     xla_in_proj: bool | None = None,
+    xla_out_proj: bool | None = None,
     num_warps: int = NUM_WARPS,
     state_warps: int = STATE_WARPS,
     num_stages: int = 3,
@@ -213,7 +218,9 @@ def mamba2_step_pallas(
     ``out_splits`` (the same for out_proj over d_ssm), ``parts`` (programs per head and row in the state kernel, a
     power of 2 dividing headdim; None: PARTS where that leaves MIN_ROWS channels a program), ``prefetch`` (see
     ``project``), ``xla_in_proj`` (in_proj by XLA's product instead of the first kernel; None: from d_model
-    XLA_IN_PROJ_FROM on), ``num_warps`` (of the projections' kernels), ``state_warps`` (of the state kernel's) and
+    XLA_IN_PROJ_FROM on, or past one row), ``xla_out_proj`` (B's and C's window, the norm and out_proj by XLA instead
+    of the last kernel; None: past one row; both are XLA's past MAX_BATCH rows), ``num_warps`` (of the projections'
+    kernels), ``state_warps`` (of the state kernel's) and
     ``num_stages``: the defaults are the measured best on an H100 (benchmarks/mamba2_step.py). Derivatives
     (jax.grad, jax.jvp) are the reference's.
     """
@@ -222,10 +229,17 @@ def mamba2_step_pallas(
     d_ssm, width = heads * headdim, weights.in_proj.shape[1]
     if not supports(batch, weights, ssm_state.shape, options):
         raise ValueError(
-            f"mamba2_step_pallas: needs batch <= {MAX_BATCH}, d_ssm = d_inner, the norm after the gate, d_model and "
-            f"d_ssm / ngroups multiples of {MIN_ROWS}; got batch {batch}, d_model "
-            f"{d_model}, d_ssm {d_ssm}, d_inner {weights.out_proj.shape[0]}, {options}"
+            f"mamba2_step_pallas: needs d_ssm = d_inner, the norm after the gate, d_model and d_ssm / ngroups "
+            f"multiples of {MIN_ROWS}; got batch {batch}, d_model {d_model}, d_ssm {d_ssm}, d_inner "
+            f"{weights.out_proj.shape[0]}, {options}"
         )
+    if batch > MAX_BATCH:  # the projections' kernels hold every row: past MAX_BATCH rows XLA's products
+        if xla_in_proj is False or xla_out_proj is False:
+            raise ValueError(
+                f"mamba2_step_pallas: batch {batch} > {MAX_BATCH} needs in_proj and out_proj by XLA, got "
+                f"xla_in_proj={xla_in_proj}, xla_out_proj={xla_out_proj}"
+            )
+        xla_in_proj = xla_out_proj = True
     if parts is None:  # PARTS, or fewer where the parts would have fewer than MIN_ROWS channels
         parts = PARTS
         while parts > 1 and (headdim % parts or headdim // parts < MIN_ROWS):
@@ -258,8 +272,11 @@ def mamba2_step_pallas(
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
     config = (jnp.dtype(dtype), options, bool(interpret), in_depth, out_depth, proj_columns, splits, columns)
     if xla_in_proj is None:
-        xla_in_proj = d_model >= XLA_IN_PROJ_FROM
-    config += (out_splits, parts, int(prefetch), bool(xla_in_proj), num_warps, state_warps, num_stages)
+        xla_in_proj = batch > 1 or d_model >= XLA_IN_PROJ_FROM
+    if xla_out_proj is None:
+        xla_out_proj = batch > 1
+    config += (out_splits, parts, int(prefetch), bool(xla_in_proj), bool(xla_out_proj), num_warps, state_warps)
+    config += (num_stages,)
     return _step(u, conv_state, ssm_state, weights, config)
 
 
@@ -271,7 +288,7 @@ def _step(u, conv_state, ssm_state, weights, config):
 
 def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, config):
     dtype, options, interpret, in_depth, out_depth, proj_columns, splits, columns = config[:8]
-    out_splits, parts, prefetch, xla_in_proj, num_warps, state_warps, num_stages = config[8:]
+    out_splits, parts, prefetch, xla_in_proj, xla_out_proj, num_warps, state_warps, num_stages = config[8:]
     batch, d_model = u.shape
     _, heads, headdim, _ = ssm_state.shape
     d_ssm = heads * headdim
@@ -317,6 +334,14 @@ def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, config):
         name="mamba2_step_state",
     )(ins)
 
+    if xla_out_proj:
+        conv_state = _shift_bc(state["conv_state"], xz, weights.in_proj_bias, d_ssm, dtype)
+        y = _normed(state, weights.norm, options, dtype) if norm else state["y"]
+        result = y @ weights.out_proj.astype(dtype)
+        if weights.out_proj_bias is not None:
+            result = result + weights.out_proj_bias.astype(dtype)
+        return result, conv_state, state["ssm_state"]
+
     ins = {"y": state["y"], "out_proj": weights.out_proj, "xz": xz, "conv_state": state["conv_state"]}
     ins |= {name: w[name] for name in ("in_proj_bias",) if name in w}
     if norm:
@@ -348,6 +373,29 @@ def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, config):
     if weights.out_proj_bias is not None:
         result = result + weights.out_proj_bias.astype(dtype)
     return result, out["conv_state"], state["ssm_state"]
+
+
+def _shift_bc(conv_state, xz, in_proj_bias, d_ssm: int, dtype):
+    """conv_state (b, w, conv_dim) with B's and C's window (its columns from d_ssm on) shifted by one tap and the new
+    tap (in_proj's output for them, z's d_ssm columns on, as ``sum_partials`` rounds it) last; x's part as the state
+    kernel left it."""
+    columns = slice(2 * d_ssm, d_ssm + conv_state.shape[2])
+    new = xz[:, :, columns].astype(jnp.float32).sum(axis=0).astype(dtype)
+    if in_proj_bias is not None:
+        new = new + in_proj_bias[columns].astype(dtype)
+    window = jnp.concatenate([conv_state[:, 1:, d_ssm:], new[:, None].astype(conv_state.dtype)], axis=1)
+    return conv_state.at[:, :, d_ssm:].set(window)
+
+
+def _normed(state, norm, options: Mamba2StepOptions, dtype):
+    """The gated RMSNorm of the state kernel's y * silu(z) (b, d_ssm) float32, from its partial sums of squares
+    (b, h * parts): each group scaled by rsqrt(mean square + eps) and the norm's weight, rounded to ``dtype``."""
+    y, sumsq = state["y"], state["sumsq"]
+    batch, d_ssm = y.shape
+    groups = options.ngroups
+    mean = sumsq.reshape(batch, groups, -1).sum(axis=2) / (d_ssm // groups)
+    scaled = y.reshape(batch, groups, -1) * lax.rsqrt(mean + options.eps)[:, :, None]
+    return (scaled.reshape(batch, d_ssm) * norm.astype(jnp.float32)).astype(dtype)
 
 
 @_step.defjvp
