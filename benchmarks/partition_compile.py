@@ -1,0 +1,76 @@
+"""Compile time of a sharded Mamba-1 training step against its layer count, and how often the Pallas scan's
+``custom_partitioning`` rule (``pallas_kernels.batch_split.over_batch``) is asked to partition while XLA compiles it.
+
+    PYTHONPATH=. python3 benchmarks/partition_compile.py --layers 2,4,8 --devices 1,2
+
+Runs on a CPU: ``--devices`` fake host devices, FSDP over them (``benchmarks/scaling.py``'s step, compiled for
+abstract inputs), the scan forced to ``implementation="pallas"`` (Pallas's interpreter off a GPU). Each row runs in a
+fresh process. On one device nothing is partitioned; on more, every partition request makes JAX lower the kernels
+into a module of their own again, so the compile time grows faster with the layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+CONFIG = dict(d_model=64, vocab_size=256)  # a small Mamba-1: the kernels' lowering, not XLA's work, is what grows
+
+
+def child(layers: int, devices: int) -> dict:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    import importlib
+
+    from benchmarks import scaling
+    from mamba_jax import MambaConfig
+
+    api = importlib.import_module("pallas_kernels.selective_scan.api")
+    api.default_implementation = lambda: "pallas"
+    requests = []
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("over_batch:"):
+                requests.append(record)
+
+    logger = logging.getLogger("pallas_kernels")
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(Count())
+    config = MambaConfig(n_layer=layers, **CONFIG)
+    MambaConfig.preset = staticmethod(lambda name: config)
+    start = time.perf_counter()
+    scaling.build_step("probe", devices, "fsdp", per_device_batch=2, seqlen=32, abstract=True)
+    return {"layers": layers, "devices": devices, "compile_s": time.perf_counter() - start, "partitions": len(requests)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", default="2,4,8")
+    parser.add_argument("--devices", default="1,2")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.child:
+        layers, devices = map(int, args.child.split(","))
+        print(json.dumps(child(layers, devices)))
+        return
+    rows = []
+    for devices in map(int, args.devices.split(",")):
+        for layers in map(int, args.layers.split(",")):
+            command = [sys.executable, __file__, "--child", f"{layers},{devices}"]
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            row = json.loads(result.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"devices {devices} layers {layers}: compile {row['compile_s']:.1f} s, {row['partitions']} requests")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
