@@ -41,7 +41,6 @@ from pallas_kernels.mamba2_step.reference import (
     mamba2_step_reference,
 )
 from pallas_kernels.mamba_step.pallas import (
-    MAX_BATCH,
     MIN_ROWS,
     PROJ_COLUMNS,
     Span,
@@ -57,6 +56,7 @@ from pallas_kernels.mamba_step.pallas import (
     step_over_batch,
     store,
     sum_partials,
+    xla_projections,
 )
 from pallas_kernels.selective_scan.kernel_math import LOG2_E, KernelMath
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
@@ -233,13 +233,7 @@ def mamba2_step_pallas(
             f"multiples of {MIN_ROWS}; got batch {batch}, d_model {d_model}, d_ssm {d_ssm}, d_inner "
             f"{weights.out_proj.shape[0]}, {options}"
         )
-    if batch > MAX_BATCH:  # the projections' kernels hold every row: past MAX_BATCH rows XLA's products
-        if xla_in_proj is False or xla_out_proj is False:
-            raise ValueError(
-                f"mamba2_step_pallas: batch {batch} > {MAX_BATCH} needs in_proj and out_proj by XLA, got "
-                f"xla_in_proj={xla_in_proj}, xla_out_proj={xla_out_proj}"
-            )
-        xla_in_proj = xla_out_proj = True
+    xla_in_proj, xla_out_proj = xla_projections("mamba2_step_pallas", batch, xla_in_proj, xla_out_proj)
     if parts is None:  # PARTS, or fewer where the parts would have fewer than MIN_ROWS channels
         parts = PARTS
         while parts > 1 and (headdim % parts or headdim // parts < MIN_ROWS):

@@ -374,6 +374,19 @@ def supports(batch: int, d_model: int, d_inner: int) -> bool:
     return batch >= 1 and d_model % MIN_ROWS == 0 and d_inner % MIN_ROWS == 0
 
 
+def xla_projections(caller: str, batch: int, xla_in_proj, xla_out_proj):
+    """(xla_in_proj, xla_out_proj) as given, or both True past MAX_BATCH rows, where the projections' kernels (which
+    hold every row) do not run; ValueError where the caller asked for them there."""
+    if batch <= MAX_BATCH:
+        return xla_in_proj, xla_out_proj
+    if xla_in_proj is False or xla_out_proj is False:
+        raise ValueError(
+            f"{caller}: batch {batch} > {MAX_BATCH} needs in_proj and out_proj by XLA, got "
+            f"xla_in_proj={xla_in_proj}, xla_out_proj={xla_out_proj}"
+        )
+    return True, True
+
+
 def mamba_step_pallas(
     u: jax.Array,
     conv_state: jax.Array,
@@ -431,13 +444,7 @@ def mamba_step_pallas(
             f"({channels}, a power of 2 of at least {MIN_ROWS}), got batch {batch}, d_model {d_model}, "
             f"d_inner {d_inner}"
         )
-    if batch > MAX_BATCH:  # the projections' kernels hold every row: past MAX_BATCH rows XLA's products
-        if xla_in_proj is False or xla_out_proj is False:
-            raise ValueError(
-                f"mamba_step_pallas: batch {batch} > {MAX_BATCH} needs in_proj and out_proj by XLA, got "
-                f"xla_in_proj={xla_in_proj}, xla_out_proj={xla_out_proj}"
-            )
-        xla_in_proj = xla_out_proj = True
+    xla_in_proj, xla_out_proj = xla_projections("mamba_step_pallas", batch, xla_in_proj, xla_out_proj)
     if interpret is None:
         interpret = not pallas_supported()
     if not interpret:
