@@ -19,8 +19,8 @@ over blocks of MAX_BATCH rows (a second grid axis).
    columns of its share of out_proj, stored as a float32 partial sum (di / channels, b, d).
 5. XLA sums the out_proj partials over di / channels.
 
-From d_model ``XLA_OUT_PROJ_FROM`` on, 4 and 5 are instead ``_state_kernel``, grid (di / channels,), which updates
-its channels' state in place and stores y (b, di), and XLA's product y @ out_proj.
+From d_model ``XLA_OUT_PROJ_FROM`` on, and past one row, 4 and 5 are instead ``_state_kernel``, grid (di / channels,
+row blocks), which updates its channels' state in place and stores y (b, di), and XLA's product y @ out_proj.
 
 Rounding follows the reference: every projection's result and the conv's output are rounded to the compute dtype
 where ``nnx.Linear`` and ``CausalConv1d`` round them; products accumulate in float32 (the conv too, rounded once).
