@@ -233,7 +233,9 @@ def mamba2_step_pallas(
             f"multiples of {MIN_ROWS}; got batch {batch}, d_model {d_model}, d_ssm {d_ssm}, d_inner "
             f"{weights.out_proj.shape[0]}, {options}"
         )
-    xla_in_proj, xla_out_proj = xla_projections("mamba2_step_pallas", batch, xla_in_proj, xla_out_proj)
+    xla_in_proj, xla_out_proj = xla_projections(
+        "mamba2_step_pallas", batch, d_model, xla_in_proj, xla_out_proj, in_from=XLA_IN_PROJ_FROM
+    )
     if parts is None:  # PARTS, or fewer where the parts would have fewer than MIN_ROWS channels
         parts = PARTS
         while parts > 1 and (headdim % parts or headdim // parts < MIN_ROWS):
@@ -265,12 +267,7 @@ def mamba2_step_pallas(
     if not interpret:
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
     config = (jnp.dtype(dtype), options, bool(interpret), in_depth, out_depth, proj_columns, splits, columns)
-    if xla_in_proj is None:
-        xla_in_proj = batch > 1 or d_model >= XLA_IN_PROJ_FROM
-    if xla_out_proj is None:
-        xla_out_proj = batch > 1
-    config += (out_splits, parts, int(prefetch), bool(xla_in_proj), bool(xla_out_proj), num_warps, state_warps)
-    config += (num_stages,)
+    config += (out_splits, parts, int(prefetch), xla_in_proj, xla_out_proj, num_warps, state_warps, num_stages)
     return _step(u, conv_state, ssm_state, weights, config)
 
 

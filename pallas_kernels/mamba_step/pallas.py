@@ -374,17 +374,20 @@ def supports(batch: int, d_model: int, d_inner: int) -> bool:
     return batch >= 1 and d_model % MIN_ROWS == 0 and d_inner % MIN_ROWS == 0
 
 
-def xla_projections(caller: str, batch: int, xla_in_proj, xla_out_proj):
-    """(xla_in_proj, xla_out_proj) as given, or both True past MAX_BATCH rows, where the projections' kernels (which
-    hold every row) do not run; ValueError where the caller asked for them there."""
-    if batch <= MAX_BATCH:
-        return xla_in_proj, xla_out_proj
-    if xla_in_proj is False or xla_out_proj is False:
+def xla_projections(caller: str, batch: int, d_model: int, xla_in_proj, xla_out_proj, *, in_from: int, out_from=None):
+    """(xla_in_proj, xla_out_proj) as given, a None resolved: XLA's product past one row (its GEMMs beat the kernels'
+    tl.dot tiles: docs/kernels.md) or from d_model ``in_from`` / ``out_from`` on (None: not at batch 1). Past
+    MAX_BATCH rows, where the projections' kernels (which hold every row) do not run, ValueError for a False."""
+    if batch > MAX_BATCH and (xla_in_proj is False or xla_out_proj is False):
         raise ValueError(
             f"{caller}: batch {batch} > {MAX_BATCH} needs in_proj and out_proj by XLA, got "
             f"xla_in_proj={xla_in_proj}, xla_out_proj={xla_out_proj}"
         )
-    return True, True
+    if xla_in_proj is None:
+        xla_in_proj = batch > 1 or d_model >= in_from
+    if xla_out_proj is None:
+        xla_out_proj = batch > 1 or (out_from is not None and d_model >= out_from)
+    return bool(xla_in_proj), bool(xla_out_proj)
 
 
 def mamba_step_pallas(
@@ -444,17 +447,21 @@ def mamba_step_pallas(
             f"({channels}, a power of 2 of at least {MIN_ROWS}), got batch {batch}, d_model {d_model}, "
             f"d_inner {d_inner}"
         )
-    xla_in_proj, xla_out_proj = xla_projections("mamba_step_pallas", batch, xla_in_proj, xla_out_proj)
+    xla_in_proj, xla_out_proj = xla_projections(
+        "mamba_step_pallas",
+        batch,
+        d_model,
+        xla_in_proj,
+        xla_out_proj,
+        in_from=XLA_IN_PROJ_FROM,
+        out_from=XLA_OUT_PROJ_FROM,
+    )
     if interpret is None:
         interpret = not pallas_supported()
     if not interpret:
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
-    if xla_in_proj is None:  # past one row XLA's GEMMs (the kernels' tl.dot tiles were slower: docs/kernels.md)
-        xla_in_proj = batch > 1 or d_model >= XLA_IN_PROJ_FROM
-    if xla_out_proj is None:
-        xla_out_proj = batch > 1 or d_model >= XLA_OUT_PROJ_FROM
     config = (jnp.dtype(dtype), bool(interpret), channels, depth, columns, int(prefetch))
-    config += (proj_columns, splits, bool(xla_in_proj), bool(xla_out_proj), num_warps, num_stages)
+    config += (proj_columns, splits, xla_in_proj, xla_out_proj, num_warps, num_stages)
     return _step(u, conv_state, ssm_state, weights, config)
 
 
