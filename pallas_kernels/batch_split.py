@@ -17,21 +17,72 @@ operands without channels (B and C) stay whole.
 Under a mesh of Explicit axes (``jax.make_mesh``'s default, with ``jax.set_mesh``) the shardings are part of the
 arrays' types and Pallas refuses sharded operands while tracing, before any partitioner runs. There the same split
 is written out: the operands are resharded to the rule's shardings and the function runs under ``jax.shard_map``.
+
+On Auto axes the split is known only once XLA partitions the program, and for every call site it asks
+custom_partitioning's rule, JAX lowers the function again: twice a layer (forward, backward) in a training step, which
+made a 48-layer Mamba-1 step compile 4x longer on 2 GPUs than on one. Whoever knows where the batch goes can say so
+while tracing: inside ``split_over(mesh, batch=..., channels=...)`` the function runs under ``jax.shard_map`` on those
+axes, lowered once with the rest of the program (``mamba_jax``'s training step enters it from its sharding rules).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 logger = logging.getLogger("pallas_kernels")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSplit:
+    """Where a traced program's batch and channels are split on a mesh of Auto axes (``split_over``).
+
+    mesh: the program's mesh. batch: the mesh axes splitting the batch (dimension 0 of every batched operand). channels:
+      the mesh axes splitting the channels of a function given a ``ChannelSplit`` (tensor parallelism), else unused.
+    """
+
+    mesh: Mesh
+    batch: tuple[str, ...]
+    channels: tuple[str, ...] = ()
+
+
+# A jit-cache-sensitive context (jax.make_user_context): a function traced inside split_over is traced again outside
+# it, or inside another, instead of reusing a trace that put the kernels on another mesh or none.
+_SPLIT = jax.make_user_context(None)
+
+
+@contextlib.contextmanager
+def split_over(mesh: Mesh, batch: Sequence[str] = (), channels: Sequence[str] = ()) -> Iterator[MeshSplit]:
+    """While tracing inside this context, ``over_batch`` runs its function under ``jax.shard_map`` on ``mesh``: the
+    batch split over the ``batch`` axes (those that divide it), the channels over ``channels``, instead of leaving
+    the split to a custom_partitioning rule (lowered again at every call site when XLA partitions; see the module's
+    docstring). Operands sharded otherwise are resharded to that split by XLA, so results never depend on it.
+    Axes absent from ``mesh``, or named twice, are a ValueError. JAX's caches of traced and compiled functions tell
+    the contexts apart (a function jitted inside and outside it is traced for each).
+    """
+    names = (*batch, *channels)
+    unknown = [name for name in names if name not in mesh.shape]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(
+            f"split_over: batch {tuple(batch)} and channels {tuple(channels)} must be distinct axes of the mesh "
+            f"{dict(mesh.shape)}"
+        )
+    split = MeshSplit(mesh, tuple(batch), tuple(channels))
+    with _SPLIT(split):
+        yield split
+
+
+def current_split() -> MeshSplit | None:
+    """The innermost ``split_over`` in force, or None."""
+    return _SPLIT.value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +169,24 @@ def over_batch(
         return tuple(specs[: len(args)]), out_tree.unflatten(specs[len(args) :])
 
     explicit = _explicit_axes(args[first], batch, 0)
-    if explicit is not None:
-        mesh, batch_axes = explicit
-        lead_axes = None if lead is None else _explicit_axes(args[lead], None, arg_channels[lead])
-        channel_axes = () if lead_axes is None else split_channels(mesh, lead_axes[1], batch_axes)
+    split = current_split()
+    if explicit is not None or (split is not None and split.mesh.size > 1):
+        if explicit is not None:
+            mesh, batch_axes = explicit
+            lead_axes = None if lead is None else _explicit_axes(args[lead], None, arg_channels[lead])
+            channel_axes = () if lead_axes is None else split_channels(mesh, lead_axes[1], batch_axes)
+        else:
+            mesh, batch_axes = split.mesh, _dividing(split.batch, split.mesh, batch)
+            channel_axes = () if lead is None else split_channels(mesh, split.channels, batch_axes)
         in_specs, out_specs = layout(batch_axes, channel_axes, lambda spec: spec)
-        args = [jax.sharding.reshard(arg, spec) for arg, spec in zip(args, in_specs, strict=True)]
+        if explicit is not None:
+            args = [jax.sharding.reshard(arg, spec) for arg, spec in zip(args, in_specs, strict=True)]
+        logger.debug(
+            "over_batch: %s under shard_map, the batch split over %s, the channels over %s",
+            getattr(fn, "__name__", fn),
+            batch_axes or "nothing",
+            channel_axes or "nothing",
+        )
         # check_vma=False: a pallas_call states no varying mesh axes for its outputs.
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 

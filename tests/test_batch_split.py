@@ -2,6 +2,9 @@
 of the batch inside a sharded jit (no collective, no gathered operand), and the Pallas selective scan (interpreted)
 and the fused decode steps give one device's results, forward and gradients, with their inputs split over the batch."""
 
+import contextlib
+import logging
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,9 +17,10 @@ from benchmarks.mamba_step import random_layer
 from benchmarks.scaling import collectives
 from mamba_jax.config import MambaConfig
 from mamba_jax.model import MambaLMHeadModel
-from mamba_jax.sharding import make_mesh, named_sharding, state_shardings
+from mamba_jax.sharding import kernel_split, make_mesh, named_sharding, state_shardings
+from mamba_jax.train.loop import make_eval_step, make_train_step
 from mamba_jax.train.remat import apply_remat
-from pallas_kernels.batch_split import over_batch
+from pallas_kernels.batch_split import over_batch, split_over
 from pallas_kernels.mamba2_step.pallas import mamba2_step_pallas
 from pallas_kernels.mamba2_step.reference import mamba2_step_reference
 from pallas_kernels.mamba_step.pallas import mamba_step_pallas
@@ -222,10 +226,34 @@ def test_mamba2_step_pallas_split_over_the_batch():
         assert_close(a, b, jnp.float32, err_msg=name)
 
 
-def check_lm_on_mesh(config, remat: str, batch_shape: tuple[int, int], mesh) -> str:
+class PartitionRequests(logging.Handler):
+    """Counts the custom_partitioning rule's partition requests (``over_batch``'s debug records) while installed."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record):
+        self.count += "on each device's share" in record.getMessage()
+
+    def __enter__(self):
+        logger = logging.getLogger("pallas_kernels")
+        self.level = logger.level
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logger = logging.getLogger("pallas_kernels")
+        logger.removeHandler(self)
+        logger.setLevel(self.level)
+
+
+def check_lm_on_mesh(config, remat: str, batch_shape: tuple[int, int], mesh, split: bool) -> str:
     """A Mamba-1 LM with the (interpreted) Pallas scan and ``remat``: the loss and gradients of a batch of
     ``batch_shape`` tokens placed on ``mesh`` by the sharding rules equal one device's; returns the compiled step's
-    HLO text."""
+    HLO text. ``split``: trace the gradient inside ``kernel_split`` (the kernels under shard_map; XLA then never asks
+    the custom_partitioning rule to partition), else leave the split to that rule (asked at least once a layer)."""
     model = apply_remat(MambaLMHeadModel(config, rngs=nnx.Rngs(0), scan_implementation="pallas"), remat)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
@@ -235,35 +263,81 @@ def check_lm_on_mesh(config, remat: str, batch_shape: tuple[int, int], mesh) -> 
         logits = nnx.merge(graphdef, params)(tokens[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-    grad = jax.jit(jax.value_and_grad(loss_fn))
-    loss, grads = grad(params, tokens)
+    def sharded(params, tokens):
+        with kernel_split(mesh) if split else contextlib.nullcontext():
+            return jax.value_and_grad(loss_fn)(params, tokens)
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, tokens)
     placed = jax.device_put(params, nnx.to_pure_dict(state_shardings(state, mesh)))
     batch = jax.device_put(tokens, named_sharding(("batch", None), tokens.shape, mesh))
-    s_loss, s_grads = grad(placed, batch)
+    with PartitionRequests() as requests:
+        compiled = jax.jit(sharded).lower(placed, batch).compile()
+    assert (requests.count == 0) if split else (requests.count >= config.n_layer), requests.count
+    s_loss, s_grads = compiled(placed, batch)
     assert_close(s_loss, loss, jnp.float32)
     for (path, g), s in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(s_grads), strict=True):
         assert_close(s, g, jnp.float32, err_msg=jax.tree_util.keystr(path))
-    return grad.lower(placed, batch).compile().as_text()
+    return compiled.as_text()
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["partitioned", "kernel-split"])
 @pytest.mark.parametrize("remat", ["none", "dots"])
-def test_mamba1_model_with_the_pallas_scan_data_parallel(remat):
+def test_mamba1_model_with_the_pallas_scan_data_parallel(remat, split):
     """A whole Mamba-1 LM with the (interpreted) Pallas scan, the batch split 8 ways, with and without the training
-    loop's rematerialisation: one device's loss and gradients, and the only collective of the compiled step is the
-    gradients' all-reduce (the scan's operands are not gathered: before ``over_batch`` they were, with 20 all-gathers
-    and 80 collective permutes in this program)."""
+    loop's rematerialisation, the kernels split by custom_partitioning or under ``kernel_split``'s shard_map: one
+    device's loss and gradients, and the only collective of the compiled step is the gradients' all-reduce (the
+    scan's operands are not gathered: before ``over_batch`` they were, with 20 all-gathers and 80 collective permutes
+    in this program)."""
     config = MambaConfig(d_model=16, n_layer=2, vocab_size=61, ssm_cfg={"d_state": 4})
-    hlo = check_lm_on_mesh(config, remat, (8, 11), make_mesh(data=8, fsdp=1))
+    hlo = check_lm_on_mesh(config, remat, (8, 11), make_mesh(data=8, fsdp=1), split)
     assert [c["op"] for c in collectives(hlo)] == ["all-reduce"]
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["partitioned", "kernel-split"])
 @pytest.mark.parametrize("remat", ["none", "dots"])
-def test_mamba1_model_with_the_pallas_scan_tensor_parallel(remat):
+def test_mamba1_model_with_the_pallas_scan_tensor_parallel(remat, split):
     """The same LM over data 2 x tensor 4 with the model's sharding rules (in_proj column-parallel, out_proj and
-    x_proj row-parallel), with and without rematerialisation: one device's loss and gradients, and the scan runs on
-    each device's rows and 32 of the 128 channels. The compiled step has no all-gather at all (before the channel
-    split: the scan's (b, l, d_inner) operands and cotangents, and its per-channel parameters, were gathered whole
-    onto every device); its collectives are those of XLA's own partitioning of the chunked scan."""
+    x_proj row-parallel), with and without rematerialisation, split either way: one device's loss and gradients, and
+    the scan runs on each device's rows and 32 of the 128 channels. The compiled step has no all-gather at all
+    (before the channel split: the scan's (b, l, d_inner) operands and cotangents, and its per-channel parameters,
+    were gathered whole onto every device); its collectives are those of XLA's own partitioning of the chunked
+    scan."""
     config = MambaConfig(d_model=64, n_layer=2, vocab_size=64, ssm_cfg={"d_state": 4})
-    hlo = check_lm_on_mesh(config, remat, (4, 9), make_mesh(data=2, fsdp=1, tensor=4))
+    hlo = check_lm_on_mesh(config, remat, (4, 9), make_mesh(data=2, fsdp=1, tensor=4), split)
     assert " all-gather(" not in hlo, [line for line in hlo.splitlines() if " all-gather(" in line]
+
+
+def test_split_over_is_part_of_the_jit_key_and_checked():
+    """A function jitted inside ``split_over`` and outside it is traced for each (jax's caches tell the contexts
+    apart): the scan under shard_map inside, not outside, right both times. Axes the mesh lacks, or one axis named
+    twice, are a ValueError naming them."""
+    mesh = make_mesh(data=2, fsdp=4)
+    inputs = scan_inputs()
+    loss = jax.jit(lambda *args: scan_loss(*args)[0])
+    expected = loss(*inputs)
+    assert "shard_map" not in str(loss.trace(*inputs).jaxpr)
+    with split_over(mesh, batch=("data", "fsdp")):
+        assert "shard_map" in str(loss.trace(*inputs).jaxpr)
+        assert_close(loss(*inputs), expected, jnp.float32)
+    assert "shard_map" not in str(loss.trace(*inputs).jaxpr)
+    with pytest.raises(ValueError, match=r"batch \('data', 'rows'\).*mesh"):
+        with split_over(mesh, batch=("data", "rows")):
+            pass
+    with pytest.raises(ValueError, match="distinct"):
+        with split_over(mesh, batch=("data",), channels=("data",)):
+            pass
+
+
+def test_training_and_eval_steps_trace_the_kernels_under_shard_map():
+    """The training loop's steps enter ``kernel_split`` from their parameters' mesh: the scan's launches, forward
+    and backward, are shard_maps in the traced step (no custom_partitioning left for XLA to ask about)."""
+    config = MambaConfig(d_model=16, n_layer=2, vocab_size=61, ssm_cfg={"d_state": 4})
+    graphdef, state = nnx.split(MambaLMHeadModel(config, rngs=nnx.Rngs(0), scan_implementation="pallas"))
+    params = nnx.to_pure_dict(state)
+    shardings = nnx.to_pure_dict(state_shardings(state, make_mesh(data=2, fsdp=4)))
+    tx = optax.sgd(0.1)
+    tokens = jnp.zeros((1, 8, 12), jnp.int32)
+    train = str(jax.make_jaxpr(make_train_step(graphdef, tx, shardings))(params, tx.init(params), tokens))
+    assert "shard_map" in train and "custom_partitioning" not in train
+    evaluate = str(make_eval_step(graphdef, shardings).trace(params, tokens[0]).jaxpr)
+    assert "shard_map" in evaluate and "custom_partitioning" not in evaluate

@@ -26,6 +26,7 @@ from mamba_jax.model import MambaLMHeadModel
 from mamba_jax.sharding import (
     check_batch_size,
     drop_mesh_axis,
+    kernel_split,
     make_mesh,
     named_sharding,
     shard_model,
@@ -106,6 +107,14 @@ def gather_params(params, param_shardings, compute_dtype=None):
     return jax.tree.map(gather, params, param_shardings)
 
 
+def mesh_of(param_shardings) -> Mesh:
+    """The mesh of a pytree of NamedShardings (the parameters'), where the step's kernels split their work."""
+    meshes = {sharding.mesh for sharding in jax.tree.leaves(param_shardings)}
+    if len(meshes) != 1:
+        raise ValueError(f"param_shardings must be NamedShardings on one mesh, found {len(meshes)} meshes")
+    return meshes.pop()
+
+
 def make_train_step(
     graphdef: nnx.GraphDef, tx: optax.GradientTransformation, param_shardings, compute_dtype=None, loss_chunk: int = 0
 ) -> Callable:
@@ -114,7 +123,10 @@ def make_train_step(
     The parameters are gathered for use by ``gather_params`` (cast to ``compute_dtype``, the model's activation
     dtype, or None to keep their own). Gradients of the ``accum`` micro-batches are summed in float32 under a scan,
     then averaged; they are pinned to the parameters' shardings (with FSDP: reduce-scattered, never whole on one
-    device), so the optimizer update runs on each device's shard only. ``loss_chunk``: see ``next_token_loss``."""
+    device), so the optimizer update runs on each device's shard only. The Pallas kernels run on each device's share
+    under ``kernel_split`` (the parameters' mesh). ``loss_chunk``: see ``next_token_loss``."""
+
+    mesh = mesh_of(param_shardings)
 
     def loss_fn(params, tokens):
         model = nnx.merge(graphdef, gather_params(params, param_shardings, compute_dtype))
@@ -125,10 +137,12 @@ def make_train_step(
             loss, grads = jax.value_and_grad(loss_fn)(params, micro_batch)
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
-        # The first micro-batch's gradients start the sum (no zero-filled float32 copy of the parameters).
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens[0])
-        if tokens.shape[0] > 1:
-            (loss, grads), _ = jax.lax.scan(accumulate, (loss, grads), tokens[1:])
+        # The kernels' backward is traced while the gradient is taken: the whole of it inside the split's context.
+        with kernel_split(mesh):
+            # The first micro-batch's gradients start the sum (no zero-filled float32 copy of the parameters).
+            loss, grads = jax.value_and_grad(loss_fn)(params, tokens[0])
+            if tokens.shape[0] > 1:
+                (loss, grads), _ = jax.lax.scan(accumulate, (loss, grads), tokens[1:])
         loss, grads = jax.tree.map(lambda x: x / tokens.shape[0], (loss, grads))
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -141,9 +155,12 @@ def make_train_step(
 def make_eval_step(graphdef: nnx.GraphDef, param_shardings, compute_dtype=None, loss_chunk: int = 0) -> Callable:
     """(params, tokens (b, l + 1)) -> mean loss (), jitted; the parameters gathered as in ``make_train_step``."""
 
+    mesh = mesh_of(param_shardings)
+
     def eval_step(params, tokens):
         model = nnx.merge(graphdef, gather_params(params, param_shardings, compute_dtype))
-        return next_token_loss(model, tokens, loss_chunk)
+        with kernel_split(mesh):
+            return next_token_loss(model, tokens, loss_chunk)
 
     return jax.jit(eval_step)
 
