@@ -260,8 +260,31 @@ class MambaLMHeadModel(nnx.Module):
         else:
             head = self.lm_head.kernel[...]  # (d, v)
         dtype = self.dtype or jnp.result_type(hidden, head)
-        # Products in the compute dtype, accumulated and returned in float32.
-        return jnp.einsum("...d,dv->...v", hidden.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
+        return head_product(hidden.astype(dtype), head.astype(dtype))
+
+
+@jax.custom_vjp
+def head_product(hidden: jax.Array, head: jax.Array) -> jax.Array:
+    """hidden (..., d) @ head (d, v) -> float32 logits (..., v): products in the operands' (compute) dtype, accumulated
+    and returned in float32. The backward's two products take the logits' float32 cotangent in that dtype too, as
+    every other product of the model takes its cotangent (left to JAX they ran in float32: on an H100 ~10 ms of a
+    Mamba-1 370m bf16 training step, benchmarks/RESULTS.md). In float32 this is the plain product and its gradient."""
+    return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
+
+
+def _head_product_fwd(hidden, head):
+    return head_product(hidden, head), (hidden, head)
+
+
+def _head_product_bwd(residuals, dlogits):
+    hidden, head = residuals
+    dlogits = dlogits.astype(hidden.dtype)
+    dhidden = jnp.einsum("...v,dv->...d", dlogits, head, preferred_element_type=jnp.float32)
+    dhead = jnp.einsum("...d,...v->dv", hidden, dlogits, preferred_element_type=jnp.float32)
+    return dhidden.astype(hidden.dtype), dhead.astype(head.dtype)
+
+
+head_product.defvjp(_head_product_fwd, _head_product_bwd)
 
 
 def _init_for_language_model(model: nnx.Module, config: MambaConfig) -> None:

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from mamba_jax.config import MambaConfig
-from mamba_jax.model import MambaLMHeadModel
+from mamba_jax.model import MambaLMHeadModel, head_product
 from mamba_jax.train import TrainConfig
 from mamba_jax.train.loop import next_token_loss
 from tests.tolerances import assert_close
@@ -53,3 +53,29 @@ def test_chunked_loss_keeps_fewer_logits():
 def test_loss_chunk_config_check():
     with pytest.raises(ValueError, match=r"TrainConfig.loss_chunk must be >= 0 \(0: no chunking\), got -1"):
         TrainConfig(loss_chunk=-1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_head_product_gradients(dtype):
+    """The LM head's product: float32 logits from operands in the compute dtype; its backward's products take the
+    cotangent in that dtype. In float32 it is the plain product's gradient; in bfloat16 it is the float32 gradient of
+    the same bfloat16 operands, within one bfloat16 rounding, for an odd shape."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    hidden = jax.random.normal(keys[0], (3, 7, 24)).astype(dtype)
+    head = (0.2 * jax.random.normal(keys[1], (24, 37))).astype(dtype)
+    weights = jax.random.normal(keys[2], (3, 7, 37))
+
+    def loss(product, hidden, head):
+        return jnp.sum(weights * jnp.tanh(product(hidden, head)))
+
+    def reference(hidden, head):
+        return jnp.einsum("...d,dv->...v", hidden.astype(jnp.float32), head.astype(jnp.float32))
+
+    logits = head_product(hidden, head)
+    assert logits.dtype == jnp.float32
+    assert_close(logits, reference(hidden, head), jnp.float32)
+    grads = jax.grad(lambda *args: loss(head_product, *args), argnums=(0, 1))(hidden, head)
+    expected = jax.grad(lambda *args: loss(reference, *args), argnums=(0, 1))(hidden, head)
+    for name, got, want in zip(("hidden", "head"), grads, expected, strict=True):
+        assert got.dtype == dtype, name
+        assert_close(got, want, dtype, err_msg=name)
