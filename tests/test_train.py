@@ -2,11 +2,13 @@
 runs on the 8 fake CPU devices: logging, evaluation, checkpoints, SIGTERM, exact resume, restore onto another mesh,
 export and fine-tuning from the export."""
 
+import collections
 import json
 import os
 import signal
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -36,7 +38,7 @@ MODEL = MambaConfig(d_model=16, n_layer=1, vocab_size=257, ssm_cfg={"d_state": 4
     [
         ({"batch_size": 6, "grad_accum": 4}, r"batch_size \(6\) must be divisible by grad_accum \(4\)"),
         ({"seq_len": 0}, r"TrainConfig.seq_len must be >= 1, got 0"),
-        ({"remat": "all"}, r"TrainConfig.remat must be one of \('none', 'block', 'dots'\), got 'all'"),
+        ({"remat": "all"}, r"TrainConfig.remat must be one of \('none', 'block', 'dots', 'dots_scan'\), got 'all'"),
         ({"dtype": "int8"}, r"TrainConfig.dtype must be one of"),
         ({"eval_fraction": 1.0}, r"eval_fraction must be in \[0, 1\), got 1.0"),
     ],
@@ -65,7 +67,46 @@ def test_command_line():
 
 
 def test_remat_policies_match_the_config():
-    assert {"none", *POLICIES} == {"none", "block", "dots"}
+    assert {"none", *POLICIES} == {"none", "block", "dots", "dots_scan"}
+
+
+def pallas_launches(jaxpr, counts: collections.Counter) -> collections.Counter:
+    """How often each Pallas kernel (by name) is launched in ``jaxpr``, sub-jaxprs included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            counts[eqn.params["name"]] += 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr):
+                    pallas_launches(getattr(sub, "jaxpr", sub), counts)
+    return counts
+
+
+def test_dots_scan_runs_the_pallas_scan_forward_once():
+    """Under ``dots`` the backward launches the Pallas scan's forward again in every layer; ``dots_scan`` keeps the
+    scan's output and chunk states, so its forward launches once a layer, as without remat. Same loss and gradients
+    (the interpreted kernels, float32)."""
+    config = MambaConfig(d_model=16, n_layer=2, vocab_size=61, ssm_cfg={"d_state": 4})
+    tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, config.vocab_size)
+    launches, results = {}, {}
+    for policy in ("none", "dots", "dots_scan"):
+        model = MambaLMHeadModel(config, rngs=nnx.Rngs(0), scan_implementation="pallas")
+        graphdef, state = nnx.split(apply_remat(model, policy))
+        grad = jax.value_and_grad(
+            lambda params, graphdef=graphdef: loop.next_token_loss(nnx.merge(graphdef, params), tokens)
+        )
+        params = nnx.to_pure_dict(state)
+        launches[policy] = pallas_launches(jax.make_jaxpr(grad)(params).jaxpr, collections.Counter())
+        results[policy] = jax.jit(grad)(params)
+    forward = "selective_scan_out"  # the forward's (output) launch
+    assert launches["none"][forward] == launches["dots_scan"][forward] == config.n_layer, launches
+    assert launches["dots"][forward] == 2 * config.n_layer, launches
+    for policy in ("dots", "dots_scan"):
+        assert_close(results[policy][0], results["none"][0], jnp.float32, err_msg=policy)
+        for (path, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(results[policy][1]), jax.tree.leaves(results["none"][1]), strict=True
+        ):
+            assert_close(a, b, jnp.float32, err_msg=f"{policy} {jax.tree_util.keystr(path)}")
 
 
 # ---- optimizer ----

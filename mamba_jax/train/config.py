@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-REMAT_POLICIES = ("none", "block", "dots")
+REMAT_POLICIES = ("none", "block", "dots", "dots_scan")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -37,7 +37,7 @@ class TrainConfig:
 
     # compute: float32 parameters, ``dtype`` activations; ``remat`` trades compute for activation memory
     dtype: str = "bfloat16"
-    remat: str = "none"  # "none", "block" or "dots": see mamba_jax.train.remat
+    remat: str = "none"  # "none", "block", "dots" or "dots_scan": see mamba_jax.train.remat
     loss_chunk: int = 0  # positions per LM-head chunk in the loss (0: all at once); see train.loop.next_token_loss
 
     # device mesh (see mamba_jax.sharding.make_mesh; one of them may be -1)

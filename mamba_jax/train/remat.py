@@ -7,6 +7,10 @@ Policies (``TrainConfig.remat``):
 - ``block``: keep only each block's inputs; recompute everything inside it.
 - ``dots``: keep the outputs of the block's matrix products (in_proj, x_proj, dt_proj, out_proj) and recompute the
   cheap elementwise work, the conv and the scan.
+- ``dots_scan``: ``dots``, and keep the Pallas selective scan's output and chunk start states too
+  (``SAVEABLE_NAMES``): Mamba-1's scan forward then runs once, not again in the backward, for (b, l, d_inner) in
+  the activation dtype plus (b, l / 128, d_state, d_inner) float32 more a layer. Elsewhere (Mamba-2, the XLA scans)
+  it is ``dots``.
 """
 
 from __future__ import annotations
@@ -16,10 +20,15 @@ from flax import nnx
 
 from mamba_jax.block import Block
 from mamba_jax.model import MambaLMHeadModel
+from pallas_kernels.selective_scan import SAVEABLE_NAMES
 
 POLICIES = {
     "block": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_scan": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*SAVEABLE_NAMES),
+    ),
 }
 
 

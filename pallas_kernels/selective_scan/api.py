@@ -37,6 +37,10 @@ from pallas_kernels.selective_scan.xla import selective_scan_associative, select
 logger = logging.getLogger("pallas_kernels")
 
 IMPLEMENTATIONS = ("reference", "associative", "chunked", "pallas")
+# The Pallas forward's results its backward uses, named (jax.ad_checkpoint.checkpoint_name) for rematerialisation
+# policies: the output (b, l, di) and the chunk start states float32 (b, K, n, di). A policy that saves both, and the
+# scan's inputs, never runs the forward launch again in the backward (mamba_jax.train.remat's "dots_scan").
+SAVEABLE_NAMES = ("selective_scan_output", "selective_scan_chunk_states")
 
 
 def _pallas_usable() -> bool:

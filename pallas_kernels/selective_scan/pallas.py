@@ -17,9 +17,11 @@ import warnings
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.batch_split import ChannelSplit, over_batch
 from pallas_kernels.selective_scan import mosaic_fwd
+from pallas_kernels.selective_scan.api import SAVEABLE_NAMES
 from pallas_kernels.selective_scan.kernel_math import LOG2_E
 from pallas_kernels.selective_scan.pallas_bwd import scan_adjoints, scan_backward, unpack_lane_sums
 from pallas_kernels.selective_scan.pallas_config import DEFAULT_BLOCKS, ScanBlocks
@@ -222,6 +224,8 @@ def _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, bl
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, blocks, interpret):
     inputs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, blocks.pack_bc)
     out, last_state, h_start = _forward(inputs, delta_softplus, blocks, interpret)
+    out = checkpoint_name(out, SAVEABLE_NAMES[0])
+    h_start = None if h_start is None else checkpoint_name(h_start, SAVEABLE_NAMES[1])
     residuals = (u, delta, A, B, C, D, z, delta_bias, initial_state, h_start)
     return (out, jnp.swapaxes(last_state, 1, 2)), residuals
 
