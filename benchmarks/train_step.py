@@ -5,6 +5,8 @@ Usage (GPU machine, repository root):
     PYTHONPATH=. python3 benchmarks/train_step.py --models mamba2-370m,mamba-370m --remat none,dots,block \
         --scan-implementations pallas --out train_step.json
 ``--loss-chunk N`` computes the LM head and loss N positions at a time (``next_token_loss``) in every row.
+``--grad-accum 1,2`` adds rows whose step takes the same batch as that many micro-batches (the loop's gradient
+accumulation: the same update, the activations of one micro-batch at a time).
 ``--profile DIR`` traces three steps of each row after its timing and adds where a step's GPU time goes: by kind of
 kernel (``KINDS``) and the slowest kernels by name, in ms per step.
 Every row (model, scan implementation, remat policy) runs in a fresh process, so its peak memory is its own; rows
@@ -95,9 +97,11 @@ def bench(
     compile_only: bool,
     loss_chunk: int = 0,
     profile: str | None = None,
+    grad_accum: int = 1,
 ) -> dict:
-    """One row: compile the step of ``name`` with ``remat`` and ``loss_chunk`` (``next_token_loss``); unless
-    ``compile_only``, time it and read the peak, then trace three steps into ``profile`` if given."""
+    """One row: compile the step of ``name`` with ``remat``, ``loss_chunk`` (``next_token_loss``) and the batch in
+    ``grad_accum`` micro-batches; unless ``compile_only``, time it and read the peak, then trace three steps into
+    ``profile`` if given."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -124,7 +128,9 @@ def bench(
     params = nnx.to_pure_dict(state)
     shardings = nnx.to_pure_dict(state_shardings(state, mesh))
     tx = make_optimizer(TrainConfig(seq_len=seqlen, batch_size=batch, steps=1000), params)
-    shape = (1, batch, seqlen + 1)  # (accum, b, l + 1)
+    if batch % grad_accum:
+        raise ValueError(f"--grad-accum {grad_accum} must divide --batch {batch}")
+    shape = (grad_accum, batch // grad_accum, seqlen + 1)  # (accum, micro batch, l + 1)
     if compile_only:
         opt_state = jax.eval_shape(tx.init, params)
         tokens = jax.ShapeDtypeStruct(shape, jnp.int32)
@@ -139,6 +145,7 @@ def bench(
         "scan_implementation": scan_implementation or "default",
         "remat": remat,
         "loss_chunk": loss_chunk,
+        "grad_accum": grad_accum,
         **environment(),
         "params": sum(x.size for x in jax.tree.leaves(params)),
         "compile_s": time.perf_counter() - start,
@@ -213,6 +220,7 @@ def main():
     parser.add_argument("--scan-implementations", default="default", help="comma list for Mamba-1, e.g. pallas,chunked")
     parser.add_argument("--remat", default="none", help="comma list of remat policies: none, block, dots, ...")
     parser.add_argument("--loss-chunk", type=int, default=0, help="LM-head positions per loss chunk (0: all)")
+    parser.add_argument("--grad-accum", default="1", help="comma list: micro-batches the batch is taken in")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--compile-only", action="store_true", help="XLA's memory plan only (runs on a CPU)")
     parser.add_argument("--time-budget", type=float, default=540.0, help="seconds for the whole run")
@@ -231,6 +239,7 @@ def main():
             args.compile_only,
             args.loss_chunk,
             args.profile,
+            int(args.grad_accum),
         )
         print("ROW " + json.dumps(row), flush=True)
         return
@@ -245,8 +254,9 @@ def main():
         impls = args.scan_implementations.split(",") if name.startswith("mamba-") else ["default"]
         for impl in impls:
             for remat in args.remat.split(","):
-                argv = [__file__, "--row", "--models", name, "--scan-implementations", impl, "--remat", remat]
-                jobs.append((f"{name} {impl} {remat}", argv + common))
+                for accum in args.grad_accum.split(","):
+                    argv = [__file__, "--row", "--models", name, "--scan-implementations", impl, "--remat", remat]
+                    jobs.append((f"{name} {impl} {remat} accum {accum}", [*argv, "--grad-accum", accum, *common]))
     # A compile-only run is a CPU estimate: XLA:CPU's default scheduler favours concurrency over memory, so its plan
     # would overstate the peak further (the flag is ignored on a GPU).
     env = os.environ | {
@@ -266,7 +276,7 @@ def print_table(rows: list[dict], args) -> None:
     device = ok[0]["device"] if ok else "?"
     print(f"train step, batch {args.batch} x {args.seqlen}, on {device}")
     print(
-        f"{'model':<13} {'scan':<9} {'remat':<6} {'step ms':>8} {'tok/s':>9} {'x anchor':>8} {'MFU':>6} "
+        f"{'model':<13} {'scan':<9} {'remat':<6} {'accum':>5} {'step ms':>8} {'tok/s':>9} {'x anchor':>8} {'MFU':>6} "
         f"{'peak GiB':>8} {'plan GiB':>8} {'temp GiB':>8}"
     )
     nan = float("nan")
@@ -275,7 +285,8 @@ def print_table(rows: list[dict], args) -> None:
             print(f"{r['label']}: {r['error'].splitlines()[-1] if r['error'] else ''}")
             continue
         print(
-            f"{r['model']:<13} {r['scan_implementation']:<9} {r['remat']:<6} {r.get('median_ms', nan):>8.1f} "
+            f"{r['model']:<13} {r['scan_implementation']:<9} {r['remat']:<6} {r.get('grad_accum', 1):>5} "
+            f"{r.get('median_ms', nan):>8.1f} "
             f"{r.get('tokens_per_s', nan):>9.0f} {r.get('ratio_vs_anchor', nan):>8.2f} {r.get('mfu', nan):>6.1%} "
             f"{r.get('peak_gib', nan):>8.1f} {r.get('plan_gib', nan):>8.1f} {r.get('temp_gib', nan):>8.1f}"
         )
