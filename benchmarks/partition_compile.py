@@ -25,6 +25,30 @@ import time
 CONFIG = dict(d_model=64, vocab_size=256)  # a small Mamba-1: the kernels' lowering, not XLA's work, is what grows
 
 
+class PartitionRequests(logging.Handler):
+    """While entered: counts the partition requests XLA makes of ``over_batch``'s custom_partitioning rule (the
+    rule's debug record, "... on each device's share ...", on the "pallas_kernels" logger, set to DEBUG meanwhile)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record):
+        self.count += "on each device's share" in record.getMessage()
+
+    def __enter__(self):
+        logger = logging.getLogger("pallas_kernels")
+        self.level = logger.level
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logger = logging.getLogger("pallas_kernels")
+        logger.removeHandler(self)
+        logger.setLevel(self.level)
+
+
 def child(layers: int, devices: int, path: str) -> dict:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     import importlib
@@ -38,22 +62,13 @@ def child(layers: int, devices: int, path: str) -> dict:
 
     api = importlib.import_module("pallas_kernels.selective_scan.api")
     api.default_implementation = lambda: "pallas"
-    requests = []
-
-    class Count(logging.Handler):
-        def emit(self, record):
-            if "on each device's share" in record.getMessage():
-                requests.append(record)
-
-    logger = logging.getLogger("pallas_kernels")
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(Count())
     config = MambaConfig(n_layer=layers, **CONFIG)
     MambaConfig.preset = staticmethod(lambda name: config)
     start = time.perf_counter()
-    scaling.build_step("probe", devices, "fsdp", per_device_batch=2, seqlen=32, abstract=True)
+    with PartitionRequests() as requests:
+        scaling.build_step("probe", devices, "fsdp", per_device_batch=2, seqlen=32, abstract=True)
     elapsed = time.perf_counter() - start
-    return {"layers": layers, "devices": devices, "path": path, "compile_s": elapsed, "partitions": len(requests)}
+    return {"layers": layers, "devices": devices, "path": path, "compile_s": elapsed, "partitions": requests.count}
 
 
 def main():

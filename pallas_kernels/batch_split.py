@@ -168,19 +168,11 @@ def over_batch(
         specs = [spec(len(shape), leading, channel) for shape, leading, channel in tensors]
         return tuple(specs[: len(args)]), out_tree.unflatten(specs[len(args) :])
 
-    explicit = _explicit_axes(args[first], batch, 0)
-    split = current_split()
-    if explicit is not None or (split is not None and split.mesh.size > 1):
-        if explicit is not None:
-            mesh, batch_axes = explicit
-            lead_axes = None if lead is None else _explicit_axes(args[lead], None, arg_channels[lead])
-            channel_axes = () if lead_axes is None else split_channels(mesh, lead_axes[1], batch_axes)
-        else:
-            mesh, batch_axes = split.mesh, _dividing(split.batch, split.mesh, batch)
-            channel_axes = () if lead is None else split_channels(mesh, split.channels, batch_axes)
+    def under_shard_map(mesh, batch_axes: tuple[str, ...], channel_axes: tuple[str, ...], reshard: bool):
+        """``fn`` under jax.shard_map with the rule's split, lowered once with the caller's program; ``reshard``
+        first puts the operands in that split (Explicit axes, where the shardings are the arrays' types)."""
         in_specs, out_specs = layout(batch_axes, channel_axes, lambda spec: spec)
-        if explicit is not None:
-            args = [jax.sharding.reshard(arg, spec) for arg, spec in zip(args, in_specs, strict=True)]
+        operands = [jax.sharding.reshard(a, s) for a, s in zip(args, in_specs, strict=True)] if reshard else args
         logger.debug(
             "over_batch: %s under shard_map, the batch split over %s, the channels over %s",
             getattr(fn, "__name__", fn),
@@ -188,7 +180,19 @@ def over_batch(
             channel_axes or "nothing",
         )
         # check_vma=False: a pallas_call states no varying mesh axes for its outputs.
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*operands)
+
+    explicit = _explicit_axes(args[first], batch, 0)
+    if explicit is not None:
+        mesh, batch_axes = explicit
+        lead_axes = None if lead is None else _explicit_axes(args[lead], None, arg_channels[lead])
+        channel_axes = () if lead_axes is None else split_channels(mesh, lead_axes[1], batch_axes)
+        return under_shard_map(mesh, batch_axes, channel_axes, reshard=True)
+    split = current_split()
+    if split is not None and split.mesh.size > 1:
+        batch_axes = _dividing(split.batch, split.mesh, batch)
+        channel_axes = () if lead is None else split_channels(split.mesh, split.channels, batch_axes)
+        return under_shard_map(split.mesh, batch_axes, channel_axes, reshard=False)
 
     def factors(index: int, shape: tuple[int, ...], leading_batch: bool, channel: int | None) -> str:
         """One tensor's Shardy factors: b for the batch, c or (c mR) for its channels, and one factor of its own for

@@ -3,7 +3,6 @@ of the batch inside a sharded jit (no collective, no gathered operand), and the 
 and the fused decode steps give one device's results, forward and gradients, with their inputs split over the batch."""
 
 import contextlib
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.mamba_step import random_layer
+from benchmarks.partition_compile import PartitionRequests
 from benchmarks.scaling import collectives
 from mamba_jax.config import MambaConfig
 from mamba_jax.model import MambaLMHeadModel
@@ -224,29 +224,6 @@ def test_mamba2_step_pallas_split_over_the_batch():
     for name, a, b in zip(("out", "conv_state", "ssm_state"), got, expected, strict=True):
         assert a.sharding.spec == P(("data", "fsdp")), name
         assert_close(a, b, jnp.float32, err_msg=name)
-
-
-class PartitionRequests(logging.Handler):
-    """Counts the custom_partitioning rule's partition requests (``over_batch``'s debug records) while installed."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record):
-        self.count += "on each device's share" in record.getMessage()
-
-    def __enter__(self):
-        logger = logging.getLogger("pallas_kernels")
-        self.level = logger.level
-        logger.setLevel(logging.DEBUG)
-        logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        logger = logging.getLogger("pallas_kernels")
-        logger.removeHandler(self)
-        logger.setLevel(self.level)
 
 
 def check_lm_on_mesh(config, remat: str, batch_shape: tuple[int, int], mesh, split: bool) -> str:

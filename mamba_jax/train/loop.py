@@ -110,8 +110,9 @@ def gather_params(params, param_shardings, compute_dtype=None):
 def mesh_of(param_shardings) -> Mesh:
     """The mesh of a pytree of NamedShardings (the parameters'), where the step's kernels split their work."""
     shardings = jax.tree.leaves(param_shardings)
-    meshes = {sharding.mesh for sharding in shardings if isinstance(sharding, NamedSharding)}
-    if len(meshes) != 1 or len(shardings) != sum(isinstance(s, NamedSharding) for s in shardings):
+    named = all(isinstance(sharding, NamedSharding) for sharding in shardings)
+    meshes = {sharding.mesh for sharding in shardings} if named else set()
+    if len(meshes) != 1:
         raise ValueError(
             f"param_shardings must be NamedShardings on one mesh (mamba_jax.sharding.state_shardings), found "
             f"{len(meshes)} meshes and {sorted({type(s).__name__ for s in shardings})}"
