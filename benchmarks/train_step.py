@@ -116,8 +116,11 @@ def bench(
 
     config = MambaConfig.preset(name)
 
+    # The model's scan: Mamba-1's selective scan or Mamba-2's SSD.
+    scan = {("ssd_implementation" if config.ssm_layer == "Mamba2" else "scan_implementation"): scan_implementation}
+
     def model_fn():
-        model = MambaLMHeadModel(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, scan_implementation=scan_implementation)
+        model = MambaLMHeadModel(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, **scan)
         return apply_remat(model, remat)
 
     mesh = make_mesh(devices=jax.devices()[:1])
@@ -217,7 +220,11 @@ def main():
     parser.add_argument("--models", default="mamba2-370m,mamba-370m")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--scan-implementations", default="default", help="comma list for Mamba-1, e.g. pallas,chunked")
+    parser.add_argument(
+        "--scan-implementations",
+        default="default",
+        help="comma list: the selective scan's (Mamba-1) or the SSD's (Mamba-2), e.g. pallas,chunked",
+    )
     parser.add_argument("--remat", default="none", help="comma list of remat policies: none, block, dots, ...")
     parser.add_argument("--loss-chunk", type=int, default=0, help="LM-head positions per loss chunk (0: all)")
     parser.add_argument("--grad-accum", default="1", help="comma list: micro-batches the batch is taken in")
@@ -251,7 +258,7 @@ def main():
     common += ["--profile", args.profile] if args.profile else []
     jobs = []
     for name in args.models.split(","):
-        impls = args.scan_implementations.split(",") if name.startswith("mamba-") else ["default"]
+        impls = args.scan_implementations.split(",")
         for impl in impls:
             for remat in args.remat.split(","):
                 for accum in args.grad_accum.split(","):

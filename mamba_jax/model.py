@@ -36,6 +36,7 @@ def create_block(
     dtype=None,
     param_dtype=jnp.float32,
     scan_implementation: str | None = None,
+    ssd_implementation: str | None = None,
     step_implementation: str | None = None,
 ) -> Block:
     """The Block for layer ``layer_idx``, as mamba_ssm's ``create_block``: an MHA layer (built from attn_cfg) if listed
@@ -43,7 +44,8 @@ def create_block(
     by norm2 + GatedMLP(hidden_features=d_intermediate) when d_intermediate > 0.
 
     ``scan_implementation`` picks the Mamba-1 selective scan's implementation (``pallas_kernels.selective_scan``),
-    ``step_implementation`` the decode step's (``pallas_kernels.mamba_step``, ``pallas_kernels.mamba2_step``).
+    ``ssd_implementation`` the Mamba-2 SSD's (``pallas_kernels.ssd``), ``step_implementation`` the decode step's
+    (``pallas_kernels.mamba_step``, ``pallas_kernels.mamba2_step``).
     """
     factory = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
     if layer_idx in config.attn_layer_idx:
@@ -58,6 +60,7 @@ def create_block(
             Mamba2,
             config.d_model,
             layer_idx=layer_idx,
+            ssd_implementation=ssd_implementation,
             step_implementation=step_implementation,
             **factory,
         )
@@ -96,6 +99,7 @@ class MixerModel(nnx.Module):
         dtype=None,
         param_dtype=jnp.float32,
         scan_implementation: str | None = None,
+        ssd_implementation: str | None = None,
         step_implementation: str | None = None,
     ):
         self.embedding = nnx.Embed(
@@ -116,6 +120,7 @@ class MixerModel(nnx.Module):
                     dtype=dtype,
                     param_dtype=param_dtype,
                     scan_implementation=scan_implementation,
+                    ssd_implementation=ssd_implementation,
                     step_implementation=step_implementation,
                 )
                 for i in range(config.n_layer)
@@ -188,6 +193,7 @@ class MambaLMHeadModel(nnx.Module):
         dtype=None,
         param_dtype=jnp.float32,
         scan_implementation: str | None = None,
+        ssd_implementation: str | None = None,
         step_implementation: str | None = None,
     ):
         if not isinstance(config, MambaConfig):
@@ -200,6 +206,7 @@ class MambaLMHeadModel(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             scan_implementation=scan_implementation,
+            ssd_implementation=ssd_implementation,
             step_implementation=step_implementation,
         )
         if not config.tie_embeddings:

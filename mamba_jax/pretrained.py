@@ -30,6 +30,7 @@ from mamba_jax.model import MambaLMHeadModel
 from mamba_jax.sharding import LOGICAL_AXIS_RULES, MeshAxes, state_shardings
 from pallas_kernels.mamba_step.api import IMPLEMENTATIONS as STEP_IMPLEMENTATIONS
 from pallas_kernels.selective_scan.api import IMPLEMENTATIONS as SCAN_IMPLEMENTATIONS
+from pallas_kernels.ssd.api import IMPLEMENTATIONS as SSD_IMPLEMENTATIONS
 
 EMBEDDING_PATH = "backbone.embedding.embedding"
 
@@ -162,6 +163,7 @@ def load_pretrained(
     mesh: Mesh | None = None,
     rules: Mapping[str, MeshAxes] | None = None,
     scan_implementation: str | None = None,
+    ssd_implementation: str | None = None,
     step_implementation: str | None = None,
 ) -> MambaLMHeadModel:
     """A ready ``MambaLMHeadModel`` with pretrained weights.
@@ -174,17 +176,23 @@ def load_pretrained(
       16-bit (a bf16 / fp16 checkpoint runs in bf16 / fp16, as in mamba_ssm), else float32.
     mesh, rules: place every parameter by its logical axes on ``mesh`` with ``rules`` (default
       ``mamba_jax.sharding.LOGICAL_AXIS_RULES``); each device reads only its shards. No mesh: the first device.
-    scan_implementation, step_implementation: as ``MambaLMHeadModel``'s (the Mamba-1 scan's, and the decode step's:
-      ``pallas_kernels.mamba_step`` / ``mamba2_step``); None: the platform's best. For sharded decoding of a model
+    scan_implementation, ssd_implementation, step_implementation: as ``MambaLMHeadModel``'s (the Mamba-1 scan's, the
+      Mamba-2 SSD's, and the decode step's: ``pallas_kernels.mamba_step`` / ``mamba2_step``); None: the platform's
+      best. For sharded decoding of a model
       too large for one device pass step_implementation="reference" (the kernels gather the weights).
     """
     dtype = _floating_dtype("dtype", dtype)
     compute_dtype = _floating_dtype("compute_dtype", compute_dtype)
     if mesh is not None and not isinstance(mesh, Mesh):
         raise ValueError(f"load_pretrained: mesh must be a jax.sharding.Mesh, found {type(mesh).__name__}")
-    implementations = {"scan_implementation": scan_implementation, "step_implementation": step_implementation}
+    implementations = {
+        "scan_implementation": scan_implementation,
+        "ssd_implementation": ssd_implementation,
+        "step_implementation": step_implementation,
+    }
     for name, value, allowed in (
         ("scan_implementation", scan_implementation, SCAN_IMPLEMENTATIONS),
+        ("ssd_implementation", ssd_implementation, SSD_IMPLEMENTATIONS),
         ("step_implementation", step_implementation, STEP_IMPLEMENTATIONS),
     ):
         if value is not None and value not in allowed:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import mamba_chunk_scan
-from tests.tolerances import assert_close
+from tests.tolerances import as_float32, assert_close, assert_no_worse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,10 @@ CASES = [
         seq_idx=((10,), ()),
     ),
 ]
+
+
+# The Pallas kernels take no seq_idx (api.py sends packed sequences to "chunked"): the same cases without it.
+PALLAS_CASES = [dataclasses.replace(case, seq_idx=None, first_index=0) for case in CASES]
 
 
 def make_inputs(case: Case, seed: int = 0) -> tuple[dict, dict]:
@@ -159,8 +163,11 @@ def forward_and_gradients(case: Case, implementation: str):
     return out, final_states, grads
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
-@pytest.mark.parametrize("implementation", ["reference", "chunked"])
+@pytest.mark.parametrize(
+    "case, implementation",
+    [(case, impl) for case in CASES for impl in ("reference", "chunked")] + [(c, "pallas") for c in PALLAS_CASES],
+    ids=lambda v: v if isinstance(v, str) else v.name,
+)
 def test_matches_numpy_float64(case, implementation):
     arrays, static = make_inputs(case)
     out, final_states, _ = forward_and_gradients(case, implementation)
@@ -174,9 +181,19 @@ def test_matches_numpy_float64(case, implementation):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_chunked_matches_reference_forward_and_gradients(case):
+    check_against_reference(case, "chunked")
+
+
+@pytest.mark.parametrize("case", PALLAS_CASES, ids=lambda case: case.name)
+def test_pallas_matches_reference_forward_and_gradients(case):
+    """The Pallas kernels (in Pallas's interpreter here; compiled in the gpu tests below)."""
+    check_against_reference(case, "pallas")
+
+
+def check_against_reference(case: Case, implementation: str):
     arrays, _ = make_inputs(case)
     reference_out, reference_final, reference_grads = forward_and_gradients(case, "reference")
-    chunked_out, chunked_final, chunked_grads = forward_and_gradients(case, "chunked")
+    chunked_out, chunked_final, chunked_grads = forward_and_gradients(case, implementation)
     assert_close(chunked_out, reference_out, case.dtype, "out")
     assert_close(chunked_final, reference_final, case.dtype, "final_states")
     for name in arrays:
@@ -236,7 +253,8 @@ ERRORS = [
     ("chunk_size_float", {"chunk_size": 2.5}, "chunk_size must be an int >= 1, got 2.5"),
     ("dt_limit_order", {"dt_limit": (1.0, 0.1)}, "low <= high"),
     ("dt_limit_form", {"dt_limit": 0.1}, "dt_limit must be a pair"),
-    ("implementation", {"implementation": "pallas"}, "implementation must be one of"),
+    ("implementation", {"implementation": "triton"}, "implementation must be one of"),
+    ("pallas_seq_idx", {"implementation": "pallas", "seq_idx": jnp.zeros((1, 8), jnp.int32)}, "does not take seq_idx"),
 ]
 
 
@@ -251,3 +269,59 @@ def test_errors(changes, message):
     }
     with pytest.raises(ValueError, match=message):
         mamba_chunk_scan(**{**arrays, "chunk_size": 4, **changes})
+
+
+# Full-size checks of the compiled kernels (``make test-gpu`` on the device): Mamba-2 130m's layer shape, a ragged
+# length with grouped B and C, and float32. 16-bit: the kernels' error against the float32 computation (the reference
+# on the same inputs in float32) is at most COMPOSED_ERROR_FACTOR times the chunked XLA form's, which rounds its
+# products' operands alike; float32: elementwise within the table against the reference.
+GPU_CASES = [
+    Case("mamba2_130m_bf16", (2, 2048, 24, 64, 1, 128), c=256, dtype="bfloat16", D="h", dt_bias=True),
+    Case(
+        "ragged_groups_fp16",
+        (1, 1000, 8, 64, 2, 64),
+        c=256,
+        dtype="float16",
+        D="hp",
+        z=True,
+        dt_bias=True,
+        initial_states=True,
+    ),
+    Case("float32", (1, 700, 4, 32, 1, 16), c=256, D="h", dt_bias=True, initial_states=True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda case: case.name)
+def test_pallas_on_gpu(case):
+    from pallas_kernels.selective_scan.pallas import pallas_supported
+
+    assert pallas_supported()
+    if case.dtype == "float32":
+        check_against_reference(case, "pallas")
+        return
+    arrays, _ = make_inputs(case)
+    out, final, grads = forward_and_gradients(case, None)  # the default on a GPU: the kernels
+    xla_out, xla_final, xla_grads = forward_and_gradients(case, "chunked")
+    exact_out, exact_final, exact_grads = gradients_in_float32(case)
+    assert_no_worse(out, xla_out, exact_out, "out")
+    assert_no_worse(final, xla_final, exact_final, "final_states")
+    for name in arrays:
+        assert grads[name].dtype == arrays[name].dtype
+        assert_no_worse(grads[name], xla_grads[name], exact_grads[name], f"d{name}")
+
+
+def gradients_in_float32(case: Case):
+    """``forward_and_gradients(case, "reference")`` on the case's (16-bit) inputs widened to float32."""
+    arrays, static = make_inputs(case)
+    arrays = as_float32(arrays)
+    rng = np.random.default_rng(1)
+    out_cotangent = jnp.asarray(rng.standard_normal(arrays["x"].shape), jnp.float32)
+    final_cotangent = jnp.asarray(rng.standard_normal((case.b, case.h, case.p, case.n)), jnp.float32)
+
+    def loss(arrays):
+        out, final_states = run(arrays, static, "reference")
+        return jnp.sum(out * out_cotangent) + jnp.sum(final_states * final_cotangent), (out, final_states)
+
+    (_, (out, final_states)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(arrays)
+    return out, final_states, grads

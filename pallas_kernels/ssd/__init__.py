@@ -1,4 +1,5 @@
-"""Mamba-2 SSD op ``mamba_chunk_scan``: a sequential reference (reference.py) and the chunked matrix form (xla.py)."""
+"""Mamba-2 SSD op ``mamba_chunk_scan``: a sequential reference (reference.py), the chunked matrix form (xla.py) and
+Pallas GPU kernels (pallas.py)."""
 
 from pallas_kernels.ssd.api import mamba_chunk_scan
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import warnings
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
+from pallas_kernels.ssd.pallas import ssd_pallas
 from pallas_kernels.ssd.reference import ssd_reference
 from pallas_kernels.ssd.xla import ssd_chunked
 
-IMPLEMENTATIONS = ("reference", "chunked")
+IMPLEMENTATIONS = ("reference", "chunked", "pallas")
 
 
 def mamba_chunk_scan(
@@ -68,7 +71,10 @@ def mamba_chunk_scan(
       initial_states: (b, h, p, n), optional; used in float32.
       seq_idx: (b, l) integer, optional.
       return_final_states: static; also return the state after the last position.
-      implementation: "reference" (sequential lax.scan) or "chunked" (matrix form in XLA); None picks "chunked".
+      implementation: "reference" (sequential lax.scan), "chunked" (matrix form in XLA) or "pallas" (Pallas GPU
+        kernels, pallas.py; Pallas's interpreter where no supported GPU is present: slow, for tests). None picks
+        "pallas" on a supported GPU and "chunked" elsewhere, and "chunked" for packed sequences (``seq_idx``), which
+        the kernels do not handle ("pallas" with ``seq_idx`` is a ValueError).
 
     Returns:
       out (b, l, h, p) in x's dtype; with ``return_final_states`` the tuple (out, final_states), final_states
@@ -79,9 +85,13 @@ def mamba_chunk_scan(
     l); the sequential "reference" stores every (b, h, p, n) state for its backward pass.
     """
     if implementation is None:
-        implementation = "chunked"
+        implementation = "pallas" if pallas_supported() and seq_idx is None else "chunked"
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+    if implementation == "pallas" and seq_idx is not None:
+        raise ValueError("implementation='pallas' does not take seq_idx (packed sequences): use 'chunked' or None")
+    if implementation == "pallas" and pallas_supported():
+        warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
     chunk_size = _check_chunk_size(chunk_size)
     dt_limit = _check_dt_limit(dt_limit)
     _check_arguments(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
@@ -131,6 +141,8 @@ def _mamba_chunk_scan(
 
     if implementation == "reference":
         y, final_states = ssd_reference(x, dt, A, B, C, initial_states.astype(f32), resets)
+    elif implementation == "pallas":
+        y, final_states = ssd_pallas(x, dt, A, B, C, initial_states, interpret=not pallas_supported())
     else:
         y, final_states = ssd_chunked(x, dt, A, B, C, initial_states.astype(f32), resets, chunk_size)
 
