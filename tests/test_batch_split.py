@@ -20,6 +20,7 @@ from mamba_jax.model import MambaLMHeadModel
 from mamba_jax.sharding import kernel_split, make_mesh, named_sharding, state_shardings
 from mamba_jax.train.loop import make_eval_step, make_train_step
 from mamba_jax.train.remat import apply_remat
+from pallas_kernels import mamba_chunk_scan
 from pallas_kernels.batch_split import over_batch, split_over
 from pallas_kernels.mamba2_step.pallas import mamba2_step_pallas
 from pallas_kernels.mamba2_step.reference import mamba2_step_reference
@@ -321,3 +322,51 @@ def test_training_and_eval_steps_trace_the_kernels_under_shard_map():
     assert "shard_map" in train and "custom_partitioning" not in train
     evaluate = str(make_eval_step(graphdef, shardings).trace(params, tokens[0]).jaxpr)
     assert "shard_map" in evaluate and "custom_partitioning" not in evaluate
+
+
+def test_ssd_pallas_split_over_rows_and_heads():
+    """The Mamba-2 SSD kernels (interpreted) under tensor parallelism: x, dt, A, D and the initial state split over
+    heads, the batch over "data", B and C (one group) whole. Each device runs its rows and heads: no operand is
+    gathered; one device's outputs and gradients."""
+    mesh = make_mesh(data=2, fsdp=1, tensor=4)
+    batch, length, heads, headdim, d_state = 2, 24, 8, 4, 3
+    keys = jax.random.split(jax.random.key(3), 7)
+    inputs = (
+        jax.random.normal(keys[0], (batch, length, heads, headdim)),
+        jax.random.normal(keys[1], (batch, length, heads)),
+        -jnp.exp(jax.random.normal(keys[2], (heads,))),
+        jax.random.normal(keys[3], (batch, length, 1, d_state)),
+        jax.random.normal(keys[4], (batch, length, 1, d_state)),
+        jax.random.normal(keys[5], (heads,)),
+        jax.random.normal(keys[6], (batch, heads, headdim, d_state)),
+    )
+    specs = [P("data", None, "tensor"), P("data", None, "tensor"), P("tensor"), P("data"), P("data"), P("tensor")]
+    specs.append(P("data", "tensor"))
+
+    def loss(x, dt, A, B, C, D, h0):
+        out, last = mamba_chunk_scan(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            8,
+            D=D,
+            dt_softplus=True,
+            initial_states=h0,
+            return_final_states=True,
+            implementation="pallas",
+        )
+        return jnp.sum(out * jnp.cos(out)) + jnp.sum(last**2), out
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))
+    (loss1, out1), grads1 = grad(*inputs)
+    placed = [jax.device_put(x, NamedSharding(mesh, spec)) for x, spec in zip(inputs, specs, strict=True)]
+    ops = ops_of(grad.lower(*placed).compile())
+    assert "all-gather" not in ops and "all-to-all" not in ops, ops
+    (loss, out), grads = grad(*placed)
+    assert out.sharding.spec == P("data", None, "tensor")
+    assert_close(out, out1, jnp.float32)
+    assert_close(loss, loss1, jnp.float32)
+    for name, g, g1 in zip("x dt A B C D h0".split(), grads, grads1, strict=True):
+        assert_close(g, g1, jnp.float32, err_msg=name)

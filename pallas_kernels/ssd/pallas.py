@@ -100,55 +100,71 @@ _ssd.defvjp(_ssd_fwd, _ssd_bwd)
 def _forward(x, dt, A, B, C, init, chunk, interpret, *, store_states):
     """(y (b, l, h, p) float32, final (b, h, p, n) float32), or with ``store_states`` the state entering each chunk
     (b, h, l / Q, p, n) float32."""
-    batch, length, heads, headdim = x.shape
-    d_state = B.shape[3]
-    if store_states:
-        out_shape = jax.ShapeDtypeStruct((batch, heads, length // chunk, headdim, d_state), jnp.float32)
-    else:
-        out_shape = (
-            jax.ShapeDtypeStruct(x.shape, jnp.float32),
-            jax.ShapeDtypeStruct((batch, heads, headdim, d_state), jnp.float32),
-        )
     kernel = functools.partial(_forward_kernel, chunk=chunk, store_states=store_states)
-    call = _launch(kernel, out_shape, x, B, NUM_WARPS, "ssd_states" if store_states else "ssd_forward", interpret)
+    name = "ssd_states" if store_states else "ssd_forward"
+
+    def launch(x, dt, A, B, C, init):  # shapes are a device's share inside a sharded jit
+        batch, length, heads, headdim = x.shape
+        d_state = B.shape[3]
+        if store_states:
+            out_shape = jax.ShapeDtypeStruct((batch, heads, length // chunk, headdim, d_state), jnp.float32)
+        else:
+            out_shape = (
+                jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                jax.ShapeDtypeStruct((batch, heads, headdim, d_state), jnp.float32),
+            )
+        return _launch(kernel, out_shape, x, B, NUM_WARPS, name, interpret)(x, dt, A, B, C, init)
+
     results = (lambda r: 1) if store_states else (lambda r: (2, 1))
-    return _rows_and_heads(call, [x, dt, A, B, C, init], [2, 2, 0, None, None, 1], results)
+    return _rows_and_heads(launch, [x, dt, A, B, C, init], [2, 2, 0, None, None, 1], results, B.shape[2])
 
 
 def _backward(x, dt, A, B, C, states, dy, dfinal, chunk, interpret):
     """(dx (b, l, h, p) in x's dtype, ddt (b, l, h), dB and dC per head (b, l, h, n), dA per row (b, h), dinit
     (b, h, p, n)), all float32 but dx. Two launches: the state's cotangent leaving every chunk, walked in reverse over
     (b, h); then every chunk's gradients from its two states, all chunks in parallel over (b, h, l / Q)."""
-    batch, length, heads, headdim = x.shape
-    d_state = B.shape[3]
     f32 = jnp.float32
     dy, dfinal = dy.astype(f32), dfinal.astype(f32)
-    out_shape = (
-        jax.ShapeDtypeStruct(states.shape, f32),
-        jax.ShapeDtypeStruct((batch, heads, headdim, d_state), f32),
-    )
-    kernel = functools.partial(_adjoint_kernel, chunk=chunk)
-    call = _launch(kernel, out_shape, x, B, NUM_WARPS, "ssd_adjoints", interpret)
-    adjoints, dinit = _rows_and_heads(call, [dt, A, C, dy, dfinal], [2, 0, None, 2, 1], lambda r: (1, 1), groups_of=C)
-    out_shape = (
-        jax.ShapeDtypeStruct(x.shape, x.dtype),
-        jax.ShapeDtypeStruct(dt.shape, f32),
-        jax.ShapeDtypeStruct((batch, length, heads, d_state), f32),
-        jax.ShapeDtypeStruct((batch, length, heads, d_state), f32),
-        jax.ShapeDtypeStruct((batch, heads, length // chunk), f32),
-    )
-    kernel = functools.partial(_backward_kernel, chunk=chunk)
-    call = _launch(kernel, out_shape, x, B, BACKWARD_WARPS, "ssd_backward", interpret, chunks=length // chunk)
+
+    def adjoints(dt, A, C, dy, dfinal):
+        batch, length, heads = dt.shape
+        out_shape = (
+            jax.ShapeDtypeStruct((batch, heads, length // chunk, *dfinal.shape[2:]), f32),
+            jax.ShapeDtypeStruct(dfinal.shape, f32),
+        )
+        kernel = functools.partial(_adjoint_kernel, chunk=chunk)
+        return _launch(kernel, out_shape, dy, C, NUM_WARPS, "ssd_adjoints", interpret)(dt, A, C, dy, dfinal)
+
+    def gradients(x, dt, A, B, C, states, adjoints, dy):
+        batch, length, heads, _ = x.shape
+        per_head = jax.ShapeDtypeStruct((batch, length, heads, B.shape[3]), f32)
+        out_shape = (
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            jax.ShapeDtypeStruct(dt.shape, f32),
+            per_head,
+            per_head,
+            jax.ShapeDtypeStruct((batch, heads, length // chunk), f32),
+        )
+        kernel = functools.partial(_backward_kernel, chunk=chunk)
+        call = _launch(kernel, out_shape, x, B, BACKWARD_WARPS, "ssd_backward", interpret, chunks=length // chunk)
+        return call(x, dt, A, B, C, states, adjoints, dy)
+
+    groups = B.shape[2]
+    cotangents, dinit = _rows_and_heads(adjoints, [dt, A, C, dy, dfinal], [2, 0, None, 2, 1], lambda r: (1, 1), groups)
     dx, ddt, dB, dC, dA = _rows_and_heads(
-        call, [x, dt, A, B, C, states, adjoints, dy], [2, 2, 0, None, None, 1, 1, 2], lambda r: (2, 2, 2, 2, 1)
+        gradients,
+        [x, dt, A, B, C, states, cotangents, dy],
+        [2, 2, 0, None, None, 1, 1, 2],
+        lambda r: (2, 2, 2, 2, 1),
+        groups,
     )
     return dx, ddt, dB, dC, dA.sum(2), dinit
 
 
 def _launch(kernel, out_shape, x, B, num_warps: int, name: str, interpret: bool, chunks: int | None = None):
-    """``pl.pallas_call`` of ``kernel`` over the grid (b, h), or (b, h, chunks); every operand whole in every
-    program."""
-    batch, _, heads, _ = x.shape
+    """``pl.pallas_call`` of ``kernel`` over the grid (b, h), or (b, h, chunks), for x (b, l, h, ...) and B (b, l, g,
+    n); every operand whole in every program."""
+    batch, _, heads = x.shape[:3]
     return pl.pallas_call(
         functools.partial(kernel, heads_per_group=heads // B.shape[2]),
         out_shape=out_shape,
@@ -159,11 +175,10 @@ def _launch(kernel, out_shape, x, B, num_warps: int, name: str, interpret: bool,
     )
 
 
-def _rows_and_heads(call, args, head_dims, results, groups_of=None):
+def _rows_and_heads(call, args, head_dims, results, groups: int):
     """``call(*args)`` through ``over_batch``: rows split over the batch axes of a sharded jit; with one group of B and
     C, heads over the tensor axes too (``head_dims``: each operand's head dimension, None for B and C, which every head
     reads; ``results``: the results' head dimensions)."""
-    groups = (args[3] if groups_of is None else groups_of).shape[2]
     channels = ChannelSplit(head_dims, results) if groups == 1 else None
     return over_batch(call, args, [a.ndim > 1 for a in args], channels)
 
