@@ -146,10 +146,13 @@ def run(arrays: dict, static: dict, implementation: str | None = None):
 
 
 @functools.cache
-def forward_and_gradients(case: Case, implementation: str):
+def forward_and_gradients(case: Case, implementation: str | None, widened: bool = False):
     """(out, final_states, gradients of a random projection of both w.r.t. every differentiable input), in one
-    compiled program per case and implementation, shared by the tests below."""
+    compiled program per case and implementation, shared by the tests below. ``widened``: on the case's (16-bit)
+    inputs widened to float32, the float32 computation a 16-bit path is compared with."""
     arrays, static = make_inputs(case)
+    if widened:
+        arrays = as_float32(arrays)
     rng = np.random.default_rng(1)
     out_cotangent = jnp.asarray(rng.standard_normal(arrays["x"].shape), jnp.float32)
     final_cotangent = jnp.asarray(rng.standard_normal((case.b, case.h, case.p, case.n)), jnp.float32)
@@ -193,14 +196,14 @@ def test_pallas_matches_reference_forward_and_gradients(case):
 def check_against_reference(case: Case, implementation: str):
     arrays, _ = make_inputs(case)
     reference_out, reference_final, reference_grads = forward_and_gradients(case, "reference")
-    chunked_out, chunked_final, chunked_grads = forward_and_gradients(case, implementation)
-    assert_close(chunked_out, reference_out, case.dtype, "out")
-    assert_close(chunked_final, reference_final, case.dtype, "final_states")
+    out, final, grads = forward_and_gradients(case, implementation)
+    assert_close(out, reference_out, case.dtype, "out")
+    assert_close(final, reference_final, case.dtype, "final_states")
     for name in arrays:
-        assert chunked_grads[name].dtype == arrays[name].dtype
-        assert np.all(np.isfinite(np.asarray(chunked_grads[name], np.float32))), name
+        assert grads[name].dtype == arrays[name].dtype
+        assert np.all(np.isfinite(np.asarray(grads[name], np.float32))), name
         # float32 parameters (A, D, dt_bias) of a bfloat16 call get their gradient through 16-bit operands too.
-        assert_close(chunked_grads[name], reference_grads[name], case.dtype, f"d{name}")
+        assert_close(grads[name], reference_grads[name], case.dtype, f"d{name}")
 
 
 def test_packed_sequences_equal_separate_runs():
@@ -303,25 +306,9 @@ def test_pallas_on_gpu(case):
     arrays, _ = make_inputs(case)
     out, final, grads = forward_and_gradients(case, None)  # the default on a GPU: the kernels
     xla_out, xla_final, xla_grads = forward_and_gradients(case, "chunked")
-    exact_out, exact_final, exact_grads = gradients_in_float32(case)
+    exact_out, exact_final, exact_grads = forward_and_gradients(case, "reference", widened=True)
     assert_no_worse(out, xla_out, exact_out, "out")
     assert_no_worse(final, xla_final, exact_final, "final_states")
     for name in arrays:
         assert grads[name].dtype == arrays[name].dtype
         assert_no_worse(grads[name], xla_grads[name], exact_grads[name], f"d{name}")
-
-
-def gradients_in_float32(case: Case):
-    """``forward_and_gradients(case, "reference")`` on the case's (16-bit) inputs widened to float32."""
-    arrays, static = make_inputs(case)
-    arrays = as_float32(arrays)
-    rng = np.random.default_rng(1)
-    out_cotangent = jnp.asarray(rng.standard_normal(arrays["x"].shape), jnp.float32)
-    final_cotangent = jnp.asarray(rng.standard_normal((case.b, case.h, case.p, case.n)), jnp.float32)
-
-    def loss(arrays):
-        out, final_states = run(arrays, static, "reference")
-        return jnp.sum(out * out_cotangent) + jnp.sum(final_states * final_cotangent), (out, final_states)
-
-    (_, (out, final_states)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(arrays)
-    return out, final_states, grads
