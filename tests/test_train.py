@@ -82,15 +82,25 @@ def pallas_launches(jaxpr, counts: collections.Counter) -> collections.Counter:
     return counts
 
 
-def test_dots_scan_runs_the_pallas_scan_forward_once():
+@pytest.mark.parametrize(
+    "layer, forward",
+    [("Mamba1", "selective_scan_out"), ("Mamba2", "ssd_forward")],  # the forward's (output) launch
+)
+def test_dots_scan_runs_the_pallas_scan_forward_once(layer, forward):
     """Under ``dots`` the backward launches the Pallas scan's forward again in every layer; ``dots_scan`` keeps the
-    scan's output and chunk states, so its forward launches once a layer, as without remat; same loss and gradients
-    as without remat (the interpreted kernels, float32)."""
-    config = MambaConfig(d_model=16, n_layer=2, vocab_size=61, ssm_cfg={"d_state": 4})
+    scan's output (and Mamba-1's chunk states), so its forward launches once a layer, as without remat; same loss and
+    gradients as without remat (the interpreted kernels, float32)."""
+    if layer == "Mamba1":
+        config = MambaConfig(d_model=16, n_layer=2, vocab_size=61, ssm_cfg={"d_state": 4})
+        implementation = {"scan_implementation": "pallas"}
+    else:
+        ssm_cfg = {"layer": "Mamba2", "d_state": 8, "headdim": 8, "chunk_size": 4}
+        config = MambaConfig(d_model=16, n_layer=2, vocab_size=61, ssm_cfg=ssm_cfg)
+        implementation = {"ssd_implementation": "pallas"}
     tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, config.vocab_size)
     launches, results = {}, {}
     for policy in ("none", "dots", "dots_scan"):
-        model = MambaLMHeadModel(config, rngs=nnx.Rngs(0), scan_implementation="pallas")
+        model = MambaLMHeadModel(config, rngs=nnx.Rngs(0), **implementation)
         graphdef, state = nnx.split(apply_remat(model, policy))
         grad = jax.value_and_grad(
             lambda params, graphdef=graphdef: loop.next_token_loss(nnx.merge(graphdef, params), tokens)
@@ -99,7 +109,6 @@ def test_dots_scan_runs_the_pallas_scan_forward_once():
         launches[policy] = pallas_launches(jax.make_jaxpr(grad)(params).jaxpr, collections.Counter())
         if policy != "dots":
             results[policy] = jax.jit(grad)(params)
-    forward = "selective_scan_out"  # the forward's (output) launch
     assert launches["none"][forward] == launches["dots_scan"][forward] == config.n_layer, launches
     assert launches["dots"][forward] == 2 * config.n_layer, launches
     assert_close(results["dots_scan"][0], results["none"][0], jnp.float32)

@@ -7,10 +7,11 @@ Policies (``TrainConfig.remat``):
 - ``block``: keep only each block's inputs; recompute everything inside it.
 - ``dots``: keep the outputs of the block's matrix products (in_proj, x_proj, dt_proj, out_proj) and recompute the
   cheap elementwise work, the conv and the scan.
-- ``dots_scan``: ``dots``, and keep the Pallas selective scan's output and chunk start states too
-  (``SAVEABLE_NAMES``): Mamba-1's scan forward then runs once, not again in the backward, for (b, l, d_inner) in
-  the activation dtype plus (b, time chunks, d_state, d_inner) float32 more a layer (84 MB at 370m, 8 x 2048).
-  Elsewhere (Mamba-2, the XLA scans) it is ``dots``.
+- ``dots_scan``: ``dots``, and keep the Pallas scans' outputs too (their ``SAVEABLE_NAMES``), so their forward
+  launches run once, not again in the backward. Mamba-1: the selective scan's output and chunk start states,
+  (b, l, d_inner) in the activation dtype plus (b, time chunks, d_state, d_inner) float32 more a layer (84 MB at
+  370m, 8 x 2048). Mamba-2: the SSD's output, (b, l, heads, headdim) float32 (134 MB at 370m). With the XLA scans
+  it is ``dots``.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from flax import nnx
 
 from mamba_jax.block import Block
 from mamba_jax.model import MambaLMHeadModel
-from pallas_kernels.selective_scan import SAVEABLE_NAMES
+from pallas_kernels.selective_scan import SAVEABLE_NAMES as SCAN_NAMES
+from pallas_kernels.ssd import SAVEABLE_NAMES as SSD_NAMES
 
 POLICIES = {
     "block": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_scan": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(*SAVEABLE_NAMES),
+        jax.checkpoint_policies.save_only_these_names(*SCAN_NAMES, *SSD_NAMES),
     ),
 }
 

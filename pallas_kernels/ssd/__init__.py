@@ -2,5 +2,6 @@
 Pallas GPU kernels (pallas.py)."""
 
 from pallas_kernels.ssd.api import mamba_chunk_scan
+from pallas_kernels.ssd.pallas import SAVEABLE_NAMES
 
-__all__ = ["mamba_chunk_scan"]
+__all__ = ["SAVEABLE_NAMES", "mamba_chunk_scan"]

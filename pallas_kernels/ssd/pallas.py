@@ -25,6 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
@@ -32,6 +33,9 @@ from pallas_kernels.batch_split import ChannelSplit, over_batch
 
 CHUNK = 64  # Q: steps per chunk (a power of two >= 16); shorter sequences use the next power of two >= 16
 NUM_WARPS = 4  # per program, forward
+# The name of the kernels' output y, for rematerialisation policies that keep it (mamba_jax.train.remat's
+# "dots_scan"): the forward launch is then not run again in the backward.
+SAVEABLE_NAMES = ("ssd_output",)
 BACKWARD_WARPS = 8  # per program, gradient launch (H100: 2.24 ms fwd+bwd at Mamba-2 130m's shape, 3.26 with 4)
 
 
@@ -63,6 +67,7 @@ def ssd_pallas(x, dt, A, B, C, initial_states, *, interpret: bool):
         chunk,
         interpret,
     )
+    y = checkpoint_name(y, SAVEABLE_NAMES[0])
     return y[:, :length, :, :headdim], final[:, :, :headdim, :d_state]
 
 
