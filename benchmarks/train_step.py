@@ -43,6 +43,7 @@ GIB = 2**30
 # Kinds of GPU kernel by name, first match wins: what a profiled step's time is spent on.
 KINDS = [
     ("Pallas scan", r"selective_scan|mosaic"),
+    ("Pallas SSD", r"ssd_"),
     ("matmul", r"gemm|cublas|cutlass|xmma|nvjet|dot|matmul"),
     ("collective", r"nccl|all-reduce|all-gather|reduce-scatter"),
     ("copy", r"memcpy|memset|copy"),

@@ -11,9 +11,10 @@ four (Q, n) x (n, p)-sized products on the tensor cores and Q x Q exponentials; 
 written, and nothing of size (b, l / Q, Q, Q, h) ever reaches memory. The backward runs the same walk once more to
 store the state entering every chunk (``_forward_kernel(store_states=True)``, a transient (b, h, l / Q, p, n)
 float32 buffer), walks the chunks in reverse to store the state's cotangent leaving every chunk
-(``_adjoint_kernel``), then computes every chunk's gradients from those two states, all chunks in parallel
-(``_backward_kernel``: the derivation is in its docstring). dB and dC come out per head and XLA sums each group's
-heads.
+(``_adjoint_kernel``), then computes every chunk's gradients from those two states, all chunks in parallel: dx, ddt
+and dA per (row, head, chunk) (``_gradients_kernel``: the derivation is in its docstring), dB and dC per (row, chunk,
+block of heads), each program summing its heads' shares in registers (``_bc_gradients_kernel``); XLA sums the
+blocks of a group.
 
 Sequence resets (``seq_idx``) are not handled here: api.py sends packed sequences to the chunked XLA form.
 Products take their operands in the inputs' dtype with float32 accumulation, as xla.py's; float32 inputs multiply in
@@ -36,7 +37,9 @@ NUM_WARPS = 4  # per program, forward
 # The name of the kernels' output y, for rematerialisation policies that keep it (mamba_jax.train.remat's
 # "dots_scan"): the forward launch is then not run again in the backward.
 SAVEABLE_NAMES = ("ssd_output",)
-BACKWARD_WARPS = 8  # per program, gradient launch (H100: 2.24 ms fwd+bwd at Mamba-2 130m's shape, 3.26 with 4)
+BACKWARD_WARPS = 8  # per program, the two gradient launches
+HEAD_BLOCK = 8  # at most this many heads' dB and dC summed by one program of the second gradient launch
+TENSOR_SPLIT = 8  # with one group, the launch's blocks of heads split over up to this many devices
 
 
 def ssd_pallas(x, dt, A, B, C, initial_states, *, interpret: bool):
@@ -118,18 +121,21 @@ def _forward(x, dt, A, B, C, init, chunk, interpret, *, store_states):
                 jax.ShapeDtypeStruct(x.shape, jnp.float32),
                 jax.ShapeDtypeStruct((batch, heads, headdim, d_state), jnp.float32),
             )
-        return _launch(kernel, out_shape, x, B, NUM_WARPS, name, interpret)(x, dt, A, B, C, init)
+        return _launch(kernel, out_shape, x, B, (batch, heads), NUM_WARPS, name, interpret)(x, dt, A, B, C, init)
 
     results = (lambda r: 1) if store_states else (lambda r: (2, 1))
     return _rows_and_heads(launch, [x, dt, A, B, C, init], [2, 2, 0, None, None, 1], results, B.shape[2])
 
 
 def _backward(x, dt, A, B, C, states, dy, dfinal, chunk, interpret):
-    """(dx (b, l, h, p) in x's dtype, ddt (b, l, h), dB and dC per head (b, l, h, n), dA per row (b, h), dinit
-    (b, h, p, n)), all float32 but dx. Two launches: the state's cotangent leaving every chunk, walked in reverse over
-    (b, h); then every chunk's gradients from its two states, all chunks in parallel over (b, h, l / Q)."""
+    """(dx (b, l, h, p) in x's dtype, ddt (b, l, h), dB and dC per block of heads (b, l, h / block, n), dA per row
+    (b, h), dinit (b, h, p, n)), all float32 but dx. Three launches: the state's cotangent leaving every chunk, walked
+    in reverse over (b, h); then from the two states every chunk's dx, ddt and dA over (b, h, l / Q), and its dB and
+    dC over (b, l / Q, h / block), each program summing its block of heads (``_head_block``)."""
     f32 = jnp.float32
     dy, dfinal = dy.astype(f32), dfinal.astype(f32)
+    groups = B.shape[2]
+    block = _head_block(x.shape[2], groups)
 
     def adjoints(dt, A, C, dy, dfinal):
         batch, length, heads = dt.shape
@@ -138,43 +144,56 @@ def _backward(x, dt, A, B, C, states, dy, dfinal, chunk, interpret):
             jax.ShapeDtypeStruct(dfinal.shape, f32),
         )
         kernel = functools.partial(_adjoint_kernel, chunk=chunk)
-        return _launch(kernel, out_shape, dy, C, NUM_WARPS, "ssd_adjoints", interpret)(dt, A, C, dy, dfinal)
+        call = _launch(kernel, out_shape, dy, C, (batch, heads), NUM_WARPS, "ssd_adjoints", interpret)
+        return call(dt, A, C, dy, dfinal)
 
     def gradients(x, dt, A, B, C, states, adjoints, dy):
         batch, length, heads, _ = x.shape
-        per_head = jax.ShapeDtypeStruct((batch, length, heads, B.shape[3]), f32)
         out_shape = (
             jax.ShapeDtypeStruct(x.shape, x.dtype),
             jax.ShapeDtypeStruct(dt.shape, f32),
-            per_head,
-            per_head,
             jax.ShapeDtypeStruct((batch, heads, length // chunk), f32),
         )
-        kernel = functools.partial(_backward_kernel, chunk=chunk)
-        call = _launch(kernel, out_shape, x, B, BACKWARD_WARPS, "ssd_backward", interpret, chunks=length // chunk)
+        kernel = functools.partial(_gradients_kernel, chunk=chunk)
+        grid = (batch, heads, length // chunk)
+        call = _launch(kernel, out_shape, x, B, grid, BACKWARD_WARPS, "ssd_backward", interpret)
         return call(x, dt, A, B, C, states, adjoints, dy)
 
-    groups = B.shape[2]
+    def bc_gradients(x, dt, A, B, C, states, adjoints, dy):
+        batch, length, heads, _ = x.shape
+        per_block = jax.ShapeDtypeStruct((batch, length, heads // block, B.shape[3]), f32)
+        kernel = functools.partial(_bc_gradients_kernel, chunk=chunk, block=block)
+        grid = (batch, length // chunk, heads // block)
+        call = _launch(kernel, (per_block, per_block), x, B, grid, BACKWARD_WARPS, "ssd_backward_bc", interpret, 1)
+        return call(x, dt, A, B, C, states, adjoints, dy)
+
     cotangents, dinit = _rows_and_heads(adjoints, [dt, A, C, dy, dfinal], [2, 0, None, 2, 1], lambda r: (1, 1), groups)
-    dx, ddt, dB, dC, dA = _rows_and_heads(
-        gradients,
-        [x, dt, A, B, C, states, cotangents, dy],
-        [2, 2, 0, None, None, 1, 1, 2],
-        lambda r: (2, 2, 2, 2, 1),
-        groups,
-    )
+    args, head_dims = [x, dt, A, B, C, states, cotangents, dy], [2, 2, 0, None, None, 1, 1, 2]
+    dx, ddt, dA = _rows_and_heads(gradients, args, head_dims, lambda r: (2, 2, 1), groups)
+    dB, dC = _rows_and_heads(bc_gradients, args, head_dims, lambda r: (2, 2), groups)
     return dx, ddt, dB, dC, dA.sum(2), dinit
 
 
-def _launch(kernel, out_shape, x, B, num_warps: int, name: str, interpret: bool, chunks: int | None = None):
-    """``pl.pallas_call`` of ``kernel`` over the grid (b, h), or (b, h, chunks), for x (b, l, h, ...) and B (b, l, g,
-    n); every operand whole in every program."""
-    batch, _, heads = x.shape[:3]
+def _head_block(heads: int, groups: int) -> int:
+    """Heads whose dB and dC one program sums: the largest power of two <= HEAD_BLOCK that divides the heads of a
+    group (a block never spans two groups). With one group the heads can be split over devices (tensor parallelism:
+    ``_rows_and_heads``), by blocks here, so the blocks are kept at least TENSOR_SPLIT many."""
+    limit = HEAD_BLOCK if groups > 1 else max(1, heads // TENSOR_SPLIT)
+    block = 1
+    while block * 2 <= limit and (heads // groups) % (block * 2) == 0:
+        block *= 2
+    return block
+
+
+def _launch(kernel, out_shape, x, B, grid, num_warps: int, name: str, interpret: bool, num_stages: int = 2):
+    """``pl.pallas_call`` of ``kernel`` over ``grid`` for x (b, l, h, ...) and B (b, l, g, n); every operand whole in
+    every program. ``num_stages``: Triton's software pipelining of a loop's loads (2 for the walks over chunks; the
+    loop over heads runs faster without it)."""
     return pl.pallas_call(
-        functools.partial(kernel, heads_per_group=heads // B.shape[2]),
+        functools.partial(kernel, heads_per_group=x.shape[2] // B.shape[2]),
         out_shape=out_shape,
-        grid=(batch, heads) if chunks is None else (batch, heads, chunks),
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
+        grid=grid,
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=name,
     )
@@ -266,7 +285,7 @@ def _adjoint_kernel(dt_ref, A_ref, C_ref, dy_ref, dfinal_ref, adjoints_ref, dini
     dinit_ref[b, h] = lax.fori_loop(0, num_chunks, step, dfinal_ref[b, h])
 
 
-def _backward_kernel(
+def _gradients_kernel(
     x_ref,
     dt_ref,
     A_ref,
@@ -277,26 +296,21 @@ def _backward_kernel(
     dy_ref,
     dx_ref,
     ddt_ref,
-    dB_ref,
-    dC_ref,
     dA_ref,
     *,
     chunk,
     heads_per_group,
 ):
     """One program: row b, head h, chunk k, from S, the state entering the chunk (``states``), and dS, the cotangent
-    of the one leaving it (``adjoints``). Writes the chunk's rows of dx, ddt, dB and dC (per head), and its share of
-    dA, dA (b, h, l / Q).
+    of the one leaving it (``adjoints``). Writes the chunk's rows of dx and ddt and its share of dA, dA (b, h, l / Q).
 
     With w = exp(last - cum) dt and the forward's y and S_out::
 
         y     = (CBᵀ ⊙ L ⊙ dt) x + exp(cum) ⊙ (C Sᵀ)          S_out = exp(last) S + (x ⊙ w)ᵀ B
 
-    G = dy xᵀ (G[t, s] = dy_t . x_s) and BdS = B dSᵀ (the cotangent of x ⊙ w) give every cotangent:
+    G = dy xᵀ (G[t, s] = dy_t . x_s) and BdS = B dSᵀ (the cotangent of x ⊙ w) give::
 
         dx   = (CBᵀ ⊙ L ⊙ dt)ᵀ dy + w ⊙ BdS
-        dC   = (G ⊙ L ⊙ dt) B + exp(cum) ⊙ (dy S)
-        dB   = (G ⊙ L ⊙ dt)ᵀ C + (x ⊙ w) dS
         ddt  = colsum(G ⊙ L ⊙ CBᵀ) + exp(last - cum) ⊙ rowsum(x ⊙ BdS) + A da
 
     where da, the cotangent of a = dt A, is the reverse cumulative sum of dcum plus dlast (last = sum a):
@@ -305,7 +319,7 @@ def _backward_kernel(
         dcum  = rowsum(Z) - colsum(Z) + exp(cum) ⊙ rowsum(dy ⊙ C Sᵀ) - w ⊙ rowsum(x ⊙ BdS)
         dlast = exp(last) sum(S ⊙ dS) + sum(w ⊙ rowsum(x ⊙ BdS))
 
-    and the chunk's share of dA = sum of da dt.
+    and the chunk's share of dA = sum of da dt. (dB and dC: ``_bc_gradients_kernel``.)
     """
     b, h, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g = h // heads_per_group
@@ -320,28 +334,68 @@ def _backward_kernel(
     into = jnp.exp(cum)
     to_end = jnp.exp(last - cum)
     w = to_end * dt
-    x32, dy_c = x.astype(jnp.float32), dy.astype(dtype)
+    dy_c = dy.astype(dtype)
 
     CB = _dot(Ck, Bk, (1, 1), precision)  # (t, s): C_t . B_s
-    GL = _dot(dy_c, x, (1, 1), precision) * L  # (t, s): G ⊙ L
-    dscores = (GL * dt[None, :]).astype(dtype)
     BdS = _dot(Bk, dS.astype(dtype), (1, 1), precision)  # (Q, p)
-    x_dS = jnp.sum(x32 * BdS, axis=1)  # (Q,)
-
+    x_dS = jnp.sum(x.astype(jnp.float32) * BdS, axis=1)  # (Q,)
     dx = _dot((CB * L * dt[None, :]).astype(dtype), dy_c, (0, 0), precision) + w[:, None] * BdS
-    dC = _dot(dscores, Bk, (1, 0), precision) + into[:, None] * _dot(dy_c, S.astype(dtype), (1, 0), precision)
-    xw = (x32 * w[:, None]).astype(dtype)
-    dB = _dot(dscores, Ck, (0, 0), precision) + _dot(xw, dS.astype(dtype), (1, 0), precision)
+    dx_ref[b, t, h, :] = dx.astype(dx_ref.dtype)
 
-    Z1 = GL * CB  # Z without dt: colsum(Z1) is the direct ddt of the diagonal term
+    Z1 = _dot(dy_c, x, (1, 1), precision) * L * CB  # G ⊙ L ⊙ CBᵀ: Z without dt
     Z = Z1 * dt[None, :]
     CS = _dot(Ck, S.astype(dtype), (1, 1), precision)  # (Q, p): C Sᵀ
     dcum = jnp.sum(Z, axis=1) - jnp.sum(Z, axis=0) + into * jnp.sum(dy * CS, axis=1) - w * x_dS
     dlast = jnp.exp(last) * jnp.sum(S * dS) + jnp.sum(w * x_dS)
     da = jnp.sum(dcum) - jnp.cumsum(dcum) + dcum + dlast  # reverse cumulative sum of dcum, plus dlast
-
-    dx_ref[b, t, h, :] = dx.astype(dx_ref.dtype)
     ddt_ref[b, t, h] = jnp.sum(Z1, axis=0) + to_end * x_dS + A * da
-    dB_ref[b, t, h, :] = dB
-    dC_ref[b, t, h, :] = dC
     dA_ref[b, h, k] = jnp.sum(da * dt)
+
+
+def _bc_gradients_kernel(
+    x_ref,
+    dt_ref,
+    A_ref,
+    B_ref,
+    C_ref,
+    states_ref,
+    adjoints_ref,
+    dy_ref,
+    dB_ref,
+    dC_ref,
+    *,
+    chunk,
+    block,
+    heads_per_group,
+):
+    """One program: row b, chunk k, block j of ``block`` heads (all of one group). Sums the heads' cotangents of
+    the chunk's B and C rows into dB and dC (b, l, h / block, n) at block j; with ``_gradients_kernel``'s names::
+
+        dC   = (G ⊙ L ⊙ dt) B + exp(cum) ⊙ (dy S)
+        dB   = (G ⊙ L ⊙ dt)ᵀ C + (x ⊙ w) dS
+
+    B and C are read once for the block's heads, and nothing per head is written.
+    """
+    b, k, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    g = (j * block) // heads_per_group
+    dtype = x_ref.dtype
+    precision = _precision(dtype)
+    t = pl.ds(k * chunk, chunk)
+    Bk, Ck = B_ref[b, t, g, :], C_ref[b, t, g, :]
+
+    def head(i, sums):
+        dB, dC = sums
+        h = j * block + i
+        x, dt, dy = x_ref[b, t, h, :], dt_ref[b, t, h], dy_ref[b, t, h, :].astype(dtype)
+        S, dS = states_ref[b, h, k].astype(dtype), adjoints_ref[b, h, k].astype(dtype)
+        cum, last, L = _chunk_decays(dt, A_ref[h], chunk)
+        dscores = (_dot(dy, x, (1, 1), precision) * L * dt[None, :]).astype(dtype)  # G ⊙ L ⊙ dt
+        dC += _dot(dscores, Bk, (1, 0), precision) + jnp.exp(cum)[:, None] * _dot(dy, S, (1, 0), precision)
+        xw = (x.astype(jnp.float32) * (jnp.exp(last - cum) * dt)[:, None]).astype(dtype)
+        dB += _dot(dscores, Ck, (0, 0), precision) + _dot(xw, dS, (1, 0), precision)
+        return dB, dC
+
+    zeros = jnp.zeros(Bk.shape, jnp.float32)
+    dB, dC = lax.fori_loop(0, block, head, (zeros, zeros))
+    dB_ref[b, t, j, :] = dB
+    dC_ref[b, t, j, :] = dC
