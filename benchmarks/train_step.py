@@ -53,7 +53,7 @@ KINDS = [
 
 
 def step_profile(trace_dir: str, steps: int) -> dict:
-    """ms per step by kind of kernel (KINDS), the 15 slowest kernels by name, and the fraction of the traced span in
+    """ms per step by kind of kernel (KINDS), the 25 slowest kernels by name, and the fraction of the traced span in
     which some kernel ran, from the trace of ``steps`` steps."""
     from benchmarks.timing import busy_fraction, gpu_kernels
 
@@ -68,7 +68,7 @@ def step_profile(trace_dir: str, steps: int) -> dict:
         "busy_fraction": busy,
         "span_ms_per_step": span / 1e3 / steps,
         "ms_per_step_by_kind": dict(by_kind.most_common()),
-        "slowest_kernels_ms_per_step": dict(by_name.most_common(15)),
+        "slowest_kernels_ms_per_step": dict(by_name.most_common(25)),
     }
 
 

@@ -112,6 +112,7 @@ def over_batch(
       same channels of the operands that have them.
     args: the arrays (no None); batched: one bool per array, True where its dimension 0 is the batch.
     """
+    args, batched = tuple(args), tuple(batched)  # the partitioner reads them later: a caller's list may change
     if len(args) != len(batched) or (channels is not None and len(channels.operands) != len(args)):
         raise ValueError(f"over_batch: {len(args)} arrays but {len(batched)} batched flags or channel dimensions")
     ranks = [arg.ndim for arg in args]

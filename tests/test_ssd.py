@@ -69,6 +69,8 @@ CASES = [
         initial_states=True,
         seq_idx=((10,), ()),
     ),
+    # bf16 with the skip and no gate (a Mamba-2 layer's call): the Pallas kernels then round y to bf16 themselves.
+    Case("bfloat16_skip_no_gate", (2, 24, 4, 16, 1, 16), c=8, dtype="bfloat16", D="hp", dt_bias=True),
 ]
 
 

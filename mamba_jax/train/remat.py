@@ -10,8 +10,8 @@ Policies (``TrainConfig.remat``):
 - ``dots_scan``: ``dots``, and keep the Pallas scans' outputs too (their ``SAVEABLE_NAMES``), so their forward
   launches run once, not again in the backward. Mamba-1: the selective scan's output and chunk start states,
   (b, l, d_inner) in the activation dtype plus (b, time chunks, d_state, d_inner) float32 more a layer (84 MB at
-  370m, 8 x 2048). Mamba-2: the SSD's output, (b, l, heads, headdim) float32 (134 MB at 370m). With the XLA scans
-  it is ``dots``.
+  370m, 8 x 2048). Mamba-2: the SSD's output, (b, l, heads, headdim) in the activation dtype (67 MB at 370m; float32,
+  twice that, when the scan applies a gate z). With the XLA scans it is ``dots``.
 """
 
 from __future__ import annotations

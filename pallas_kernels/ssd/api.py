@@ -139,16 +139,19 @@ def _mamba_chunk_scan(
         previous = jnp.pad(seq_idx[:, :-1], ((0, 0), (1, 0)))
         resets = seq_idx != previous
 
-    if implementation == "reference":
-        y, final_states = ssd_reference(x, dt, A, B, C, initial_states.astype(f32), resets)
-    elif implementation == "pallas":
-        y, final_states = ssd_pallas(x, dt, A, B, C, initial_states, interpret=not pallas_supported())
+    skip = None if D is None else (D.astype(f32) if D.ndim == 2 else D.astype(f32)[:, None])  # (h, p) or (h, 1)
+    if implementation == "pallas":  # adds the skip itself; rounds y to x's dtype unless the gate follows
+        out_dtype = f32 if z is not None else x.dtype
+        y, final_states = ssd_pallas(
+            x, dt, A, B, C, skip, initial_states, out_dtype=out_dtype, interpret=not pallas_supported()
+        )
     else:
-        y, final_states = ssd_chunked(x, dt, A, B, C, initial_states.astype(f32), resets, chunk_size)
-
-    if D is not None:
-        skip = D.astype(f32) if D.ndim == 2 else D.astype(f32)[:, None]  # (h, p) or (h, 1)
-        y = y + skip * x.astype(f32)
+        if implementation == "reference":
+            y, final_states = ssd_reference(x, dt, A, B, C, initial_states.astype(f32), resets)
+        else:
+            y, final_states = ssd_chunked(x, dt, A, B, C, initial_states.astype(f32), resets, chunk_size)
+        if skip is not None:
+            y = y + skip * x.astype(f32)
     if z is not None:
         y = y * jax.nn.silu(z.astype(f32))
     return y.astype(x.dtype), final_states

@@ -10,7 +10,7 @@ of dt A inside the chunk; last: the chunk's total)::
 four (Q, n) x (n, p)-sized products on the tensor cores and Q x Q exponentials; only y and the final state are
 written, and nothing of size (b, l / Q, Q, Q, h) ever reaches memory. The backward runs the same walk once more to
 store the state entering every chunk (``_forward_kernel(store_states=True)``, a transient (b, h, l / Q, p, n)
-float32 buffer), walks the chunks in reverse to store the state's cotangent leaving every chunk
+buffer), walks the chunks in reverse to store the state's cotangent leaving every chunk
 (``_adjoint_kernel``), then computes every chunk's gradients from those two states, all chunks in parallel: dx, ddt
 and dA per (row, head, chunk) (``_gradients_kernel``: the derivation is in its docstring), dB and dC per (row, chunk,
 block of heads), each program summing its heads' shares in registers (``_bc_gradients_kernel``); XLA sums the
@@ -18,7 +18,9 @@ blocks of a group.
 
 Sequence resets (``seq_idx``) are not handled here: api.py sends packed sequences to the chunked XLA form.
 Products take their operands in the inputs' dtype with float32 accumulation, as xla.py's; float32 inputs multiply in
-full float32 (IEEE), not TF32.
+full float32 (IEEE), not TF32. The backward's stored states and their cotangents, and y's cotangent, are kept in that
+dtype too: every product rounds them to it anyway (the one elementwise use, a chunk's sum(S ⊙ dS), takes them
+widened), and in 16 bits they are half the bytes the gradient launches read.
 """
 
 import functools
@@ -42,13 +44,15 @@ HEAD_BLOCK = 8  # at most this many heads' dB and dC summed by one program of th
 TENSOR_SPLIT = 8  # with one group, the launch's blocks of heads split over up to this many devices
 
 
-def ssd_pallas(x, dt, A, B, C, initial_states, *, interpret: bool):
-    """Same contract as ``reference.ssd_reference`` without resets: y (b, l, h, p) float32 and the final state
-    (b, h, p, n) float32.
+def ssd_pallas(x, dt, A, B, C, D, initial_states, *, out_dtype, interpret: bool):
+    """``reference.ssd_reference`` without resets, plus the skip connection: y + D x (b, l, h, p) in ``out_dtype``,
+    and the final state (b, h, p, n) float32.
 
     x (b, l, h, p) and B, C (b, l, g, n) floating (their products run in their common dtype); dt (b, l, h) float32,
-    already biased, softplus-ed and clamped; A (h,); initial_states (b, h, p, n) float32. Any sizes: l is padded to a
-    multiple of the chunk, p and n to powers of two >= 16 (zeros, which change nothing), and the results cut back.
+    already biased, softplus-ed and clamped; A (h,); D (h, p), (h, 1) or None (no skip); initial_states (b, h, p, n)
+    float32. Any sizes: l is padded to a multiple of the chunk, p and n to powers of two >= 16 (zeros, which change
+    nothing), and the results cut back. The kernels add D x to y in float32 before rounding it to ``out_dtype``, and
+    give D's gradient from the dx launch, so neither needs a pass of its own over (b, l, h, p).
     """
     batch, length, heads, headdim = x.shape
     d_state = B.shape[3]
@@ -60,14 +64,17 @@ def ssd_pallas(x, dt, A, B, C, initial_states, *, interpret: bool):
     def pad(a, *sizes):
         return jnp.pad(a, [(0, size - dim) for dim, size in zip(a.shape, sizes, strict=True)])
 
+    skip = jnp.zeros((heads, headdim), jnp.float32) if D is None else jnp.broadcast_to(D, (heads, headdim))
     y, final = _ssd(
         pad(x.astype(dtype), batch, length_p, heads, headdim_p),
         pad(dt.astype(jnp.float32), batch, length_p, heads),
         A.astype(jnp.float32),
         pad(B.astype(dtype), batch, length_p, B.shape[2], d_state_p),
         pad(C.astype(dtype), batch, length_p, B.shape[2], d_state_p),
+        pad(skip.astype(jnp.float32), heads, headdim_p),
         pad(initial_states.astype(jnp.float32), batch, heads, headdim_p, d_state_p),
         chunk,
+        jnp.dtype(out_dtype),
         interpret,
     )
     y = checkpoint_name(y, SAVEABLE_NAMES[0])
@@ -79,85 +86,89 @@ def _padded(size: int) -> int:
     return max(16, 1 << (size - 1).bit_length())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _ssd(x, dt, A, B, C, init, chunk, interpret):
-    """The kernels on padded arrays: (y, final state). Differentiable in every array argument."""
-    return _forward(x, dt, A, B, C, init, chunk, interpret, store_states=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _ssd(x, dt, A, B, C, D, init, chunk, out_dtype, interpret):
+    """The kernels on padded arrays: (y + D x in ``out_dtype``, final state). Differentiable in every array
+    argument."""
+    return _forward(x, dt, A, B, C, D, init, chunk, out_dtype, interpret, store_states=False)
 
 
-def _ssd_fwd(x, dt, A, B, C, init, chunk, interpret):
-    return _ssd(x, dt, A, B, C, init, chunk, interpret), (x, dt, A, B, C, init)
+def _ssd_fwd(x, dt, A, B, C, D, init, chunk, out_dtype, interpret):
+    return _ssd(x, dt, A, B, C, D, init, chunk, out_dtype, interpret), (x, dt, A, B, C, D, init)
 
 
-def _ssd_bwd(chunk, interpret, residuals, cotangents):
-    x, dt, A, B, C, init = residuals
+def _ssd_bwd(chunk, out_dtype, interpret, residuals, cotangents):
+    x, dt, A, B, C, D, init = residuals
     dy, dfinal = cotangents
-    states = _forward(x, dt, A, B, C, init, chunk, interpret, store_states=True)
-    dx, ddt, dB, dC, dA, dinit = _backward(x, dt, A, B, C, states, dy, dfinal, chunk, interpret)
+    states = _forward(x, dt, A, B, C, D, init, chunk, out_dtype, interpret, store_states=True)
+    dx, ddt, dB, dC, dA, dD, dinit = _backward(x, dt, A, B, C, D, states, dy, dfinal, chunk, interpret)
     batch, length, groups, d_state = B.shape
 
     def per_group(per_head):  # (b, l, h, n) float32 -> (b, l, g, n) in B's dtype
         return per_head.reshape(batch, length, groups, -1, d_state).sum(3).astype(B.dtype)
 
-    return dx, ddt, dA.sum(0), per_group(dB), per_group(dC), dinit
+    return dx, ddt, dA.sum(0), per_group(dB), per_group(dC), dD, dinit
 
 
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)
 
 
-def _forward(x, dt, A, B, C, init, chunk, interpret, *, store_states):
-    """(y (b, l, h, p) float32, final (b, h, p, n) float32), or with ``store_states`` the state entering each chunk
-    (b, h, l / Q, p, n) float32."""
+def _forward(x, dt, A, B, C, D, init, chunk, out_dtype, interpret, *, store_states):
+    """(y + D x (b, l, h, p) in ``out_dtype``, final (b, h, p, n) float32), or with ``store_states`` the state
+    entering each chunk (b, h, l / Q, p, n) in x's dtype."""
     kernel = functools.partial(_forward_kernel, chunk=chunk, store_states=store_states)
     name = "ssd_states" if store_states else "ssd_forward"
 
-    def launch(x, dt, A, B, C, init):  # shapes are a device's share inside a sharded jit
+    def launch(x, dt, A, B, C, D, init):  # shapes are a device's share inside a sharded jit
         batch, length, heads, headdim = x.shape
         d_state = B.shape[3]
         if store_states:
-            out_shape = jax.ShapeDtypeStruct((batch, heads, length // chunk, headdim, d_state), jnp.float32)
+            out_shape = jax.ShapeDtypeStruct((batch, heads, length // chunk, headdim, d_state), x.dtype)
         else:
             out_shape = (
-                jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                jax.ShapeDtypeStruct(x.shape, out_dtype),
                 jax.ShapeDtypeStruct((batch, heads, headdim, d_state), jnp.float32),
             )
-        return _launch(kernel, out_shape, x, B, (batch, heads), NUM_WARPS, name, interpret)(x, dt, A, B, C, init)
+        call = _launch(kernel, out_shape, x, B, (batch, heads), NUM_WARPS, name, interpret)
+        return call(x, dt, A, B, C, D, init)
 
     results = (lambda r: 1) if store_states else (lambda r: (2, 1))
-    return _rows_and_heads(launch, [x, dt, A, B, C, init], [2, 2, 0, None, None, 1], results, B.shape[2])
+    return _rows_and_heads(launch, [x, dt, A, B, C, D, init], [2, 2, 0, None, None, 0, 1], results, B.shape[2])
 
 
-def _backward(x, dt, A, B, C, states, dy, dfinal, chunk, interpret):
+def _backward(x, dt, A, B, C, D, states, dy, dfinal, chunk, interpret):
     """(dx (b, l, h, p) in x's dtype, ddt (b, l, h), dB and dC per block of heads (b, l, h / block, n), dA per row
-    (b, h), dinit (b, h, p, n)), all float32 but dx. Three launches: the state's cotangent leaving every chunk, walked
-    in reverse over (b, h); then from the two states every chunk's dx, ddt and dA over (b, h, l / Q), and its dB and
-    dC over (b, l / Q, h / block), each program summing its block of heads (``_head_block``)."""
+    (b, h), dD (h, p), dinit (b, h, p, n)), all float32 but dx. Three launches: the state's cotangent leaving every
+    chunk, walked in reverse over (b, h); then from the two states every chunk's dx, ddt, dA and dD over (b, h, l / Q),
+    and its dB and dC over (b, l / Q, h / block), each program summing its block of heads (``_head_block``). The
+    state cotangents and dy go to the launches in x's dtype (the module's docstring says why)."""
     f32 = jnp.float32
-    dy, dfinal = dy.astype(f32), dfinal.astype(f32)
+    dy, dfinal = dy.astype(x.dtype), dfinal.astype(f32)
     groups = B.shape[2]
     block = _head_block(x.shape[2], groups)
 
     def adjoints(dt, A, C, dy, dfinal):
         batch, length, heads = dt.shape
         out_shape = (
-            jax.ShapeDtypeStruct((batch, heads, length // chunk, *dfinal.shape[2:]), f32),
+            jax.ShapeDtypeStruct((batch, heads, length // chunk, *dfinal.shape[2:]), dy.dtype),
             jax.ShapeDtypeStruct(dfinal.shape, f32),
         )
         kernel = functools.partial(_adjoint_kernel, chunk=chunk)
         call = _launch(kernel, out_shape, dy, C, (batch, heads), NUM_WARPS, "ssd_adjoints", interpret)
         return call(dt, A, C, dy, dfinal)
 
-    def gradients(x, dt, A, B, C, states, adjoints, dy):
-        batch, length, heads, _ = x.shape
+    def gradients(x, dt, A, B, C, D, states, adjoints, dy):
+        batch, length, heads, headdim = x.shape
         out_shape = (
             jax.ShapeDtypeStruct(x.shape, x.dtype),
             jax.ShapeDtypeStruct(dt.shape, f32),
             jax.ShapeDtypeStruct((batch, heads, length // chunk), f32),
+            jax.ShapeDtypeStruct((batch, heads, length // chunk, headdim), f32),
         )
         kernel = functools.partial(_gradients_kernel, chunk=chunk)
         grid = (batch, heads, length // chunk)
         call = _launch(kernel, out_shape, x, B, grid, BACKWARD_WARPS, "ssd_backward", interpret)
-        return call(x, dt, A, B, C, states, adjoints, dy)
+        return call(x, dt, A, B, C, D, states, adjoints, dy)
 
     def bc_gradients(x, dt, A, B, C, states, adjoints, dy):
         batch, length, heads, _ = x.shape
@@ -169,9 +180,10 @@ def _backward(x, dt, A, B, C, states, dy, dfinal, chunk, interpret):
 
     cotangents, dinit = _rows_and_heads(adjoints, [dt, A, C, dy, dfinal], [2, 0, None, 2, 1], lambda r: (1, 1), groups)
     args, head_dims = [x, dt, A, B, C, states, cotangents, dy], [2, 2, 0, None, None, 1, 1, 2]
-    dx, ddt, dA = _rows_and_heads(gradients, args, head_dims, lambda r: (2, 2, 1), groups)
+    with_skip, skip_dims = [*args[:5], D, *args[5:]], [*head_dims[:5], 0, *head_dims[5:]]
+    dx, ddt, dA, dD = _rows_and_heads(gradients, with_skip, skip_dims, lambda r: (2, 2, 1, 1), groups)
     dB, dC = _rows_and_heads(bc_gradients, args, head_dims, lambda r: (2, 2), groups)
-    return dx, ddt, dB, dC, dA.sum(2), dinit
+    return dx, ddt, dB, dC, dA.sum(2), dD.sum((0, 2)), dinit
 
 
 def _head_block(heads: int, groups: int) -> int:
@@ -228,12 +240,14 @@ def _chunk_decays(dt, A, chunk: int):
     return cum, jnp.sum(a), L
 
 
-def _forward_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, init_ref, *out_refs, chunk, store_states, heads_per_group):
+def _forward_kernel(
+    x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, init_ref, *out_refs, chunk, store_states, heads_per_group
+):
     """One program: row b, head h; the state carried over the l / Q chunks.
 
-    Refs (whole arrays): x (b, l, h, p), dt (b, l, h) float32, A (h,) float32, B and C (b, l, g, n), init (b, h, p, n)
-    float32. Writes y (b, l, h, p) float32 and the final state (b, h, p, n), or with ``store_states`` the state
-    entering each chunk, states (b, h, l / Q, p, n).
+    Refs (whole arrays): x (b, l, h, p), dt (b, l, h) float32, A (h,) float32, B and C (b, l, g, n), D (h, p)
+    float32, init (b, h, p, n) float32. Writes y + D x (b, l, h, p) and the final state (b, h, p, n), or with
+    ``store_states`` the state entering each chunk, states (b, h, l / Q, p, n).
     """
     b, h = pl.program_id(0), pl.program_id(1)
     g = h // heads_per_group
@@ -248,12 +262,12 @@ def _forward_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, init_ref, *out_refs, chu
         cum, last, L = _chunk_decays(dt, A, chunk)
         to_end = jnp.exp(last - cum) * dt
         if store_states:
-            out_refs[0][b, h, k] = state
+            out_refs[0][b, h, k] = state.astype(out_refs[0].dtype)
         else:
             scores = _dot(Ck, Bk, (1, 1), precision) * L * dt[None, :]  # (Q, Q)
-            y = _dot(scores.astype(dtype), x, (1, 0), precision)
+            y = _dot(scores.astype(dtype), x, (1, 0), precision) + D_ref[h, :][None, :] * x.astype(jnp.float32)
             y += jnp.exp(cum)[:, None] * _dot(Ck, state.astype(dtype), (1, 1), precision)
-            out_refs[0][b, t, h, :] = y
+            out_refs[0][b, t, h, :] = y.astype(out_refs[0].dtype)
         added = _dot((x.astype(jnp.float32) * to_end[:, None]).astype(dtype), Bk, (0, 0), precision)  # (p, n)
         return jnp.exp(last) * state + added
 
@@ -277,7 +291,7 @@ def _adjoint_kernel(dt_ref, A_ref, C_ref, dy_ref, dfinal_ref, adjoints_ref, dini
         k = num_chunks - 1 - i
         t = pl.ds(k * chunk, chunk)
         dt, dy, Ck = dt_ref[b, t, h], dy_ref[b, t, h, :], C_ref[b, t, g, :]
-        adjoints_ref[b, h, k] = dS
+        adjoints_ref[b, h, k] = dS.astype(adjoints_ref.dtype)
         a = dt * A
         into = jnp.exp(jnp.cumsum(a))
         return jnp.exp(jnp.sum(a)) * dS + _dot((dy * into[:, None]).astype(dtype), Ck, (0, 0), precision)
@@ -291,26 +305,30 @@ def _gradients_kernel(
     A_ref,
     B_ref,
     C_ref,
+    D_ref,
     states_ref,
     adjoints_ref,
     dy_ref,
     dx_ref,
     ddt_ref,
     dA_ref,
+    dD_ref,
     *,
     chunk,
     heads_per_group,
 ):
     """One program: row b, head h, chunk k, from S, the state entering the chunk (``states``), and dS, the cotangent
-    of the one leaving it (``adjoints``). Writes the chunk's rows of dx and ddt and its share of dA, dA (b, h, l / Q).
+    of the one leaving it (``adjoints``). Writes the chunk's rows of dx and ddt and its shares of dA and D's gradient,
+    dA (b, h, l / Q) and dD (b, h, l / Q, p).
 
     With w = exp(last - cum) dt and the forward's y and S_out::
 
-        y     = (CBᵀ ⊙ L ⊙ dt) x + exp(cum) ⊙ (C Sᵀ)          S_out = exp(last) S + (x ⊙ w)ᵀ B
+        y     = (CBᵀ ⊙ L ⊙ dt) x + exp(cum) ⊙ (C Sᵀ) + D ⊙ x          S_out = exp(last) S + (x ⊙ w)ᵀ B
 
     G = dy xᵀ (G[t, s] = dy_t . x_s) and BdS = B dSᵀ (the cotangent of x ⊙ w) give::
 
-        dx   = (CBᵀ ⊙ L ⊙ dt)ᵀ dy + w ⊙ BdS
+        dx   = (CBᵀ ⊙ L ⊙ dt)ᵀ dy + w ⊙ BdS + D ⊙ dy
+        dD   = colsum(dy ⊙ x)
         ddt  = colsum(G ⊙ L ⊙ CBᵀ) + exp(last - cum) ⊙ rowsum(x ⊙ BdS) + A da
 
     where da, the cotangent of a = dt A, is the reverse cumulative sum of dcum plus dlast (last = sum a):
@@ -329,7 +347,7 @@ def _gradients_kernel(
     t = pl.ds(k * chunk, chunk)
     x, dt, dy = x_ref[b, t, h, :], dt_ref[b, t, h], dy_ref[b, t, h, :]
     Bk, Ck = B_ref[b, t, g, :], C_ref[b, t, g, :]
-    S, dS = states_ref[b, h, k], adjoints_ref[b, h, k]
+    S, dS = states_ref[b, h, k].astype(jnp.float32), adjoints_ref[b, h, k].astype(jnp.float32)
     cum, last, L = _chunk_decays(dt, A, chunk)
     into = jnp.exp(cum)
     to_end = jnp.exp(last - cum)
@@ -340,7 +358,8 @@ def _gradients_kernel(
     BdS = _dot(Bk, dS.astype(dtype), (1, 1), precision)  # (Q, p)
     x_dS = jnp.sum(x.astype(jnp.float32) * BdS, axis=1)  # (Q,)
     dx = _dot((CB * L * dt[None, :]).astype(dtype), dy_c, (0, 0), precision) + w[:, None] * BdS
-    dx_ref[b, t, h, :] = dx.astype(dx_ref.dtype)
+    dx_ref[b, t, h, :] = (dx + D_ref[h, :][None, :] * dy).astype(dx_ref.dtype)
+    dD_ref[b, h, k, :] = jnp.sum(dy.astype(jnp.float32) * x.astype(jnp.float32), axis=0)
 
     Z1 = _dot(dy_c, x, (1, 1), precision) * L * CB  # G ⊙ L ⊙ CBᵀ: Z without dt
     Z = Z1 * dt[None, :]
