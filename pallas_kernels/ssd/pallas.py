@@ -352,16 +352,15 @@ def _gradients_kernel(
     into = jnp.exp(cum)
     to_end = jnp.exp(last - cum)
     w = to_end * dt
-    dy_c = dy.astype(dtype)
 
     CB = _dot(Ck, Bk, (1, 1), precision)  # (t, s): C_t . B_s
     BdS = _dot(Bk, dS.astype(dtype), (1, 1), precision)  # (Q, p)
     x_dS = jnp.sum(x.astype(jnp.float32) * BdS, axis=1)  # (Q,)
-    dx = _dot((CB * L * dt[None, :]).astype(dtype), dy_c, (0, 0), precision) + w[:, None] * BdS
+    dx = _dot((CB * L * dt[None, :]).astype(dtype), dy, (0, 0), precision) + w[:, None] * BdS
     dx_ref[b, t, h, :] = (dx + D_ref[h, :][None, :] * dy).astype(dx_ref.dtype)
     dD_ref[b, h, k, :] = jnp.sum(dy.astype(jnp.float32) * x.astype(jnp.float32), axis=0)
 
-    Z1 = _dot(dy_c, x, (1, 1), precision) * L * CB  # G ⊙ L ⊙ CBᵀ: Z without dt
+    Z1 = _dot(dy, x, (1, 1), precision) * L * CB  # G ⊙ L ⊙ CBᵀ: Z without dt
     Z = Z1 * dt[None, :]
     CS = _dot(Ck, S.astype(dtype), (1, 1), precision)  # (Q, p): C Sᵀ
     dcum = jnp.sum(Z, axis=1) - jnp.sum(Z, axis=0) + into * jnp.sum(dy * CS, axis=1) - w * x_dS
@@ -405,7 +404,7 @@ def _bc_gradients_kernel(
     def head(i, sums):
         dB, dC = sums
         h = j * block + i
-        x, dt, dy = x_ref[b, t, h, :], dt_ref[b, t, h], dy_ref[b, t, h, :].astype(dtype)
+        x, dt, dy = x_ref[b, t, h, :], dt_ref[b, t, h], dy_ref[b, t, h, :]
         S, dS = states_ref[b, h, k].astype(dtype), adjoints_ref[b, h, k].astype(dtype)
         cum, last, L = _chunk_decays(dt, A_ref[h], chunk)
         dscores = (_dot(dy, x, (1, 1), precision) * L * dt[None, :]).astype(dtype)  # G ⊙ L ⊙ dt
