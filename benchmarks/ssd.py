@@ -2,18 +2,23 @@
 
 Usage (on a GPU machine, from the repository root):
     PYTHONPATH=. python3 benchmarks/ssd.py [--shape 8,2048,24,64,128] [--chunk 256] [--out results.json]
+        [--kernels TRACE_DIR]
+``--kernels`` traces 5 calls of each row after its timing and adds the GPU time per call of each kernel by name
+(the Pallas launches are named ssd_forward, ssd_states, ssd_adjoints, ssd_backward, ssd_backward_bc).
 The anchor (ANCHORS.md, mamba_ssm's Triton mamba_chunk_scan_combined on an H100) is 0.517 ms fwd, 4.24 ms fwd+bwd.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.timing import compiled_memory_gib, environment, time_ms
+from benchmarks.timing import compiled_memory_gib, environment, gpu_kernels, time_ms
 from pallas_kernels import mamba_chunk_scan
 
 ANCHOR_MS = {"fwd": 0.517, "fwd+bwd": 4.24}
@@ -31,7 +36,18 @@ def make_inputs(key, batch, seqlen, nheads, headdim, d_state, ngroups=1, dtype=j
     return x, dt, A, B, C, D, dt_bias
 
 
-def run(shape, chunk, implementations, reps):
+def kernel_times(fn, inputs, trace_dir: str, calls: int = 5) -> dict[str, float]:
+    """ms per call of each GPU kernel (by name, slowest first) over ``calls`` traced calls of ``fn(*inputs)``."""
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(calls):
+            jax.block_until_ready(fn(*inputs))
+    per_name = collections.Counter()
+    for name, _, duration_us in gpu_kernels(trace_dir):
+        per_name[name] += duration_us / 1e3 / calls
+    return {name: round(ms, 4) for name, ms in per_name.most_common()}
+
+
+def run(shape, chunk, implementations, reps, kernels_dir=None):
     inputs = make_inputs(jax.random.key(0), *shape)
 
     def forward(impl):
@@ -63,6 +79,9 @@ def run(shape, chunk, implementations, reps):
                     "compiled_memory_gib": compiled_memory_gib(fn, *inputs),
                 }
             )
+            if kernels_dir:
+                trace_dir = os.path.join(kernels_dir, f"{impl}-{mode.replace('+', '_')}")
+                rows[-1]["kernels_ms_per_call"] = kernel_times(fn, inputs, trace_dir)
     return rows
 
 
@@ -73,9 +92,12 @@ def main():
     parser.add_argument("--implementations", default="chunked")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--kernels", default=None, help="trace each row here and add its GPU time per kernel")
     args = parser.parse_args()
+    if args.kernels and jax.devices()[0].platform != "gpu":
+        parser.error(f"--kernels reads GPU kernel times from a trace: needs a GPU, found {jax.devices()[0].platform}")
     shape = tuple(int(s) for s in args.shape.split(","))
-    rows = run(shape, args.chunk, args.implementations.split(","), args.reps)
+    rows = run(shape, args.chunk, args.implementations.split(","), args.reps, args.kernels)
     result = {"environment": environment(), "shape": shape, "chunk": args.chunk, "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
@@ -87,6 +109,9 @@ def main():
             f"{r['implementation']:<10} {r['mode']:<8} {r['median_ms']:>10.3f} {r['anchor_ms']:>10.3f} "
             f"{r['speedup_vs_anchor']:>9.2f} {r['compiled_memory_gib']:>8.2f}"
         )
+    for r in rows:
+        for name, ms in list(r.get("kernels_ms_per_call", {}).items())[:8]:
+            print(f"  {r['implementation']} {r['mode']}: {name} {ms:.3f} ms")
 
 
 if __name__ == "__main__":
