@@ -14,7 +14,6 @@ checked first against the float32 computation on random caches, as tests/test_ma
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import json
 import math
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.generation import BANDWIDTH, nbytes
-from benchmarks.timing import busy_fraction, environment, gpu_kernels, time_ms
+from benchmarks.timing import busy_fraction, environment, gpu_kernels, time_by_name, time_ms
 from pallas_kernels.mamba_step import MambaStepWeights
 from pallas_kernels.mamba_step.pallas import mamba_step_pallas
 from pallas_kernels.mamba_step.reference import mamba_step_reference
@@ -117,11 +116,8 @@ def kernel_times(trace_dir: str, loops: int) -> dict:
         kernels = gpu_kernels(trace_dir)
     except ValueError as e:  # keep the row's timings
         return {"error": str(e)}
-    totals = collections.Counter()
-    for name, _, duration in kernels:
-        totals[name] += duration / loops
     busy, span = busy_fraction(kernels)
-    top = dict(sorted(totals.items(), key=lambda kv: -kv[1])[:12])
+    top = dict(time_by_name(kernels, loops).most_common(12))
     return {"busy_fraction": busy, "span_us_per_loop": span / loops, "kernels_us_per_loop": top}
 
 

@@ -11,14 +11,13 @@ The anchor (ANCHORS.md, mamba_ssm's Triton mamba_chunk_scan_combined on an H100)
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.timing import compiled_memory_gib, environment, gpu_kernels, time_ms
+from benchmarks.timing import compiled_memory_gib, environment, gpu_kernels, time_by_name, time_ms
 from pallas_kernels import mamba_chunk_scan
 
 ANCHOR_MS = {"fwd": 0.517, "fwd+bwd": 4.24}
@@ -41,9 +40,7 @@ def kernel_times(fn, inputs, trace_dir: str, calls: int = 5) -> dict[str, float]
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(calls):
             jax.block_until_ready(fn(*inputs))
-    per_name = collections.Counter()
-    for name, _, duration_us in gpu_kernels(trace_dir):
-        per_name[name] += duration_us / 1e3 / calls
+    per_name = time_by_name(gpu_kernels(trace_dir), 1e3 * calls)
     return {name: round(ms, 4) for name, ms in per_name.most_common()}
 
 

@@ -3,6 +3,7 @@ memory accounting of the compiled program."""
 
 from __future__ import annotations
 
+import collections
 import glob
 import gzip
 import json
@@ -70,6 +71,15 @@ def gpu_kernels(trace_dir: str) -> list[tuple[str, float, float]]:
     if not kernels:
         raise ValueError(f"no GPU kernel events in {path} (processes: {sorted(set(names.values()))})")
     return sorted(kernels, key=lambda k: k[1])
+
+
+def time_by_name(kernels: list[tuple[str, float, float]], per: float) -> collections.Counter:
+    """Each kernel name's total duration in ``gpu_kernels``' list (us), divided by ``per`` (the calls, steps or loops
+    traced, times 1e3 for ms)."""
+    totals = collections.Counter()
+    for name, _, duration in kernels:
+        totals[name] += duration / per
+    return totals
 
 
 def busy_fraction(kernels: list[tuple[str, float, float]]) -> tuple[float, float]:

@@ -55,14 +55,13 @@ KINDS = [
 def step_profile(trace_dir: str, steps: int) -> dict:
     """ms per step by kind of kernel (KINDS), the 25 slowest kernels by name, and the fraction of the traced span in
     which some kernel ran, from the trace of ``steps`` steps."""
-    from benchmarks.timing import busy_fraction, gpu_kernels
+    from benchmarks.timing import busy_fraction, gpu_kernels, time_by_name
 
     kernels = gpu_kernels(trace_dir)
-    by_kind, by_name = collections.Counter(), collections.Counter()
-    for name, _, duration in kernels:
-        kind = next(kind for kind, pattern in KINDS if re.search(pattern, name, re.IGNORECASE))
-        by_kind[kind] += duration / 1e3 / steps
-        by_name[name] += duration / 1e3 / steps
+    by_name = time_by_name(kernels, 1e3 * steps)
+    by_kind = collections.Counter()
+    for name, ms in by_name.items():
+        by_kind[next(kind for kind, pattern in KINDS if re.search(pattern, name, re.IGNORECASE))] += ms
     busy, span = busy_fraction(kernels)
     return {
         "busy_fraction": busy,
