@@ -76,19 +76,16 @@ def linear_parts(layer: nnx.Linear, x: jax.Array, sizes: Sequence[int]) -> list[
     """``jnp.split(layer(x), cumsum(sizes)[:-1], axis=-1)``, each part its own matrix product with its columns of the
     kernel (and bias). The same numbers, but the backward then never concatenates the parts' cotangents into one
     (..., sum(sizes)) array, a full pass over the activations (twice over, as XLA feeds the weight and the input
-    gradients each their own copy); the kernel's gradient is concatenated instead, (in, out) and small. Parts of size
-    0 come back empty. x (..., in) -> [(..., size) for size in sizes]."""
-    if sum(sizes) != layer.out_features or min(sizes) < 0:
-        raise ValueError(f"linear_parts: sizes {tuple(sizes)} must be >= 0 and add up to {layer.out_features}")
+    gradients each their own copy); the kernel's gradient is concatenated instead, (in, out) and small.
+    x (..., in) -> [(..., size) for size in sizes]."""
+    if sum(sizes) != layer.out_features or min(sizes) < 1:
+        raise ValueError(f"linear_parts: sizes {tuple(sizes)} must be positive and add up to {layer.out_features}")
     bias = value_or_none(layer.bias)
     x, kernel, bias = layer.promote_dtype((x, layer.kernel[...], bias), dtype=layer.dtype)
     parts, start = [], 0
     for size in sizes:
         columns = slice(start, start + size)
         start += size
-        if size == 0:
-            parts.append(jnp.zeros((*x.shape[:-1], 0), x.dtype))
-            continue
         y = layer.dot_general(x, kernel[:, columns], (((x.ndim - 1,), (0,)), ((), ())), precision=layer.precision)
         parts.append(y if bias is None else y + bias[columns])
     return parts

@@ -123,7 +123,7 @@ class Mamba(nnx.Module):
         """u (b, l, d) -> (b, l, d), in ``dtype`` (or the promoted input / parameter dtype)."""
         if u.ndim != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba: u must have shape (batch, seqlen, d_model={self.d_model}), found {u.shape}")
-        # x and z as two products: 5-6% less time a training step than one product split (benchmarks/RESULTS.md).
+        # x and z as two products: 4-6% less time a training step than one product split (benchmarks/RESULTS.md).
         x, z = linear_parts(self.in_proj, u, [self.d_inner, self.d_inner])  # (b, l, di) each
         x = jax.nn.silu(self.conv1d(x))
         dt, B, C = self._dt_B_C(x)

@@ -13,7 +13,7 @@ from tests.tolerances import assert_close
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_linear_parts_equal_the_split_layer(dtype, use_bias):
-    sizes = [5, 0, 11, 3]
+    sizes = [5, 11, 3]
     layer = linear(7, sum(sizes), axes=(None, None), use_bias=use_bias, rngs=nnx.Rngs(0), dtype=dtype)
     x = jax.random.normal(jax.random.key(1), (2, 9, 7), jnp.float32)
     cotangents = [jax.random.normal(jax.random.key(2 + i), (2, 9, s), jnp.float32) for i, s in enumerate(sizes)]
@@ -42,5 +42,7 @@ def test_linear_parts_equal_the_split_layer(dtype, use_bias):
 
 def test_linear_parts_sizes_must_cover_the_outputs():
     layer = linear(4, 6, axes=(None, None), use_bias=False, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"sizes \(2, 3\) must be >= 0 and add up to 6"):
+    with pytest.raises(ValueError, match=r"sizes \(2, 3\) must be positive and add up to 6"):
         linear_parts(layer, jnp.ones((1, 4)), [2, 3])
+    with pytest.raises(ValueError, match=r"sizes \(6, 0\) must be positive"):
+        linear_parts(layer, jnp.ones((1, 4)), [6, 0])
