@@ -43,13 +43,14 @@ CALLS_PER_GROUP = 10
 CHECKS = [((2, 1000, 200, 16), 4, jnp.float32), ((2, 2048, 256, 16), 1, jnp.bfloat16)]
 SMOKE_CHECKS = [((1, 8, 40, 2), 2, jnp.float32)]
 # Variants timed against the default at the first shape (--sweep): other tiles and B/C distances, B/C as float32
-# scalars instead of packed words.
+# scalars instead of packed words, the backward on tiles of 4 steps (half the checkpoint bytes, more registers).
 TRITON_FORWARD = ScanBlocks(forward_backend="triton")
 SWEEP = [
     ScanBlocks(steps=8, lookahead=2),
     ScanBlocks(steps=8, lookahead=4),
     ScanBlocks(steps=4, lookahead=4),
     ScanBlocks(pack_bc=False),
+    ScanBlocks(backward_steps=4),
 ]
 
 

@@ -64,6 +64,14 @@ def test_one_chunk_matches_reference_interpreted():
     )
 
 
+def test_backward_tiles_of_four_interpreted():
+    """The backward on tiles of 4 steps (checkpoints every 4), as ``benchmarks/selective_scan.py --sweep`` times."""
+    blocks = dataclasses.replace(INTERPRET_BLOCKS, backward_steps=4)
+    check_forward_and_grads(
+        functools.partial(selective_scan_pallas, blocks=blocks, interpret=True), Case(2, 13, 16, 3, 2)
+    )
+
+
 def test_unpacked_bf16_matches_reference_interpreted():
     """bfloat16 B and C read as float32 scalars (``pack_bc=False``) instead of packed words."""
     blocks = dataclasses.replace(INTERPRET_BLOCKS, pack_bc=False)
