@@ -148,7 +148,7 @@ class Mamba(nnx.Module):
         if u.ndim != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba: u must have shape (batch, seqlen, d_model={self.d_model}), found {u.shape}")
         lengths = check_lengths(lengths, u.shape[0], u.shape[1])
-        x, z = jnp.split(self.in_proj(u), 2, axis=-1)  # (b, l, di) each
+        x, z = linear_parts(self.in_proj, u, [self.d_inner, self.d_inner])  # (b, l, di) each, as __call__
         x, conv_state = conv_prefill(self.conv1d, x, cache.conv_state, lengths)
         x = jax.nn.silu(x)
         dt, B, C = self._dt_B_C(x)

@@ -104,8 +104,8 @@ def _ssd_bwd(chunk, out_dtype, interpret, residuals, cotangents):
     dx, ddt, dB, dC, dA, dD, dinit = _backward(x, dt, A, B, C, D, states, dy, dfinal, chunk, interpret)
     batch, length, groups, d_state = B.shape
 
-    def per_group(per_head):  # (b, l, h, n) float32 -> (b, l, g, n) in B's dtype
-        return per_head.reshape(batch, length, groups, -1, d_state).sum(3).astype(B.dtype)
+    def per_group(per_block):  # (b, l, h / block, n) float32 -> (b, l, g, n) in B's dtype (no block spans groups)
+        return per_block.reshape(batch, length, groups, -1, d_state).sum(3).astype(B.dtype)
 
     return dx, ddt, dA.sum(0), per_group(dB), per_group(dC), dD, dinit
 
