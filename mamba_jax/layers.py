@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.causal_conv import causal_conv1d
+
 Axes = Sequence[str | None]
 
 
@@ -106,24 +108,23 @@ class CausalConv1d(nnx.Module):
         rngs: nnx.Rngs,
         dtype=None,
         param_dtype=jnp.float32,
+        implementation: str | None = None,
     ):
         init = torch_uniform_init(width)  # fan_in of a depthwise conv = 1 input channel * width
         self.kernel = param(rngs, init, (width, channels), param_dtype, ("conv", "inner"))
         self.bias = param(rngs, init, (channels,), param_dtype, ("inner",)) if use_bias else None
         self.width = width
         self.dtype = dtype
+        self.implementation = implementation
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x (b, l, c) -> (b, l, c)."""
+    def __call__(self, x: jax.Array, silu: bool = False) -> jax.Array:
+        """x (b, l, c) -> (b, l, c), then SiLU if ``silu``: ``pallas_kernels.causal_conv.causal_conv1d`` with the
+        layer's ``implementation`` (None: the Pallas kernels on a GPU, else XLA), in float32 on ``dtype``-cast
+        inputs, rounded to ``dtype`` once."""
         dtype = self.dtype or x.dtype
-        x = x.astype(dtype)
+        bias = None if self.bias is None else self.bias[...].astype(dtype)
         kernel = self.kernel[...].astype(dtype)
-        length = x.shape[1]
-        padded = jnp.pad(x, ((0, 0), (self.width - 1, 0), (0, 0)))
-        y = sum(padded[:, k : k + length] * kernel[k] for k in range(self.width))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
-        return y
+        return causal_conv1d(x.astype(dtype), kernel, bias, silu=silu, implementation=self.implementation)
 
 
 class RMSNorm(nnx.Module):

@@ -125,7 +125,7 @@ class Mamba(nnx.Module):
             raise ValueError(f"Mamba: u must have shape (batch, seqlen, d_model={self.d_model}), found {u.shape}")
         # x and z as two products: 4-6% less time a training step than one product split (benchmarks/RESULTS.md).
         x, z = linear_parts(self.in_proj, u, [self.d_inner, self.d_inner])  # (b, l, di) each
-        x = jax.nn.silu(self.conv1d(x))
+        x = self.conv1d(x, silu=True)
         dt, B, C = self._dt_B_C(x)
         return self.out_proj(self._scan(x, dt, B, C, z))
 

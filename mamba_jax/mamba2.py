@@ -217,7 +217,7 @@ class Mamba2(nnx.Module):
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
 
         z0, x0, z, xbc, dt = self._split_projection(self.in_proj(u))
-        xbc = jax.nn.silu(self.conv1d(xbc))
+        xbc = self.conv1d(xbc, silu=True)
         x, B, C = jnp.split(xbc, [self.d_ssm, self.d_ssm + g * n], axis=-1)
 
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))

@@ -1,0 +1,61 @@
+"""``causal_conv1d``: check the arguments, dispatch on ``implementation``."""
+
+import functools
+import logging
+import warnings
+
+import jax
+
+from pallas_kernels.causal_conv.pallas import MAX_WIDTH, causal_conv1d_pallas
+from pallas_kernels.causal_conv.reference import causal_conv1d_reference
+from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
+
+logger = logging.getLogger("pallas_kernels")
+IMPLEMENTATIONS = ("xla", "pallas")
+
+
+def causal_conv1d(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    silu: bool = False,
+    implementation: str | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Depthwise causal conv over time, channels last: y_t = sum_k kernel[k] x_{t - (w - 1) + k} (+ bias), then
+    SiLU if ``silu``; computed in float32, returned in x's dtype.
+
+    x (b, l, c) floating; kernel (w, c); bias (c,) or None. ``implementation``: "xla" (``causal_conv1d_reference``),
+    "pallas" (GPU kernels; ``interpret`` None runs them compiled where Pallas supports the GPU, else in Pallas's
+    interpreter), or None: "pallas" on a supported GPU for w <= MAX_WIDTH, else "xla".
+    """
+    if x.ndim != 3 or kernel.ndim != 2 or kernel.shape[1] != x.shape[2]:
+        raise ValueError(
+            f"causal_conv1d: x must be (batch, seqlen, channels) and kernel (width, channels); got x {x.shape}, "
+            f"kernel {kernel.shape}"
+        )
+    if bias is not None and bias.shape != kernel.shape[1:]:
+        raise ValueError(f"causal_conv1d: bias must have shape {kernel.shape[1:]}, got {bias.shape}")
+    if implementation is None:
+        implementation = "pallas" if _pallas_default() and kernel.shape[0] <= MAX_WIDTH else "xla"
+    if implementation == "xla":
+        return causal_conv1d_reference(x, kernel, bias, silu)
+    if implementation != "pallas":
+        raise ValueError(
+            f"causal_conv1d: implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
+        )
+    if kernel.shape[0] > MAX_WIDTH:
+        raise ValueError(f"causal_conv1d: the Pallas kernels take widths up to {MAX_WIDTH}, got {kernel.shape[0]}")
+    if interpret is None:
+        interpret = not pallas_supported()
+    if not interpret:
+        warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+    return causal_conv1d_pallas(x, kernel, bias, silu, interpret)
+
+
+@functools.cache
+def _pallas_default() -> bool:
+    usable = pallas_supported()
+    logger.info("causal_conv1d: default implementation %s", "pallas" if usable else "xla")
+    return usable

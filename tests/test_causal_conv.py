@@ -1,0 +1,120 @@
+"""The causal conv (+ SiLU): the Pallas kernels, run in Pallas's interpreter on CPU, against the float32 reference,
+forward and gradients; split over rows and channels inside a sharded jit; argument errors."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mamba_jax.sharding import make_mesh
+from pallas_kernels.causal_conv import causal_conv1d
+from pallas_kernels.causal_conv import pallas as conv_pallas
+from tests.test_batch_split import ops_of
+from tests.tolerances import assert_close
+
+# (batch, seqlen, channels, width, silu, bias, dtype): seqlen past one block of time (64) with a tail, shorter than a
+# tile (8), exactly a block; channels past one block (512) with a masked remainder, and a few.
+CASES = [
+    (2, 70, 40, 4, True, True, jnp.float32),
+    (1, 5, 600, 3, False, False, jnp.float32),
+    (2, 64, 16, 4, True, False, jnp.bfloat16),
+    (1, 131, 24, 2, True, True, jnp.bfloat16),
+    (1, 9, 8, 1, False, True, jnp.float32),
+]
+
+
+def inputs(batch, seqlen, channels, width, bias, dtype, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(keys[0], (batch, seqlen, channels)).astype(dtype)
+    kernel = (jax.random.normal(keys[1], (width, channels)) / width).astype(dtype)
+    b = jax.random.normal(keys[2], (channels,)).astype(dtype) if bias else None
+    dy = jax.random.normal(keys[3], (batch, seqlen, channels))
+    return x, kernel, b, dy
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_pallas_matches_reference_interpreted(case):
+    batch, seqlen, channels, width, silu, bias, dtype = case
+    x, kernel, b, dy = inputs(batch, seqlen, channels, width, bias, dtype)
+
+    def loss(implementation):
+        def f(x, kernel, b):
+            y = causal_conv1d(x, kernel, b, silu=silu, implementation=implementation, interpret=True)
+            return jnp.sum(y.astype(jnp.float32) * dy), y
+
+        return jax.value_and_grad(f, argnums=(0, 1, 2) if bias else (0, 1), has_aux=True)(x, kernel, b)
+
+    (_, want), want_grads = loss("xla")
+    (_, got), got_grads = loss("pallas")
+    assert got.dtype == dtype and got.shape == x.shape
+    assert_close(got, want, dtype)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert g.dtype == w.dtype
+        assert_close(g, w, dtype)
+
+
+def test_reference_is_torch_conv_semantics():
+    """kernel[w - 1] multiplies the current step, kernel[0] the step w - 1 back; before the sequence is 0."""
+    x = jnp.arange(1.0, 6.0).reshape(1, 5, 1)
+    kernel = jnp.array([[100.0], [10.0], [1.0]])
+    y = causal_conv1d(x, kernel, jnp.array([0.5]), implementation="xla")
+    assert y[0, :, 0].tolist() == [1.5, 12.5, 123.5, 234.5, 345.5]
+
+
+def test_pallas_split_over_rows_and_channels():
+    """Inside a sharded jit the kernels run on each device's rows and channels: nothing gathered, the same result."""
+    mesh = make_mesh(data=2, fsdp=1, tensor=4)
+    x, kernel, b, dy = inputs(4, 20, 32, 4, True, jnp.float32, seed=1)
+
+    def loss(x, kernel, b):
+        y = causal_conv1d(x, kernel, b, silu=True, implementation="pallas", interpret=True)
+        return jnp.sum(y * dy)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    want = grad(x, kernel, b)
+    specs = [P("data", None, "tensor"), P(None, "tensor"), P("tensor")]
+    placed = [jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in zip((x, kernel, b), specs, strict=True)]
+    ops = ops_of(grad.lower(*placed).compile())
+    assert "all-gather" not in ops and "all-to-all" not in ops, ops
+    got = grad(*placed)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert_close(g, w, jnp.float32)
+
+
+def test_bad_arguments():
+    x = jnp.zeros((1, 4, 8))
+    with pytest.raises(ValueError, match=r"x must be \(batch, seqlen, channels\) and kernel \(width, channels\)"):
+        causal_conv1d(x, jnp.zeros((4, 6)))
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\), got \(3,\)"):
+        causal_conv1d(x, jnp.zeros((4, 8)), jnp.zeros(3))
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        causal_conv1d(x, jnp.zeros((4, 8)), implementation="cuda")
+    with pytest.raises(ValueError, match=f"widths up to {conv_pallas.MAX_WIDTH}, got 9"):
+        causal_conv1d(x, jnp.zeros((9, 8)), implementation="pallas")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "case", [(8, 2048, 2048, 4, True, True, jnp.bfloat16), (2, 1000, 2304, 4, True, True, jnp.float32)]
+)
+def test_pallas_on_gpu(case):
+    """The compiled kernels (the default on a GPU) at a Mamba-1 370m and a Mamba-2-like layer's shape."""
+    from pallas_kernels.selective_scan.pallas import pallas_supported
+
+    assert pallas_supported()
+    batch, seqlen, channels, width, silu, bias, dtype = case
+    x, kernel, b, dy = inputs(batch, seqlen, channels, width, bias, dtype, seed=2)
+
+    def grads(implementation):
+        def f(x, kernel, b):
+            y = causal_conv1d(x, kernel, b, silu=silu, implementation=implementation)
+            return jnp.sum(y.astype(jnp.float32) * dy), y
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(x, kernel, b)
+
+    (_, want), want_grads = grads("xla")
+    (_, got), got_grads = grads(None)
+    assert_close(got, want, dtype)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert_close(g, w, dtype)
