@@ -1,29 +1,45 @@
-"""Benchmark the causal conv + SiLU of a Mamba layer: XLA's fusion of the reference against the Pallas kernels,
-forward and forward+backward, with the bytes each moves at its time.
+"""Benchmark the causal conv + SiLU of a Mamba layer: XLA's ops (float32 reference, and in the input's dtype) against
+the Pallas kernels with several tilings, forward and forward+backward, as GPU time a call.
 
     PYTHONPATH=. python3 -m benchmarks.causal_conv --out "$OUT"
 
-bf16 x (b, l, c), a width-4 kernel and a bias; the loss is sum(y * dy) so the backward sees a dense cotangent. The
-forward must read x and write y (2 x b l c x 2 bytes); the backward reads x and dy and writes dx (3 x b l c x 2).
-Refuses to run without a GPU (the interpreter would take hours at these shapes).
+bf16 x (b, l, c), a width-4 kernel and a bias; the loss is sum(y * dy) so the backward sees a dense cotangent. Each
+function runs ``--reps`` times inside a profiler trace and its time is the GPU kernels' total a call (no host
+dispatch). The forward must read x and write y (2 x b l c x 2 bytes); the backward reads x and dy and writes dx
+(3 x b l c x 2). Refuses to run without a GPU (the interpreter would take hours at these shapes).
 """
 
 import argparse
 import json
 import pathlib
+import tempfile
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.timing import environment, time_ms
+from benchmarks.timing import environment, gpu_kernels
 from pallas_kernels.causal_conv import causal_conv1d
+from pallas_kernels.causal_conv.pallas import ConvTiles, causal_conv1d_pallas
 
 # (batch, seqlen, channels): Mamba-1 370m's d_inner, Mamba-2 370m's conv channels (d_inner + 2 n)
 SHAPES = [(8, 2048, 2048), (8, 2048, 2304)]
 WIDTH = 4
+# (channels, steps, tile, warps) of the kernels; the first is ConvTiles' default
+TILES = [(512, 64, 8, 4), (512, 64, 16, 4), (256, 64, 8, 2), (256, 128, 16, 4), (512, 128, 8, 4), (1024, 64, 8, 8)]
 
 
-def measure(shape, implementation, reps):
+def gpu_ms(fn, args, reps):
+    """GPU time a call in ms: every kernel of ``reps`` calls in one trace, summed, over ``reps``."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as trace:
+        with jax.profiler.trace(trace, create_perfetto_trace=True):
+            for _ in range(reps):
+                out = fn(*args)
+            jax.block_until_ready(out)
+        return sum(duration for _, _, duration in gpu_kernels(trace)) / reps / 1e3
+
+
+def measure(shape, name, conv, reps):
     batch, seqlen, channels = shape
     keys = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(keys[0], shape, jnp.bfloat16)
@@ -31,17 +47,14 @@ def measure(shape, implementation, reps):
     bias = jax.random.normal(keys[2], (channels,), jnp.bfloat16)
     dy = jax.random.normal(keys[3], shape, jnp.bfloat16)
 
-    def forward(x, kernel, bias):
-        return causal_conv1d(x, kernel, bias, silu=True, implementation=implementation)
-
     def loss(x, kernel, bias):
-        return jnp.sum(forward(x, kernel, bias).astype(jnp.float32) * dy.astype(jnp.float32))
+        return jnp.sum(conv(x, kernel, bias).astype(jnp.float32) * dy.astype(jnp.float32))
 
-    fwd = time_ms(jax.jit(forward), x, kernel, bias, reps=reps)["median_ms"]
-    fwd_bwd = time_ms(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), x, kernel, bias, reps=reps)["median_ms"]
+    fwd = gpu_ms(jax.jit(conv), (x, kernel, bias), reps)
+    fwd_bwd = gpu_ms(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (x, kernel, bias), reps)
     elements = batch * seqlen * channels
     return {
-        "implementation": implementation,
+        "implementation": name,
         "shape": shape,
         "fwd_ms": fwd,
         "fwd_bwd_ms": fwd_bwd,
@@ -50,20 +63,36 @@ def measure(shape, implementation, reps):
     }
 
 
+def implementations(tiles):
+    rows = {
+        name: lambda x, k, b, name=name: causal_conv1d(x, k, b, silu=True, implementation=name)
+        for name in ("reference", "xla")
+    }
+    for t in tiles:
+        config = ConvTiles(*t)
+        rows[f"pallas {t}"] = lambda x, k, b, config=config: causal_conv1d_pallas(x, k, b, True, False, config)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--tiles", type=int, default=len(TILES), help="how many of TILES to run (the first n)")
     parser.add_argument("--out", default=None, help="folder for causal_conv.json")
     args = parser.parse_args()
     if jax.default_backend() != "gpu":
         raise SystemExit("benchmarks.causal_conv: needs a GPU (the Pallas kernels would run in the interpreter)")
-    rows = [measure(shape, impl, args.reps) for shape in SHAPES for impl in ("xla", "pallas")]
+    rows = []
     print("| implementation | shape (b, l, c) | fwd ms | fwd+bwd ms | fwd TB/s | bwd TB/s |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['implementation']} | {r['shape']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-            f"{r['fwd_TBps']:.2f} | {r['bwd_TBps']:.2f} |"
-        )
+    for shape in SHAPES:
+        for name, conv in implementations(TILES[: args.tiles]).items():
+            r = measure(shape, name, conv, args.reps)
+            rows.append(r)
+            print(
+                f"| {name} | {shape} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_TBps']:.2f} | "
+                f"{r['bwd_TBps']:.2f} |",
+                flush=True,
+            )
     if args.out:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

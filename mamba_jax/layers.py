@@ -118,9 +118,9 @@ class CausalConv1d(nnx.Module):
         self.implementation = implementation
 
     def __call__(self, x: jax.Array, silu: bool = False) -> jax.Array:
-        """x (b, l, c) -> (b, l, c), then SiLU if ``silu``: ``pallas_kernels.causal_conv.causal_conv1d`` with the
-        layer's ``implementation`` (None: the Pallas kernels on a GPU, else XLA), in float32 on ``dtype``-cast
-        inputs, rounded to ``dtype`` once."""
+        """x (b, l, c) -> (b, l, c), then SiLU if ``silu``, on ``dtype``-cast inputs:
+        ``pallas_kernels.causal_conv.causal_conv1d`` with the layer's ``implementation`` (None: the Pallas kernels,
+        float32 inside, on a GPU; else XLA's ops in ``dtype``)."""
         dtype = self.dtype or x.dtype
         bias = None if self.bias is None else self.bias[...].astype(dtype)
         kernel = self.kernel[...].astype(dtype)

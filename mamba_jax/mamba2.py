@@ -192,7 +192,9 @@ class Mamba2(nnx.Module):
         d_in_proj = 2 * d_inner + 2 * ngroups * d_state + nheads
         common = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.in_proj = linear(d_model, d_in_proj, axes=("embed", "proj"), use_bias=bias, **common)
-        self.conv1d = CausalConv1d(conv_dim, d_conv, use_bias=conv_bias, **common)
+        # XLA's conv: it fuses with the slices of in_proj's output on either side. The Pallas conv kernels, which
+        # need xBC whole and split afterwards, made a 370m training step 2.5% slower (benchmarks/RESULTS.md).
+        self.conv1d = CausalConv1d(conv_dim, d_conv, use_bias=conv_bias, implementation="xla", **common)
         if conv_init is not None:
             self.conv1d.kernel[...] = jax.random.uniform(
                 rngs.params(), (d_conv, conv_dim), param_dtype, -conv_init, conv_init

@@ -1,5 +1,5 @@
-"""The causal conv (+ SiLU): the Pallas kernels, run in Pallas's interpreter on CPU, against the float32 reference,
-forward and gradients; split over rows and channels inside a sharded jit; argument errors."""
+"""The causal conv (+ SiLU): XLA's ops and the Pallas kernels (in Pallas's interpreter on CPU) against the float32
+reference, forward and gradients; split over rows and channels inside a sharded jit; argument errors."""
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ def inputs(batch, seqlen, channels, width, bias, dtype, seed=0):
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_pallas_matches_reference_interpreted(case):
+def test_matches_reference(case):
     batch, seqlen, channels, width, silu, bias, dtype = case
     x, kernel, b, dy = inputs(batch, seqlen, channels, width, bias, dtype)
 
@@ -45,20 +45,24 @@ def test_pallas_matches_reference_interpreted(case):
 
         return jax.value_and_grad(f, argnums=(0, 1, 2) if bias else (0, 1), has_aux=True)(x, kernel, b)
 
-    (_, want), want_grads = loss("xla")
-    (_, got), got_grads = loss("pallas")
-    assert got.dtype == dtype and got.shape == x.shape
-    assert_close(got, want, dtype)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        assert g.dtype == w.dtype
-        assert_close(g, w, dtype)
+    (_, want), want_grads = loss("reference")
+    # XLA's ops in a 16-bit dtype round after every op (not the table's one rounding): their formula is checked in
+    # float32.
+    for implementation in ("xla", "pallas") if dtype == jnp.float32 else ("pallas",):
+        (_, got), got_grads = loss(implementation)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert_close(got, want, dtype)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            assert g.dtype == w.dtype
+            assert_close(g, w, dtype)
 
 
-def test_reference_is_torch_conv_semantics():
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
+def test_torch_conv_semantics(implementation):
     """kernel[w - 1] multiplies the current step, kernel[0] the step w - 1 back; before the sequence is 0."""
     x = jnp.arange(1.0, 6.0).reshape(1, 5, 1)
     kernel = jnp.array([[100.0], [10.0], [1.0]])
-    y = causal_conv1d(x, kernel, jnp.array([0.5]), implementation="xla")
+    y = causal_conv1d(x, kernel, jnp.array([0.5]), implementation=implementation)
     assert y[0, :, 0].tolist() == [1.5, 12.5, 123.5, 234.5, 345.5]
 
 
@@ -113,7 +117,7 @@ def test_pallas_on_gpu(case):
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(x, kernel, b)
 
-    (_, want), want_grads = grads("xla")
+    (_, want), want_grads = grads("reference")
     (_, got), got_grads = grads(None)
     assert_close(got, want, dtype)
     for g, w in zip(got_grads, want_grads, strict=True):

@@ -8,10 +8,11 @@ import jax
 
 from pallas_kernels.causal_conv.pallas import MAX_WIDTH, causal_conv1d_pallas
 from pallas_kernels.causal_conv.reference import causal_conv1d_reference
+from pallas_kernels.causal_conv.xla import causal_conv1d_xla
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
 
 logger = logging.getLogger("pallas_kernels")
-IMPLEMENTATIONS = ("xla", "pallas")
+IMPLEMENTATIONS = ("reference", "xla", "pallas")
 
 
 def causal_conv1d(
@@ -26,9 +27,10 @@ def causal_conv1d(
     """Depthwise causal conv over time, channels last: y_t = sum_k kernel[k] x_{t - (w - 1) + k} (+ bias), then
     SiLU if ``silu``; computed in float32, returned in x's dtype.
 
-    x (b, l, c) floating; kernel (w, c); bias (c,) or None. ``implementation``: "xla" (``causal_conv1d_reference``),
-    "pallas" (GPU kernels; ``interpret`` None runs them compiled where Pallas supports the GPU, else in Pallas's
-    interpreter), or None: "pallas" on a supported GPU for w <= MAX_WIDTH, else "xla".
+    x (b, l, c) floating; kernel (w, c); bias (c,) or None. ``implementation``: "reference" (XLA ops in float32),
+    "xla" (XLA ops in x's dtype, fused by XLA with its neighbours), "pallas" (GPU kernels, float32 inside; ``interpret``
+    None runs them compiled where Pallas supports the GPU, else in Pallas's interpreter), or None: "pallas" on a
+    supported GPU for w <= MAX_WIDTH, else "xla".
     """
     if x.ndim != 3 or kernel.ndim != 2 or kernel.shape[1] != x.shape[2]:
         raise ValueError(
@@ -39,8 +41,10 @@ def causal_conv1d(
         raise ValueError(f"causal_conv1d: bias must have shape {kernel.shape[1:]}, got {bias.shape}")
     if implementation is None:
         implementation = "pallas" if _pallas_default() and kernel.shape[0] <= MAX_WIDTH else "xla"
-    if implementation == "xla":
+    if implementation == "reference":
         return causal_conv1d_reference(x, kernel, bias, silu)
+    if implementation == "xla":
+        return causal_conv1d_xla(x, kernel, bias, silu)
     if implementation != "pallas":
         raise ValueError(
             f"causal_conv1d: implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"

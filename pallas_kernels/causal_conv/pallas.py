@@ -1,13 +1,15 @@
 """The causal conv (+ SiLU) as Pallas GPU kernels (Triton), with a Pallas backward through ``jax.custom_vjp``.
 
-One program owns ``CHANNELS`` channels of one batch row over ``STEPS`` consecutive time steps and walks them in order,
-a row of channels at a time, keeping the last w - 1 input rows in registers; rows are loaded a tile of ``TILE`` steps
-ahead of their use. The forward reads x once and writes y once. The backward recomputes the conv from x (nothing but
-x is saved), forms g = dy SiLU'(c), and writes dx_s = sum_k kernel[k] g_{s + w - 1 - k} (it walks w - 1 steps past
-its block for that) and per-program float32 sums of dkernel and dbias, which XLA adds up. XLA's own fusion of this
-backward (a reduction fused with the dx pass) read and wrote its bytes at about 1.2 TB/s on an H100.
+One program owns ``ConvTiles.channels`` channels of one batch row over ``ConvTiles.steps`` consecutive time steps and
+walks them in order, a row of channels at a time, keeping the last w - 1 input rows in registers; rows are loaded
+``ConvTiles.tile`` steps at a time, a tile ahead of their use. The forward reads x once and writes y once. The
+backward recomputes the conv from x (nothing but x is saved), forms g = dy SiLU'(c), and writes
+dx_s = sum_k kernel[k] g_{s + w - 1 - k} (it walks w - 1 steps past its block for that) and per-program float32 sums
+of dkernel and dbias, which XLA adds up. XLA's own fusion of this backward (a reduction fused with the dx pass) read
+and wrote its bytes at about 1.2 TB/s on an H100.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -20,32 +22,41 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels.batch_split import ChannelSplit, over_batch
 from pallas_kernels.selective_scan.kernel_math import KernelMath
 
-CHANNELS = 512  # channels a program: 4 warps, 4 contiguous 16-bit values a thread per row
-STEPS = 64  # time steps a program
-TILE = 8  # rows loaded together, one tile ahead
-NUM_WARPS = 4
 MAX_WIDTH = 8  # the kernel holds w weight rows and w - 1 window rows in registers
 
 
-def causal_conv1d_pallas(x, kernel, bias, silu: bool, interpret: bool) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class ConvTiles:
+    """How a launch covers (b, l, c): one program per row, ``steps`` time steps and ``channels`` channels, with
+    ``num_warps`` warps; rows are loaded ``tile`` steps at a time (``steps`` a multiple of ``tile``)."""
+
+    channels: int = 512  # 4 warps: 4 contiguous 16-bit values a thread per row
+    steps: int = 64
+    tile: int = 8
+    num_warps: int = 4
+
+
+def causal_conv1d_pallas(x, kernel, bias, silu: bool, interpret: bool, tiles: ConvTiles = ConvTiles()) -> jax.Array:
     """As ``causal_conv1d_reference``; differentiable in x, kernel and bias (None: no bias)."""
+    if tiles.steps % tiles.tile:
+        raise ValueError(f"causal_conv1d_pallas: steps must be a multiple of tile, got {tiles}")
     bias = jnp.zeros(kernel.shape[1:], jnp.float32) if bias is None else bias
-    return _conv(x, kernel, bias, silu, interpret)
+    return _conv(x, kernel, bias, silu, interpret, tiles)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _conv(x, kernel, bias, silu, interpret):
-    return _split(lambda *args: _forward(*args, silu=silu, interpret=interpret), [x, kernel, bias], 2)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv(x, kernel, bias, silu, interpret, tiles):
+    return _split(lambda *args: _forward(*args, silu=silu, interpret=interpret, tiles=tiles), [x, kernel, bias], 2)
 
 
-def _conv_fwd(x, kernel, bias, silu, interpret):
-    return _conv(x, kernel, bias, silu, interpret), (x, kernel, bias)
+def _conv_fwd(x, kernel, bias, silu, interpret, tiles):
+    return _conv(x, kernel, bias, silu, interpret, tiles), (x, kernel, bias)
 
 
-def _conv_bwd(silu, interpret, residuals, dy):
+def _conv_bwd(silu, interpret, tiles, residuals, dy):
     x, kernel, bias = residuals
     dx, dkernel, dbias = _split(
-        lambda *args: _backward(*args, silu=silu, interpret=interpret), [x, dy, kernel, bias], (2, 3, 2)
+        lambda *args: _backward(*args, silu=silu, interpret=interpret, tiles=tiles), [x, dy, kernel, bias], (2, 3, 2)
     )
     return dx, dkernel.sum(axis=(0, 1)).astype(kernel.dtype), dbias.sum(axis=(0, 1)).astype(bias.dtype)
 
@@ -61,54 +72,55 @@ def _split(fn, args, result_channel_dims):
     return over_batch(fn, args, batched, ChannelSplit(operands, lambda _: result_channel_dims, 1))
 
 
-def _grid(x):
+def _grid(x, tiles: ConvTiles):
     batch, length, channels = x.shape
-    return (batch, pl.cdiv(length, STEPS), pl.cdiv(channels, CHANNELS))
+    return (batch, pl.cdiv(length, tiles.steps), pl.cdiv(channels, tiles.channels))
 
 
-def _launch(kernel_fn, args, out_shape, name, interpret):
+def _launch(kernel_fn, args, out_shape, name, interpret, tiles: ConvTiles):
     return pl.pallas_call(
         kernel_fn,
         out_shape=out_shape,
-        grid=_grid(args[0]),
-        compiler_params=plt.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        grid=_grid(args[0], tiles),
+        compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=1),
         interpret=interpret,
         name=name,
     )(*args)
 
 
-def _forward(x, kernel, bias, *, silu, interpret):
+def _forward(x, kernel, bias, *, silu, interpret, tiles):
     """y (b, l, c) in x's dtype."""
     out_shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    body = functools.partial(_forward_kernel, silu=silu, ops=KernelMath(interpret))
-    return _launch(body, [x, kernel, bias], out_shape, "causal_conv_fwd", interpret)
+    body = functools.partial(_forward_kernel, silu=silu, ops=KernelMath(interpret), tiles=tiles)
+    return _launch(body, [x, kernel, bias], out_shape, "causal_conv_fwd", interpret, tiles)
 
 
-def _backward(x, dy, kernel, bias, *, silu, interpret):
+def _backward(x, dy, kernel, bias, *, silu, interpret, tiles):
     """dx (b, l, c) in x's dtype; dkernel float32 (b, L, w, c) and dbias float32 (b, L, c), one partial sum per
-    program (L = cdiv(l, STEPS) blocks of time)."""
+    program (L = cdiv(l, steps) blocks of time)."""
     batch, _, channels = x.shape
-    blocks = _grid(x)[1]
+    blocks = _grid(x, tiles)[1]
     out_shape = (
         jax.ShapeDtypeStruct(x.shape, x.dtype),
         jax.ShapeDtypeStruct((batch, blocks, kernel.shape[0], channels), jnp.float32),
         jax.ShapeDtypeStruct((batch, blocks, channels), jnp.float32),
     )
-    body = functools.partial(_backward_kernel, silu=silu, ops=KernelMath(interpret))
-    return _launch(body, [x, dy, kernel, bias], out_shape, "causal_conv_bwd", interpret)
+    body = functools.partial(_backward_kernel, silu=silu, ops=KernelMath(interpret), tiles=tiles)
+    return _launch(body, [x, dy, kernel, bias], out_shape, "causal_conv_bwd", interpret, tiles)
 
 
 class _Rows:
     """The program's view of (b, l, c) arrays: its row of the batch, its channels (lanes), time clamped into range
     (rows outside it read as 0 and are not written)."""
 
-    def __init__(self, length: int, channels: int):
+    def __init__(self, length: int, channels: int, tiles: ConvTiles):
         self.batch, self.block = pl.program_id(0), pl.program_id(1)
-        first = pl.program_id(2) * CHANNELS
-        self.lanes = pl.ds(first, CHANNELS)
-        self.mask = first + lax.iota(jnp.int32, CHANNELS) < channels
+        first = pl.program_id(2) * tiles.channels
+        self.lanes = pl.ds(first, tiles.channels)
+        self.mask = first + lax.iota(jnp.int32, tiles.channels) < channels
         self.length = length
-        self.start = self.block * STEPS
+        self.start = self.block * tiles.steps
+        self.tiles = tiles
 
     def load(self, ref, t) -> jax.Array:
         """float32 row ``ref[batch, t, lanes]``; 0 where t is outside [0, l) or a lane past the channels."""
@@ -131,19 +143,21 @@ def _index(i):
     return np.int32(i) if isinstance(i, int) else i
 
 
-def _walk(rows: _Rows, first, count: int, step, carry, loads):
-    """``carry = step(carry, t, loaded)`` for t = first .. first + count - 1 (count a multiple of TILE), where
-    ``loaded`` is ``loads(t)``, issued a tile ahead."""
+def _walk(rows: _Rows, step, carry, loads):
+    """``carry = step(carry, t, loaded)`` for the program's steps t in order, where ``loaded`` is ``loads(t)``,
+    issued a tile ahead."""
+    size = rows.tiles.tile
 
     def tile(i, state):
         carry, ahead = state
-        t0 = first + i * TILE
-        following = [loads(t0 + TILE + s) for s in range(TILE)]
-        for s in range(TILE):
+        t0 = rows.start + i * size
+        following = [loads(t0 + size + s) for s in range(size)]
+        for s in range(size):
             carry = step(carry, t0 + s, ahead[s])
         return carry, following
 
-    carry, _ = lax.fori_loop(0, count // TILE, tile, (carry, [loads(first + s) for s in range(TILE)]))
+    first = [loads(rows.start + s) for s in range(size)]
+    carry, _ = lax.fori_loop(0, rows.tiles.steps // size, tile, (carry, first))
     return carry
 
 
@@ -155,10 +169,10 @@ def _conv_at(window, x_t, weights, bias):
     return c
 
 
-def _forward_kernel(x_ref, kernel_ref, bias_ref, y_ref, *, silu: bool, ops: KernelMath):
+def _forward_kernel(x_ref, kernel_ref, bias_ref, y_ref, *, silu: bool, ops: KernelMath, tiles: ConvTiles):
     length, channels = x_ref.shape[1:]
     width = kernel_ref.shape[0]
-    rows = _Rows(length, channels)
+    rows = _Rows(length, channels, tiles)
     weights = [rows.weights(kernel_ref, k) for k in range(width)]
     bias = rows.weights(bias_ref)
     window = [rows.load(x_ref, rows.start - width + 1 + k) for k in range(width - 1)]
@@ -168,16 +182,16 @@ def _forward_kernel(x_ref, kernel_ref, bias_ref, y_ref, *, silu: bool, ops: Kern
         rows.store(y_ref, t, c * ops.sigmoid(c) if silu else c)
         return [*window, x_t][1:]
 
-    _walk(rows, rows.start, STEPS, step, window, lambda t: rows.load(x_ref, t))
+    _walk(rows, step, window, lambda t: rows.load(x_ref, t))
 
 
-def _backward_kernel(x_ref, dy_ref, kernel_ref, bias_ref, dx_ref, dkernel_ref, dbias_ref, *, silu: bool, ops):
+def _backward_kernel(x_ref, dy_ref, kernel_ref, bias_ref, dx_ref, dkernel_ref, dbias_ref, *, silu: bool, ops, tiles):
     length, channels = x_ref.shape[1:]
     width = kernel_ref.shape[0]
-    rows = _Rows(length, channels)
+    rows = _Rows(length, channels, tiles)
     weights = [rows.weights(kernel_ref, k) for k in range(width)]
     bias = rows.weights(bias_ref)
-    zeros = jnp.zeros((CHANNELS,), jnp.float32)
+    zeros = jnp.zeros((tiles.channels,), jnp.float32)
 
     def gradient(window, t, loaded):
         """g_t, the cotangent of the conv's output at t (0 past the sequence: dy reads 0 there)."""
@@ -206,8 +220,8 @@ def _backward_kernel(x_ref, dy_ref, kernel_ref, bias_ref, dx_ref, dkernel_ref, d
 
     window = [rows.load(x_ref, rows.start - width + 1 + k) for k in range(width - 1)]
     carry = (window, [zeros] * width, [zeros] * width, zeros)
-    carry = _walk(rows, rows.start, STEPS, functools.partial(step, accumulate=True), carry, loads)
-    end = rows.start + STEPS
+    carry = _walk(rows, functools.partial(step, accumulate=True), carry, loads)
+    end = rows.start + tiles.steps
     for t in range(width - 1):  # the w - 1 steps past the block that dx of its last rows needs
         carry = step(carry, end + t, loads(end + t), accumulate=False)
     _, _, dkernel, dbias = carry

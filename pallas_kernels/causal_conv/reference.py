@@ -1,5 +1,4 @@
-"""The causal conv as XLA ops, in float32: the reference every implementation is tested against, and the path off a
-GPU."""
+"""The causal conv as XLA ops in float32: the reference every implementation is tested against."""
 
 import jax
 import jax.numpy as jnp
