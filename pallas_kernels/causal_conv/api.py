@@ -25,7 +25,7 @@ def causal_conv1d(
     interpret: bool | None = None,
 ) -> jax.Array:
     """Depthwise causal conv over time, channels last: y_t = sum_k kernel[k] x_{t - (w - 1) + k} (+ bias), then
-    SiLU if ``silu``; computed in float32, returned in x's dtype.
+    SiLU if ``silu``; returned in x's dtype, computed in float32 (in x's dtype by "xla").
 
     x (b, l, c) floating; kernel (w, c); bias (c,) or None. ``implementation``: "reference" (XLA ops in float32),
     "xla" (XLA ops in x's dtype, fused by XLA with its neighbours), "pallas" (GPU kernels, float32 inside; ``interpret``
