@@ -122,3 +122,26 @@ def test_pallas_on_gpu(case):
     assert_close(got, want, dtype)
     for g, w in zip(got_grads, want_grads, strict=True):
         assert_close(g, w, dtype)
+
+
+def test_mamba1_mixer_with_the_kernels_interpreted():
+    """The Mamba-1 mixer as a GPU runs it (its conv, with the SiLU, through the kernels; here the interpreter) gives
+    the XLA conv's loss and parameter gradients, float32."""
+    from flax import nnx
+
+    from mamba_jax import Mamba
+
+    layer = Mamba(d_model=16, d_state=4, rngs=nnx.Rngs(0), scan_implementation="reference")
+    u = jax.random.normal(jax.random.key(1), (2, 70, 16))
+    dy = jax.random.normal(jax.random.key(2), (2, 70, 16))
+
+    def run(implementation):
+        layer.conv1d.implementation = implementation
+        return nnx.value_and_grad(lambda module: jnp.sum(module(u) * dy))(layer)
+
+    (want, want_grads), (got, got_grads) = run("xla"), run("pallas")
+    assert "pallas_call" in str(jax.make_jaxpr(lambda u: layer(u))(u))  # the kernels did run
+    assert_close(got, want, jnp.float32)
+    want_grads, got_grads = nnx.to_flat_state(want_grads), dict(nnx.to_flat_state(got_grads))
+    for path, value in want_grads:
+        assert_close(got_grads[path][...], value[...], jnp.float32, err_msg=str(path))
