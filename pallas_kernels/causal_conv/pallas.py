@@ -125,13 +125,13 @@ class _Rows:
     def load(self, ref, t) -> jax.Array:
         """float32 row ``ref[batch, t, lanes]``; 0 where t is outside [0, l) or a lane past the channels."""
         inside = (t >= 0) & (t < self.length)
-        row = plt.load(ref.at[self.batch, _index(jnp.clip(t, 0, self.length - 1)), self.lanes], mask=self.mask, other=0)
+        row = plt.load(ref.at[self.batch, jnp.clip(t, 0, self.length - 1), self.lanes], mask=self.mask, other=0)
         return jnp.where(inside, row.astype(jnp.float32), 0.0)
 
     def store(self, ref, t, value, where=True) -> None:
         """``ref[batch, t, lanes] = value`` where t < l and ``where``."""
         mask = self.mask & (t < self.length) & where
-        index = _index(jnp.clip(t, 0, self.length - 1))
+        index = jnp.clip(t, 0, self.length - 1)
         plt.store(ref.at[self.batch, index, self.lanes], value.astype(ref.dtype), mask=mask)
 
     def weights(self, ref, *index) -> jax.Array:
