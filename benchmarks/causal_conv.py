@@ -13,12 +13,11 @@ Refuses to run without a GPU (the interpreter would take hours at these shapes).
 import argparse
 import json
 import pathlib
-import tempfile
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.timing import environment, gpu_kernels
+from benchmarks.timing import environment, gpu_ms
 from pallas_kernels.causal_conv import causal_conv1d
 from pallas_kernels.causal_conv.pallas import ConvTiles, causal_conv1d_pallas
 
@@ -27,17 +26,6 @@ SHAPES = [(8, 2048, 2048), (8, 2048, 2304)]
 WIDTH = 4
 # (channels, steps, tile, warps) of the kernels; the first is ConvTiles' default
 TILES = [(512, 64, 8, 4), (512, 64, 16, 4), (256, 64, 8, 2), (256, 128, 16, 4), (512, 128, 8, 4), (1024, 64, 8, 8)]
-
-
-def gpu_ms(fn, args, reps):
-    """GPU time a call in ms: every kernel of ``reps`` calls in one trace, summed, over ``reps``."""
-    jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as trace:
-        with jax.profiler.trace(trace, create_perfetto_trace=True):
-            for _ in range(reps):
-                out = fn(*args)
-            jax.block_until_ready(out)
-        return sum(duration for _, _, duration in gpu_kernels(trace)) / reps / 1e3
 
 
 def measure(shape, name, conv, reps):

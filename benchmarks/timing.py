@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -90,3 +91,14 @@ def busy_fraction(kernels: list[tuple[str, float, float]]) -> tuple[float, float
         end = max(end, start + duration)
     span = max(start + duration for _, start, duration in kernels) - kernels[0][1]
     return busy / span, span
+
+
+def gpu_ms(fn, args, reps):
+    """GPU time a call in ms: every kernel of ``reps`` calls in one trace, summed, over ``reps``."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as trace:
+        with jax.profiler.trace(trace, create_perfetto_trace=True):
+            for _ in range(reps):
+                out = fn(*args)
+            jax.block_until_ready(out)
+        return sum(duration for _, _, duration in gpu_kernels(trace)) / reps / 1e3
