@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mamba_jax.layers import RMSNorm
+
 
 class Block(nnx.Module):
     """residual = hidden + residual; hidden = mixer(norm(residual)) [; residual += hidden; hidden = mlp(norm2(...))].
@@ -70,14 +72,25 @@ class Block(nnx.Module):
 
     def step(self, hidden: jax.Array, residual: jax.Array | None, cache):
         """As ``__call__`` for one token with the mixer's ``step``: hidden, residual (b, d) -> (hidden, residual,
-        cache)."""
+        cache).
+
+        With an RMSNorm, a float32 residual and a mixer that has ``normed_step`` (Mamba, Mamba2), the add and the
+        norm run inside the mixer's step (in its first kernel, where the step runs as kernels: one launch fewer a
+        layer); XLA's ops compute the same as the unfused path, the kernels sum the squares in another order."""
+        if self.residual_in_fp32 and isinstance(self.norm, RMSNorm) and hasattr(self.mixer, "normed_step"):
+            hidden, residual, cache = self.mixer.normed_step(hidden, residual, self.norm, cache)
+            return (*self._mlp_branch(hidden, residual), cache)
         return self._with_mixer(lambda x: self.mixer.step(x, cache), hidden, residual)
 
     def _with_mixer(self, mixer_fn, hidden: jax.Array, residual: jax.Array | None):
         """``__call__``'s data flow with ``mixer_fn(x) -> (y, cache)`` as the mixer."""
         hidden_normed, residual = self._add_and_norm(self.norm, hidden, residual)
         hidden, cache = mixer_fn(hidden_normed)
+        return (*self._mlp_branch(hidden, residual), cache)
+
+    def _mlp_branch(self, hidden: jax.Array, residual: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(hidden, residual) after the MLP branch, if the block has one."""
         if self.mlp is not None:
             hidden_normed, residual = self._add_and_norm(self.norm2, hidden, residual)
             hidden = self.mlp(hidden_normed)
-        return hidden, residual, cache
+        return hidden, residual

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.causal_conv import causal_conv1d
+from pallas_kernels.mamba_step import PreNorm
 
 Axes = Sequence[str | None]
 
@@ -143,6 +144,11 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (y * self.weight[...].astype(jnp.float32)).astype(self.dtype or x.dtype)
+
+    def after_residual(self, residual: jax.Array | None) -> PreNorm:
+        """This norm applied to float32(hidden) + ``residual`` (b, d) float32 (None: to the hidden alone), as a
+        ``PreNorm`` that a mixer's decode step computes inside its own kernels (``Block.step``)."""
+        return PreNorm(residual, self.weight[...], self.eps, jnp.dtype(self.dtype or jnp.float32))
 
 
 class LayerNorm(nnx.Module):

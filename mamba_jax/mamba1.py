@@ -15,7 +15,7 @@ from flax import nnx
 
 from mamba_jax.generation.cache import SSMCache, check_lengths, conv_prefill, valid_mask
 from mamba_jax.layers import CausalConv1d, linear, linear_parts, value_or_none, with_axes
-from pallas_kernels.mamba_step import MambaStepWeights, mamba_step
+from pallas_kernels.mamba_step import MambaStepWeights, PreNorm, mamba_step
 from pallas_kernels.selective_scan import selective_scan
 
 # A pre-softplus dt for prefill positions past a row's length: softplus(-1e4 + dt_bias) underflows to exactly 0 in
@@ -161,6 +161,20 @@ class Mamba(nnx.Module):
 
         The whole step is ``pallas_kernels.mamba_step`` with ``step_implementation`` (None: the fused kernels on a
         GPU, where they take the shape; XLA op by op elsewhere)."""
+        out, conv_state, ssm_state = self._step(u, cache, None)
+        return out, SSMCache(conv_state, ssm_state)
+
+    def normed_step(
+        self, hidden: jax.Array, residual: jax.Array | None, norm, cache: SSMCache
+    ) -> tuple[jax.Array, jax.Array, SSMCache]:
+        """``step`` of ``norm``(float32(hidden) + residual), the add and the RMSNorm computed inside the step's
+        kernels (``PreNorm``; ``Block.step`` calls this): hidden (b, d), residual (b, d) float32 or None ->
+        (out (b, d), the new residual (b, d) float32, the cache after it)."""
+        out, conv_state, ssm_state, residual = self._step(hidden, cache, norm.after_residual(residual))
+        return out, residual, SSMCache(conv_state, ssm_state)
+
+    def _step(self, u: jax.Array, cache: SSMCache, prenorm: PreNorm | None) -> tuple[jax.Array, ...]:
+        """``mamba_step`` of this layer's weights: (out, conv_state, ssm_state[, residual])."""
         if u.ndim != 2 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba: u must have shape (batch, d_model={self.d_model}), found {u.shape}")
         weights = MambaStepWeights(
@@ -176,11 +190,16 @@ class Mamba(nnx.Module):
             out_proj=self.out_proj.kernel[...],
             out_proj_bias=value_or_none(self.out_proj.bias),
         )
-        dtype = self.dtype or jnp.result_type(u, weights.in_proj)
-        out, conv_state, ssm_state = mamba_step(
-            u, cache.conv_state, cache.ssm_state, weights, dtype=dtype, implementation=self.step_implementation
+        dtype = self.dtype or jnp.result_type(u.dtype if prenorm is None else prenorm.dtype, weights.in_proj)
+        return mamba_step(
+            u,
+            cache.conv_state,
+            cache.ssm_state,
+            weights,
+            dtype=dtype,
+            implementation=self.step_implementation,
+            prenorm=prenorm,
         )
-        return out, SSMCache(conv_state, ssm_state)
 
     def _scan(self, x: jax.Array, dt: jax.Array, B: jax.Array, C: jax.Array, z: jax.Array, **state_args):
         """The selective scan with this layer's A, D and dt bias (softplus on): x, dt, z (b, l, di), B, C (b, l, n)

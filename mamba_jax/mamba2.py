@@ -22,6 +22,7 @@ from flax import nnx
 from mamba_jax.generation.cache import SSMCache, check_lengths, conv_prefill, valid_mask
 from mamba_jax.layers import CausalConv1d, linear, param, value_or_none, with_axes
 from pallas_kernels.mamba2_step import Mamba2StepOptions, Mamba2StepWeights, mamba2_step
+from pallas_kernels.mamba_step import PreNorm
 from pallas_kernels.ssd import mamba_chunk_scan
 
 
@@ -292,6 +293,20 @@ class Mamba2(nnx.Module):
         ``step`` this applies ``dt_limit``, as the full-sequence forward does, so decoding reproduces ``self(u)`` for
         every model (mamba_ssm's differs when a model sets a limit).
         """
+        out, conv_state, ssm_state = self._step(u, cache, None)
+        return out, SSMCache(conv_state, ssm_state)
+
+    def normed_step(
+        self, hidden: jax.Array, residual: jax.Array | None, norm, cache: SSMCache
+    ) -> tuple[jax.Array, jax.Array, SSMCache]:
+        """``step`` of ``norm``(float32(hidden) + residual), the add and the RMSNorm computed inside the step's
+        kernels (``PreNorm``; ``Block.step`` calls this): hidden (b, d), residual (b, d) float32 or None ->
+        (out (b, d), the new residual (b, d) float32, the cache after it)."""
+        out, conv_state, ssm_state, residual = self._step(hidden, cache, norm.after_residual(residual))
+        return out, residual, SSMCache(conv_state, ssm_state)
+
+    def _step(self, u: jax.Array, cache: SSMCache, prenorm: PreNorm | None) -> tuple[jax.Array, ...]:
+        """``mamba2_step`` of this layer's weights: (out, conv_state, ssm_state[, residual])."""
         self._check_input(u, 2)
         weights = Mamba2StepWeights(
             in_proj=self.in_proj.kernel[...],
@@ -308,8 +323,8 @@ class Mamba2(nnx.Module):
         options = Mamba2StepOptions(
             self.ngroups, self.dt_limit, self.norm_before_gate, 1e-5 if self.norm is None else self.norm.eps
         )
-        dtype = self.dtype or jnp.result_type(u, weights.in_proj)
-        out, conv_state, ssm_state = mamba2_step(
+        dtype = self.dtype or jnp.result_type(u.dtype if prenorm is None else prenorm.dtype, weights.in_proj)
+        return mamba2_step(
             u,
             cache.conv_state,
             cache.ssm_state,
@@ -317,8 +332,8 @@ class Mamba2(nnx.Module):
             dtype=dtype,
             options=options,
             implementation=self.step_implementation,
+            prenorm=prenorm,
         )
-        return out, SSMCache(conv_state, ssm_state)
 
     # ---- pieces shared by the three paths ----
 

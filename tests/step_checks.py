@@ -8,7 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.mamba_step import PreNorm
 from tests.tolerances import assert_close
+
+
+def random_prenorm(shape, seed: int, first: bool = False) -> PreNorm:
+    """A block's add + RMSNorm in front of the mixer for a test ``shape`` (batch, d_model, dtype, param_dtype): a
+    float32 residual (None for the first block), a random weight, the norm in the compute dtype (as the language
+    model builds it)."""
+    rng = np.random.default_rng(seed + 100)
+    residual = None if first else jnp.asarray(rng.standard_normal((shape.batch, shape.d_model)) * 3, jnp.float32)
+    weight = jnp.asarray(rng.uniform(0.5, 1.5, shape.d_model), shape.param_dtype)
+    return PreNorm(residual, weight, 1e-5, jnp.dtype(shape.dtype))
 
 
 def assert_gradients_match(step, args) -> None:
@@ -47,21 +58,27 @@ def assert_mixer_steps_agree(make_mixer, u: jax.Array) -> None:
     np.testing.assert_array_equal(cache.conv_state, expected_cache.conv_state)
 
 
-def assert_language_model_steps_agree(config) -> None:
+def assert_language_model_steps_agree(config, batch: int, monkeypatch) -> None:
     """MambaLMHeadModel(step_implementation=...) reaches every layer: the kernels' logits over a few decode steps
-    equal the reference's (float32)."""
+    equal the reference's (float32), both with each block's add + RMSNorm inside the mixer's step
+    (``normed_step``), and equal the reference without that (the norm by the block, before ``step``)."""
     from mamba_jax import MambaLMHeadModel
 
-    logits = {}
-    for implementation in ("pallas", "reference"):
+    def logits(implementation):
         model = MambaLMHeadModel(config, rngs=nnx.Rngs(0), step_implementation=implementation)
         assert all(layer.mixer.step_implementation == implementation for layer in model.backbone.layers)
-        cache, steps = model.init_cache(2, 8), []
-        for token in ([1, 2], [3, 4], [5, 6]):
-            out, cache = model.step(jnp.asarray(token), cache)
+        cache, steps = model.init_cache(batch, 8), []
+        for token in range(3):
+            out, cache = model.step(jnp.arange(token, token + batch), cache)
             steps.append(out)
-        logits[implementation] = jnp.stack(steps)
-    assert_close(logits["pallas"], logits["reference"], "float32")
+        return jnp.stack(steps)
+
+    kernels, reference = logits("pallas"), logits("reference")
+    mixer_class = type(MambaLMHeadModel(config, rngs=nnx.Rngs(0)).backbone.layers[0].mixer)
+    monkeypatch.delattr(mixer_class, "normed_step")
+    unfused = logits("reference")
+    assert_close(kernels, reference, "float32")
+    assert_close(reference, unfused, "float32")
 
 
 def assert_repeats_exactly(kernels, args, dtype, times: int = 200) -> None:

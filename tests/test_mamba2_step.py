@@ -18,12 +18,14 @@ from mamba_jax.generation.cache import SSMCache
 from pallas_kernels.mamba2_step import Mamba2StepOptions, Mamba2StepWeights, mamba2_step
 from pallas_kernels.mamba2_step.pallas import mamba2_step_pallas
 from pallas_kernels.mamba2_step.reference import mamba2_step_reference
+from pallas_kernels.mamba_step import PreNorm
 from pallas_kernels.selective_scan.pallas import pallas_supported
 from tests.step_checks import (
     assert_gradients_match,
     assert_language_model_steps_agree,
     assert_mixer_steps_agree,
     assert_repeats_exactly,
+    random_prenorm,
 )
 from tests.tolerances import as_float32, assert_close, assert_no_worse
 
@@ -88,19 +90,21 @@ def options_of(shape: Shape) -> Mamba2StepOptions:
     return Mamba2StepOptions(ngroups=shape.groups, dt_limit=shape.dt_limit)
 
 
-def check_kernels(shape: Shape, seed: int, interpret: bool | None, **options) -> None:
+def check_kernels(shape: Shape, seed: int, interpret: bool | None, prenorm: PreNorm | None = None, **options) -> None:
     """float32: elementwise within the table's tolerance of the reference. 16-bit: norm-wise within
     COMPOSED_ERROR_FACTOR times the 16-bit reference's own error, both against the float32 computation."""
     args = arguments(shape, seed)
     dtype, settings = jnp.dtype(shape.dtype), options_of(shape)
     reference = jax.jit(mamba2_step_reference, static_argnums=(4, 5))
-    expected = reference(*args, dtype, settings)
+    expected = reference(*args, dtype, settings, prenorm)
     kernels = jax.jit(
         functools.partial(mamba2_step_pallas, **options), static_argnames=("dtype", "options", "interpret")
     )
-    actual = kernels(*args, dtype=dtype, options=settings, interpret=interpret)
-    exact = reference(*as_float32(args), jnp.float32, settings)
-    for name, a, e, x in zip(("out", "conv_state", "ssm_state"), actual, expected, exact, strict=True):
+    actual = kernels(*args, dtype=dtype, options=settings, prenorm=prenorm, interpret=interpret)
+    exact_norm = None if prenorm is None else dataclasses.replace(prenorm, dtype=jnp.dtype(jnp.float32))
+    exact = reference(*as_float32(args), jnp.float32, settings, as_float32(exact_norm))
+    names = ("out", "conv_state", "ssm_state") + (() if prenorm is None else ("residual",))
+    for name, a, e, x in zip(names, actual, expected, exact, strict=True):
         assert a.shape == e.shape and a.dtype == e.dtype, name
         if dtype == jnp.float32:
             assert_close(a, e, shape.dtype, err_msg=f"{name} of {shape}")
@@ -146,6 +150,21 @@ def test_kernels_match_reference(shape):
 )
 def test_kernel_options_match_reference(shape, options):
     check_kernels(shape, seed=1, interpret=True, **options)
+
+
+@pytest.mark.parametrize(
+    "shape, first, options",
+    [
+        (Shape(1, 48, 6, 32, 24, 2, 3, "float32", biases=True), False, dict(depth=16, parts=1)),  # d padded to 64
+        (Shape(1, 64, 4, 16, 16, 1, 4, "bfloat16"), True, dict(parts=1)),  # the first block: no residual
+        (Shape(1, 64, 4, 32, 32, 1, 4, "float16", param_dtype="float16"), False, dict(xla_in_proj=True)),
+        (Shape(3, 48, 6, 32, 24, 2, 3, "bfloat16"), False, {}),  # past one row: XLA's norm and projections
+    ],
+    ids=str,
+)
+def test_kernels_with_prenorm_match_reference(shape, first, options):
+    """The block's add + RMSNorm taken into the step (``PreNorm``): out, both states and the new residual."""
+    check_kernels(shape, seed=4, interpret=True, prenorm=random_prenorm(shape, 4, first), **options)
 
 
 @pytest.mark.parametrize("rmsnorm", [True, False])
@@ -261,6 +280,22 @@ def test_kernels_match_reference_on_gpu(shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "shape, options",
+    [
+        (GPU_SHAPES[0], {}),  # 1.3b: the norm by XLA before XLA's in_proj
+        (GPU_SHAPES[0], dict(xla_in_proj=False)),  # the norm in the first kernel
+        (Shape(1, 768, 24, 64, 128, 1, 4, "bfloat16", param_dtype="bfloat16"), {}),  # 130m: in the first kernel
+    ],
+    ids=str,
+)
+def test_kernels_with_prenorm_on_gpu(shape, options):
+    """The block's add + RMSNorm taken into the step at published sizes."""
+    assert pallas_supported()
+    check_kernels(shape, seed=6, interpret=None, prenorm=random_prenorm(shape, 6), **options)
+
+
+@pytest.mark.gpu
 def test_kernels_past_16_rows_on_gpu():
     """Batch 64 at 1.3b's size: the state kernel between XLA's projections (and XLA's norm and B/C window)."""
     assert pallas_supported()
@@ -276,10 +311,12 @@ def test_kernels_repeat_exactly_on_gpu():
     assert_repeats_exactly(mamba2_step_pallas, arguments(GPU_SHAPES[0], seed=7), jnp.float16)
 
 
-def test_language_model_steps_agree():
+@pytest.mark.parametrize("batch", [1, 2])
+def test_language_model_steps_agree(batch, monkeypatch):
     """MambaLMHeadModel(step_implementation=...) reaches every Mamba-2 layer: the kernels' logits equal the
     reference's."""
     from mamba_jax import MambaConfig
 
     ssm_cfg = {"layer": "Mamba2", "d_state": 16, "headdim": 16}
-    assert_language_model_steps_agree(MambaConfig(d_model=32, n_layer=2, vocab_size=50, ssm_cfg=ssm_cfg))
+    config = MambaConfig(d_model=32, n_layer=2, vocab_size=50, ssm_cfg=ssm_cfg)
+    assert_language_model_steps_agree(config, batch, monkeypatch)

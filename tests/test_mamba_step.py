@@ -15,7 +15,7 @@ from flax import nnx
 
 from mamba_jax import Mamba
 from mamba_jax.generation.cache import SSMCache
-from pallas_kernels.mamba_step import MambaStepWeights, mamba_step
+from pallas_kernels.mamba_step import MambaStepWeights, PreNorm, mamba_step
 from pallas_kernels.mamba_step.pallas import mamba_step_pallas
 from pallas_kernels.mamba_step.reference import mamba_step_reference
 from pallas_kernels.selective_scan.pallas import pallas_supported
@@ -24,6 +24,7 @@ from tests.step_checks import (
     assert_language_model_steps_agree,
     assert_mixer_steps_agree,
     assert_repeats_exactly,
+    random_prenorm,
 )
 from tests.tolerances import as_float32, assert_close, assert_no_worse
 
@@ -72,16 +73,19 @@ def arguments(shape: Shape, seed: int):
     return u, conv_state, ssm_state, weights
 
 
-def check_kernels(shape: Shape, seed: int, interpret: bool | None, **options) -> None:
+def check_kernels(shape: Shape, seed: int, interpret: bool | None, prenorm: PreNorm | None = None, **options) -> None:
     """float32: elementwise within the table's tolerance of the reference. 16-bit: norm-wise within
     COMPOSED_ERROR_FACTOR times the 16-bit reference's own error, both against the float32 computation."""
     args = arguments(shape, seed)
     dtype = jnp.dtype(shape.dtype)
-    expected = jax.jit(mamba_step_reference, static_argnums=4)(*args, dtype)
+    reference = jax.jit(mamba_step_reference, static_argnums=4)
+    expected = reference(*args, dtype, prenorm)
     kernels = jax.jit(functools.partial(mamba_step_pallas, **options), static_argnames=("dtype", "interpret"))
-    actual = kernels(*args, dtype=dtype, interpret=interpret)
-    exact = jax.jit(mamba_step_reference, static_argnums=4)(*as_float32(args), jnp.float32)
-    for name, a, e, x in zip(("out", "conv_state", "ssm_state"), actual, expected, exact, strict=True):
+    actual = kernels(*args, dtype=dtype, prenorm=prenorm, interpret=interpret)
+    exact_norm = None if prenorm is None else dataclasses.replace(prenorm, dtype=jnp.dtype(jnp.float32))
+    exact = reference(*as_float32(args), jnp.float32, as_float32(exact_norm))
+    names = ("out", "conv_state", "ssm_state") + (() if prenorm is None else ("residual",))
+    for name, a, e, x in zip(names, actual, expected, exact, strict=True):
         assert a.shape == e.shape and a.dtype == e.dtype, name
         if dtype == jnp.float32:
             assert_close(a, e, shape.dtype, err_msg=f"{name} of {shape}")
@@ -125,6 +129,38 @@ def test_kernels_match_reference(shape):
 )
 def test_kernel_options_match_reference(shape, options):
     check_kernels(shape, seed=1, interpret=True, **options)
+
+
+@pytest.mark.parametrize(
+    "shape, first, options",
+    [
+        (Shape(1, 48, 96, 6, 3, 3, "float32", biases=True), False, dict(depth=16)),  # 3 tiles, d padded to 64
+        (Shape(1, 64, 128, 16, 4, 4, "bfloat16"), True, dict(depth=16, splits=2)),  # the first block: no residual
+        (Shape(1, 32, 64, 16, 2, 4, "float16", param_dtype="float16"), False, {}),
+        (Shape(3, 48, 96, 6, 3, 3, "float32"), False, dict(xla_in_proj=False)),  # rows padded to 16 (tl.dot)
+        (Shape(3, 48, 96, 6, 3, 3, "bfloat16"), False, {}),  # past one row: the norm by XLA before its in_proj
+    ],
+    ids=str,
+)
+def test_kernels_with_prenorm_match_reference(shape, first, options):
+    """The block's add + RMSNorm taken into the step (``PreNorm``): out, both states and the new residual."""
+    check_kernels(shape, seed=4, interpret=True, prenorm=random_prenorm(shape, 4, first), **options)
+
+
+def test_reference_prenorm_is_the_blocks_add_and_norm():
+    """mamba_step_reference with a PreNorm = RMSNorm(hidden + residual) then the step, and returns the sum."""
+    from mamba_jax.layers import RMSNorm
+
+    shape = Shape(2, 32, 64, 4, 2, 4, "bfloat16")
+    u, conv_state, ssm_state, weights = arguments(shape, seed=5)
+    prenorm = random_prenorm(shape, 5, first=False)
+    norm = RMSNorm(32, dtype=jnp.bfloat16)
+    norm.weight[...] = prenorm.weight
+    s = u.astype(jnp.float32) + prenorm.residual
+    want = mamba_step_reference(norm(s), conv_state, ssm_state, weights, jnp.bfloat16)
+    got = mamba_step_reference(u, conv_state, ssm_state, weights, jnp.bfloat16, prenorm)
+    for a, e in zip(got, (*want, s), strict=True):
+        np.testing.assert_array_equal(a, e)
 
 
 def test_reference_steps_equal_mamba_forward():
@@ -206,6 +242,16 @@ def test_kernels_match_reference_on_gpu(shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "shape", [GPU_SHAPES[0], GPU_SHAPES[1], Shape(1, 768, 1536, 16, 48, 4, "bfloat16", param_dtype="bfloat16")], ids=str
+)
+def test_kernels_with_prenorm_on_gpu(shape):
+    """The block's add + RMSNorm in the first kernel (1.4b, 130m), or by XLA before its in_proj (2.8b)."""
+    assert pallas_supported()
+    check_kernels(shape, seed=6, interpret=None, prenorm=random_prenorm(shape, 6, first=False))
+
+
+@pytest.mark.gpu
 def test_kernels_repeat_exactly_on_gpu():
     """The same step 200 times gives the same result each time. Catches races between programs or launches that one
     call may miss: a version with both states updated in place gave a wrong state in about one call in two at 1.4b's
@@ -233,8 +279,9 @@ def test_kernels_past_16_rows_on_gpu(channels):
     check_kernels(shape, seed=5, interpret=None, channels=channels)
 
 
-def test_language_model_steps_agree():
+@pytest.mark.parametrize("batch", [1, 2])
+def test_language_model_steps_agree(batch, monkeypatch):
     """MambaLMHeadModel(step_implementation=...) reaches every layer: the kernels' logits equal the reference's."""
     from mamba_jax import MambaConfig
 
-    assert_language_model_steps_agree(MambaConfig(d_model=32, n_layer=2, vocab_size=50))
+    assert_language_model_steps_agree(MambaConfig(d_model=32, n_layer=2, vocab_size=50), batch, monkeypatch)

@@ -14,6 +14,8 @@ from pallas_kernels.mamba2_step.reference import (
     Mamba2StepWeights,
     mamba2_step_reference,
 )
+from pallas_kernels.mamba_step.api import check_prenorm
+from pallas_kernels.mamba_step.reference import PreNorm
 
 IMPLEMENTATIONS = ("pallas", "reference")
 
@@ -52,9 +54,12 @@ def mamba2_step(
     dtype,
     options: Mamba2StepOptions = DEFAULT_OPTIONS,
     implementation: str | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    prenorm: PreNorm | None = None,
+) -> tuple[jax.Array, ...]:
     """One token through a Mamba-2 mixer: (out, new conv_state, new ssm_state); the caller's arrays are left as they
-    were (inside a decode loop XLA may reuse the carried cache's buffers).
+    were (inside a decode loop XLA may reuse the carried cache's buffers). With ``prenorm`` (``PreNorm``: the block's
+    residual add + RMSNorm, which the kernels compute inside their first launch) u is the block's hidden and the
+    new float32 residual comes fourth.
 
     Shapes: u (b, d); conv_state (b, w, d_ssm + 2gn) the last w conv inputs, oldest first; ssm_state (b, h, p, n)
     float32; ``weights`` a ``Mamba2StepWeights`` (shapes there); ``options`` the mixer's ngroups, dt_limit and norm
@@ -71,9 +76,11 @@ def mamba2_step(
     if not isinstance(options, Mamba2StepOptions):
         raise ValueError(f"mamba2_step: options must be a Mamba2StepOptions, got {type(options).__name__}")
     _check(u, conv_state, ssm_state, weights, options)
+    check_prenorm("mamba2_step", u, prenorm)
     if implementation is None:
         implementation = default_implementation(u.shape[0], weights, ssm_state.shape, options)
-    return _implementation(implementation)(u, conv_state, ssm_state, weights, dtype=jnp.dtype(dtype), options=options)
+    run = _implementation(implementation)
+    return run(u, conv_state, ssm_state, weights, dtype=jnp.dtype(dtype), options=options, prenorm=prenorm)
 
 
 def _check(u, conv_state, ssm_state, weights: Mamba2StepWeights, options: Mamba2StepOptions) -> None:

@@ -58,6 +58,7 @@ from pallas_kernels.mamba_step.pallas import (
     sum_partials,
     xla_projections,
 )
+from pallas_kernels.mamba_step.reference import PreNorm
 from pallas_kernels.selective_scan.kernel_math import LOG2_E, KernelMath
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
 
@@ -195,6 +196,7 @@ def mamba2_step_pallas(
     dtype,
     options: Mamba2StepOptions = DEFAULT_OPTIONS,
     *,
+    prenorm: PreNorm | None = None,
     interpret: bool | None = None,
     depth: int = DEPTH,
     proj_columns: int = PROJ_COLUMNS,
@@ -209,8 +211,8 @@ def mamba2_step_pallas(
     state_warps: int = STATE_WARPS,
     num_stages: int = 3,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The step in four launches (three kernels, one sum); arguments and results as ``mamba2_step_reference``,
-    shapes there and ``supports``.
+    """The step in four launches (three kernels, one sum); arguments (``prenorm`` included: the first kernel norms
+    u) and results as ``mamba2_step_reference``, shapes there and ``supports``.
 
     ``interpret`` None runs the compiled kernels where ``pallas_supported()``, else Pallas's interpreter (slow; for
     tests). ``depth`` (rows of a projection a loop iteration reads), ``proj_columns`` and ``splits`` (in_proj's
@@ -268,16 +270,16 @@ def mamba2_step_pallas(
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
     config = (jnp.dtype(dtype), options, bool(interpret), in_depth, out_depth, proj_columns, splits, columns)
     config += (out_splits, parts, int(prefetch), xla_in_proj, xla_out_proj, num_warps, state_warps, num_stages)
-    return _step(u, conv_state, ssm_state, weights, config)
+    return _step(u, conv_state, ssm_state, weights, prenorm, config)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
-def _step(u, conv_state, ssm_state, weights, config):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _step(u, conv_state, ssm_state, weights, prenorm, config):
     """The kernels, each device on its rows of the batch in a sharded jit (the weights whole on every device)."""
-    return step_over_batch(functools.partial(_kernels, config=config), u, conv_state, ssm_state, weights)
+    return step_over_batch(functools.partial(_kernels, config=config), u, conv_state, ssm_state, weights, prenorm)
 
 
-def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, config):
+def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, prenorm: PreNorm | None, config):
     dtype, options, interpret, in_depth, out_depth, proj_columns, splits, columns = config[:8]
     out_splits, parts, prefetch, xla_in_proj, xla_out_proj, num_warps, state_warps, num_stages = config[8:]
     batch, d_model = u.shape
@@ -288,9 +290,10 @@ def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, config):
     ops = KernelMath(interpret)
     w = {name: value for name, value in weights._asdict().items() if value is not None}
 
-    xz = in_proj_partials(
+    xz, residual = in_proj_partials(
         u,
         weights.in_proj,
+        prenorm,
         xla=xla_in_proj,
         columns=proj_columns,
         depth=in_depth,
@@ -331,7 +334,7 @@ def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, config):
         result = y @ weights.out_proj.astype(dtype)
         if weights.out_proj_bias is not None:
             result = result + weights.out_proj_bias.astype(dtype)
-        return result, conv_state, state["ssm_state"]
+        return _with_residual((result, conv_state, state["ssm_state"]), residual)
 
     ins = {"y": state["y"], "out_proj": weights.out_proj, "xz": xz, "conv_state": state["conv_state"]}
     ins |= {name: w[name] for name in ("in_proj_bias",) if name in w}
@@ -363,7 +366,12 @@ def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, config):
     result = out["out"].sum(axis=0).astype(dtype)
     if weights.out_proj_bias is not None:
         result = result + weights.out_proj_bias.astype(dtype)
-    return result, out["conv_state"], state["ssm_state"]
+    return _with_residual((result, out["conv_state"], state["ssm_state"]), residual)
+
+
+def _with_residual(result: tuple, residual):
+    """The step's results, the prenorm's residual fourth where there is one."""
+    return result if residual is None else (*result, residual)
 
 
 def _shift_bc(conv_state, xz, in_proj_bias, d_ssm: int, dtype):
@@ -393,7 +401,7 @@ def _normed(state, norm, options: Mamba2StepOptions, dtype):
 def _step_jvp(config, primals, tangents):
     dtype, options = config[:2]
 
-    def reference(u, conv_state, ssm_state, weights):
-        return mamba2_step_reference(u, conv_state, ssm_state, weights, dtype, options)
+    def reference(u, conv_state, ssm_state, weights, prenorm):
+        return mamba2_step_reference(u, conv_state, ssm_state, weights, dtype, options, prenorm)
 
     return jax.jvp(reference, primals, tangents)

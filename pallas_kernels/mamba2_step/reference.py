@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mamba_step.reference import conv_step, linear
+from pallas_kernels.mamba_step.reference import PreNorm, conv_step, linear, prenormed
 from pallas_kernels.state_update.reference import state_update_reference
 
 
@@ -73,14 +73,19 @@ def mamba2_step_reference(
     weights: Mamba2StepWeights,
     dtype,
     options: Mamba2StepOptions = DEFAULT_OPTIONS,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    prenorm: PreNorm | None = None,
+) -> tuple[jax.Array, ...]:
     """u (b, d), conv_state (b, w, conv_dim), ssm_state (b, h, p, n) float32 -> (out (b, d) in ``dtype``, the new
-    conv_state in conv_state's dtype, the new ssm_state float32).
+    conv_state in conv_state's dtype, the new ssm_state float32), and with ``prenorm`` the new residual s (b, d)
+    float32 last (u is then the block's hidden, normed first: ``PreNorm``).
 
     [z0, x0, z, xBC, dt] = in_proj(u); [x, B, C] = silu(conv over [conv_state[:, 1:], xBC]);
     dt = clip(softplus(dt + dt_bias), dt_limit); y = selective_state_update(ssm_state, x, dt, A = -exp(A_log), B, C,
     D); y = norm(y, z) (or y * silu(z)); out = out_proj([silu(z0) * x0, y]).
     """
+    residual = None
+    if prenorm is not None:
+        u, residual = prenormed(u, prenorm)
     w, o = weights, options
     b = u.shape[0]
     _, h, p, n = ssm_state.shape
@@ -110,4 +115,5 @@ def mamba2_step_reference(
         y = gated_rmsnorm(y, z, w.norm, g, o.norm_before_gate, o.eps).astype(dtype)
     if d_mlp:
         y = jnp.concatenate([jax.nn.silu(z0) * x0, y], axis=-1)
-    return linear(y, w.out_proj, w.out_proj_bias, dtype), window, ssm_state
+    result = (linear(y, w.out_proj, w.out_proj_bias, dtype), window, ssm_state)
+    return result if prenorm is None else (*result, residual)

@@ -9,7 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mamba_step.reference import MambaStepWeights, mamba_step_reference
+from pallas_kernels.mamba_step.reference import MambaStepWeights, PreNorm, mamba_step_reference
 
 IMPLEMENTATIONS = ("pallas", "reference")
 MAX_BATCHED_D_MODEL = 2048  # the widest layer the kernels run by default past one row (see default_implementation)
@@ -51,9 +51,12 @@ def mamba_step(
     *,
     dtype,
     implementation: str | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    prenorm: PreNorm | None = None,
+) -> tuple[jax.Array, ...]:
     """One token through a Mamba-1 mixer: (out, new conv_state, new ssm_state); the caller's arrays are left as they
-    were (inside a decode loop XLA may reuse the carried cache's buffers).
+    were (inside a decode loop XLA may reuse the carried cache's buffers). With ``prenorm`` (``PreNorm``: the block's
+    residual add + RMSNorm, which the kernels compute inside their first launch) u is the block's hidden and the
+    new float32 residual comes fourth.
 
     Shapes: u (b, d); conv_state (b, w, di) the last w conv inputs, oldest first; ssm_state (b, di, n) float32;
     ``weights`` a ``MambaStepWeights`` (shapes there). ``dtype`` is the compute dtype of the projections and the conv
@@ -67,10 +70,24 @@ def mamba_step(
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
     _check(u, conv_state, ssm_state, weights)
+    check_prenorm("mamba_step", u, prenorm)
     batch, d_model = u.shape
     if implementation is None:
         implementation = default_implementation(batch, d_model, conv_state.shape[2])
-    return _implementation(implementation)(u, conv_state, ssm_state, weights, dtype=jnp.dtype(dtype))
+    run = _implementation(implementation)
+    return run(u, conv_state, ssm_state, weights, dtype=jnp.dtype(dtype), prenorm=prenorm)
+
+
+def check_prenorm(caller: str, u: jax.Array, prenorm: PreNorm | None) -> None:
+    """ValueError unless ``prenorm`` is None or a ``PreNorm`` whose residual and weight fit u (b, d)."""
+    if prenorm is None:
+        return
+    if not isinstance(prenorm, PreNorm):
+        raise ValueError(f"{caller}: prenorm must be a PreNorm or None, got {type(prenorm).__name__}")
+    if prenorm.residual is not None and prenorm.residual.shape != u.shape:
+        raise ValueError(f"{caller}: prenorm.residual must have u's shape {u.shape}, got {prenorm.residual.shape}")
+    if prenorm.weight.shape != u.shape[1:]:
+        raise ValueError(f"{caller}: prenorm.weight must have shape {u.shape[1:]}, got {prenorm.weight.shape}")
 
 
 def _check(u, conv_state, ssm_state, weights: MambaStepWeights) -> None:

@@ -10,6 +10,10 @@ over blocks of MAX_BATCH rows (a second grid axis).
    sums (splits, b, 2di). Splitting d_model is what lets this kernel read in_proj near the memory bandwidth: the
    grid has enough programs (benchmarks/gemv.py). From d_model ``XLA_IN_PROJ_FROM`` on XLA's own product instead,
    (1, b, 2di) in the compute dtype (``in_proj_partials``).
+   With a ``PreNorm`` (the block's residual add + RMSNorm) every program also loads the whole row of u + residual
+   and norms the tiles of u (``prenorm_tiles``); program (0, 0) stores the sum, the next block's residual. Where
+   XLA's product reads in_proj, ``prenorm_launch`` norms u before it, one program a row. Either saves XLA's three to
+   four small kernels for the add + norm (docs/kernels.md).
 2. ``_in_kernel``, grid (di / channels,): program j owns channels j * channels ... of d_inner for every batch row:
    x and z = the sums of its partials; the conv window shifted in place; x = silu(conv); x, z stored; its share of
    x_proj, x[:, channels] @ x_proj[channels], stored as a float32 partial sum (di / channels, b, r + 2n).
@@ -40,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.batch_split import over_batch
-from pallas_kernels.mamba_step.reference import MambaStepWeights, mamba_step_reference
+from pallas_kernels.mamba_step.reference import MambaStepWeights, PreNorm, mamba_step_reference
 from pallas_kernels.selective_scan.kernel_math import LOG2_E, KernelMath
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
 from pallas_kernels.selective_scan.pallas_fwd import as_index
@@ -140,7 +144,8 @@ def project(
     loop. ``prefetch``: how many iterations ahead the tiles are loaded: iteration k loads tile k + prefetch, then
     uses tile k, loaded earlier, so that prefetch + 1 tiles are in flight (the last iterations load the last tile
     again, unused). ``start`` is a traced multiple of ``depth``. ``prepare(tile, row)``, if given, maps each float32
-    (rows, depth) tile of u, from u's row ``row`` on, to what is multiplied (rounded to ``dtype`` after it)."""
+    (rows, depth) tile of u, from u's column ``row`` on, to what is multiplied: as it is in a GEMV (products in
+    float32), rounded to ``dtype`` for ``tl.dot``. Without it u's tiles are rounded to ``dtype``."""
     gemv = rows.size == 1
 
     def fetch(k):
@@ -154,11 +159,13 @@ def project(
         acc, loaded = carry
         loaded = (*loaded, fetch(jnp.minimum(k + prefetch, steps - 1)))
         u, kernel = loaded[0]
-        u, kernel = u.astype(dtype), kernel.astype(dtype)
-        if gemv:
-            acc = acc + u.astype(jnp.float32).T * kernel.astype(jnp.float32)
+        kernel = kernel.astype(dtype)
+        if not gemv:
+            acc = acc + product(u.astype(dtype), kernel)
+        elif prepare is not None:  # a prepared tile as prepare gives it
+            acc = acc + u.T * kernel.astype(jnp.float32)
         else:
-            acc = acc + product(u, kernel)
+            acc = acc + rounded(u, dtype).T * kernel.astype(jnp.float32)
         return acc, loaded[1:]
 
     zeros = jnp.zeros((depth, columns) if gemv else (rows.size, columns), jnp.float32)
@@ -175,22 +182,71 @@ def first_column(column, columns: int, width: int):
     return pl.multiple_of(jnp.minimum(column * columns, width - columns), width & -width)
 
 
-def proj_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Span, dtype):
-    """ins: u (b, d), in_proj (d, m). outs: xz (splits, b, m) float32, partial sums of u @ in_proj.
+def proj_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Span, dtype, norm=None):
+    """ins: u (b, d), in_proj (d, m) [with ``norm``: norm_weight (d,), residual (b, d) float32 unless the first
+    block's]. outs: xz (splits, b, m) float32, partial sums of u @ in_proj [with ``norm``: residual (b, d) float32].
 
     Grid (cdiv(m, columns), splits): program (j, s) multiplies rows s d / splits ... (s + 1) d / splits of u and
-    in_proj's columns j columns ... (a split of the rows gives the grid enough programs to keep the memory busy)."""
+    in_proj's columns j columns ... (a split of the rows gives the grid enough programs to keep the memory busy).
+    ``norm``: None, or (eps, the norm's dtype): u is then normed first (``prenorm_tiles``)."""
     column, split = pl.program_id(0), pl.program_id(1)
     splits, width = outs["xz"].shape[0], outs["xz"].shape[2]
     span = ins["u"].shape[1] // splits
     first = first_column(column, columns, width)
-    acc = project(ins["u"], ins["in_proj"], first, rows, columns, depth, dtype, prefetch, split * span, span // depth)
+    prepare, finish = None, None
+    if norm is not None:
+        prepare, finish = prenorm_tiles(ins, outs, rows, *norm, write=(column == 0) & (split == 0))
+    acc = project(
+        ins["u"], ins["in_proj"], first, rows, columns, depth, dtype, prefetch, split * span, span // depth, prepare
+    )
+    if finish is not None:
+        acc = acc * finish()
     store(outs["xz"], acc, split, rows, Span(first, columns, columns))
+
+
+def prenorm_tiles(ins, outs, rows: Span, eps: float, norm_dtype, write):
+    """The block's residual add + RMSNorm in front of in_proj (``PreNorm``) for ``project``: every program loads
+    s = u + residual over the whole of d (6 bytes an element, from L2 after the first program). Returns (prepare,
+    finish): ``prepare`` maps a float32 tile of u from column ``row`` on to what is multiplied; ``finish()``, called
+    after the loop, stores s where ``write`` holds (outs["residual"]) and returns the factor for the loop's sums.
+
+    One batch row (a GEMV, whose products are float32): prepare gives (u + residual) * weight in float32 and finish
+    1 / rms(s), so that no program waits for the row's reduction before it reads in_proj; the normed u is then not
+    rounded to the norm's dtype (more exact than the reference, by at most that rounding). More rows (``tl.dot``
+    takes 16-bit operands): prepare gives the normed tile rounded to the norm's dtype, as ``prenormed`` computes it,
+    and finish 1."""
+    d = ins["u"].shape[1]
+    whole = Span(0, pl.next_power_of_2(d), d)
+
+    def add_residual(u, span: Span):
+        return u if "residual" not in ins else u + load(ins["residual"], rows, span)
+
+    def weighted(tile, row, scale=1.0):
+        span = Span(row, tile.shape[1], tile.shape[1])
+        return add_residual(tile, span) * scale * load(ins["norm_weight"], span)[None]
+
+    s = add_residual(load(ins["u"], rows, whole), whole)  # (rows, padded d)
+
+    def rstd():
+        return lax.rsqrt(jnp.sum(s * s, axis=1, keepdims=True) / d + eps)
+
+    def finish(scale):
+        @pl.when(write)
+        def _():
+            store(outs["residual"], s, rows, whole)
+
+        return scale()
+
+    if rows.size == 1:
+        return weighted, functools.partial(finish, rstd)
+    scale = rstd()
+    return lambda tile, row: rounded(weighted(tile, row, scale), norm_dtype), functools.partial(finish, lambda: 1.0)
 
 
 def in_proj_partials(
     u,
     in_proj,
+    prenorm: PreNorm | None,
     *,
     xla: bool,
     columns: int,
@@ -202,20 +258,70 @@ def in_proj_partials(
     interpret: bool,
     name: str,
 ) -> jax.Array:
-    """u (b, d) @ in_proj (d, m) without its bias: ``proj_kernel``'s float32 partial sums (splits, b, m), or with
-    ``xla`` XLA's own product in ``dtype``, (1, b, m): ``sum_partials`` takes either."""
+    """(u (b, d) @ in_proj (d, m) without its bias, the new residual or None): ``proj_kernel``'s float32 partial sums
+    (splits, b, m), or with ``xla`` XLA's own product in ``dtype``, (1, b, m): ``sum_partials`` takes either. With
+    ``prenorm`` u is normed first (by ``proj_kernel``, or by ``prenorm_launch`` before XLA's product) and the
+    float32 residual (b, d) comes second, else None."""
     batch, width = u.shape[0], in_proj.shape[1]
     if xla:
-        return (u.astype(dtype) @ in_proj.astype(dtype))[None]
+        residual = None
+        if prenorm is not None:
+            u, residual = prenorm_launch(u, prenorm, interpret)
+        return (u.astype(dtype) @ in_proj.astype(dtype))[None], residual
+    ins = {"u": u, "in_proj": in_proj}
+    out_shape = {"xz": jax.ShapeDtypeStruct((splits, batch, width), jnp.float32)}
+    norm = None
+    if prenorm is not None:
+        ins["norm_weight"] = prenorm.weight
+        if prenorm.residual is not None:
+            ins["residual"] = prenorm.residual
+        out_shape["residual"] = jax.ShapeDtypeStruct(u.shape, jnp.float32)
+        norm = (prenorm.eps, jnp.dtype(prenorm.dtype))
     rows = batch_rows(batch)
-    return pl.pallas_call(
-        functools.partial(proj_kernel, columns=columns, depth=depth, prefetch=prefetch, rows=rows, dtype=dtype),
-        out_shape={"xz": jax.ShapeDtypeStruct((splits, batch, width), jnp.float32)},
+    result = pl.pallas_call(
+        functools.partial(
+            proj_kernel, columns=columns, depth=depth, prefetch=prefetch, rows=rows, dtype=dtype, norm=norm
+        ),
+        out_shape=out_shape,
         grid=(pl.cdiv(width, columns), splits),
         compiler_params=params,
         interpret=interpret,
         name=name,
-    )({"u": u, "in_proj": in_proj})["xz"]
+    )(ins)
+    return result["xz"], result.get("residual")
+
+
+def prenorm_launch(u, prenorm: PreNorm, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """``prenormed(u, prenorm)`` as one launch, one program a batch row (XLA takes three to four kernels for it at
+    batch 1): (the normed u (b, d) in prenorm.dtype, the residual (b, d) float32)."""
+    ins = {"u": u, "norm_weight": prenorm.weight}
+    if prenorm.residual is not None:
+        ins["residual"] = prenorm.residual
+    result = pl.pallas_call(
+        functools.partial(_norm_kernel, eps=prenorm.eps),
+        out_shape={
+            "residual": jax.ShapeDtypeStruct(u.shape, jnp.float32),
+            "x": jax.ShapeDtypeStruct(u.shape, prenorm.dtype),
+        },
+        grid=(u.shape[0],),
+        compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="mamba_step_norm",
+    )(ins)
+    return result["x"], result["residual"]
+
+
+def _norm_kernel(ins, outs, *, eps: float):
+    """ins: u (b, d), norm_weight (d,) [residual (b, d) float32]. outs: x (b, d), residual (b, d) float32. Program r:
+    batch row r, its whole row at once."""
+    row, d = Span(pl.program_id(0), 1, 1), ins["u"].shape[1]
+    whole = Span(0, pl.next_power_of_2(d), d)
+    s = load(ins["u"], row, whole)
+    if "residual" in ins:
+        s = s + load(ins["residual"], row, whole)
+    rstd = lax.rsqrt(jnp.sum(s * s, axis=1, keepdims=True) / d + eps)
+    store(outs["residual"], s, row, whole)
+    store(outs["x"], s * rstd * load(ins["norm_weight"], whole)[None], row, whole)
 
 
 def sum_partials(xz_ref, rows, span: Span, bias_ref, dtype) -> jax.Array:
@@ -397,6 +503,7 @@ def mamba_step_pallas(
     weights: MambaStepWeights,
     dtype,
     *,
+    prenorm: PreNorm | None = None,
     interpret: bool | None = None,
     channels: int | None = None,
     depth: int = DEPTH,
@@ -410,8 +517,8 @@ def mamba_step_pallas(
     num_stages: int = 3,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The step in five launches (three kernels, two sums), or with XLA's projections in five too (its in_proj,
-    two kernels, a sum, its out_proj); arguments and results as ``mamba_step_reference``, shapes there and
-    ``supports``.
+    two kernels, a sum, its out_proj); arguments (``prenorm`` included: the first kernel norms u) and results as
+    ``mamba_step_reference``, shapes there and ``supports``.
 
     ``interpret`` None runs the compiled kernels where ``pallas_supported()``, else Pallas's interpreter (slow; for
     tests). ``channels`` (a power of 2 of at least 16 dividing d_inner; None: the largest such of at most CHANNELS,
@@ -462,30 +569,33 @@ def mamba_step_pallas(
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
     config = (jnp.dtype(dtype), bool(interpret), channels, depth, columns, int(prefetch))
     config += (proj_columns, splits, xla_in_proj, xla_out_proj, num_warps, num_stages)
-    return _step(u, conv_state, ssm_state, weights, config)
+    return _step(u, conv_state, ssm_state, weights, prenorm, config)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
-def _step(u, conv_state, ssm_state, weights, config):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _step(u, conv_state, ssm_state, weights, prenorm, config):
     """The kernels, each device on its rows of the batch in a sharded jit (the weights whole on every device)."""
-    return step_over_batch(functools.partial(_kernels, config=config), u, conv_state, ssm_state, weights)
+    return step_over_batch(functools.partial(_kernels, config=config), u, conv_state, ssm_state, weights, prenorm)
 
 
-def step_over_batch(kernels, u, conv_state, ssm_state, weights):
-    """``kernels(u, conv_state, ssm_state, weights)``, each device on its rows of the batch in a sharded jit
-    (``over_batch``), the weights (a NamedTuple; None for an absent parameter) whole on every device."""
-    present = {name: value for name, value in weights._asdict().items() if value is not None}
-    names = sorted(present)
+def step_over_batch(kernels, u, conv_state, ssm_state, weights, prenorm: PreNorm | None):
+    """``kernels(u, conv_state, ssm_state, weights, prenorm)``, each device on its rows of the batch in a sharded jit
+    (``over_batch``): u, the states and the prenorm's residual split as they are, the weights (a NamedTuple; None
+    for an absent parameter) and the prenorm's weight whole on every device."""
+    batched, batched_tree = jax.tree.flatten((u, conv_state, ssm_state, None if prenorm is None else prenorm.residual))
+    whole, whole_tree = jax.tree.flatten((weights, None if prenorm is None else prenorm.weight))
+    static = None if prenorm is None else (prenorm.eps, prenorm.dtype)
 
-    def rows(u, conv_state, ssm_state, *arrays):
-        given = dict.fromkeys(type(weights)._fields) | dict(zip(names, arrays, strict=True))
-        return kernels(u, conv_state, ssm_state, type(weights)(**given))
+    def rows(*arrays):
+        u, conv_state, ssm_state, residual = jax.tree.unflatten(batched_tree, arrays[: len(batched)])
+        weights, norm_weight = jax.tree.unflatten(whole_tree, arrays[len(batched) :])
+        norm = None if static is None else PreNorm(residual, norm_weight, *static)
+        return kernels(u, conv_state, ssm_state, weights, norm)
 
-    arrays = [u, conv_state, ssm_state, *(present[name] for name in names)]
-    return over_batch(rows, arrays, [True] * 3 + [False] * len(names))
+    return over_batch(rows, batched + whole, [True] * len(batched) + [False] * len(whole))
 
 
-def _kernels(u, conv_state, ssm_state, weights, config):
+def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
     dtype, interpret, channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj = config[:9]
     xla_out_proj, num_warps, num_stages = config[9:]
     batch, d_model = u.shape
@@ -497,9 +607,10 @@ def _kernels(u, conv_state, ssm_state, weights, config):
     params = plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     w = weights._asdict()
 
-    xz = in_proj_partials(
+    xz, residual = in_proj_partials(
         u,
         weights.in_proj,
+        prenorm,
         xla=xla_in_proj,
         columns=proj_columns,
         depth=depth,
@@ -568,7 +679,8 @@ def _kernels(u, conv_state, ssm_state, weights, config):
         out = second["out"].sum(axis=0).astype(dtype)
     if weights.out_proj_bias is not None:
         out = out + weights.out_proj_bias.astype(dtype)
-    return out, first["conv_state"], second["ssm_state"]
+    result = (out, first["conv_state"], second["ssm_state"])
+    return result if prenorm is None else (*result, residual)
 
 
 def _pick(weights: dict, *names: str) -> dict:
@@ -578,7 +690,7 @@ def _pick(weights: dict, *names: str) -> dict:
 
 @_step.defjvp
 def _step_jvp(config, primals, tangents):
-    def reference(u, conv_state, ssm_state, weights):
-        return mamba_step_reference(u, conv_state, ssm_state, weights, config[0])
+    def reference(u, conv_state, ssm_state, weights, prenorm):
+        return mamba_step_reference(u, conv_state, ssm_state, weights, config[0], prenorm)
 
     return jax.jvp(reference, primals, tangents)

@@ -7,7 +7,8 @@ update in float32 (``selective_state_update``).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,33 @@ class MambaStepWeights(NamedTuple):
     out_proj_bias: jax.Array | None
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PreNorm:
+    """A block's residual add + RMSNorm in front of its mixer, taken into the mixer's decode step: the step's input
+    is then the block's hidden (b, d), and the mixer sees s / sqrt(mean(s^2) + eps) * weight rounded to ``dtype``,
+    with s = float32(hidden) + residual, which the step also returns (the next block's residual).
+
+    residual (b, d) float32, or None in the first block (s = float32(hidden)); weight (d,); eps; dtype: the norm's
+    output dtype (``RMSNorm.dtype``, float32 where it has none). eps and dtype are static (part of the tree's
+    structure, not traced).
+    """
+
+    residual: jax.Array | None
+    weight: jax.Array
+    eps: float = dataclasses.field(metadata=dict(static=True))
+    dtype: Any = dataclasses.field(metadata=dict(static=True))
+
+
+def prenormed(hidden: jax.Array, prenorm: PreNorm) -> tuple[jax.Array, jax.Array]:
+    """hidden (b, d) -> (the normed input in prenorm.dtype, s float32 (b, d)), as ``Block`` computes them."""
+    s = hidden.astype(jnp.float32)
+    if prenorm.residual is not None:
+        s = s + prenorm.residual.astype(jnp.float32)
+    normed = s * jax.lax.rsqrt(jnp.mean(s * s, axis=-1, keepdims=True) + prenorm.eps)
+    return (normed * prenorm.weight.astype(jnp.float32)).astype(prenorm.dtype), s
+
+
 def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
     """x @ kernel (+ bias), inputs cast to ``dtype`` and the result in it, as ``nnx.Linear``."""
     y = x.astype(dtype) @ kernel.astype(dtype)
@@ -59,14 +87,23 @@ def conv_step(
 
 
 def mamba_step_reference(
-    u: jax.Array, conv_state: jax.Array, ssm_state: jax.Array, weights: MambaStepWeights, dtype
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    u: jax.Array,
+    conv_state: jax.Array,
+    ssm_state: jax.Array,
+    weights: MambaStepWeights,
+    dtype,
+    prenorm: PreNorm | None = None,
+) -> tuple[jax.Array, ...]:
     """u (b, d), conv_state (b, w, di), ssm_state (b, di, n) float32 -> (out (b, d) in ``dtype``, the new conv_state
-    in conv_state's dtype, the new ssm_state float32).
+    in conv_state's dtype, the new ssm_state float32), and with ``prenorm`` the new residual s (b, d) float32 last
+    (u is then the block's hidden, normed first: ``PreNorm``).
 
     [x, z] = in_proj(u); x = silu(conv over [conv_state[:, 1:], x]); [dt, B, C] = x_proj(x); dt = dt @ dt_proj;
     y = selective_state_update(ssm_state, x, dt, A = -exp(A_log), B, C, D, z, dt_bias, softplus); out = out_proj(y).
     """
+    residual = None
+    if prenorm is not None:
+        u, residual = prenormed(u, prenorm)
     w = weights
     rank = w.dt_proj.shape[0]
     d_state = w.A_log.shape[1]
@@ -88,4 +125,5 @@ def mamba_step_reference(
         w.dt_bias.astype(f32)[None],
         dt_softplus=True,
     )
-    return linear(y[:, 0], w.out_proj, w.out_proj_bias, dtype), window, ssm_state[:, 0]
+    result = (linear(y[:, 0], w.out_proj, w.out_proj_bias, dtype), window, ssm_state[:, 0])
+    return result if prenorm is None else (*result, residual)
