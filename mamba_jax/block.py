@@ -75,8 +75,9 @@ class Block(nnx.Module):
         cache).
 
         With an RMSNorm, a float32 residual and a mixer that has ``normed_step`` (Mamba, Mamba2), the add and the
-        norm run inside the mixer's step (in its first kernel, where the step runs as kernels: one launch fewer a
-        layer); XLA's ops compute the same as the unfused path, the kernels sum the squares in another order."""
+        norm run inside the mixer's step (``PreNorm``: where the step runs as kernels, in its first kernel or in one
+        launch before XLA's in_proj, instead of XLA's three to four); XLA's ops compute the same as the unfused path,
+        the kernels sum the squares in another order."""
         if self.residual_in_fp32 and isinstance(self.norm, RMSNorm) and hasattr(self.mixer, "normed_step"):
             hidden, residual, cache = self.mixer.normed_step(hidden, residual, self.norm, cache)
             return (*self._mlp_branch(hidden, residual), cache)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mamba_jax.generation.cache import SSMCache, check_lengths, conv_prefill, valid_mask
+from mamba_jax.generation.cache import NormedStep, SSMCache, check_lengths, conv_prefill, valid_mask
 from mamba_jax.layers import CausalConv1d, linear, linear_parts, value_or_none, with_axes
 from pallas_kernels.mamba_step import MambaStepWeights, PreNorm, mamba_step
 from pallas_kernels.selective_scan import selective_scan
@@ -53,7 +53,7 @@ def dt_weight_init(dt_rank: int, dt_scale: float, dt_init: str) -> nnx.Initializ
     return init
 
 
-class Mamba(nnx.Module):
+class Mamba(NormedStep, nnx.Module):
     """The Mamba-1 mixer: y = out_proj(selective_scan(silu(conv(x)), dt, A, B, C, D, z)) with [x, z] = in_proj(u).
 
     Parameters (mamba_ssm names, JAX layout): in_proj.kernel (d, 2di) [+ bias]; conv1d.kernel (w, di) [+ bias (di,)];
@@ -163,15 +163,6 @@ class Mamba(nnx.Module):
         GPU, where they take the shape; XLA op by op elsewhere)."""
         out, conv_state, ssm_state = self._step(u, cache, None)
         return out, SSMCache(conv_state, ssm_state)
-
-    def normed_step(
-        self, hidden: jax.Array, residual: jax.Array | None, norm, cache: SSMCache
-    ) -> tuple[jax.Array, jax.Array, SSMCache]:
-        """``step`` of ``norm``(float32(hidden) + residual), the add and the RMSNorm computed inside the step's
-        kernels (``PreNorm``; ``Block.step`` calls this): hidden (b, d), residual (b, d) float32 or None ->
-        (out (b, d), the new residual (b, d) float32, the cache after it)."""
-        out, conv_state, ssm_state, residual = self._step(hidden, cache, norm.after_residual(residual))
-        return out, residual, SSMCache(conv_state, ssm_state)
 
     def _step(self, u: jax.Array, cache: SSMCache, prenorm: PreNorm | None) -> tuple[jax.Array, ...]:
         """``mamba_step`` of this layer's weights: (out, conv_state, ssm_state[, residual])."""

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mamba_jax.generation.cache import SSMCache, check_lengths, conv_prefill, valid_mask
+from mamba_jax.generation.cache import NormedStep, SSMCache, check_lengths, conv_prefill, valid_mask
 from mamba_jax.layers import CausalConv1d, linear, param, value_or_none, with_axes
 from pallas_kernels.mamba2_step import Mamba2StepOptions, Mamba2StepWeights, mamba2_step
 from pallas_kernels.mamba_step import PreNorm
@@ -96,7 +96,7 @@ def _a_log_init(a_min: float, a_max: float) -> nnx.Initializer:
     return init
 
 
-class Mamba2(nnx.Module):
+class Mamba2(NormedStep, nnx.Module):
     """The Mamba-2 mixer: x (b, l, d) -> (b, l, d). Arguments and parameter names are mamba_ssm's.
 
     Parameters: in_proj kernel (d, 2*di + 2*g*n + h); conv1d kernel (w, d_ssm + 2*g*n), bias; dt_bias (h,);
@@ -295,15 +295,6 @@ class Mamba2(nnx.Module):
         """
         out, conv_state, ssm_state = self._step(u, cache, None)
         return out, SSMCache(conv_state, ssm_state)
-
-    def normed_step(
-        self, hidden: jax.Array, residual: jax.Array | None, norm, cache: SSMCache
-    ) -> tuple[jax.Array, jax.Array, SSMCache]:
-        """``step`` of ``norm``(float32(hidden) + residual), the add and the RMSNorm computed inside the step's
-        kernels (``PreNorm``; ``Block.step`` calls this): hidden (b, d), residual (b, d) float32 or None ->
-        (out (b, d), the new residual (b, d) float32, the cache after it)."""
-        out, conv_state, ssm_state, residual = self._step(hidden, cache, norm.after_residual(residual))
-        return out, residual, SSMCache(conv_state, ssm_state)
 
     def _step(self, u: jax.Array, cache: SSMCache, prenorm: PreNorm | None) -> tuple[jax.Array, ...]:
         """``mamba2_step`` of this layer's weights: (out, conv_state, ssm_state[, residual])."""

@@ -209,6 +209,15 @@ def test_errors():
         mamba_step(u, conv_state[:, 1:], ssm_state, weights, dtype=jnp.float32)
     with pytest.raises(ValueError, match=r"x_proj must have shape \(64, 10\)"):
         mamba_step(u, conv_state, ssm_state, weights._replace(x_proj=weights.x_proj[:, 1:]), dtype=jnp.float32)
+    prenorm = random_prenorm(shape, 0)
+    with pytest.raises(ValueError, match="prenorm must be a PreNorm or None, got tuple"):
+        mamba_step(u, conv_state, ssm_state, weights, dtype=jnp.float32, prenorm=(prenorm.residual, prenorm.weight))
+    with pytest.raises(ValueError, match=r"prenorm.residual must have u's shape \(2, 32\), got \(2, 31\)"):
+        bad = dataclasses.replace(prenorm, residual=prenorm.residual[:, 1:])
+        mamba_step(u, conv_state, ssm_state, weights, dtype=jnp.float32, prenorm=bad)
+    with pytest.raises(ValueError, match=r"prenorm.weight must have shape \(32,\), got \(16,\)"):
+        bad = dataclasses.replace(prenorm, weight=prenorm.weight[:16])
+        mamba_step(u, conv_state, ssm_state, weights, dtype=jnp.float32, prenorm=bad)
     with pytest.raises(ValueError, match=r"splits must be a positive int dividing d_model / depth = 32 / 16, got 3"):
         mamba_step_pallas(u, conv_state, ssm_state, weights, dtype=jnp.float32, interpret=True, depth=16, splits=3)
     with pytest.raises(ValueError, match="batch 17 > 16 needs in_proj and out_proj by XLA, got xla_in_proj=False"):

@@ -43,6 +43,18 @@ class SSMCache(NamedTuple):
     ssm_state: jax.Array
 
 
+class NormedStep:
+    """``normed_step`` for an SSM mixer whose ``_step(u, cache, prenorm)`` runs its fused decode step and returns
+    (out, conv_state, ssm_state[, residual]) (Mamba, Mamba2)."""
+
+    def normed_step(self, hidden: jax.Array, residual: jax.Array | None, norm, cache: SSMCache):
+        """``step`` of ``norm``(float32(hidden) + residual), the add and the RMSNorm computed inside the step's
+        kernels (``PreNorm``; ``Block.step`` calls this): hidden (b, d), residual (b, d) float32 or None ->
+        (out (b, d), the new residual (b, d) float32, the cache after it)."""
+        out, conv_state, ssm_state, residual = self._step(hidden, cache, norm.after_residual(residual))
+        return out, residual, SSMCache(conv_state, ssm_state)
+
+
 class AttentionCache(NamedTuple):
     """Key/value cache of an MHA layer, preallocated for ``s`` positions (shapes in the module docstring)."""
 

@@ -58,8 +58,8 @@ def mamba2_step(
 ) -> tuple[jax.Array, ...]:
     """One token through a Mamba-2 mixer: (out, new conv_state, new ssm_state); the caller's arrays are left as they
     were (inside a decode loop XLA may reuse the carried cache's buffers). With ``prenorm`` (``PreNorm``: the block's
-    residual add + RMSNorm, which the kernels compute inside their first launch) u is the block's hidden and the
-    new float32 residual comes fourth.
+    residual add + RMSNorm, which the kernels compute themselves: in their first launch, or in a launch of its own
+    before XLA's in_proj) u is the block's hidden and the new float32 residual comes fourth.
 
     Shapes: u (b, d); conv_state (b, w, d_ssm + 2gn) the last w conv inputs, oldest first; ssm_state (b, h, p, n)
     float32; ``weights`` a ``Mamba2StepWeights`` (shapes there); ``options`` the mixer's ngroups, dt_limit and norm

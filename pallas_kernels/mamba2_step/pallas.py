@@ -210,7 +210,7 @@ def mamba2_step_pallas(
     num_warps: int = NUM_WARPS,
     state_warps: int = STATE_WARPS,
     num_stages: int = 3,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, ...]:
     """The step in four launches (three kernels, one sum); arguments (``prenorm`` included: the first kernel norms
     u) and results as ``mamba2_step_reference``, shapes there and ``supports``.
 

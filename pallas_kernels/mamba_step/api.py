@@ -55,8 +55,8 @@ def mamba_step(
 ) -> tuple[jax.Array, ...]:
     """One token through a Mamba-1 mixer: (out, new conv_state, new ssm_state); the caller's arrays are left as they
     were (inside a decode loop XLA may reuse the carried cache's buffers). With ``prenorm`` (``PreNorm``: the block's
-    residual add + RMSNorm, which the kernels compute inside their first launch) u is the block's hidden and the
-    new float32 residual comes fourth.
+    residual add + RMSNorm, which the kernels compute themselves: in their first launch, or in a launch of its own
+    before XLA's in_proj) u is the block's hidden and the new float32 residual comes fourth.
 
     Shapes: u (b, d); conv_state (b, w, di) the last w conv inputs, oldest first; ssm_state (b, di, n) float32;
     ``weights`` a ``MambaStepWeights`` (shapes there). ``dtype`` is the compute dtype of the projections and the conv

@@ -257,7 +257,7 @@ def in_proj_partials(
     params,
     interpret: bool,
     name: str,
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array | None]:
     """(u (b, d) @ in_proj (d, m) without its bias, the new residual or None): ``proj_kernel``'s float32 partial sums
     (splits, b, m), or with ``xla`` XLA's own product in ``dtype``, (1, b, m): ``sum_partials`` takes either. With
     ``prenorm`` u is normed first (by ``proj_kernel``, or by ``prenorm_launch`` before XLA's product) and the
@@ -515,7 +515,7 @@ def mamba_step_pallas(
     xla_out_proj: bool | None = None,
     num_warps: int | None = None,
     num_stages: int = 3,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, ...]:
     """The step in five launches (three kernels, two sums), or with XLA's projections in five too (its in_proj,
     two kernels, a sum, its out_proj); arguments (``prenorm`` included: the first kernel norms u) and results as
     ``mamba_step_reference``, shapes there and ``supports``.
