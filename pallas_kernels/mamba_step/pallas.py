@@ -17,10 +17,11 @@ over blocks of MAX_BATCH rows (a second grid axis).
 2. ``_in_kernel``, grid (di / channels,): program j owns channels j * channels ... of d_inner for every batch row:
    x and z = the sums of its partials; the conv window shifted in place; x = silu(conv); x, z stored; its share of
    x_proj, x[:, channels] @ x_proj[channels], stored as a float32 partial sum (di / channels, b, r + 2n).
+   Ahead of ``_out_kernel`` it also copies its channels' SSM state, for that kernel to read.
 3. XLA sums the x_proj partials -> (b, r + 2n).
 4. ``_out_kernel``, grid (di / channels, d / columns): dt = dt_proj of the rounded sum, softplus; the state update
-   of its (b, channels, n) state (stored by the column-0 programs); D; the silu(z) gate; ``columns``
-   columns of its share of out_proj, stored as a float32 partial sum (di / channels, b, d).
+   of its (b, channels, n) state (read from the copy, stored in place by the column-0 programs); D; the silu(z)
+   gate; ``columns`` columns of its share of out_proj, stored as a float32 partial sum (di / channels, b, d).
 5. XLA sums the out_proj partials over di / channels.
 
 From d_model ``XLA_OUT_PROJ_FROM`` on, and past one row, 4 and 5 are instead ``_state_kernel``, grid (di / channels,
@@ -349,13 +350,18 @@ def conv_silu(window: list[jax.Array], conv_ref, bias_ref, span: Span, dtype, op
 
 def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
     """ins: xz (splits, b, 2di) (``in_proj_partials``) [in_proj_bias (2di,)], conv_state
-    (b, w, di), conv (w, di) [conv_bias (di,)], x_proj (di, r + 2n). outs: conv_state (aliased), x and z
-    (b, di), partial (di / channels, b, r + 2n) float32. Grid (di / channels, cdiv(b, rows.size))."""
+    (b, w, di), conv (w, di) [conv_bias (di,)], x_proj (di, r + 2n) [ssm_state (b, di, n)]. outs: conv_state
+    (aliased), x and z (b, di), partial (di / channels, b, r + 2n) float32 [old_state: a copy of ssm_state, for
+    ``_out_kernel`` to read while it writes the new state over ssm_state]. Grid (di / channels, cdiv(b, rows.size))."""
     block = pl.program_id(0)
     rows = program_rows(rows, ins["conv_state"].shape[0])
     first = pl.multiple_of(block * channels, channels)
     d_inner = ins["conv"].shape[1]
     lanes = Span(first, channels, channels)
+    if "ssm_state" in ins:
+        d_state = ins["ssm_state"].shape[2]
+        states = Span(0, pl.next_power_of_2(d_state), d_state)
+        store(outs["old_state"], load(ins["ssm_state"], rows, lanes, states), rows, lanes, states)
     z_lanes = Span(d_inner + first, channels, channels)
     bias = ins.get("in_proj_bias")
     x = sum_partials(ins["xz"], rows, lanes, bias, dtype)
@@ -404,12 +410,14 @@ def _update(ins, lanes: Span, rows: Span, dtype, ops: KernelMath):
 
 
 def _out_kernel(ins, outs, *, channels: int, columns: int, rows: Span, dtype, ops: KernelMath):
-    """ins: as ``_update``'s, and out_proj (di, d). outs: ssm_state (the new state), out (di / channels, b, d)
-    float32.
+    """ins: as ``_update``'s (ssm_state: ``_in_kernel``'s copy of the old state), out_proj (di, d), and the state's
+    own buffer (``state_buffer``, aliased to outs' ssm_state, never read). outs: ssm_state (the new state, in
+    place), out (di / channels, b, d) float32.
 
     Grid (di / channels, d / columns): program (j, k) updates channel block j's state (every k computes it; k = 0
-    stores it) and writes columns k * columns ... of its share of out_proj. The new state is a buffer of its own:
-    written over the old one in place, the k = 0 programs would race with the others still reading it."""
+    stores it) and writes columns k * columns ... of its share of out_proj. Every k reads the old state from the
+    copy, so the k = 0 programs may write over the state's buffer while the others still compute: the new state
+    needs no buffer of its own (which cost a copy into the decode loop's carry, ~1.5 us a layer)."""
     block, column = pl.program_id(0), pl.program_id(1)
     first = pl.multiple_of(block * channels, channels)
     lanes = Span(first, channels, channels)
@@ -624,18 +632,21 @@ def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
 
     ins = {"xz": xz, "conv_state": conv_state}
     ins |= _pick(w, "in_proj_bias", "conv", "conv_bias", "x_proj")
+    out_shape = {
+        "conv_state": jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
+        "partial": jax.ShapeDtypeStruct((blocks, batch, width), jnp.float32),
+        "x": jax.ShapeDtypeStruct((batch, d_inner), dtype),
+        "z": jax.ShapeDtypeStruct((batch, d_inner), dtype),
+    }
+    if not xla_out_proj:  # _out_kernel reads the old state from a copy (its docstring)
+        ins["ssm_state"] = ssm_state
+        out_shape["old_state"] = jax.ShapeDtypeStruct(ssm_state.shape, jnp.float32)
     # The conv window is updated in place (each program reads and writes only its own channels; in a decode loop this
-    # saves a copy of the window). The SSM state is too where one program owns its channels (``_state_kernel``), not
-    # in ``_out_kernel``, where every column's program reads it (``_out_kernel``'s docstring).
+    # saves a copy of the window), and so is the SSM state by the last kernel.
     first = pl.pallas_call(
         functools.partial(_in_kernel, **common_out),
-        input_output_aliases={sorted(ins).index("conv_state"): 0},  # outs flatten in sorted key order
-        out_shape={
-            "conv_state": jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
-            "partial": jax.ShapeDtypeStruct((blocks, batch, width), jnp.float32),
-            "x": jax.ShapeDtypeStruct((batch, d_inner), dtype),
-            "z": jax.ShapeDtypeStruct((batch, d_inner), dtype),
-        },
+        input_output_aliases={sorted(ins).index("conv_state"): sorted(out_shape).index("conv_state")},
+        out_shape=out_shape,
         grid=(blocks, pl.cdiv(batch, rows.size)),
         compiler_params=params,
         interpret=interpret,
@@ -665,8 +676,10 @@ def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
         out = second["y"] @ weights.out_proj.astype(dtype)
     else:
         out_columns = depth_for(d_model, columns)
+        ins |= {"ssm_state": first["old_state"], "state_buffer": ssm_state, "out_proj": weights.out_proj}
         second = pl.pallas_call(
             functools.partial(_out_kernel, **common_out, columns=out_columns),
+            input_output_aliases={sorted(ins).index("state_buffer"): 1},  # outs: out, ssm_state
             out_shape={
                 "out": jax.ShapeDtypeStruct((blocks, batch, d_model), jnp.float32),
                 "ssm_state": jax.ShapeDtypeStruct(ssm_state.shape, jnp.float32),
@@ -675,7 +688,7 @@ def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
             compiler_params=params,
             interpret=interpret,
             name="mamba_step_out",
-        )(ins | {"out_proj": weights.out_proj})
+        )(ins)
         out = second["out"].sum(axis=0).astype(dtype)
     if weights.out_proj_bias is not None:
         out = out + weights.out_proj_bias.astype(dtype)
