@@ -58,7 +58,7 @@ from pallas_kernels.mamba_step.pallas import (
     sum_partials,
     xla_projections,
 )
-from pallas_kernels.mamba_step.reference import PreNorm
+from pallas_kernels.mamba_step.reference import PreNorm, with_residual
 from pallas_kernels.selective_scan.kernel_math import LOG2_E, KernelMath
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
 
@@ -334,7 +334,7 @@ def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, prenorm: PreN
         result = y @ weights.out_proj.astype(dtype)
         if weights.out_proj_bias is not None:
             result = result + weights.out_proj_bias.astype(dtype)
-        return _with_residual((result, conv_state, state["ssm_state"]), residual)
+        return with_residual((result, conv_state, state["ssm_state"]), residual)
 
     ins = {"y": state["y"], "out_proj": weights.out_proj, "xz": xz, "conv_state": state["conv_state"]}
     ins |= {name: w[name] for name in ("in_proj_bias",) if name in w}
@@ -366,12 +366,7 @@ def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, prenorm: PreN
     result = out["out"].sum(axis=0).astype(dtype)
     if weights.out_proj_bias is not None:
         result = result + weights.out_proj_bias.astype(dtype)
-    return _with_residual((result, out["conv_state"], state["ssm_state"]), residual)
-
-
-def _with_residual(result: tuple, residual):
-    """The step's results, the prenorm's residual fourth where there is one."""
-    return result if residual is None else (*result, residual)
+    return with_residual((result, out["conv_state"], state["ssm_state"]), residual)
 
 
 def _shift_bc(conv_state, xz, in_proj_bias, d_ssm: int, dtype):

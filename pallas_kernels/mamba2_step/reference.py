@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mamba_step.reference import PreNorm, conv_step, linear, prenormed
+from pallas_kernels.mamba_step.reference import PreNorm, conv_step, linear, prenormed, with_residual
 from pallas_kernels.state_update.reference import state_update_reference
 
 
@@ -115,5 +115,4 @@ def mamba2_step_reference(
         y = gated_rmsnorm(y, z, w.norm, g, o.norm_before_gate, o.eps).astype(dtype)
     if d_mlp:
         y = jnp.concatenate([jax.nn.silu(z0) * x0, y], axis=-1)
-    result = (linear(y, w.out_proj, w.out_proj_bias, dtype), window, ssm_state)
-    return result if prenorm is None else (*result, residual)
+    return with_residual((linear(y, w.out_proj, w.out_proj_bias, dtype), window, ssm_state), residual)

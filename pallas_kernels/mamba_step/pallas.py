@@ -45,7 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.batch_split import over_batch
-from pallas_kernels.mamba_step.reference import MambaStepWeights, PreNorm, mamba_step_reference
+from pallas_kernels.mamba_step.reference import MambaStepWeights, PreNorm, mamba_step_reference, with_residual
 from pallas_kernels.selective_scan.kernel_math import LOG2_E, KernelMath
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
 from pallas_kernels.selective_scan.pallas_fwd import as_index
@@ -219,17 +219,13 @@ def prenorm_tiles(ins, outs, rows: Span, eps: float, norm_dtype, write):
     d = ins["u"].shape[1]
     whole = Span(0, pl.next_power_of_2(d), d)
 
-    def add_residual(u, span: Span):
-        return u if "residual" not in ins else u + load(ins["residual"], rows, span)
-
     def weighted(tile, row, scale=1.0):
         span = Span(row, tile.shape[1], tile.shape[1])
-        return add_residual(tile, span) * scale * load(ins["norm_weight"], span)[None]
+        return add_residual(ins, tile, rows, span) * scale * load(ins["norm_weight"], span)[None]
 
-    s = add_residual(load(ins["u"], rows, whole), whole)  # (rows, padded d)
+    s = add_residual(ins, load(ins["u"], rows, whole), rows, whole)  # (rows, padded d)
 
-    def rstd():
-        return lax.rsqrt(jnp.sum(s * s, axis=1, keepdims=True) / d + eps)
+    rstd = functools.partial(inverse_rms, s, d, eps)
 
     def finish(scale):
         @pl.when(write)
@@ -242,6 +238,24 @@ def prenorm_tiles(ins, outs, rows: Span, eps: float, norm_dtype, write):
         return weighted, functools.partial(finish, rstd)
     scale = rstd()
     return lambda tile, row: rounded(weighted(tile, row, scale), norm_dtype), functools.partial(finish, lambda: 1.0)
+
+
+def add_residual(ins, u, rows, span: Span) -> jax.Array:
+    """float32 u (rows, span) plus the residual's (ins["residual"]) same elements, where the block has one."""
+    return u if "residual" not in ins else u + load(ins["residual"], rows, span)
+
+
+def inverse_rms(s, d: int, eps: float) -> jax.Array:
+    """1 / sqrt(mean(s^2) + eps) per row of s (rows, padded d), its first d columns the row (the rest zero)."""
+    return lax.rsqrt(jnp.sum(s * s, axis=1, keepdims=True) / d + eps)
+
+
+def prenorm_inputs(prenorm: PreNorm) -> dict:
+    """The norm kernels' inputs from a PreNorm: norm_weight, and the residual unless the first block's."""
+    ins = {"norm_weight": prenorm.weight}
+    if prenorm.residual is not None:
+        ins["residual"] = prenorm.residual
+    return ins
 
 
 def in_proj_partials(
@@ -273,9 +287,7 @@ def in_proj_partials(
     out_shape = {"xz": jax.ShapeDtypeStruct((splits, batch, width), jnp.float32)}
     norm = None
     if prenorm is not None:
-        ins["norm_weight"] = prenorm.weight
-        if prenorm.residual is not None:
-            ins["residual"] = prenorm.residual
+        ins |= prenorm_inputs(prenorm)
         out_shape["residual"] = jax.ShapeDtypeStruct(u.shape, jnp.float32)
         norm = (prenorm.eps, jnp.dtype(prenorm.dtype))
     rows = batch_rows(batch)
@@ -295,9 +307,6 @@ def in_proj_partials(
 def prenorm_launch(u, prenorm: PreNorm, interpret: bool) -> tuple[jax.Array, jax.Array]:
     """``prenormed(u, prenorm)`` as one launch, one program a batch row (XLA takes three to four kernels for it at
     batch 1): (the normed u (b, d) in prenorm.dtype, the residual (b, d) float32)."""
-    ins = {"u": u, "norm_weight": prenorm.weight}
-    if prenorm.residual is not None:
-        ins["residual"] = prenorm.residual
     result = pl.pallas_call(
         functools.partial(_norm_kernel, eps=prenorm.eps),
         out_shape={
@@ -308,7 +317,7 @@ def prenorm_launch(u, prenorm: PreNorm, interpret: bool) -> tuple[jax.Array, jax
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="mamba_step_norm",
-    )(ins)
+    )({"u": u} | prenorm_inputs(prenorm))
     return result["x"], result["residual"]
 
 
@@ -317,12 +326,9 @@ def _norm_kernel(ins, outs, *, eps: float):
     batch row r, its whole row at once."""
     row, d = Span(pl.program_id(0), 1, 1), ins["u"].shape[1]
     whole = Span(0, pl.next_power_of_2(d), d)
-    s = load(ins["u"], row, whole)
-    if "residual" in ins:
-        s = s + load(ins["residual"], row, whole)
-    rstd = lax.rsqrt(jnp.sum(s * s, axis=1, keepdims=True) / d + eps)
+    s = add_residual(ins, load(ins["u"], row, whole), row, whole)
     store(outs["residual"], s, row, whole)
-    store(outs["x"], s * rstd * load(ins["norm_weight"], whole)[None], row, whole)
+    store(outs["x"], s * inverse_rms(s, d, eps) * load(ins["norm_weight"], whole)[None], row, whole)
 
 
 def sum_partials(xz_ref, rows, span: Span, bias_ref, dtype) -> jax.Array:
@@ -692,8 +698,7 @@ def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
         out = second["out"].sum(axis=0).astype(dtype)
     if weights.out_proj_bias is not None:
         out = out + weights.out_proj_bias.astype(dtype)
-    result = (out, first["conv_state"], second["ssm_state"])
-    return result if prenorm is None else (*result, residual)
+    return with_residual((out, first["conv_state"], second["ssm_state"]), residual)
 
 
 def _pick(weights: dict, *names: str) -> dict:

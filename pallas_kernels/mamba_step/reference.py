@@ -63,6 +63,11 @@ def prenormed(hidden: jax.Array, prenorm: PreNorm) -> tuple[jax.Array, jax.Array
     return (normed * prenorm.weight.astype(jnp.float32)).astype(prenorm.dtype), s
 
 
+def with_residual(result: tuple, residual: jax.Array | None) -> tuple:
+    """A step's (out, conv_state, ssm_state), with the prenorm's residual fourth where there is one."""
+    return result if residual is None else (*result, residual)
+
+
 def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
     """x @ kernel (+ bias), inputs cast to ``dtype`` and the result in it, as ``nnx.Linear``."""
     y = x.astype(dtype) @ kernel.astype(dtype)
@@ -125,5 +130,4 @@ def mamba_step_reference(
         w.dt_bias.astype(f32)[None],
         dt_softplus=True,
     )
-    result = (linear(y[:, 0], w.out_proj, w.out_proj_bias, dtype), window, ssm_state[:, 0])
-    return result if prenorm is None else (*result, residual)
+    return with_residual((linear(y[:, 0], w.out_proj, w.out_proj_bias, dtype), window, ssm_state[:, 0]), residual)
