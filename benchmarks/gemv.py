@@ -1,16 +1,23 @@
 """Batch-1 matrix-vector products y (1, N) = u (1, K) @ W (K, N), the decode step's projections, as XLA runs them and
-as Pallas (Triton) tilings of the kind ``pallas_kernels/mamba_step`` uses: which tiling reads W nearest the memory
-bandwidth. The fused step's first kernel reads in_proj at ~1.6 TB/s of the H100's 3.35 (benchmarks/RESULTS.md).
+as Pallas tilings (Triton, and Mosaic GPU) of the kind ``pallas_kernels/mamba_step`` uses: which reads W nearest the
+memory bandwidth. The fused step's in_proj kernel reads at ~2.3 TB/s (1.4b) of the H100's ~3.0 (benchmarks/RESULTS.md).
 
     PYTHONPATH=. python3 benchmarks/gemv.py --out benchmarks/results/gemv_h100.json
+    PYTHONPATH=. python3 benchmarks/gemv.py --backends triton,mosaic --out benchmarks/results/gemv_mosaic_h100.json
     PYTHONPATH=. python3 benchmarks/gemv.py --tiny        # a small shape in the interpreter, for a CPU check
 
 A Pallas variant is (columns, depth, splits, warps, stages): program (j, s) of the grid (N / columns, splits) reads
 rows s K / splits ... (s + 1) K / splits of the ``columns`` columns j columns ... in tiles of (depth, columns), keeps
 the (depth, columns) float32 products and sums them after its loop; with splits > 1 XLA sums the (splits, N) float32
-partials. Each timing runs the product for ``--matrices`` different random W (more bytes than the L2 holds) ``--iters``
-times in one compiled loop; us per product = median loop time / (iters * matrices); TB/s = bytes of W / that time.
-Every variant's result is first checked against XLA's in float32.
+partials. A Mosaic GPU variant ("mosaic", columns, depth, splits, stages) has the same grid, one warpgroup a program
+(128 threads, columns / 128 columns each): the copy engine stages (depth, columns) tiles of W and depth elements of
+u in shared memory, ``stages`` tiles in flight (``plgpu.emit_pipeline``), and each thread adds u[r] times its columns
+of row r into float32 registers (jax >= 0.11, compute capability 9.0+; u's tile must be a multiple of 128 bytes:
+depth >= 64 in 16 bits).
+
+Each timing runs the product for ``--matrices`` different random W (more bytes than the L2 holds) ``--iters`` times
+in one compiled loop; us per product = median loop time / (iters * matrices); TB/s = bytes of W / that time. Every
+variant's result is first checked against XLA's in float32.
 """
 
 from __future__ import annotations
@@ -59,6 +66,19 @@ VARIANTS = [
     (256, 64, 2, 8, 2),
     (128, 128, 4, 8, 3),
 ]
+# ("mosaic", columns, depth, splits, stages)
+MOSAIC_VARIANTS = [
+    ("mosaic", 128, 64, 4, 4),
+    ("mosaic", 128, 64, 2, 4),
+    ("mosaic", 128, 64, 8, 4),
+    ("mosaic", 128, 64, 16, 4),
+    ("mosaic", 128, 64, 4, 6),
+    ("mosaic", 128, 128, 4, 3),
+    ("mosaic", 128, 128, 2, 3),
+    ("mosaic", 256, 64, 8, 4),
+    ("mosaic", 256, 64, 2, 4),
+    ("mosaic", 128, 256, 2, 2),
+]
 
 
 def _gemv_kernel(u_ref, w_ref, out_ref, *, depth: int):
@@ -99,6 +119,47 @@ def pallas_gemv(variant, interpret: bool):
     return gemv
 
 
+def mosaic_gemv(variant, interpret: bool):
+    """u (K,), W (K, N) -> y (N,) float32 by the Mosaic GPU kernel ``variant``."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    _, columns, depth, splits, stages = variant
+    layout = plgpu.Layout.WG_STRIDED((columns,), columns // 128)
+
+    def body(u_ref, w_ref, out_ref):
+        j, s = lax.axis_index("j"), lax.axis_index("s")
+        rows = pl.ds(s * (u_ref.shape[0] // splits), u_ref.shape[0] // splits)
+
+        def tile(_, u_tile, w_tile, acc):
+            for r in range(depth):
+                u = jnp.broadcast_to(u_tile[r].astype(jnp.float32), (columns,))
+                acc = acc + u * plgpu.load(w_tile.at[r], layout=layout).astype(jnp.float32)
+            return acc
+
+        acc = plgpu.emit_pipeline(
+            tile,
+            grid=(u_ref.shape[0] // splits // depth,),
+            in_specs=[plgpu.BlockSpec((depth,), lambda i: (i,)), plgpu.BlockSpec((depth, columns), lambda i: (i, 0))],
+            max_concurrent_steps=stages,
+            init_carry=plgpu.layout_cast(jnp.zeros((columns,), jnp.float32), layout),
+        )(u_ref.at[rows], w_ref.at[rows, pl.ds(j * columns, columns)])
+        out_ref[s, pl.ds(j * columns, columns)] = acc
+
+    def gemv(u, w):
+        n = w.shape[1]
+        partial = plgpu.kernel(
+            body,
+            out_type=jax.ShapeDtypeStruct((splits, n), jnp.float32),
+            grid=(n // columns, splits),
+            grid_names=("j", "s"),
+            compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+            interpret=plgpu.InterpretGPUParams() if interpret else False,
+        )(u, w)
+        return partial.sum(axis=0)
+
+    return gemv
+
+
 def xla_gemv(u, w):
     return jnp.dot(u, w, preferred_element_type=jnp.float32)
 
@@ -131,9 +192,15 @@ def measure(name, k, n, variants, args, interpret) -> list[dict]:
     for variant in ["xla", *variants]:
         row = {"shape": name, "K": k, "N": n, "variant": str(variant)}
         try:
-            gemv = xla_gemv if variant == "xla" else pallas_gemv(variant, interpret)
-            if variant != "xla" and (n % variant[0] or k % (variant[1] * variant[2])):
+            tiling = variant[1:] if variant[0] == "mosaic" else variant
+            if variant != "xla" and (n % tiling[0] or k % (tiling[1] * tiling[2])):
                 raise ValueError("the tiling does not divide the shape")
+            if variant == "xla":
+                gemv = xla_gemv
+            elif variant[0] == "mosaic":
+                gemv = mosaic_gemv(variant, interpret)
+            else:
+                gemv = pallas_gemv(variant, interpret)
             got = jax.jit(gemv)(u, matrices[0])
             row["max_rel_err"] = float(jnp.max(jnp.abs(got - exact)) / jnp.max(jnp.abs(exact)))
             timing = time_ms(loop(gemv, args.iters), matrices, u, reps=args.reps, warmup=2)
@@ -152,15 +219,20 @@ def main():
     parser.add_argument("--matrices", type=int, default=8)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--tiny", action="store_true", help="one small shape and two tilings in the interpreter")
+    parser.add_argument("--tiny", action="store_true", help="one small shape, two or three tilings, interpreted")
+    parser.add_argument("--backends", default="triton", help="comma-separated, of triton and mosaic (jax >= 0.11)")
+    parser.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     interpret = not pallas_supported()
     if not interpret:
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
-    shapes, variants = SHAPES, VARIANTS
+    backends = args.backends.split(",")
+    shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
+    variants = (VARIANTS if "triton" in backends else []) + (MOSAIC_VARIANTS if "mosaic" in backends else [])
     if args.tiny:
-        shapes, variants = [("tiny", 64, 128)], [(64, 16, 1, 4, 3), (32, 16, 2, 4, 3)]
+        shapes, variants = [("tiny", 64, 256)], [(64, 16, 1, 4, 3), (32, 16, 2, 4, 3)]
+        variants += [("mosaic", 128, 64, 1, 2)] if "mosaic" in backends else []
         args.matrices, args.iters, args.reps = 2, 2, 2
     rows = []
     for name, k, n in shapes:

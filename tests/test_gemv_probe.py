@@ -1,0 +1,33 @@
+"""benchmarks/gemv.py's matrix-vector kernels (a probe, not used by the model) against the float32 product, in the
+interpreters: the Triton tiling and, where jax has Mosaic GPU's interpreter (>= 0.11), the Mosaic GPU kernel."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks.gemv import mosaic_gemv, pallas_gemv
+from pallas_kernels.selective_scan import mosaic_fwd
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        (64, 16, 2, 4, 3),
+        pytest.param(
+            ("mosaic", 128, 64, 2, 2),
+            marks=pytest.mark.skipif(not mosaic_fwd.available(), reason="Mosaic GPU's interpreter needs jax >= 0.11"),
+        ),
+    ],
+    ids=str,
+)
+def test_gemv_kernels_match_product(variant):
+    rng = np.random.default_rng(0)
+    k, n = 256, 384
+    u = jnp.asarray(rng.standard_normal(k), jnp.float16)
+    w = jnp.asarray(rng.standard_normal((k, n)) / k**0.5, jnp.float16)
+    gemv = mosaic_gemv(variant, True) if variant[0] == "mosaic" else pallas_gemv(variant, True)
+    expected = np.asarray(u, np.float64) @ np.asarray(w, np.float64)
+    np.testing.assert_allclose(np.asarray(jax.jit(gemv)(u, w)), expected, rtol=0, atol=1e-5)
