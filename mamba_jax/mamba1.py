@@ -181,7 +181,7 @@ class Mamba(NormedStep, nnx.Module):
             out_proj=self.out_proj.kernel[...],
             out_proj_bias=value_or_none(self.out_proj.bias),
         )
-        dtype = self.dtype or jnp.result_type(u.dtype if prenorm is None else prenorm.dtype, weights.in_proj)
+        dtype = self._step_dtype(u, prenorm, weights.in_proj)
         return mamba_step(
             u,
             cache.conv_state,

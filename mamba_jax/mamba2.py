@@ -314,7 +314,7 @@ class Mamba2(NormedStep, nnx.Module):
         options = Mamba2StepOptions(
             self.ngroups, self.dt_limit, self.norm_before_gate, 1e-5 if self.norm is None else self.norm.eps
         )
-        dtype = self.dtype or jnp.result_type(u.dtype if prenorm is None else prenorm.dtype, weights.in_proj)
+        dtype = self._step_dtype(u, prenorm, weights.in_proj)
         return mamba2_step(
             u,
             cache.conv_state,

@@ -54,6 +54,11 @@ class NormedStep:
         out, conv_state, ssm_state, residual = self._step(hidden, cache, norm.after_residual(residual))
         return out, residual, SSMCache(conv_state, ssm_state)
 
+    def _step_dtype(self, u: jax.Array, prenorm, in_proj: jax.Array):
+        """The dtype ``_step`` computes in: the layer's ``dtype``, else that of what the mixer sees (u, or the
+        norm's output under a ``PreNorm``) promoted with in_proj's."""
+        return self.dtype or jnp.result_type(u.dtype if prenorm is None else prenorm.dtype, in_proj)
+
 
 class AttentionCache(NamedTuple):
     """Key/value cache of an MHA layer, preallocated for ``s`` positions (shapes in the module docstring)."""
