@@ -83,9 +83,7 @@ def mamba2_step_reference(
     dt = clip(softplus(dt + dt_bias), dt_limit); y = selective_state_update(ssm_state, x, dt, A = -exp(A_log), B, C,
     D); y = norm(y, z) (or y * silu(z)); out = out_proj([silu(z0) * x0, y]).
     """
-    residual = None
-    if prenorm is not None:
-        u, residual = prenormed(u, prenorm)
+    u, residual = prenormed(u, prenorm)
     w, o = weights, options
     b = u.shape[0]
     _, h, p, n = ssm_state.shape

@@ -54,8 +54,11 @@ class PreNorm:
     dtype: Any = dataclasses.field(metadata=dict(static=True))
 
 
-def prenormed(hidden: jax.Array, prenorm: PreNorm) -> tuple[jax.Array, jax.Array]:
-    """hidden (b, d) -> (the normed input in prenorm.dtype, s float32 (b, d)), as ``Block`` computes them."""
+def prenormed(hidden: jax.Array, prenorm: PreNorm | None) -> tuple[jax.Array, jax.Array | None]:
+    """hidden (b, d) -> (the normed input in prenorm.dtype, s float32 (b, d)), as ``Block`` computes them; without a
+    prenorm (hidden, None)."""
+    if prenorm is None:
+        return hidden, None
     s = hidden.astype(jnp.float32)
     if prenorm.residual is not None:
         s = s + prenorm.residual.astype(jnp.float32)
@@ -106,9 +109,7 @@ def mamba_step_reference(
     [x, z] = in_proj(u); x = silu(conv over [conv_state[:, 1:], x]); [dt, B, C] = x_proj(x); dt = dt @ dt_proj;
     y = selective_state_update(ssm_state, x, dt, A = -exp(A_log), B, C, D, z, dt_bias, softplus); out = out_proj(y).
     """
-    residual = None
-    if prenorm is not None:
-        u, residual = prenormed(u, prenorm)
+    u, residual = prenormed(u, prenorm)
     w = weights
     rank = w.dt_proj.shape[0]
     d_state = w.A_log.shape[1]
