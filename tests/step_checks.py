@@ -1,7 +1,9 @@
 """Checks shared by the fused decode steps' tests (tests/test_mamba_step.py, tests/test_mamba2_step.py): the kernels
-against the reference through jax.grad, inside a mixer and a language model, and repeated on a GPU."""
+against the reference result by result, through jax.grad, inside a mixer and a language model, and repeated on a GPU."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ from flax import nnx
 
 from mamba_jax.generation.cache import NormedStep
 from pallas_kernels.mamba_step import PreNorm
-from tests.tolerances import assert_close
+from tests.tolerances import as_float32, assert_close, assert_no_worse
 
 
 def random_prenorm(shape, seed: int, first: bool = False) -> PreNorm:
@@ -21,6 +23,27 @@ def random_prenorm(shape, seed: int, first: bool = False) -> PreNorm:
     residual = None if first else jnp.asarray(rng.standard_normal((shape.batch, shape.d_model)) * 3, jnp.float32)
     weight = jnp.asarray(rng.uniform(0.5, 1.5, shape.d_model), shape.param_dtype)
     return PreNorm(residual, weight, 1e-5, jnp.dtype(shape.dtype))
+
+
+def float32_prenorm(prenorm: PreNorm | None) -> PreNorm | None:
+    """``prenorm`` for the float32 computation: its arrays and its output dtype float32."""
+    if prenorm is None:
+        return None
+    return as_float32(dataclasses.replace(prenorm, dtype=jnp.dtype(jnp.float32)))
+
+
+def assert_step_results(actual, expected, exact, shape, prenorm: PreNorm | None) -> None:
+    """A step's results (out, conv_state, ssm_state[, residual with ``prenorm``]) from the kernels (``actual``)
+    against the reference's in the compute dtype ``shape.dtype`` (``expected``) and in float32 (``exact``). float32:
+    elementwise within the table's tolerance of the reference. 16-bit: norm-wise within COMPOSED_ERROR_FACTOR times
+    the 16-bit reference's own error, both against the float32 computation."""
+    names = ("out", "conv_state", "ssm_state") + (() if prenorm is None else ("residual",))
+    for name, a, e, x in zip(names, actual, expected, exact, strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        if jnp.dtype(shape.dtype) == jnp.float32:
+            assert_close(a, e, shape.dtype, err_msg=f"{name} of {shape}")
+        else:
+            assert_no_worse(a, e, x, f"{name} of {shape}")
 
 
 def assert_gradients_match(step, args) -> None:

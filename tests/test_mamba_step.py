@@ -24,9 +24,11 @@ from tests.step_checks import (
     assert_language_model_steps_agree,
     assert_mixer_steps_agree,
     assert_repeats_exactly,
+    assert_step_results,
+    float32_prenorm,
     random_prenorm,
 )
-from tests.tolerances import as_float32, assert_close, assert_no_worse
+from tests.tolerances import as_float32, assert_close
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,23 +76,15 @@ def arguments(shape: Shape, seed: int):
 
 
 def check_kernels(shape: Shape, seed: int, interpret: bool | None, prenorm: PreNorm | None = None, **options) -> None:
-    """float32: elementwise within the table's tolerance of the reference. 16-bit: norm-wise within
-    COMPOSED_ERROR_FACTOR times the 16-bit reference's own error, both against the float32 computation."""
+    """The kernels against the reference on random arguments for ``shape`` (``assert_step_results``)."""
     args = arguments(shape, seed)
     dtype = jnp.dtype(shape.dtype)
     reference = jax.jit(mamba_step_reference, static_argnums=4)
     expected = reference(*args, dtype, prenorm)
     kernels = jax.jit(functools.partial(mamba_step_pallas, **options), static_argnames=("dtype", "interpret"))
     actual = kernels(*args, dtype=dtype, prenorm=prenorm, interpret=interpret)
-    exact_norm = None if prenorm is None else dataclasses.replace(prenorm, dtype=jnp.dtype(jnp.float32))
-    exact = reference(*as_float32(args), jnp.float32, as_float32(exact_norm))
-    names = ("out", "conv_state", "ssm_state") + (() if prenorm is None else ("residual",))
-    for name, a, e, x in zip(names, actual, expected, exact, strict=True):
-        assert a.shape == e.shape and a.dtype == e.dtype, name
-        if dtype == jnp.float32:
-            assert_close(a, e, shape.dtype, err_msg=f"{name} of {shape}")
-        else:
-            assert_no_worse(a, e, x, f"{name} of {shape}")
+    exact = reference(*as_float32(args), jnp.float32, float32_prenorm(prenorm))
+    assert_step_results(actual, expected, exact, shape, prenorm)
 
 
 # Small: the interpreter runs each program one after another. Odd sizes: batch 3 (rows padded to 16), d_model 48
