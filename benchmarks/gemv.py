@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from benchmarks.timing import environment, time_ms
+from pallas_kernels.selective_scan import mosaic_fwd
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
 
 # (name, K, N): the Mamba-1 decode step's two large projections.
@@ -228,7 +229,14 @@ def main():
     if not interpret:
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
     backends = args.backends.split(",")
-    shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
+    if not set(backends) <= {"triton", "mosaic"}:
+        parser.error(f"--backends: comma-separated, of triton and mosaic, got {args.backends!r}")
+    if "mosaic" in backends and not mosaic_fwd.available():
+        parser.error(f"--backends mosaic: needs jax >= 0.11's Mosaic GPU API, this is jax {jax.__version__}")
+    indices = args.shapes.split(",") if args.shapes else [str(i) for i in range(len(SHAPES))]
+    if not all(i.isdigit() and int(i) < len(SHAPES) for i in indices):
+        parser.error(f"--shapes: comma-separated indices from 0 to {len(SHAPES) - 1}, got {args.shapes!r}")
+    shapes = [SHAPES[int(i)] for i in indices]
     variants = (VARIANTS if "triton" in backends else []) + (MOSAIC_VARIANTS if "mosaic" in backends else [])
     if args.tiny:
         shapes, variants = [("tiny", 64, 256)], [(64, 16, 1, 4, 3), (32, 16, 2, 4, 3)]
