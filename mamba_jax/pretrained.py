@@ -140,13 +140,28 @@ def _compute_dtype(compute_dtype, param_dtype):
     return param_dtype if jnp.dtype(param_dtype).itemsize == 2 else None
 
 
+def placed_model(config: MambaConfig, dtype, compute_dtype, mesh, rules, implementations: dict):
+    """(graphdef, abstract parameter state, placement) of the model to load. Where the placement splits a parameter
+    over devices and no decode step was asked for, the step is XLA's ("reference"): the fused step's kernels take
+    whole weights, so every device would gather every layer's weights at every token, where XLA partitions its
+    products over the shards."""
+    model = abstract_model(config, dtype, compute_dtype, **implementations)
+    graphdef, params = nnx.split(model, nnx.Param)
+    placement = placements(params, mesh, rules)
+    split = any(not sharding.is_fully_replicated for sharding in placement.values())
+    if split and implementations["step_implementation"] is None:
+        model = abstract_model(config, dtype, compute_dtype, **(implementations | {"step_implementation": "reference"}))
+        graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params, placement
+
+
 def _convert_in_memory(source_arg: str, dtype, compute_dtype, mesh, rules, implementations) -> MambaLMHeadModel:
     """Convert a source (directory or Hub repo id) tensor by tensor, placing each on its devices as it comes."""
     source = inspect_source(resolve_source(source_arg))
     config = model_config(source)
-    model = abstract_model(config, dtype, _compute_dtype(compute_dtype, dtype), **implementations)
-    graphdef, params = nnx.split(model, nnx.Param)
-    placement = placements(params, mesh, rules)
+    graphdef, params, placement = placed_model(
+        config, dtype, _compute_dtype(compute_dtype, dtype), mesh, rules, implementations
+    )
     arrays: dict = {}
     with Weights([source.weights]) as weights:
         for path, array in convert_tensors(weights, plan_source(source, weights, config, dtype)):
@@ -178,8 +193,7 @@ def load_pretrained(
       ``mamba_jax.sharding.LOGICAL_AXIS_RULES``); each device reads only its shards. No mesh: the first device.
     scan_implementation, ssd_implementation, step_implementation: as ``MambaLMHeadModel``'s (the Mamba-1 scan's, the
       Mamba-2 SSD's, and the decode step's: ``pallas_kernels.mamba_step`` / ``mamba2_step``); None: the platform's
-      best. For sharded decoding of a model
-      too large for one device pass step_implementation="reference" (the kernels gather the weights).
+      best, but the decode step XLA's where ``mesh`` splits parameters over devices (``placed_model``).
     """
     dtype = _floating_dtype("dtype", dtype)
     compute_dtype = _floating_dtype("compute_dtype", compute_dtype)
@@ -205,8 +219,9 @@ def load_pretrained(
     if dtype is None:
         stored = stored_params(directory)
         dtype = stored[EMBEDDING_PATH].dtype if EMBEDDING_PATH in stored else jnp.float32
-    model = abstract_model(config, dtype, _compute_dtype(compute_dtype, dtype), **implementations)
-    graphdef, params = nnx.split(model, nnx.Param)
-    restored = restore_params(directory, params, placements(params, mesh, rules))
+    graphdef, params, placement = placed_model(
+        config, dtype, _compute_dtype(compute_dtype, dtype), mesh, rules, implementations
+    )
+    restored = restore_params(directory, params, placement)
     nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params)

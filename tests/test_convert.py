@@ -143,6 +143,12 @@ def test_load_pretrained_sharded_and_in_memory(tmp_path):
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     assert {shard.data.shape for shard in kernel.addressable_shards} == {(8, 32)}
     assert rel_err(jax_logits(sharded, ids), expected) <= PARITY_REL_ERR_FP32
+    # weights split over devices: the decode step is XLA's (its products partitioned), unless one was asked for
+    assert {layer.mixer.step_implementation for layer in sharded.backbone.layers} == {"reference"}
+    asked = load_pretrained(tmp_path / "dst", mesh=mesh, step_implementation="pallas")
+    assert {layer.mixer.step_implementation for layer in asked.backbone.layers} == {"pallas"}
+    replicated = load_pretrained(tmp_path / "dst", mesh=make_mesh(data=8))  # every weight whole on every device
+    assert {layer.mixer.step_implementation for layer in replicated.backbone.layers} == {None}
 
     in_memory = load_pretrained(tmp_path / "src", dtype="float16", mesh=mesh)
     head = in_memory.lm_head.kernel[...]
