@@ -7,9 +7,17 @@ PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12
 VENV312 ?= .venv312
 DEVICE_STACK := jax==0.11.2 flax==0.12.10 optax==0.2.8 orbax-checkpoint==0.12.4 einops==0.8.2 \
 	transformers==5.17.0 safetensors==0.8.0 huggingface_hub==1.33.0 tqdm rich pytest pytest-xdist
+# The newest releases on the package index when last checked (jax 0.12), on Python 3.12: the Pallas kernels' tests
+# (in the interpreter, on CPU), where a jax release that changes Pallas shows first.
+VENV_NEWEST ?= .venv-newest
+NEWEST_STACK := jax==0.12.0.1 flax==0.12.12 optax==0.2.8 orbax-checkpoint==0.12.8 einops==0.8.2 \
+	transformers==5.23.0 safetensors==0.8.0 huggingface_hub==2.4.0 tqdm pytest pytest-xdist
+KERNEL_TESTS := tests/test_selective_scan_pallas.py tests/test_ssd.py tests/test_causal_conv.py \
+	tests/test_state_update.py tests/test_mamba_step.py tests/test_mamba2_step.py tests/test_batch_split.py \
+	tests/test_gemv_probe.py
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: demo test test-device-stack test-gpu lint format clean
+.PHONY: demo test test-device-stack test-newest-jax test-gpu lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +33,13 @@ $(VENV312)/.installed: pyproject.toml
 	$(VENV312)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
+$(VENV_NEWEST)/.installed: pyproject.toml
+	$(PYTHON312) -m venv $(VENV_NEWEST)
+	$(VENV_NEWEST)/bin/python -m pip install -q --upgrade pip
+	$(VENV_NEWEST)/bin/python -m pip install -q $(NEWEST_STACK)
+	$(VENV_NEWEST)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
 demo: $(VENV)/.installed
 	$(PY) -m examples.demo
 
@@ -36,6 +51,9 @@ test: $(VENV)/.installed
 # Same suite on the GPU machines' versions (no torch there: the torch parity tests skip).
 test-device-stack: $(VENV312)/.installed
 	$(VENV312)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-newest-jax: $(VENV_NEWEST)/.installed
+	$(VENV_NEWEST)/bin/python -m pytest $(PYTEST_ARGS) $(KERNEL_TESTS)
 
 # On a GPU machine with the packages installed (the device image): the full-size kernel checks.
 test-gpu:
@@ -50,4 +68,4 @@ format:
 	$(PY) -m ruff format .
 
 clean:
-	rm -rf $(VENV) $(VENV312) .pytest_cache
+	rm -rf $(VENV) $(VENV312) $(VENV_NEWEST) .pytest_cache

@@ -100,10 +100,9 @@ def _state_kernel(ins, outs, *, parts: int, groups: int, dt_limit, dtype, ops: K
     x = conv_silu(window, ins["conv"], ins.get("conv_bias"), lanes, dtype, ops)  # (channels,)
 
     # B and C of the head's group: their conv over the cached window (shifted later, by _out_kernel).
-    traced = program * 0  # padded spans may overhang the array's end: Pallas wants their starts traced
     bc = []
     for first in (d_ssm + group * d_state, d_ssm + (groups + group) * d_state):
-        span = padded_span(traced + first, d_state)
+        span = padded_span(first, d_state)
         new = sum_partials(ins["xz"], row, Span(d_ssm + span.start, span.size, span.valid), bias, dtype)
         taps = [load(ins["conv_state"], row, k, span) for k in range(1, width)] + [new]
         bc.append(conv_silu(taps, ins["conv"], ins.get("conv_bias"), span, dtype, ops))
@@ -120,7 +119,7 @@ def _state_kernel(ins, outs, *, parts: int, groups: int, dt_limit, dtype, ops: K
     A = -jnp.exp(ins["A_log"][head].astype(jnp.float32))
     D = load(ins["D"], lanes) if ins["D"].shape[0] == d_ssm else ins["D"][head].astype(jnp.float32)
 
-    tile = (row, head, Span(part * channels, lanes.size, channels), padded_span(traced, d_state))
+    tile = (row, head, Span(part * channels, lanes.size, channels), padded_span(0, d_state))
     state = load(ins["ssm_state"], *tile)  # (channels, padded n)
     ops.barrier()  # x's window and the state are updated in place: every warp has read them before any writes
     for k, tap in enumerate(window):

@@ -79,7 +79,12 @@ class Span(NamedTuple):
     valid: int
 
     def slice(self) -> pl.Slice:
-        return pl.ds(self.start, self.size)
+        start = self.start
+        if isinstance(start, int) and self.mask() is not None:
+            # A slice overhanging the array's end is masked, but Pallas rejects it where its start is a Python
+            # number (jax >= 0.12 also at start 0), not where it is an array.
+            start = jnp.int32(start)
+        return pl.ds(start, self.size)
 
     def mask(self) -> jax.Array | None:
         if isinstance(self.valid, int) and self.valid >= self.size:
@@ -393,12 +398,9 @@ def _update(ins, lanes: Span, rows: Span, dtype, ops: KernelMath):
     Returns the new state (rows, channels, padded n) float32 and y (rows, channels) in ``dtype``."""
     rank, d_state = ins["dt_proj"].shape[0], ins["A_log"].shape[1]
     states = Span(0, pl.next_power_of_2(d_state), d_state)
-    # Where d_state is not a power of 2, C's padded columns overhang the array's end (masked); Pallas rejects such a
-    # slice when its start is a known number, so B's and C's starts are traced values.
-    traced = pl.program_id(0) * 0
     dt = rounded(load(ins["x_dbl"], rows, Span(0, padded(rank), rank)), dtype)  # (rows, padded rank)
-    B = rounded(load(ins["x_dbl"], rows, Span(traced + rank, states.size, d_state)), dtype)  # (rows, n)
-    C = rounded(load(ins["x_dbl"], rows, Span(traced + rank + d_state, states.size, d_state)), dtype)
+    B = rounded(load(ins["x_dbl"], rows, Span(rank, states.size, d_state)), dtype)  # (rows, n)
+    C = rounded(load(ins["x_dbl"], rows, Span(rank + d_state, states.size, d_state)), dtype)
     dt_proj = load(ins["dt_proj"], Span(0, padded(rank), rank), lanes).astype(dtype)
     dt = rounded(product(dt.astype(dtype), dt_proj), dtype) + load(ins["dt_bias"], lanes)
     dt = ops.softplus(dt)  # (rows, channels)

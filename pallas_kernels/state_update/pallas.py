@@ -58,7 +58,10 @@ class Tile(NamedTuple):
         cols = pl.next_power_of_2(d_state)
         row_mask = first + lax.iota(jnp.int32, rows) < headdim if headdim % rows else None
         col_mask = lax.iota(jnp.int32, cols) < d_state if cols != d_state else None
-        return cls(pl.ds(first, rows), pl.ds(0, cols), row_mask, col_mask)
+        # Columns past d_state are masked, but Pallas rejects a slice that overhangs the array where its start is a
+        # Python number (jax >= 0.12 also at start 0), not where it is an array (as mamba_step's Span.slice).
+        start = 0 if col_mask is None else jnp.int32(0)
+        return cls(pl.ds(first, rows), pl.ds(start, cols), row_mask, col_mask)
 
     def load(self, ref, *leading, axes: str) -> jax.Array:
         """float32 ``ref[*leading, <axes>]``, ``axes`` "p", "n" or "pn" naming ref's trailing dimensions: the tile's
