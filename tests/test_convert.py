@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 from convert import keymap
 from convert.__main__ import main
 from convert.verify import transformers_norms_per_group
+from mamba_jax import generate
 from mamba_jax.pretrained import load_pretrained
 from mamba_jax.sharding import make_mesh
 from tests import checkpoints as ck
@@ -149,6 +150,9 @@ def test_load_pretrained_sharded_and_in_memory(tmp_path):
     assert {layer.mixer.step_implementation for layer in asked.backbone.layers} == {"pallas"}
     replicated = load_pretrained(tmp_path / "dst", mesh=make_mesh(data=8))  # every weight whole on every device
     assert {layer.mixer.step_implementation for layer in replicated.backbone.layers} == {None}
+    # generation from the split weights: the tokens of the model on one device
+    whole = load_pretrained(tmp_path / "dst")
+    np.testing.assert_array_equal(generate(sharded, ids, max_new_tokens=4), generate(whole, ids, max_new_tokens=4))
 
     in_memory = load_pretrained(tmp_path / "src", dtype="float16", mesh=mesh)
     head = in_memory.lm_head.kernel[...]
