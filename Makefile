@@ -26,18 +26,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-$(VENV312)/.installed: pyproject.toml
-	$(PYTHON312) -m venv $(VENV312)
-	$(VENV312)/bin/python -m pip install -q --upgrade pip
-	$(VENV312)/bin/python -m pip install -q $(DEVICE_STACK)
-	$(VENV312)/bin/python -m pip install -q --no-deps -e .
-	touch $@
-
-$(VENV_NEWEST)/.installed: pyproject.toml
-	$(PYTHON312) -m venv $(VENV_NEWEST)
-	$(VENV_NEWEST)/bin/python -m pip install -q --upgrade pip
-	$(VENV_NEWEST)/bin/python -m pip install -q $(NEWEST_STACK)
-	$(VENV_NEWEST)/bin/python -m pip install -q --no-deps -e .
+# Python 3.12 environments of a pinned stack, with this package on top (no other dependencies).
+$(VENV312)/.installed: STACK = $(DEVICE_STACK)
+$(VENV_NEWEST)/.installed: STACK = $(NEWEST_STACK)
+$(VENV312)/.installed $(VENV_NEWEST)/.installed: pyproject.toml
+	$(PYTHON312) -m venv $(@D)
+	$(@D)/bin/python -m pip install -q --upgrade pip
+	$(@D)/bin/python -m pip install -q $(STACK)
+	$(@D)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
 demo: $(VENV)/.installed
