@@ -78,18 +78,21 @@ class Span(NamedTuple):
     size: int
     valid: int
 
+    @property
+    def in_range(self) -> bool:
+        """All ``size`` positions in range (known while tracing)."""
+        return isinstance(self.valid, int) and self.valid >= self.size
+
     def slice(self) -> pl.Slice:
         start = self.start
-        if isinstance(start, int) and self.mask() is not None:
+        if isinstance(start, int) and not self.in_range:
             # A slice overhanging the array's end is masked, but Pallas rejects it where its start is a Python
             # number (jax >= 0.12 also at start 0), not where it is an array.
             start = jnp.int32(start)
         return pl.ds(start, self.size)
 
     def mask(self) -> jax.Array | None:
-        if isinstance(self.valid, int) and self.valid >= self.size:
-            return None
-        return lax.iota(jnp.int32, self.size) < self.valid
+        return None if self.in_range else lax.iota(jnp.int32, self.size) < self.valid
 
 
 def _view(ref, index):
