@@ -13,8 +13,7 @@ VENV_NEWEST ?= .venv-newest
 NEWEST_STACK := jax==0.12.0.1 flax==0.12.12 optax==0.2.8 orbax-checkpoint==0.12.8 einops==0.8.2 \
 	transformers==5.23.0 safetensors==0.8.0 huggingface_hub==2.4.0 tqdm pytest pytest-xdist
 KERNEL_TESTS := tests/test_selective_scan_pallas.py tests/test_ssd.py tests/test_causal_conv.py \
-	tests/test_state_update.py tests/test_mamba_step.py tests/test_mamba2_step.py tests/test_batch_split.py \
-	tests/test_gemv_probe.py
+	tests/test_state_update.py tests/test_mamba_step.py tests/test_mamba2_step.py tests/test_gemv_probe.py
 PYTEST_ARGS ?= -n 2 -q
 
 .PHONY: demo test test-device-stack test-newest-jax test-gpu lint format clean
