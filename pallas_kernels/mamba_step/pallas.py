@@ -49,7 +49,7 @@ from pallas_kernels.mamba_step.reference import MambaStepWeights, PreNorm, mamba
 from pallas_kernels.selective_scan.kernel_math import LOG2_E, KernelMath
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
 from pallas_kernels.selective_scan.pallas_fwd import as_index
-from pallas_kernels.state_update.pallas import combined_mask
+from pallas_kernels.state_update.pallas import combined_mask, masked_ds
 
 MIN_ROWS = 16  # tl.dot's smallest M, N and K
 MAX_BATCH = 16  # the batch rows one program holds (its state tile is rows x channels x n float32)
@@ -84,12 +84,7 @@ class Span(NamedTuple):
         return isinstance(self.valid, int) and self.valid >= self.size
 
     def slice(self) -> pl.Slice:
-        start = self.start
-        if isinstance(start, int) and not self.in_range:
-            # A slice overhanging the array's end is masked, but Pallas rejects it where its start is a Python
-            # number (jax >= 0.12 also at start 0), not where it is an array.
-            start = jnp.int32(start)
-        return pl.ds(start, self.size)
+        return masked_ds(self.start, self.size, not self.in_range)
 
     def mask(self) -> jax.Array | None:
         return None if self.in_range else lax.iota(jnp.int32, self.size) < self.valid

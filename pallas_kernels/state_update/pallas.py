@@ -58,10 +58,7 @@ class Tile(NamedTuple):
         cols = pl.next_power_of_2(d_state)
         row_mask = first + lax.iota(jnp.int32, rows) < headdim if headdim % rows else None
         col_mask = lax.iota(jnp.int32, cols) < d_state if cols != d_state else None
-        # Columns past d_state are masked, but Pallas rejects a slice that overhangs the array where its start is a
-        # Python number (jax >= 0.12 also at start 0), not where it is an array (as mamba_step's Span.slice).
-        start = 0 if col_mask is None else jnp.int32(0)
-        return cls(pl.ds(first, rows), pl.ds(start, cols), row_mask, col_mask)
+        return cls(pl.ds(first, rows), masked_ds(0, cols, col_mask is not None), row_mask, col_mask)
 
     def load(self, ref, *leading, axes: str) -> jax.Array:
         """float32 ``ref[*leading, <axes>]``, ``axes`` "p", "n" or "pn" naming ref's trailing dimensions: the tile's
@@ -85,6 +82,16 @@ class Tile(NamedTuple):
         slices, masks = (self.rows, self.cols)[: value.ndim], (self.row_mask, self.col_mask)[: value.ndim]
         ref = ref.at[(*map(as_index, leading), *slices)]
         plt.store(ref, value.astype(ref.dtype), mask=combined_mask(masks, value.shape))
+
+
+def masked_ds(start, size: int, masked: bool) -> pl.Slice:
+    """pl.ds(start, size) for a slice whose positions past the array's end are ``masked``. Pallas rejects a slice
+    that overhangs its array where the start is a Python number (jax >= 0.12 also at start 0), not where it is an
+    array: such a start becomes one. (An array start on an unmasked load failed Triton's lowering on jax 0.11, so
+    only masked slices get one.)"""
+    if masked and isinstance(start, int):
+        start = jnp.int32(start)
+    return pl.ds(start, size)
 
 
 def combined_mask(masks: list[jax.Array | None], shape) -> jax.Array | None:
