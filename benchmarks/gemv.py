@@ -195,15 +195,14 @@ def measure(name, k, n, variants, args, interpret) -> list[dict]:
     for variant in ["xla", *variants]:
         row = {"shape": name, "K": k, "N": n, "variant": str(variant)}
         try:
-            tiling = variant[1:] if variant[0] == "mosaic" else variant
-            if variant != "xla" and (n % tiling[0] or k % (tiling[1] * tiling[2])):
-                raise ValueError("the tiling does not divide the shape")
             if variant == "xla":
                 gemv = xla_gemv
-            elif variant[0] == "mosaic":
-                gemv = mosaic_gemv(variant, interpret)
             else:
-                gemv = pallas_gemv(variant, interpret)
+                mosaic = variant[0] == "mosaic"
+                columns, depth, splits = variant[1:4] if mosaic else variant[:3]
+                if n % columns or k % (depth * splits):
+                    raise ValueError("the tiling does not divide the shape")
+                gemv = mosaic_gemv(variant, interpret) if mosaic else pallas_gemv(variant, interpret)
             got = jax.jit(gemv)(u, matrices[0])
             row["max_rel_err"] = float(jnp.max(jnp.abs(got - exact)) / jnp.max(jnp.abs(exact)))
             timing = time_ms(loop(gemv, args.iters), matrices, u, reps=args.reps, warmup=2)
