@@ -5,11 +5,13 @@
     PYTHONPATH=. python3 benchmarks/generation.py --models mamba-1.4b --dtypes float16 --xla-variants all
     PYTHONPATH=. python3 benchmarks/generation.py --models mamba-1.4b --batches 1 --step-implementations pallas,default
 
-Per (model, dtype, batch), all through ``mamba_jax.generate``'s program (one compiled prefill + decode loop, built
-ahead of time with ``lower_generate`` so that tracing + lowering and XLA compilation are timed apart):
+Per (model, dtype, batch), all through ``mamba_jax.Generator`` (generate's program: one compiled prefill + decode
+loop, built ahead of time with ``lower_generate`` so that tracing + lowering and XLA compilation are timed apart;
+``generate`` itself adds the walk of the model to each call: ~1-4 ms of host time):
 
 - total: median wall time of a whole call (prefill, 128 tokens, host overhead), after a warm-up;
   tokens/s = batch * 128 / total, the ANCHORS.md measure (mamba_ssm with CUDA graphs, fp16: ``anchor`` column).
+  ``generate() tok/s``: the same through the plain ``generate(model, ...)``.
 - prefill: median time of the same compiled program when every row stops after its first token. All rows get the
   same prompt, so they all pick the same first token, which is then passed as the (traced) EOS id: the loop exits
   at once. (Equal rows cost what distinct rows cost.)
@@ -53,7 +55,7 @@ from flax import nnx
 
 from benchmarks.timing import environment, time_ms
 from mamba_jax import PRESETS, MambaConfig, MambaLMHeadModel
-from mamba_jax.generation import lower_generate
+from mamba_jax.generation import Generator, generate, lower_generate
 
 MODELS = ("mamba-130m", "mamba-1.4b", "mamba-2.8b", "mamba2-130m", "mamba2-1.3b", "mamba2-2.7b")
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -143,26 +145,28 @@ def compile_timed(lowered):
     return compiled, time.perf_counter() - start
 
 
-def measure(compiled, args, model, preset: str, dtype_name: str, batch: int, new_tokens: int, reps: int, run_s: float):
-    """Time the compiled program on ``model``'s weights (see the module docstring)."""
-    args = args._replace(model=model)
+def measure(model, ids, preset: str, dtype_name: str, new_tokens: int, reps: int, run_s: float):
+    """Time ``Generator(model)`` on the prompts ``ids`` (see the module docstring)."""
+    generator = Generator(model)
 
     def run(eos):
-        tokens, _, produced = compiled(*args._replace(eos=jnp.int32(eos)))
-        return tokens, produced
+        return generator(ids, max_new_tokens=new_tokens, eos_token_id=eos)
 
     start = time.perf_counter()
-    tokens, _ = jax.block_until_ready(run(-1))
+    tokens = jax.block_until_ready(run(None))
     first_call_s = time.perf_counter() - start
     first = int(np.asarray(tokens)[0, 0])
-    if int(run(first)[1]) != 1:
+    if run(first).shape[1] != 1:
         raise RuntimeError("equal prompts gave different first tokens: cannot time the prefill this way")
     reps = max(2, min(reps, int(run_s / max(first_call_s, 1e-3))))
-    total = time_ms(lambda: run(-1), reps=reps, warmup=1)
+    total = time_ms(lambda: run(None), reps=reps, warmup=1)
     prefill = time_ms(lambda: run(first), reps=reps, warmup=1)
+    # The plain function, which walks the model at every call (the same program otherwise).
+    generate_total = time_ms(lambda: generate(model, ids, max_new_tokens=new_tokens), reps=reps, warmup=1)
 
+    batch, prompt_len = ids.shape
     weight_bytes = nbytes(nnx.state(model, nnx.Param))
-    state_bytes = nbytes(jax.eval_shape(lambda: model.init_cache(batch, args.ids.shape[1] + new_tokens)))
+    state_bytes = nbytes(jax.eval_shape(lambda: model.init_cache(batch, prompt_len + new_tokens)))
     decode_ms = (total["median_ms"] - prefill["median_ms"]) / (new_tokens - 1)
     weight_floor_ms = 1e3 * weight_bytes / BANDWIDTH
     tokens_per_s = batch * new_tokens / (total["median_ms"] / 1e3)
@@ -183,6 +187,8 @@ def measure(compiled, args, model, preset: str, dtype_name: str, batch: int, new
         "state_floor_ms": 1e3 * (weight_bytes + 2 * state_bytes) / BANDWIDTH,
         "anchor_tokens_per_s": anchor,
         "tokens_per_s_over_anchor": tokens_per_s / anchor if anchor else None,
+        "generate_total_ms": generate_total["median_ms"],
+        "generate_tokens_per_s": batch * new_tokens / (generate_total["median_ms"] / 1e3),
     }
 
 
@@ -212,8 +218,10 @@ def run_group(preset, dtype_name, step, batches, args, budget_end, last_compile_
         compiled = {}
         for batch, (future, call_args) in pending.items():
             try:
+                # jit finds this executable again: the Generator's first call in ``measure`` does not compile
+                # (its first_call_s).
                 program, rows[batch]["compile_s"] = future.result()
-                compiled[batch] = (program, call_args)
+                compiled[batch] = (program, call_args.ids)
                 last_compile_s = rows[batch]["compile_s"]
             except Exception as e:
                 traceback.print_exc()
@@ -221,10 +229,8 @@ def run_group(preset, dtype_name, step, batches, args, budget_end, last_compile_
     for batch in batches:
         if batch in compiled:
             try:
-                program, call_args = compiled[batch]
-                measured = measure(
-                    program, call_args, model, preset, dtype_name, batch, args.new_tokens, args.reps, args.run_seconds
-                )
+                ids = compiled[batch][1]
+                measured = measure(model, ids, preset, dtype_name, args.new_tokens, args.reps, args.run_seconds)
                 rows[batch].update(measured)
             except Exception as e:  # e.g. out of memory: keep the other rows
                 traceback.print_exc()
@@ -268,7 +274,7 @@ def print_table(rows: list[dict]) -> None:
     header = (
         f"{'variant':<12} {'model':<12} {'dtype':<9} {'batch':>5} {'tok/s':>9} {'anchor':>7} {'x anchor':>8} "
         f"{'total ms':>9} {'prefill ms':>10} {'decode ms/tok':>13} {'floor ms':>8} {'x floor':>7} {'+state ms':>9} "
-        f"{'lower s':>7} {'compile s':>9}"
+        f"{'lower s':>7} {'compile s':>9} {'generate() tok/s':>16}"
     )
     print(header)
     for r in rows:
@@ -282,7 +288,7 @@ def print_table(rows: list[dict]) -> None:
             f"{lead} {r['tokens_per_s']:>9.0f} {anchor} {ratio} "
             f"{r['total_ms']:>9.1f} {r['prefill_ms']:>10.2f} {r['decode_ms_per_token']:>13.3f} "
             f"{r['weight_floor_ms']:>8.3f} {r['decode_over_weight_floor']:>7.2f} {r['state_floor_ms']:>9.3f} "
-            f"{r['lower_s']:>7.1f} {r['compile_s']:>9.1f}"
+            f"{r['lower_s']:>7.1f} {r['compile_s']:>9.1f} {r['generate_tokens_per_s']:>16.0f}"
         )
 
 

@@ -2,7 +2,7 @@
 
 from mamba_jax.block import Block
 from mamba_jax.config import PRESETS, MambaConfig
-from mamba_jax.generation import generate
+from mamba_jax.generation import Generator, generate
 from mamba_jax.layers import LayerNorm, RMSNorm
 from mamba_jax.mamba1 import Mamba
 from mamba_jax.mamba2 import Mamba2, RMSNormGated
@@ -15,6 +15,7 @@ __all__ = [
     "PRESETS",
     "Block",
     "GatedMLP",
+    "Generator",
     "LayerNorm",
     "Mamba",
     "Mamba2",

@@ -269,7 +269,7 @@ def test_lower_generate_from_an_abstract_model_runs_like_generate():
     abstract = nnx.eval_shape(lambda: MambaLMHeadModel(CONFIGS["mamba2"], rngs=nnx.Rngs(0)))
     lowered, args = lower_generate(abstract, prompts, max_new_tokens=NEW_TOKENS, prompt_lengths=PROMPT_LENGTHS)
     compiled = lowered.compile({"xla_cpu_enable_fast_math": False})
-    tokens, scores, produced = compiled(*args._replace(model=model))
+    tokens, scores, produced = compiled(*args._replace(params=jax.tree.leaves(model)))
     assert scores is None and int(produced) == NEW_TOKENS
     np.testing.assert_array_equal(tokens, expected)
 
@@ -277,13 +277,36 @@ def test_lower_generate_from_an_abstract_model_runs_like_generate():
     same = np.repeat(prompts[:1], 3, 0)
     first = int(np.asarray(generate(model, same, max_new_tokens=2))[0, 0])
     lowered, args = lower_generate(abstract, same, max_new_tokens=NEW_TOKENS)
-    tokens, _, produced = lowered.compile()(*args._replace(model=model, eos=jnp.int32(first)))
+    tokens, _, produced = lowered.compile()(*args._replace(params=jax.tree.leaves(model), eos=np.int32(first)))
     assert int(produced) == 1
     np.testing.assert_array_equal(tokens[:, 0], first)
 
 
 def test_generate_is_exported():
     assert mamba_jax.generate is mamba_jax.generation.generate
+
+
+def test_generator_reads_values_set_in_place_and_shares_programs():
+    """Generator(model) walks the model once: its calls give generate's tokens, see parameters updated in place
+    afterwards (nnx.update, as an optimizer step does), and models of one structure share a compiled program."""
+    model, other = random_model("mamba1", seed=1), random_model("mamba1", seed=2)
+    prompts = right_padded_prompts(PROMPT_LENGTHS, seed=3)
+    options = dict(max_new_tokens=NEW_TOKENS, prompt_lengths=PROMPT_LENGTHS, top_k=0, rng=5, return_scores=True)
+    generator = mamba_jax.Generator(model)
+    tokens, scores = generator(prompts, **options)
+    expected_tokens, expected_scores = generate(model, prompts, **options)
+    np.testing.assert_array_equal(tokens, expected_tokens)
+    np.testing.assert_array_equal(scores, expected_scores)
+    np.testing.assert_array_equal(generator(prompts, **options)[1], scores)  # a second call: the same
+
+    nnx.update(model, nnx.state(other))
+    after_tokens, after_scores = generator(prompts, **options)
+    expected_tokens, expected_scores = generate(other, prompts, **options)
+    np.testing.assert_array_equal(after_tokens, expected_tokens)
+    np.testing.assert_array_equal(after_scores, expected_scores)
+    assert not np.allclose(after_scores, scores)
+    assert mamba_jax.Generator(other)._program is generator._program
+    assert mamba_jax.Generator(random_model("mamba2"))._program is not generator._program
 
 
 @pytest.mark.parametrize(

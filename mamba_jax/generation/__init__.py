@@ -5,7 +5,7 @@
 """
 
 from mamba_jax.generation.cache import AttentionCache, SSMCache
-from mamba_jax.generation.loop import GenerateArgs, generate, lower_generate
+from mamba_jax.generation.loop import GenerateArgs, Generator, generate, lower_generate
 from mamba_jax.generation.sampling import SamplingConfig
 
-__all__ = ["AttentionCache", "GenerateArgs", "SSMCache", "SamplingConfig", "generate", "lower_generate"]
+__all__ = ["AttentionCache", "GenerateArgs", "Generator", "SSMCache", "SamplingConfig", "generate", "lower_generate"]

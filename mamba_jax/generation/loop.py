@@ -67,13 +67,18 @@ def generate(
     Rows are independent: in a batch of ragged prompts each row gets the logits it would get alone, up to float
     rounding (other shapes sum in other orders), so greedy tokens agree unless two logits tie within that rounding.
     Sampled draws depend on the row's place in the batch. The whole decode runs on the device in one compiled
-    function, compiled once per shape, sampling setting and ``callback``; token ids and ``rng`` are traced.
+    function, compiled once per shape, sampling setting and ``callback``; token ids and ``rng`` are traced. Each
+    call walks the whole model (host time, ~1-4 ms at the presets' sizes); ``Generator(model)`` walks it once for
+    repeated calls.
     """
-    args, static = _prepare(
-        model,
+    leaves, treedef = jax.tree.flatten(_check_protocol(model))
+    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
+    args, static = _arguments(
+        leaves,
+        model.config.vocab_size,
         input_ids,
         max_new_tokens=max_new_tokens,
-        sampling=SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty),
+        sampling=sampling,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         prompt_lengths=prompt_lengths,
@@ -81,21 +86,84 @@ def generate(
         return_scores=return_scores,
         callback=callback,
     )
-    tokens, scores, produced = _generate(*args, **static)
-    produced = int(produced)
-    tokens = tokens[:, :produced]
-    return (tokens, scores[:, :produced]) if return_scores else tokens
+    return _run(_program(treedef), args, static)
+
+
+class Generator:
+    """``generate`` bound to one model, for repeated calls (serving, samples during training).
+
+    ``Generator(model)(input_ids, **kwargs)`` takes and returns what ``generate(model, input_ids, **kwargs)`` does.
+    Building one walks the model once: its modules, their static attributes and its Variables (host time that
+    every ``generate`` call pays: ~1-4 ms at the presets' sizes, benchmarks/RESULTS.md). A call then reads only the
+    Variables' current values, so values updated in place (``nnx.update``, an optimizer step, ``variable[...] = x``)
+    are used, but a change of structure after that (a submodule or Variable replaced, a static attribute such as
+    ``step_implementation`` set) is not seen: build a new Generator. Generators of models with the same structure
+    share their compiled programs.
+    """
+
+    def __init__(self, model: nnx.Module):
+        self.model = _check_protocol(model)
+        leaves, treedef = jax.tree.flatten(model)
+        self._program = _program(treedef)
+        # What holds each leaf: a Variable (read again at each call) or the leaf itself (an array set on a module
+        # directly, or any leaf of a model that is not an NNX module). A Variable holding more than one leaf makes
+        # every call flatten the whole model instead.
+        holders = jax.tree.leaves(model, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        simple = len(holders) == len(leaves) and all(
+            h.get_raw_value() is leaf if isinstance(h, nnx.Variable) else h is leaf
+            for h, leaf in zip(holders, leaves, strict=True)
+        )
+        self._holders = holders if simple else None
+
+    def params(self) -> list[jax.Array]:
+        """The model's current leaves, in the order of its pytree (the compiled program's first argument)."""
+        if self._holders is None:
+            return jax.tree.leaves(self.model)
+        return [h.get_raw_value() if isinstance(h, nnx.Variable) else h for h in self._holders]
+
+    def __call__(
+        self,
+        input_ids,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 1,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        prompt_lengths=None,
+        rng: jax.Array | int | None = None,
+        return_scores: bool = False,
+        callback: Callable[[np.ndarray], None] | None = None,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        args, static = _arguments(
+            self.params(),
+            self.model.config.vocab_size,
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty),
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            prompt_lengths=prompt_lengths,
+            rng=rng,
+            return_scores=return_scores,
+            callback=callback,
+        )
+        return _run(self._program, args, static)
 
 
 class GenerateArgs(NamedTuple):
-    """The traced arguments of the compiled generate program (see ``lower_generate``)."""
+    """The traced arguments of the compiled generate program (see ``lower_generate``). The small ones stay numpy
+    arrays: jit moves them to the device with the call, cheaper than a ``jnp.asarray`` each."""
 
-    model: nnx.Module
-    ids: jax.Array  # int32 (b, l), padding set to 0
-    lengths: jax.Array  # int32 (b,)
+    params: list[jax.Array]  # the model's leaves, ``jax.tree.leaves(model)``
+    ids: np.ndarray  # int32 (b, l), padding set to 0
+    lengths: np.ndarray  # int32 (b,)
     key: jax.Array
-    eos: jax.Array  # int32 scalar, -1 when there is no EOS token
-    fill: jax.Array  # int32 scalar, the id written after a row finished
+    eos: np.ndarray  # int32 scalar, -1 when there is no EOS token
+    fill: np.ndarray  # int32 scalar, the id written after a row finished
 
 
 def lower_generate(
@@ -119,11 +187,14 @@ def lower_generate(
     Takes ``generate``'s arguments (``model`` may be abstract, from ``nnx.eval_shape``: lowering reads only shapes)
     and returns the lowered program and its arguments. ``lowered.compile(compiler_options)(*args)`` runs it and
     returns (tokens int32 (b, max_new_tokens), scores float32 (b, max_new_tokens, vocab_size) or None, the number of
-    positions produced): tokens past that number hold the fill id. Swap fields with ``args._replace(model=...)``
-    (a concrete model of the same structure) or ``eos=jnp.int32(id)``: they are traced, so no recompilation.
+    positions produced): tokens past that number hold the fill id. Swap fields with
+    ``args._replace(params=jax.tree.leaves(model))`` (a concrete model of the same structure) or
+    ``eos=np.int32(id)``: they are traced, so no recompilation.
     """
-    args, static = _prepare(
-        model,
+    leaves, treedef = jax.tree.flatten(_check_protocol(model))
+    args, static = _arguments(
+        leaves,
+        model.config.vocab_size,
         input_ids,
         max_new_tokens=max_new_tokens,
         sampling=SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty),
@@ -134,11 +205,19 @@ def lower_generate(
         return_scores=return_scores,
         callback=None,
     )
-    return _generate.lower(*args, **static), args
+    return _program(treedef).lower(*args, **static), args
 
 
-def _prepare(
-    model,
+def _check_protocol(model):
+    for name in ("init_cache", "prefill", "step", "config"):
+        if not hasattr(model, name):
+            raise ValueError(f"generate: model must have init_cache, prefill, step and config; {name} is missing")
+    return model
+
+
+def _arguments(
+    params,
+    vocab_size: int,
     input_ids,
     *,
     max_new_tokens,
@@ -150,11 +229,7 @@ def _prepare(
     return_scores,
     callback,
 ) -> tuple[GenerateArgs, dict]:
-    """Check ``generate``'s arguments -> (traced arguments, static arguments) of ``_generate``."""
-    for name in ("init_cache", "prefill", "step", "config"):
-        if not hasattr(model, name):
-            raise ValueError(f"generate: model must have init_cache, prefill, step and config; {name} is missing")
-    vocab_size = model.config.vocab_size
+    """Check ``generate``'s arguments -> (traced arguments, static arguments) of the compiled program."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, found {max_new_tokens!r}")
     eos_token_id = _check_token_id("eos_token_id", eos_token_id, vocab_size)
@@ -167,7 +242,7 @@ def _prepare(
     # Token ids are traced, not static, so changing them does not recompile; -1 never matches a token.
     eos = -1 if eos_token_id is None else eos_token_id
     fill = pad_token_id if pad_token_id is not None else max(eos, 0)
-    args = GenerateArgs(model, jnp.asarray(ids), jnp.asarray(lengths), key, jnp.int32(eos), jnp.int32(fill))
+    args = GenerateArgs(params, ids, lengths, key, np.int32(eos), np.int32(fill))
     static = {
         "max_new_tokens": int(max_new_tokens),
         "vocab_size": vocab_size,
@@ -178,16 +253,31 @@ def _prepare(
     return args, static
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("max_new_tokens", "vocab_size", "sampling", "return_scores", "callback"),
-)
-def _generate(model, ids, lengths, key, eos, fill, *, max_new_tokens, vocab_size, sampling, return_scores, callback):
-    """The compiled prefill + decode loop: ids (b, l), lengths (b,), eos and fill int32 scalars.
+def _run(program, args: GenerateArgs, static: dict):
+    """Run the compiled program; trim the positions after an early stop."""
+    tokens, scores, produced = program(*args, **static)
+    produced = int(produced)
+    if produced < static["max_new_tokens"]:
+        tokens = tokens[:, :produced]
+        scores = None if scores is None else scores[:, :produced]
+    return (tokens, scores) if static["return_scores"] else tokens
 
-    The model goes in as a pytree (flax NNX modules are pytrees): flattening it is much cheaper per call than
-    ``nnx.split``, and its structure's hash is cached. Returns (tokens (b, T), scores (b, T, V) or None, how many
-    positions were produced)."""
+
+@functools.lru_cache(maxsize=32)
+def _program(treedef) -> Callable:
+    """The compiled generate program for models of this pytree structure: params (the leaves), ids (b, l), lengths
+    (b,), key, eos and fill int32 scalars. Taking the leaves, not the model, keeps the model's Python-level
+    flattening (slow for an NNX module: ~5 us a leaf) out of every call."""
+
+    def run(params, ids, lengths, key, eos, fill, **static):
+        return _decode(jax.tree.unflatten(treedef, params), ids, lengths, key, eos, fill, **static)
+
+    return jax.jit(run, static_argnames=("max_new_tokens", "vocab_size", "sampling", "return_scores", "callback"))
+
+
+def _decode(model, ids, lengths, key, eos, fill, *, max_new_tokens, vocab_size, sampling, return_scores, callback):
+    """The prefill + decode loop (traced): returns (tokens (b, T), scores (b, T, V) or None, how many positions were
+    produced)."""
     batch, seqlen = ids.shape
     rows = jnp.arange(batch)
 
@@ -276,11 +366,17 @@ def _check_prompts(input_ids, prompt_lengths, pad_token_id, vocab_size) -> tuple
     return np.where(valid, ids, 0).astype(np.int32), lengths.astype(np.int32)
 
 
+@functools.lru_cache(maxsize=64)
+def _seed_key(seed: int) -> jax.Array:
+    """``jax.random.key(seed)``, made once per seed (keys are immutable; making one is a device computation)."""
+    return jax.random.key(seed)
+
+
 def _check_rng(rng) -> jax.Array:
     if rng is None:
-        return jax.random.key(0)
+        return _seed_key(0)
     if isinstance(rng, int | np.integer) and not isinstance(rng, bool):
-        return jax.random.key(int(rng))
+        return _seed_key(int(rng))
     if isinstance(rng, jax.Array) and (
         (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.shape == ())
         or (rng.dtype == jnp.uint32 and rng.shape == (2,))
