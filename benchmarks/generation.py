@@ -7,7 +7,7 @@
 
 Per (model, dtype, batch), all through ``mamba_jax.Generator`` (generate's program: one compiled prefill + decode
 loop, built ahead of time with ``lower_generate`` so that tracing + lowering and XLA compilation are timed apart;
-``generate`` itself adds the walk of the model to each call: ~1-4 ms of host time):
+``generate`` itself adds the walk of the model to each call: ~1-5 ms of host time):
 
 - total: median wall time of a whole call (prefill, 128 tokens, host overhead), after a warm-up;
   tokens/s = batch * 128 / total, the ANCHORS.md measure (mamba_ssm with CUDA graphs, fp16: ``anchor`` column).

@@ -68,7 +68,7 @@ def generate(
     rounding (other shapes sum in other orders), so greedy tokens agree unless two logits tie within that rounding.
     Sampled draws depend on the row's place in the batch. The whole decode runs on the device in one compiled
     function, compiled once per shape, sampling setting and ``callback``; token ids and ``rng`` are traced. Each
-    call walks the whole model (host time, ~1-4 ms at the presets' sizes); ``Generator(model)`` walks it once for
+    call walks the whole model (host time, ~1-5 ms at the presets' sizes); ``Generator(model)`` walks it once for
     repeated calls.
     """
     leaves, treedef = jax.tree.flatten(_check_protocol(model))
@@ -94,7 +94,7 @@ class Generator:
 
     ``Generator(model)(input_ids, **kwargs)`` takes and returns what ``generate(model, input_ids, **kwargs)`` does.
     Building one walks the model once: its modules, their static attributes and its Variables (host time that
-    every ``generate`` call pays: ~1-4 ms at the presets' sizes, benchmarks/RESULTS.md). A call then reads only the
+    every ``generate`` call pays: ~1-5 ms at the presets' sizes, benchmarks/RESULTS.md). A call then reads only the
     Variables' current values, so values updated in place (``nnx.update``, an optimizer step, ``variable[...] = x``)
     are used, but a change of structure after that (a submodule or Variable replaced, a static attribute such as
     ``step_implementation`` set) is not seen: build a new Generator. Generators of models with the same structure
