@@ -11,7 +11,8 @@ loop, built ahead of time with ``lower_generate`` so that tracing + lowering and
 
 - total: median wall time of a whole call (prefill, 128 tokens, host overhead), after a warm-up;
   tokens/s = batch * 128 / total, the ANCHORS.md measure (mamba_ssm with CUDA graphs, fp16: ``anchor`` column).
-  ``generate() tok/s``: the same through the plain ``generate(model, ...)``.
+  ``generate() tok/s``: the same through the plain ``generate(model, ...)``. ``--state-dtype`` keeps the SSM states
+  in 16 bits between tokens, as mamba_ssm does in a 16-bit model (default float32).
 - prefill: median time of the same compiled program when every row stops after its first token. All rows get the
   same prompt, so they all pick the same first token, which is then passed as the (traced) EOS id: the loop exits
   at once. (Equal rows cost what distinct rows cost.)
@@ -131,10 +132,11 @@ def prompts(config: MambaConfig, batch: int, prompt_len: int) -> np.ndarray:
     return np.repeat(prompt, batch, axis=0)
 
 
-def lower(abstract, batch: int, prompt_len: int, new_tokens: int):
+def lower(abstract, batch: int, prompt_len: int, new_tokens: int, state_dtype: str = "float32"):
     """-> (lowered program, its arguments, seconds spent tracing + lowering)."""
     start = time.perf_counter()
-    lowered, args = lower_generate(abstract, prompts(abstract.config, batch, prompt_len), max_new_tokens=new_tokens)
+    ids = prompts(abstract.config, batch, prompt_len)
+    lowered, args = lower_generate(abstract, ids, max_new_tokens=new_tokens, state_dtype=state_dtype)
     return lowered, args, time.perf_counter() - start
 
 
@@ -145,12 +147,13 @@ def compile_timed(lowered):
     return compiled, time.perf_counter() - start
 
 
-def measure(model, ids, preset: str, dtype_name: str, new_tokens: int, reps: int, run_s: float):
+def measure(model, ids, preset: str, new_tokens: int, reps: int, run_s: float, state_dtype: str = "float32"):
     """Time ``Generator(model)`` on the prompts ``ids`` (see the module docstring)."""
     generator = Generator(model)
+    options = dict(max_new_tokens=new_tokens, state_dtype=state_dtype)
 
     def run(eos):
-        return generator(ids, max_new_tokens=new_tokens, eos_token_id=eos)
+        return generator(ids, eos_token_id=eos, **options)
 
     start = time.perf_counter()
     tokens = jax.block_until_ready(run(None))
@@ -162,11 +165,12 @@ def measure(model, ids, preset: str, dtype_name: str, new_tokens: int, reps: int
     total = time_ms(lambda: run(None), reps=reps, warmup=1)
     prefill = time_ms(lambda: run(first), reps=reps, warmup=1)
     # The plain function, which walks the model at every call (the same program otherwise).
-    generate_total = time_ms(lambda: generate(model, ids, max_new_tokens=new_tokens), reps=reps, warmup=1)
+    generate_total = time_ms(lambda: generate(model, ids, **options), reps=reps, warmup=1)
 
     batch, prompt_len = ids.shape
     weight_bytes = nbytes(nnx.state(model, nnx.Param))
-    state_bytes = nbytes(jax.eval_shape(lambda: model.init_cache(batch, prompt_len + new_tokens)))
+    cache = jax.eval_shape(lambda: model.init_cache(batch, prompt_len + new_tokens, state_dtype=state_dtype))
+    state_bytes = nbytes(cache)
     decode_ms = (total["median_ms"] - prefill["median_ms"]) / (new_tokens - 1)
     weight_floor_ms = 1e3 * weight_bytes / BANDWIDTH
     tokens_per_s = batch * new_tokens / (total["median_ms"] / 1e3)
@@ -196,7 +200,8 @@ def run_group(preset, dtype_name, step, batches, args, budget_end, last_compile_
     """Compile every batch of one (model, dtype, step implementation) concurrently, then measure them one after the
     other."""
     config = MambaConfig.preset(preset)
-    rows = {batch: {"model": preset, "dtype": dtype_name, "batch": batch, "step": step} for batch in batches}
+    row = {"model": preset, "dtype": dtype_name, "step": step, "state_dtype": args.state_dtype}
+    rows = {batch: dict(row, batch=batch) for batch in batches}
     step_implementation = None if step == "default" else step
     # A row costs its compile (estimated from the last group's) and up to about two --run-seconds of timing.
     if time.perf_counter() + last_compile_s + 2 * args.run_seconds * len(batches) > budget_end:
@@ -208,7 +213,7 @@ def run_group(preset, dtype_name, step, batches, args, budget_end, last_compile_
         pending = {}
         for batch in batches:
             try:
-                lowered, call_args, lower_s = lower(abstract, batch, args.prompt_len, args.new_tokens)
+                lowered, call_args, lower_s = lower(abstract, batch, args.prompt_len, args.new_tokens, args.state_dtype)
                 rows[batch]["lower_s"] = lower_s
                 pending[batch] = (pool.submit(compile_timed, lowered), call_args)
             except Exception as e:
@@ -230,7 +235,7 @@ def run_group(preset, dtype_name, step, batches, args, budget_end, last_compile_
         if batch in compiled:
             try:
                 ids = compiled[batch][1]
-                measured = measure(model, ids, preset, dtype_name, args.new_tokens, args.reps, args.run_seconds)
+                measured = measure(model, ids, preset, args.new_tokens, args.reps, args.run_seconds, args.state_dtype)
                 rows[batch].update(measured)
             except Exception as e:  # e.g. out of memory: keep the other rows
                 traceback.print_exc()
@@ -297,6 +302,12 @@ def main():
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated presets (default: {MODELS})")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--dtypes", default="bfloat16,float16", help=f"comma-separated, of {sorted(DTYPES)}")
+    parser.add_argument(
+        "--state-dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="the SSM states' dtype between tokens (generate's state_dtype; mamba_ssm's is the model's dtype)",
+    )
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5, help="most repetitions per timing (fewer: see --run-seconds)")
@@ -364,7 +375,8 @@ def main():
                     last_compile_s = run_group(
                         preset, dtype_name, step, batches, args, budget_end, last_compile_s, record
                     )
-    print(f"Generation, prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, on {environment()['device']}")
+    setting = f"prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, {args.state_dtype} state"
+    print(f"Generation, {setting}, on {environment()['device']}")
     print_table(result["rows"])
 
 

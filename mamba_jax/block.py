@@ -61,9 +61,9 @@ class Block(nnx.Module):
 
     # ---- decoding: the mixer's cache threaded through (mamba_jax.generation.cache) ----
 
-    def init_cache(self, batch: int, max_len: int, dtype):
+    def init_cache(self, batch: int, max_len: int, dtype, state_dtype=jnp.float32):
         """The mixer's empty decode cache for ``max_len`` positions."""
-        return self.mixer.init_cache(batch, max_len, dtype)
+        return self.mixer.init_cache(batch, max_len, dtype, state_dtype)
 
     def prefill(self, hidden: jax.Array, residual: jax.Array | None, cache, lengths: jax.Array):
         """As ``__call__`` with the mixer's ``prefill``: hidden, residual (b, l, d), lengths (b,) ->

@@ -129,13 +129,16 @@ class Mamba(NormedStep, nnx.Module):
         dt, B, C = self._dt_B_C(x)
         return self.out_proj(self._scan(x, dt, B, C, z))
 
-    def init_cache(self, batch: int, max_len: int | None = None, dtype=jnp.float32) -> SSMCache:
-        """An empty cache: conv_state (b, w, di) in ``dtype``, ssm_state (b, di, n) float32. ``max_len`` is unused
-        (the state does not grow with the sequence); it is there so that every mixer has the same signature."""
+    def init_cache(
+        self, batch: int, max_len: int | None = None, dtype=jnp.float32, state_dtype=jnp.float32
+    ) -> SSMCache:
+        """An empty cache: conv_state (b, w, di) in ``dtype``, ssm_state (b, di, n) in ``state_dtype`` (float32; a
+        16-bit state halves its bytes, updated in float32 and rounded at every token). ``max_len`` is unused (the
+        state does not grow with the sequence); it is there so that every mixer has the same signature."""
         del max_len
         return SSMCache(
             conv_state=jnp.zeros((batch, self.conv1d.width, self.d_inner), dtype),
-            ssm_state=jnp.zeros((batch, self.d_inner, self.d_state), jnp.float32),
+            ssm_state=jnp.zeros((batch, self.d_inner, self.d_state), state_dtype),
         )
 
     def prefill(self, u: jax.Array, cache: SSMCache, lengths: jax.Array | None = None) -> tuple[jax.Array, SSMCache]:
@@ -153,8 +156,9 @@ class Mamba(NormedStep, nnx.Module):
         x = jax.nn.silu(x)
         dt, B, C = self._dt_B_C(x)
         dt = jnp.where(valid_mask(lengths, u.shape[1])[:, :, None], dt, jnp.asarray(_MASKED_DT, dt.dtype))
-        y, ssm_state = self._scan(x, dt, B, C, z, return_last_state=True, initial_state=cache.ssm_state)
-        return self.out_proj(y), SSMCache(conv_state, ssm_state)
+        state = cache.ssm_state.astype(jnp.float32)
+        y, ssm_state = self._scan(x, dt, B, C, z, return_last_state=True, initial_state=state)
+        return self.out_proj(y), SSMCache(conv_state, ssm_state.astype(cache.ssm_state.dtype))
 
     def step(self, u: jax.Array, cache: SSMCache) -> tuple[jax.Array, SSMCache]:
         """One token per row: u (b, d) -> (out (b, d), the cache after it), in O(1) time and memory.

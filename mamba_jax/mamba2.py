@@ -242,14 +242,17 @@ class Mamba2(NormedStep, nnx.Module):
 
     # ---- decoding: a cache of the conv window and the SSM state (mamba_jax.generation.cache) ----
 
-    def init_cache(self, batch: int, max_len: int | None = None, dtype=jnp.float32) -> SSMCache:
-        """An empty cache: conv_state (b, w, d_ssm + 2*g*n) in ``dtype``, ssm_state (b, h, p, n) float32.
+    def init_cache(
+        self, batch: int, max_len: int | None = None, dtype=jnp.float32, state_dtype=jnp.float32
+    ) -> SSMCache:
+        """An empty cache: conv_state (b, w, d_ssm + 2*g*n) in ``dtype``, ssm_state (b, h, p, n) in ``state_dtype``
+        (float32; a 16-bit state halves its bytes, updated in float32 and rounded at every token).
         ``max_len`` is unused (the state does not grow with the sequence); every mixer has the same signature."""
         del max_len
         width, conv_dim = self.conv1d.kernel.shape
         return SSMCache(
             conv_state=jnp.zeros((batch, width, conv_dim), dtype),
-            ssm_state=jnp.zeros((batch, self.nheads, self.headdim, self.d_state), jnp.float32),
+            ssm_state=jnp.zeros((batch, self.nheads, self.headdim, self.d_state), state_dtype),
         )
 
     def prefill(self, u: jax.Array, cache: SSMCache, lengths: jax.Array | None = None) -> tuple[jax.Array, SSMCache]:
@@ -278,12 +281,12 @@ class Mamba2(NormedStep, nnx.Module):
             self.chunk_size,
             D=self._skip(),
             z=None if self.rmsnorm else z.reshape(b, l, h, p),
-            initial_states=cache.ssm_state,
+            initial_states=cache.ssm_state.astype(jnp.float32),
             return_final_states=True,
             implementation=self.ssd_implementation,
         )
         out = self._gate_and_project(y.reshape(b, l, self.d_ssm), z, z0, x0)
-        return out, SSMCache(conv_state, ssm_state)
+        return out, SSMCache(conv_state, ssm_state.astype(cache.ssm_state.dtype))
 
     def step(self, u: jax.Array, cache: SSMCache) -> tuple[jax.Array, SSMCache]:
         """One token per row: u (b, d) -> (out (b, d), the cache after it), in O(1) time and memory.

@@ -149,9 +149,11 @@ class MHA(nnx.Module):
 
     # ---- decoding: a preallocated key/value cache (mamba_jax.generation.cache) ----
 
-    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> AttentionCache:
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32, state_dtype=None) -> AttentionCache:
         """An empty cache for ``max_len`` positions: key, value (b, s, k, e) and the conv window (b, w, (a + 2k) e)
-        when the layer has a conv, in ``dtype``; length (b,) int32 zeros."""
+        when the layer has a conv, in ``dtype``; length (b,) int32 zeros. ``state_dtype`` (the SSM mixers') is
+        unused."""
+        del state_dtype
         kv_shape = (batch, max_len, self.num_heads_kv, self.head_dim)
         conv_state = None
         if self.conv1d is not None:

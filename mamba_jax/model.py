@@ -136,9 +136,9 @@ class MixerModel(nnx.Module):
             hidden, residual = layer(hidden, residual)
         return self.norm_f(hidden + residual)
 
-    def init_cache(self, batch: int, max_len: int, dtype) -> tuple:
+    def init_cache(self, batch: int, max_len: int, dtype, state_dtype=jnp.float32) -> tuple:
         """The empty decode cache: a tuple with one cache per layer (layouts in mamba_jax.generation.cache)."""
-        return tuple(layer.init_cache(batch, max_len, dtype) for layer in self.layers)
+        return tuple(layer.init_cache(batch, max_len, dtype, state_dtype) for layer in self.layers)
 
     def prefill(self, input_ids: jax.Array, cache: tuple, lengths: jax.Array) -> tuple[jax.Array, tuple]:
         """input_ids int (b, l), lengths (b,) -> (final hidden state (b, d) at each row's last valid token, cache)."""
@@ -231,11 +231,13 @@ class MambaLMHeadModel(nnx.Module):
 
     # ---- decoding (mamba_jax.generation) ----
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> tuple:
+    def init_cache(self, batch: int, max_len: int, dtype=None, state_dtype=jnp.float32) -> tuple:
         """An empty decode cache for ``batch`` rows of up to ``max_len`` tokens: one cache per layer (layouts in
         mamba_jax.generation.cache). ``dtype`` of the conv windows and key/value entries: default the model's
-        ``dtype``, else float32 (SSM states are float32 always)."""
-        return self.backbone.init_cache(batch, max_len, dtype or self.dtype or jnp.float32)
+        ``dtype``, else float32. ``state_dtype`` of the SSM states: float32 (default), or bfloat16 / float16, which
+        halve the state's bytes (mamba_ssm keeps its state in the model's dtype); the update still runs in
+        float32, its result rounded at every token."""
+        return self.backbone.init_cache(batch, max_len, dtype or self.dtype or jnp.float32, state_dtype)
 
     def prefill(self, input_ids: jax.Array, cache: tuple, lengths: jax.Array | None = None) -> tuple[jax.Array, tuple]:
         """Process whole (right-padded) prompts with the parallel scans.

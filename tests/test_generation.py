@@ -150,6 +150,31 @@ def test_chunked_prefill_and_steps_match_full_forward():
     assert cache[1].length.tolist() == [9, 9]  # the attention layer's filled positions
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_16_bit_state_stays_16_bit_and_near_the_float32_state(name):
+    """init_cache(state_dtype=bfloat16): prefill and steps keep the SSM states in bfloat16 (the compiled loop needs a
+    carry of one dtype), and teacher-forced logits stay within bfloat16's tolerance of the float32 state's; generate
+    takes the same option."""
+    model = random_model(name, seed=5)
+    ids = np.random.default_rng(2).integers(0, VOCAB, (2, 9)).astype(np.int32)
+    lengths = jnp.asarray([6, 4])
+    prefill = nnx.jit(lambda m, ids, cache, lengths: m.prefill(ids, cache, lengths))
+    step = nnx.jit(lambda m, tokens, cache: m.step(tokens, cache))
+    logits = {}
+    for state_dtype in (jnp.float32, jnp.bfloat16):
+        out, cache = prefill(model, jnp.asarray(ids[:, :6]), model.init_cache(2, 9, state_dtype=state_dtype), lengths)
+        steps = [out]
+        for position in (6, 7, 8):
+            out, cache = step(model, jnp.asarray(ids[:, position]), cache)
+            steps.append(out)
+        states = [layer.ssm_state for layer in cache if hasattr(layer, "ssm_state")]
+        assert states and all(state.dtype == state_dtype for state in states)
+        logits[state_dtype] = np.stack(steps)
+    assert_close(logits[jnp.bfloat16], logits[jnp.float32], jnp.bfloat16)
+    tokens = generate(model, ids[:, :6], max_new_tokens=NEW_TOKENS, state_dtype="bfloat16")
+    assert tokens.shape == (2, NEW_TOKENS)
+
+
 def test_non_causal_attention_prefill_sees_each_whole_prompt():
     """A non-causal MHA (mamba_ssm's default) decodes as mamba_ssm's inference does: the prefill attends over every
     valid position of the row's prompt, as the full forward over that prompt alone."""
@@ -319,6 +344,8 @@ def test_generator_reads_values_set_in_place_and_shares_programs():
         (dict(input_ids=np.array([[1, VOCAB, 2]])), rf"\[0, vocab_size={VOCAB}\), found {VOCAB} at row 0, position 1"),
         (dict(input_ids=np.array([[1, -1]])), "found -1 at row 0, position 1"),
         (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1, found 0"),
+        (dict(state_dtype=jnp.int32), "state_dtype must be float32, bfloat16 or float16"),
+        (dict(state_dtype="float64"), "state_dtype must be float32, bfloat16 or float16, found 'float64'"),
         (dict(max_new_tokens=2.0), "max_new_tokens must be an int >= 1"),
         (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
         (dict(top_p=1.01), r"top_p must be a number in \(0, 1\]"),

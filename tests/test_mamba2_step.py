@@ -47,6 +47,7 @@ class Shape:
     d_has_hdim: bool = False  # D per channel (h * p,) instead of per head
     dt_limit: tuple[float, float] = (0.0, float("inf"))
     param_dtype: str = "float32"
+    state_dtype: str = "float32"  # the SSM state's (a 16-bit state is read and written in its dtype)
 
     def __str__(self):
         return "-".join(str(v) for v in dataclasses.astuple(self))
@@ -84,7 +85,7 @@ def arguments(shape: Shape, seed: int):
     )
     u = normal(b, d, dtype=shape.dtype)
     conv_state = normal(b, w, conv_dim, dtype=shape.dtype)
-    ssm_state = normal(b, h, p, n, dtype="float32")
+    ssm_state = normal(b, h, p, n, dtype=shape.state_dtype)
     return u, conv_state, ssm_state, weights
 
 
@@ -116,6 +117,8 @@ INTERPRETED = [
     Shape(2, 64, 4, 16, 16, 2, 4, "bfloat16", biases=True),  # float32 biases, bf16 compute
     Shape(2, 64, 4, 32, 32, 1, 4, "float16", param_dtype="float16"),
     Shape(16, 32, 2, 16, 8, 1, 2, "float32"),
+    Shape(2, 64, 4, 16, 16, 2, 4, "float32", state_dtype="bfloat16"),
+    Shape(3, 64, 4, 32, 32, 1, 4, "float16", param_dtype="float16", state_dtype="float16"),
 ]
 
 
@@ -262,6 +265,8 @@ GPU_SHAPES = [
     Shape(1, 2560, 80, 64, 128, 1, 4, "bfloat16", param_dtype="bfloat16"),
     Shape(16, 768, 24, 64, 128, 1, 4, "bfloat16", param_dtype="bfloat16"),
     Shape(5, 768, 24, 64, 128, 1, 4, "float32"),
+    Shape(1, 2048, 64, 64, 128, 1, 4, "float16", param_dtype="float16", state_dtype="float16"),
+    Shape(64, 2048, 64, 64, 128, 1, 4, "float16", param_dtype="float16", state_dtype="float16"),
 ]
 
 

@@ -43,6 +43,7 @@ class Shape:
     biases: bool = False  # in_proj and out_proj biases, and no conv bias (the layouts no published model uses)
     param_dtype: str = "float32"
     cache_dtype: str | None = None  # None: the compute dtype
+    state_dtype: str = "float32"  # the SSM state's (a 16-bit state is read and written in its dtype)
 
     def __str__(self):
         return "-".join(str(v) for v in dataclasses.astuple(self) if v is not None)
@@ -71,7 +72,7 @@ def arguments(shape: Shape, seed: int):
     )
     u = normal(b, d, dtype=shape.dtype)
     conv_state = normal(b, w, di, dtype=shape.cache_dtype or shape.dtype)
-    ssm_state = normal(b, di, n, dtype="float32")
+    ssm_state = normal(b, di, n, dtype=shape.state_dtype)
     return u, conv_state, ssm_state, weights
 
 
@@ -97,6 +98,8 @@ INTERPRETED = [
     Shape(2, 32, 64, 16, 2, 4, "float16", param_dtype="float16"),
     Shape(1, 32, 96, 8, 5, 4, "bfloat16", cache_dtype="float32"),
     Shape(16, 32, 64, 4, 2, 2, "float32"),
+    Shape(2, 32, 64, 16, 2, 4, "float32", state_dtype="bfloat16"),
+    Shape(3, 48, 96, 6, 3, 3, "float16", param_dtype="float16", state_dtype="float16"),
 ]
 
 
@@ -116,6 +119,7 @@ def test_kernels_match_reference(shape):
         (Shape(3, 48, 96, 6, 3, 3, "bfloat16", biases=True), dict(xla_in_proj=True)),  # in_proj by XLA
         (Shape(3, 48, 96, 6, 3, 3, "bfloat16", biases=True), dict(xla_out_proj=True)),  # out_proj by XLA
         (Shape(1, 32, 64, 4, 2, 4, "float32"), dict(xla_in_proj=True, xla_out_proj=True)),  # both: two kernels
+        (Shape(3, 48, 96, 6, 3, 3, "bfloat16", state_dtype="bfloat16"), dict(xla_out_proj=True)),  # 16-bit state
         (Shape(17, 32, 64, 4, 2, 4, "float32"), {}),  # past 16 rows: blocks of 16, the last of one row
         (Shape(40, 48, 96, 6, 3, 3, "bfloat16", biases=True), dict(channels=32)),  # 3 blocks, 3 x 3 programs
     ],
@@ -233,6 +237,8 @@ GPU_SHAPES = [
     Shape(1, 2560, 5120, 16, 160, 4, "bfloat16", param_dtype="bfloat16"),
     Shape(16, 768, 1536, 16, 48, 4, "bfloat16", param_dtype="bfloat16"),
     Shape(5, 768, 1536, 16, 48, 4, "float32"),
+    Shape(1, 2048, 4096, 16, 128, 4, "float16", param_dtype="float16", state_dtype="float16"),
+    Shape(64, 2048, 4096, 16, 128, 4, "float16", param_dtype="float16", state_dtype="float16"),
 ]
 
 

@@ -7,9 +7,9 @@ Layouts (channels-last, like the activations; legend in docs/architecture.md, pl
 layer           field                     shape, dtype
 =============== ========================= ====================================================================
 Mamba-1         ``SSMCache.conv_state``   (b, w, di), activation dtype: the last w conv inputs, oldest first
-                ``SSMCache.ssm_state``    (b, di, n) float32
+                ``SSMCache.ssm_state``    (b, di, n) float32 (or 16-bit: ``init_cache``'s state_dtype)
 Mamba-2         ``SSMCache.conv_state``   (b, w, d_ssm + 2*g*n): the last w inputs of the conv over [x, B, C]
-                ``SSMCache.ssm_state``    (b, h, p, n) float32
+                ``SSMCache.ssm_state``    (b, h, p, n) float32 (or 16-bit)
 MHA             ``AttentionCache.key``    (b, s, k, e), ``value`` the same: position t of row r at [r, t]
                 ``AttentionCache.length`` (b,) int32: how many positions of each row are filled
                 ``AttentionCache.conv_state`` (b, w, (a + 2k) e) when the layer has a conv over qkv, else None
@@ -17,8 +17,10 @@ MHA             ``AttentionCache.key``    (b, s, k, e), ``value`` the same: posi
 
 A model's cache is the tuple of its layers' caches. Caches are plain pytrees (NamedTuples of arrays), so they pass
 through ``jit`` and ``lax.while_loop`` as they are; nothing is updated in place, every step returns a new cache.
-The SSM state is float32 whatever the activation dtype, as in mamba_ssm; the conv window and key/value entries are
-stored in the cache's dtype and cast to the layer's compute dtype when read.
+The SSM state is float32 by default whatever the activation dtype (mamba_ssm keeps it in the model's dtype: its
+fp16 models decode with an fp16 state); ``init_cache(..., state_dtype=jnp.bfloat16)`` (``generate``'s
+``state_dtype``) stores it in 16 bits, half the bytes a step reads and writes, still updated in float32. The conv
+window and key/value entries are stored in the cache's dtype and cast to the layer's compute dtype when read.
 
 The conv window holds w inputs (the one just consumed and the w - 1 before it), as mamba_ssm's conv_state does: the
 next step drops the oldest, appends the new input and takes the dot product with ``CausalConv1d.kernel`` (w, c),

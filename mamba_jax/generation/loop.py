@@ -3,7 +3,8 @@
 The model is any pytree (flax NNX modules are) with the decode protocol of ``MambaLMHeadModel``:
 
 - ``config.vocab_size``: the real vocabulary (logits beyond it are vocab padding and never sampled);
-- ``init_cache(batch, max_len)`` -> an empty cache for ``max_len`` positions per row;
+- ``init_cache(batch, max_len, state_dtype=...)`` -> an empty cache for ``max_len`` positions per row, its SSM
+  states in ``state_dtype``;
 - ``prefill(input_ids (b, l), cache, lengths (b,))`` -> (logits (b, v) float32 at each row's last prompt token,
   cache): the whole prompt at once, with the parallel scan;
 - ``step(tokens (b,), cache)`` -> (logits (b, v) float32, cache): one token per row, O(1) in the sequence length.
@@ -22,6 +23,9 @@ from flax import nnx
 
 from mamba_jax.generation.sampling import SamplingConfig, sample_next
 
+STATE_DTYPES = tuple(map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16)))
+STATIC = ("max_new_tokens", "vocab_size", "sampling", "return_scores", "callback", "state_dtype")
+
 
 def generate(
     model: nnx.Module,
@@ -39,6 +43,7 @@ def generate(
     rng: jax.Array | int | None = None,
     return_scores: bool = False,
     callback: Callable[[np.ndarray], None] | None = None,
+    state_dtype=jnp.float32,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -58,6 +63,9 @@ def generate(
       callback: called on the host with the int32 (b,) tokens of each position as soon as it is produced (for
         streaming), from inside the compiled loop. It is a static argument: pass the same function object each call,
         or every call compiles anew.
+      state_dtype: the dtype the SSM states are kept in between tokens: float32 (default), or bfloat16 / float16 as
+        mamba_ssm keeps them in a 16-bit model (half the bytes each step reads and writes, which matters at large
+        batch; the update runs in float32 and its result is rounded at every token).
 
     Returns:
       tokens int32 (b, t): the new tokens only, t <= max_new_tokens (less when every row finished early); and with
@@ -85,6 +93,7 @@ def generate(
         rng=rng,
         return_scores=return_scores,
         callback=callback,
+        state_dtype=state_dtype,
     )
     return _run(_program(treedef), args, static)
 
@@ -137,6 +146,7 @@ class Generator:
         rng: jax.Array | int | None = None,
         return_scores: bool = False,
         callback: Callable[[np.ndarray], None] | None = None,
+        state_dtype=jnp.float32,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         args, static = _arguments(
             self.params(),
@@ -150,6 +160,7 @@ class Generator:
             rng=rng,
             return_scores=return_scores,
             callback=callback,
+            state_dtype=state_dtype,
         )
         return _run(self._program, args, static)
 
@@ -181,6 +192,7 @@ def lower_generate(
     prompt_lengths=None,
     rng: jax.Array | int | None = None,
     return_scores: bool = False,
+    state_dtype=jnp.float32,
 ) -> tuple[jax.stages.Lowered, GenerateArgs]:
     """``generate``'s program, lowered ahead of time for benchmarks and compile-time studies.
 
@@ -204,6 +216,7 @@ def lower_generate(
         rng=rng,
         return_scores=return_scores,
         callback=None,
+        state_dtype=state_dtype,
     )
     return _program(treedef).lower(*args, **static), args
 
@@ -228,6 +241,7 @@ def _arguments(
     rng,
     return_scores,
     callback,
+    state_dtype,
 ) -> tuple[GenerateArgs, dict]:
     """Check ``generate``'s arguments -> (traced arguments, static arguments) of the compiled program."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
@@ -238,6 +252,12 @@ def _arguments(
     key = _check_rng(rng)
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable or None, found {type(callback).__name__}")
+    try:
+        state = jnp.dtype(state_dtype)
+    except TypeError:
+        state = None
+    if state not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be float32, bfloat16 or float16, found {state_dtype!r}")
 
     # Token ids are traced, not static, so changing them does not recompile; -1 never matches a token.
     eos = -1 if eos_token_id is None else eos_token_id
@@ -249,6 +269,7 @@ def _arguments(
         "sampling": sampling,
         "return_scores": bool(return_scores),
         "callback": callback,
+        "state_dtype": state,
     }
     return args, static
 
@@ -272,16 +293,18 @@ def _program(treedef) -> Callable:
     def run(params, ids, lengths, key, eos, fill, **static):
         return _decode(jax.tree.unflatten(treedef, params), ids, lengths, key, eos, fill, **static)
 
-    return jax.jit(run, static_argnames=("max_new_tokens", "vocab_size", "sampling", "return_scores", "callback"))
+    return jax.jit(run, static_argnames=tuple(STATIC))
 
 
-def _decode(model, ids, lengths, key, eos, fill, *, max_new_tokens, vocab_size, sampling, return_scores, callback):
+def _decode(
+    model, ids, lengths, key, eos, fill, *, max_new_tokens, vocab_size, sampling, return_scores, callback, state_dtype
+):
     """The prefill + decode loop (traced): returns (tokens (b, T), scores (b, T, V) or None, how many positions were
     produced)."""
     batch, seqlen = ids.shape
     rows = jnp.arange(batch)
 
-    cache = model.init_cache(batch, seqlen + max_new_tokens)
+    cache = model.init_cache(batch, seqlen + max_new_tokens, state_dtype=state_dtype)
     logits, cache = model.prefill(ids, cache, lengths)
     seen = None  # (b, V) bool: ids already in each row, for the repetition penalty
     if sampling.repetition_penalty != 1.0:

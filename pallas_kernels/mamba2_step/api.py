@@ -62,9 +62,10 @@ def mamba2_step(
     before XLA's in_proj) u is the block's hidden and the new float32 residual comes fourth.
 
     Shapes: u (b, d); conv_state (b, w, d_ssm + 2gn) the last w conv inputs, oldest first; ssm_state (b, h, p, n)
-    float32; ``weights`` a ``Mamba2StepWeights`` (shapes there); ``options`` the mixer's ngroups, dt_limit and norm
-    settings. ``dtype`` is the compute dtype of the projections and the conv (``Mamba2``'s ``dtype``, or its inputs'
-    and parameters' promoted dtype); the state update and the norm run in float32.
+    float32 (or 16-bit: read and written in its dtype); ``weights`` a ``Mamba2StepWeights`` (shapes there);
+    ``options`` the mixer's ngroups, dt_limit and norm settings. ``dtype`` is the compute dtype of the projections and
+    the conv (``Mamba2``'s ``dtype``, or its inputs' and parameters' promoted dtype); the state update and the norm run
+    in float32.
 
     implementation: "reference" (XLA, op by op), "pallas" (three kernel launches and a sum; without a supported GPU
       Pallas's interpreter, slowly), or None: ``default_implementation`` (the kernels on a GPU at batch 1 where they
@@ -92,6 +93,8 @@ def _check(u, conv_state, ssm_state, weights: Mamba2StepWeights, options: Mamba2
         raise ValueError(
             f"mamba2_step: ssm_state must have shape ({batch}, nheads, headdim, d_state), got {ssm_state.shape}"
         )
+    if not jnp.issubdtype(ssm_state.dtype, jnp.floating):
+        raise ValueError(f"mamba2_step: ssm_state must be floating (float32, bfloat16, float16), got {ssm_state.dtype}")
     _, heads, headdim, d_state = ssm_state.shape
     groups = options.ngroups
     if not isinstance(groups, int) or groups < 1 or heads % groups:

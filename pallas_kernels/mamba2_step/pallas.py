@@ -309,7 +309,7 @@ def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, prenorm: PreN
     ins |= {name: w[name] for name in ("in_proj_bias", "conv", "conv_bias", "dt_bias", "A_log", "D") if name in w}
     out_shape = {
         "conv_state": jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
-        "ssm_state": jax.ShapeDtypeStruct(ssm_state.shape, jnp.float32),
+        "ssm_state": jax.ShapeDtypeStruct(ssm_state.shape, ssm_state.dtype),
         "y": jax.ShapeDtypeStruct((batch, d_ssm), jnp.float32 if norm else dtype),
     }
     if norm:

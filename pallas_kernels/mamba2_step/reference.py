@@ -75,9 +75,9 @@ def mamba2_step_reference(
     options: Mamba2StepOptions = DEFAULT_OPTIONS,
     prenorm: PreNorm | None = None,
 ) -> tuple[jax.Array, ...]:
-    """u (b, d), conv_state (b, w, conv_dim), ssm_state (b, h, p, n) float32 -> (out (b, d) in ``dtype``, the new
-    conv_state in conv_state's dtype, the new ssm_state float32), and with ``prenorm`` the new residual s (b, d)
-    float32 last (u is then the block's hidden, normed first: ``PreNorm``).
+    """u (b, d), conv_state (b, w, conv_dim), ssm_state (b, h, p, n) -> (out (b, d) in ``dtype``, the new conv_state
+    in conv_state's dtype, the new ssm_state in ssm_state's dtype (updated in float32, then rounded to it)), and with
+    ``prenorm`` the new residual s (b, d) float32 last (u is then the block's hidden, normed first: ``PreNorm``).
 
     [z0, x0, z, xBC, dt] = in_proj(u); [x, B, C] = silu(conv over [conv_state[:, 1:], xBC]);
     dt = clip(softplus(dt + dt_bias), dt_limit); y = selective_state_update(ssm_state, x, dt, A = -exp(A_log), B, C,
@@ -96,7 +96,7 @@ def mamba2_step_reference(
     x, B, C = jnp.split(jax.nn.silu(xbc), [d_ssm, d_ssm + g * n], axis=-1)
     dt = jnp.clip(jax.nn.softplus(dt.astype(f32) + w.dt_bias.astype(f32)), *o.dt_limit)
     D = w.D.astype(f32).reshape(h, p) if w.D.shape[0] == d_ssm else w.D.astype(f32)[:, None]
-    y, ssm_state = state_update_reference(
+    y, new_state = state_update_reference(
         ssm_state,
         x.reshape(b, h, p),
         dt[:, :, None],
@@ -113,4 +113,5 @@ def mamba2_step_reference(
         y = gated_rmsnorm(y, z, w.norm, g, o.norm_before_gate, o.eps).astype(dtype)
     if d_mlp:
         y = jnp.concatenate([jax.nn.silu(z0) * x0, y], axis=-1)
-    return with_residual((linear(y, w.out_proj, w.out_proj_bias, dtype), window, ssm_state), residual)
+    new_state = new_state.astype(ssm_state.dtype)
+    return with_residual((linear(y, w.out_proj, w.out_proj_bias, dtype), window, new_state), residual)

@@ -58,9 +58,10 @@ def mamba_step(
     residual add + RMSNorm, which the kernels compute themselves: in their first launch, or in a launch of its own
     before XLA's in_proj) u is the block's hidden and the new float32 residual comes fourth.
 
-    Shapes: u (b, d); conv_state (b, w, di) the last w conv inputs, oldest first; ssm_state (b, di, n) float32;
-    ``weights`` a ``MambaStepWeights`` (shapes there). ``dtype`` is the compute dtype of the projections and the conv
-    (``Mamba``'s ``dtype``, or its inputs' and parameters' promoted dtype); the state update runs in float32.
+    Shapes: u (b, d); conv_state (b, w, di) the last w conv inputs, oldest first; ssm_state (b, di, n) float32 (or
+    16-bit: read and written in its dtype); ``weights`` a ``MambaStepWeights`` (shapes there). ``dtype`` is the
+    compute dtype of the projections and the conv (``Mamba``'s ``dtype``, or its inputs' and parameters' promoted
+    dtype); the state update runs in float32.
 
     implementation: "reference" (XLA, op by op), "pallas" (three kernels and two XLA sums, or two kernels between
       XLA's own projections; without a supported GPU Pallas's interpreter, slowly), or None:
@@ -97,6 +98,8 @@ def _check(u, conv_state, ssm_state, weights: MambaStepWeights) -> None:
     batch, d_model = u.shape
     if ssm_state.ndim != 3 or ssm_state.shape[0] != batch:
         raise ValueError(f"mamba_step: ssm_state must have shape ({batch}, d_inner, d_state), got {ssm_state.shape}")
+    if not jnp.issubdtype(ssm_state.dtype, jnp.floating):
+        raise ValueError(f"mamba_step: ssm_state must be floating (float32, bfloat16, float16), got {ssm_state.dtype}")
     _, d_inner, d_state = ssm_state.shape
     width = weights.conv.shape[0]
     rank = weights.dt_proj.shape[0]

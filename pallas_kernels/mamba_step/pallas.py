@@ -646,7 +646,7 @@ def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
     }
     if not xla_out_proj:  # _out_kernel reads the old state from a copy (its docstring)
         ins["ssm_state"] = ssm_state
-        out_shape["old_state"] = jax.ShapeDtypeStruct(ssm_state.shape, jnp.float32)
+        out_shape["old_state"] = jax.ShapeDtypeStruct(ssm_state.shape, ssm_state.dtype)
     # The conv window is updated in place (each program reads and writes only its own channels; in a decode loop this
     # saves a copy of the window), and so is the SSM state by the last kernel.
     first = pl.pallas_call(
@@ -671,7 +671,7 @@ def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
             functools.partial(_state_kernel, **common_out),
             input_output_aliases={sorted(ins).index("ssm_state"): 0},
             out_shape={
-                "ssm_state": jax.ShapeDtypeStruct(ssm_state.shape, jnp.float32),
+                "ssm_state": jax.ShapeDtypeStruct(ssm_state.shape, ssm_state.dtype),
                 "y": jax.ShapeDtypeStruct((batch, d_inner), dtype),
             },
             grid=(blocks, pl.cdiv(batch, rows.size)),
@@ -688,7 +688,7 @@ def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
             input_output_aliases={sorted(ins).index("state_buffer"): 1},  # outs: out, ssm_state
             out_shape={
                 "out": jax.ShapeDtypeStruct((blocks, batch, d_model), jnp.float32),
-                "ssm_state": jax.ShapeDtypeStruct(ssm_state.shape, jnp.float32),
+                "ssm_state": jax.ShapeDtypeStruct(ssm_state.shape, ssm_state.dtype),
             },
             grid=(blocks, d_model // out_columns),
             compiler_params=params,

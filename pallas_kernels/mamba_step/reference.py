@@ -102,9 +102,9 @@ def mamba_step_reference(
     dtype,
     prenorm: PreNorm | None = None,
 ) -> tuple[jax.Array, ...]:
-    """u (b, d), conv_state (b, w, di), ssm_state (b, di, n) float32 -> (out (b, d) in ``dtype``, the new conv_state
-    in conv_state's dtype, the new ssm_state float32), and with ``prenorm`` the new residual s (b, d) float32 last
-    (u is then the block's hidden, normed first: ``PreNorm``).
+    """u (b, d), conv_state (b, w, di), ssm_state (b, di, n) -> (out (b, d) in ``dtype``, the new conv_state in
+    conv_state's dtype, the new ssm_state in ssm_state's dtype (updated in float32, then rounded to it)), and with
+    ``prenorm`` the new residual s (b, d) float32 last (u is then the block's hidden, normed first: ``PreNorm``).
 
     [x, z] = in_proj(u); x = silu(conv over [conv_state[:, 1:], x]); [dt, B, C] = x_proj(x); dt = dt @ dt_proj;
     y = selective_state_update(ssm_state, x, dt, A = -exp(A_log), B, C, D, z, dt_bias, softplus); out = out_proj(y).
@@ -119,7 +119,7 @@ def mamba_step_reference(
     dt, B, C = jnp.split(linear(x, w.x_proj, None, dtype), [rank, rank + d_state], axis=-1)
     dt = linear(dt, w.dt_proj, None, dtype)
     f32 = jnp.float32
-    y, ssm_state = state_update_reference(
+    y, new_state = state_update_reference(
         ssm_state[:, None],
         x[:, None],
         dt[:, None],
@@ -131,4 +131,5 @@ def mamba_step_reference(
         w.dt_bias.astype(f32)[None],
         dt_softplus=True,
     )
-    return with_residual((linear(y[:, 0], w.out_proj, w.out_proj_bias, dtype), window, ssm_state[:, 0]), residual)
+    new_state = new_state[:, 0].astype(ssm_state.dtype)
+    return with_residual((linear(y[:, 0], w.out_proj, w.out_proj_bias, dtype), window, new_state), residual)
