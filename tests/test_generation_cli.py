@@ -64,6 +64,20 @@ def test_step_implementation_flag(checkpoint, capsys, monkeypatch):
     assert texts[0] == texts[1]
 
 
+def test_state_dtype_flag(checkpoint, capsys, monkeypatch):
+    """--state-dtype reaches generate (which keeps the SSM states in that dtype between tokens)."""
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "generate", recording)
+    cli.main(["--model", str(checkpoint), "--prompt", "w3 w1 w4", "--max-new-tokens", "3", "--state-dtype", "bfloat16"])
+    assert calls[0]["state_dtype"] == "bfloat16"
+    assert capsys.readouterr().out.startswith("w3 w1 w4")
+
+
 @pytest.mark.parametrize(
     ("arguments", "match"),
     [

@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the decode step's (default: the platform's best; see pallas_kernels.mamba_step / mamba2_step)",
     )
+    parser.add_argument(
+        "--state-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="the SSM states' dtype between tokens (16 bits: half their bytes, as mamba_ssm keeps them)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", default=None, help="transformers tokenizer name or directory")
     return parser
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             eos_token_id=eos,
             rng=jax.random.key(args.seed),
             callback=streamer,
+            state_dtype=args.state_dtype,
         )
     except ValueError as e:
         parser.error(str(e))
