@@ -204,19 +204,21 @@ def test_kernels_differentiate_as_reference():
 
 
 def test_default_implementation():
-    """The kernels at batch 1 on a GPU, XLA elsewhere; on CPU bit for bit the reference."""
+    """The kernels on a GPU at batch 1, or past it with a 16-bit state; XLA elsewhere; on CPU bit for bit the
+    reference."""
     from pallas_kernels.mamba2_step.api import default_implementation
 
-    def pick(batch, d_model, headdim=64, d_state=128, **options):
+    def pick(batch, d_model, headdim=64, d_state=128, state_dtype=jnp.float32, **options):
         args = arguments(Shape(batch, d_model, 2 * d_model // headdim, headdim, d_state, 1, 4, "float16"), seed=0)
         options = Mamba2StepOptions()._replace(**options)
-        return default_implementation(batch, args[3], args[2].shape, options)
+        return default_implementation(batch, args[3], args[2].shape, options, state_dtype)
 
     expected = "pallas" if pallas_supported() else "reference"
     assert pick(1, 2048) == expected  # Mamba-2 1.3b
     assert pick(1, 768) == expected  # 130m
     assert pick(1, 2560) == expected  # 2.7b
     assert pick(2, 2048) == "reference"
+    assert pick(64, 2048, state_dtype=jnp.float16) == expected  # past one row with a 16-bit state
     assert pick(1, 2048, norm_before_gate=True) == "reference"  # a mixer the kernels do not take
 
     args = arguments(Shape(2, 64, 4, 16, 16, 1, 4, "float32"), seed=4)
