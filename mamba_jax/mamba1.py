@@ -152,8 +152,7 @@ class Mamba(NormedStep, nnx.Module):
             raise ValueError(f"Mamba: u must have shape (batch, seqlen, d_model={self.d_model}), found {u.shape}")
         lengths = check_lengths(lengths, u.shape[0], u.shape[1])
         x, z = linear_parts(self.in_proj, u, [self.d_inner, self.d_inner])  # (b, l, di) each, as __call__
-        x, conv_state = conv_prefill(self.conv1d, x, cache.conv_state, lengths)
-        x = jax.nn.silu(x)
+        x, conv_state = conv_prefill(self.conv1d, x, cache.conv_state, lengths, silu=True)
         dt, B, C = self._dt_B_C(x)
         dt = jnp.where(valid_mask(lengths, u.shape[1])[:, :, None], dt, jnp.asarray(_MASKED_DT, dt.dtype))
         state = cache.ssm_state.astype(jnp.float32)

@@ -268,8 +268,8 @@ class Mamba2(NormedStep, nnx.Module):
         lengths = check_lengths(lengths, b, l)
 
         z0, x0, z, xbc, dt = self._split_projection(self.in_proj(u))
-        xbc, conv_state = conv_prefill(self.conv1d, xbc, cache.conv_state, lengths)
-        x, B, C = jnp.split(jax.nn.silu(xbc), [self.d_ssm, self.d_ssm + g * n], axis=-1)
+        xbc, conv_state = conv_prefill(self.conv1d, xbc, cache.conv_state, lengths, silu=True)
+        x, B, C = jnp.split(xbc, [self.d_ssm, self.d_ssm + g * n], axis=-1)
         # dt as the scan would discretise it, then 0 past each row's length: such a step leaves the state unchanged.
         dt = jnp.where(valid_mask(lengths, l)[:, :, None], self._discretize_dt(dt), 0.0)
         y, ssm_state = mamba_chunk_scan(

@@ -93,18 +93,19 @@ def take_last(x: jax.Array, lengths: jax.Array) -> jax.Array:
 
 
 def conv_prefill(
-    conv: nnx.Module, x: jax.Array, conv_state: jax.Array, lengths: jax.Array
+    conv: nnx.Module, x: jax.Array, conv_state: jax.Array, lengths: jax.Array, silu: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """The causal conv over ``x`` continuing from the cached window, and the window after each row's last input.
 
-    x (b, l, c); conv_state (b, w, c); lengths (b,) -> (y (b, l, c) in the conv's dtype, new conv_state (b, w, c)).
+    x (b, l, c); conv_state (b, w, c); lengths (b,) -> (y (b, l, c) in the conv's dtype, then SiLU if ``silu``, as
+    the conv applies it in the full-sequence forward; new conv_state (b, w, c)).
     Running the conv over [the last w - 1 cached inputs, x] and dropping the first w - 1 outputs gives exactly the
     full-sequence conv when the cache is fresh (zeros are what the conv pads with). Positions at or after a row's
     length (right padding) are computed but never enter that row's new window.
     """
     width = conv_state.shape[1]
     history = conv_state[:, 1:].astype(x.dtype)  # (b, w - 1, c)
-    y = conv(jnp.concatenate([history, x], axis=1))[:, width - 1 :]
+    y = conv(jnp.concatenate([history, x], axis=1), silu=silu)[:, width - 1 :]
     # The window ending at input lengths - 1 is [lengths - w, lengths) in x's time, i.e. [lengths, lengths + w) in
     # [cached window, x], which starts w positions earlier.
     extended = jnp.concatenate([conv_state, x.astype(conv_state.dtype)], axis=1)  # (b, w + l, c)
