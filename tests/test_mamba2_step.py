@@ -237,6 +237,8 @@ def test_errors():
         mamba2_step(u[0], conv_state, ssm_state, weights, dtype=jnp.float32)
     with pytest.raises(ValueError, match=r"conv_state must have shape \(2, 4, 96\)"):
         mamba2_step(u, conv_state[:, 1:], ssm_state, weights, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"mamba2_step: ssm_state must be floating \(float32, .*\), got int32"):
+        mamba2_step(u, conv_state, ssm_state.astype(jnp.int32), weights, dtype=jnp.float32)
     with pytest.raises(ValueError, match=r"in_proj must have shape \(64, 164\)"):
         mamba2_step(u, conv_state, ssm_state, weights._replace(in_proj=weights.in_proj[:, 1:]), dtype=jnp.float32)
     with pytest.raises(ValueError, match=r"options\.ngroups must be a positive divisor of nheads 4, got 3"):

@@ -205,6 +205,8 @@ def test_errors():
         mamba_step(u[0], conv_state, ssm_state, weights, dtype=jnp.float32)
     with pytest.raises(ValueError, match=r"conv_state must have shape \(2, 4, 64\)"):
         mamba_step(u, conv_state[:, 1:], ssm_state, weights, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"mamba_step: ssm_state must be floating \(float32, .*\), got int32"):
+        mamba_step(u, conv_state, ssm_state.astype(jnp.int32), weights, dtype=jnp.float32)
     with pytest.raises(ValueError, match=r"x_proj must have shape \(64, 10\)"):
         mamba_step(u, conv_state, ssm_state, weights._replace(x_proj=weights.x_proj[:, 1:]), dtype=jnp.float32)
     prenorm = random_prenorm(shape, 0)

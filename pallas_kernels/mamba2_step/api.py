@@ -14,7 +14,7 @@ from pallas_kernels.mamba2_step.reference import (
     Mamba2StepWeights,
     mamba2_step_reference,
 )
-from pallas_kernels.mamba_step.api import check_prenorm
+from pallas_kernels.mamba_step.api import check_prenorm, check_state_dtype
 from pallas_kernels.mamba_step.reference import PreNorm
 
 IMPLEMENTATIONS = ("pallas", "reference")
@@ -97,8 +97,7 @@ def _check(u, conv_state, ssm_state, weights: Mamba2StepWeights, options: Mamba2
         raise ValueError(
             f"mamba2_step: ssm_state must have shape ({batch}, nheads, headdim, d_state), got {ssm_state.shape}"
         )
-    if not jnp.issubdtype(ssm_state.dtype, jnp.floating):
-        raise ValueError(f"mamba2_step: ssm_state must be floating (float32, bfloat16, float16), got {ssm_state.dtype}")
+    check_state_dtype("mamba2_step", ssm_state)
     _, heads, headdim, d_state = ssm_state.shape
     groups = options.ngroups
     if not isinstance(groups, int) or groups < 1 or heads % groups:

@@ -91,6 +91,12 @@ def check_prenorm(caller: str, u: jax.Array, prenorm: PreNorm | None) -> None:
         raise ValueError(f"{caller}: prenorm.weight must have shape {u.shape[1:]}, got {prenorm.weight.shape}")
 
 
+def check_state_dtype(caller: str, ssm_state: jax.Array) -> None:
+    """ValueError unless the SSM state is floating (float32, or 16-bit: the steps read and write it in its dtype)."""
+    if not jnp.issubdtype(ssm_state.dtype, jnp.floating):
+        raise ValueError(f"{caller}: ssm_state must be floating (float32, bfloat16, float16), got {ssm_state.dtype}")
+
+
 def _check(u, conv_state, ssm_state, weights: MambaStepWeights) -> None:
     """ValueError naming the first argument whose shape does not fit the others."""
     if u.ndim != 2:
@@ -98,8 +104,7 @@ def _check(u, conv_state, ssm_state, weights: MambaStepWeights) -> None:
     batch, d_model = u.shape
     if ssm_state.ndim != 3 or ssm_state.shape[0] != batch:
         raise ValueError(f"mamba_step: ssm_state must have shape ({batch}, d_inner, d_state), got {ssm_state.shape}")
-    if not jnp.issubdtype(ssm_state.dtype, jnp.floating):
-        raise ValueError(f"mamba_step: ssm_state must be floating (float32, bfloat16, float16), got {ssm_state.dtype}")
+    check_state_dtype("mamba_step", ssm_state)
     _, d_inner, d_state = ssm_state.shape
     width = weights.conv.shape[0]
     rank = weights.dt_proj.shape[0]
