@@ -1,15 +1,18 @@
-"""Batch-1 matrix-vector products y (1, N) = u (1, K) @ W (K, N), the decode step's projections, as XLA runs them and
-as Pallas tilings (Triton, and Mosaic GPU) of the kind ``pallas_kernels/mamba_step`` uses: which reads W nearest the
-memory bandwidth. The fused step's in_proj kernel reads at ~2.3 TB/s (1.4b) of the H100's ~3.0 (benchmarks/RESULTS.md).
+"""The decode step's projections y (M, N) = u (M, K) @ W (K, N), as XLA runs them and as Pallas tilings (Triton, and
+Mosaic GPU at one row) of the kind ``pallas_kernels/mamba_step`` uses: which reads W nearest the memory bandwidth.
+At one row (the default) they are matrix-vector products: the fused step's in_proj kernel reads at ~2.3 TB/s (1.4b)
+of the H100's ~3.0 (benchmarks/RESULTS.md). ``--rows 64`` times the batch-64 step's products (W still read once).
 
     PYTHONPATH=. python3 benchmarks/gemv.py --out benchmarks/results/gemv_h100.json
     PYTHONPATH=. python3 benchmarks/gemv.py --backends triton,mosaic --out benchmarks/results/gemv_mosaic_h100.json
+    PYTHONPATH=. python3 benchmarks/gemv.py --rows 64 --variants skinny --out benchmarks/results/gemm_b64_h100.json
     PYTHONPATH=. python3 benchmarks/gemv.py --tiny        # a small shape in the interpreter, for a CPU check
 
 A Pallas variant is (columns, depth, splits, warps, stages): program (j, s) of the grid (N / columns, splits) reads
 rows s K / splits ... (s + 1) K / splits of the ``columns`` columns j columns ... in tiles of (depth, columns), keeps
 the (depth, columns) float32 products and sums them after its loop; with splits > 1 XLA sums the (splits, N) float32
-partials. A Mosaic GPU variant ("mosaic", columns, depth, splits, stages) has the same grid, one warpgroup a program
+partials; past one row each tile is a tensor-core product (``pl.dot``) of u's (M, depth) and W's (depth, columns)
+tiles. A Mosaic GPU variant ("mosaic", columns, depth, splits, stages) has the same grid, one warpgroup a program
 (128 threads, columns / 128 columns each): the copy engine stages (depth, columns) tiles of W and depth elements of
 u in shared memory, ``stages`` tiles in flight (``plgpu.emit_pipeline``), and each thread adds u[r] times its columns
 of row r into float32 registers (jax >= 0.11, compute capability 9.0+; u's tile must be a multiple of 128 bytes:
@@ -43,6 +46,8 @@ SHAPES = [
     ("2.8b in_proj", 2560, 10240),
     ("1.4b out_proj", 4096, 2048),
     ("130m in_proj", 768, 3072),
+    ("2.8b out_proj", 5120, 2560),
+    ("130m out_proj", 1536, 768),
 ]
 # (columns, depth, splits, warps, stages)
 VARIANTS = [
@@ -67,6 +72,24 @@ VARIANTS = [
     (256, 64, 2, 8, 2),
     (128, 128, 4, 8, 3),
 ]
+# Past one row (``--variants skinny``): few columns a program so that W's read spreads over every multiprocessor.
+SKINNY_VARIANTS = [
+    (32, 128, 1, 4, 4),
+    (64, 64, 1, 4, 4),
+    (64, 128, 1, 4, 3),
+    (64, 128, 1, 4, 4),
+    (64, 256, 1, 4, 3),
+    (64, 64, 2, 4, 4),
+    (64, 128, 2, 4, 4),
+    (128, 64, 1, 4, 4),
+    (128, 64, 1, 8, 4),
+    (128, 128, 1, 8, 3),
+    (128, 64, 2, 4, 4),
+    (128, 128, 2, 8, 3),
+    (128, 64, 4, 4, 4),
+    (256, 64, 1, 8, 3),
+    (256, 64, 2, 8, 3),
+]
 # ("mosaic", columns, depth, splits, stages)
 MOSAIC_VARIANTS = [
     ("mosaic", 128, 64, 4, 4),
@@ -83,35 +106,39 @@ MOSAIC_VARIANTS = [
 
 
 def _gemv_kernel(u_ref, w_ref, out_ref, *, depth: int):
-    """u_ref (rows,), w_ref (rows, columns): out_ref (1, columns) = float32 sum over rows of u * w."""
-    rows, columns = w_ref.shape
+    """u_ref (M, rows), w_ref (rows, columns): out_ref (M, columns) = u @ w in float32. One row: products summed
+    over rows at the end; more: a tensor-core product a tile."""
+    m, rows = u_ref.shape
+    columns = w_ref.shape[1]
 
     def body(i, acc):
         start = pl.multiple_of(i * depth, depth)
-        u = u_ref[pl.ds(start, depth)].astype(jnp.float32)
-        w = w_ref[pl.ds(start, depth), :].astype(jnp.float32)
-        return acc + u[:, None] * w
+        w = w_ref[pl.ds(start, depth), :]
+        if m > 1:
+            return acc + jnp.dot(u_ref[:, pl.ds(start, depth)], w, preferred_element_type=jnp.float32)
+        u = u_ref[0, pl.ds(start, depth)].astype(jnp.float32)
+        return acc + u[:, None] * w.astype(jnp.float32)
 
-    acc = lax.fori_loop(0, rows // depth, body, jnp.zeros((depth, columns), jnp.float32))
-    out_ref[...] = jnp.sum(acc, axis=0, keepdims=True)
+    acc = lax.fori_loop(0, rows // depth, body, jnp.zeros((m if m > 1 else depth, columns), jnp.float32))
+    out_ref[...] = acc if m > 1 else jnp.sum(acc, axis=0, keepdims=True)
 
 
 def pallas_gemv(variant, interpret: bool):
-    """u (K,), W (K, N) -> y (N,) float32 with the tiling ``variant``."""
+    """u (M, K), W (K, N) -> y (M, N) float32 with the tiling ``variant``."""
     columns, depth, splits, warps, stages = variant
 
     def gemv(u, w):
-        k, n = w.shape
+        (m, k), n = u.shape, w.shape[1]
         rows = k // splits
         partial = pl.pallas_call(
             functools.partial(_gemv_kernel, depth=depth),
-            out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
+            out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
             grid=(n // columns, splits),
             in_specs=[
-                pl.BlockSpec((rows,), lambda j, s: (s,)),
+                pl.BlockSpec((m, rows), lambda j, s: (0, s)),
                 pl.BlockSpec((rows, columns), lambda j, s: (s, j)),
             ],
-            out_specs=pl.BlockSpec((1, columns), lambda j, s: (s, j)),
+            out_specs=pl.BlockSpec((None, m, columns), lambda j, s: (s, 0, j)),
             compiler_params=plt.CompilerParams(num_warps=warps, num_stages=stages),
             interpret=interpret,
         )(u, w)
@@ -121,7 +148,7 @@ def pallas_gemv(variant, interpret: bool):
 
 
 def mosaic_gemv(variant, interpret: bool):
-    """u (K,), W (K, N) -> y (N,) float32 by the Mosaic GPU kernel ``variant``."""
+    """u (1, K), W (K, N) -> y (1, N) float32 by the Mosaic GPU kernel ``variant``."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     _, columns, depth, splits, stages = variant
@@ -155,8 +182,8 @@ def mosaic_gemv(variant, interpret: bool):
             grid_names=("j", "s"),
             compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
             interpret=plgpu.InterpretGPUParams() if interpret else False,
-        )(u, w)
-        return partial.sum(axis=0)
+        )(u[0], w)
+        return partial.sum(axis=0, keepdims=True)
 
     return gemv
 
@@ -188,7 +215,7 @@ def measure(name, k, n, variants, args, interpret) -> list[dict]:
     dtype = jnp.dtype(args.dtype)
     keys = jax.random.split(jax.random.key(0), args.matrices + 1)
     matrices = tuple(jax.random.normal(key, (k, n), jnp.float32).astype(dtype) / k**0.5 for key in keys[1:])
-    u = jax.random.normal(keys[0], (k,), jnp.float32).astype(dtype)
+    u = jax.random.normal(keys[0], (args.rows, k), jnp.float32).astype(dtype)
     exact = jnp.dot(u.astype(jnp.float32), matrices[0].astype(jnp.float32), precision=lax.Precision.HIGHEST)
     nbytes = k * n * dtype.itemsize
     rows = []
@@ -202,6 +229,8 @@ def measure(name, k, n, variants, args, interpret) -> list[dict]:
                 columns, depth, splits = variant[1:4] if mosaic else variant[:3]
                 if n % columns or k % (depth * splits):
                     raise ValueError("the tiling does not divide the shape")
+                if mosaic and args.rows > 1:
+                    raise ValueError("the Mosaic GPU variants take one row")
                 gemv = mosaic_gemv(variant, interpret) if mosaic else pallas_gemv(variant, interpret)
             got = jax.jit(gemv)(u, matrices[0])
             row["max_rel_err"] = float(jnp.max(jnp.abs(got - exact)) / jnp.max(jnp.abs(exact)))
@@ -222,6 +251,8 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="one small shape, two or three tilings, interpreted")
+    parser.add_argument("--rows", type=int, default=1, help="M, the rows of u (the decode batch)")
+    parser.add_argument("--variants", default="gemv", choices=("gemv", "skinny"), help="the Triton tilings to time")
     parser.add_argument("--backends", default="triton", help="comma-separated, of triton and mosaic (jax >= 0.11)")
     parser.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
     parser.add_argument("--out", default=None)
@@ -238,9 +269,12 @@ def main():
     if not all(i.isdigit() and int(i) < len(SHAPES) for i in indices):
         parser.error(f"--shapes: comma-separated indices from 0 to {len(SHAPES) - 1}, got {args.shapes!r}")
     shapes = [SHAPES[int(i)] for i in indices]
-    variants = (VARIANTS if "triton" in backends else []) + (MOSAIC_VARIANTS if "mosaic" in backends else [])
+    triton_variants = SKINNY_VARIANTS if args.variants == "skinny" else VARIANTS
+    variants = (triton_variants if "triton" in backends else []) + (MOSAIC_VARIANTS if "mosaic" in backends else [])
     if args.tiny:
         shapes, variants = [("tiny", 64, 256)], [(64, 16, 1, 4, 3), (32, 16, 2, 4, 3)]
+        if args.rows > 1:
+            variants = [(64, 16, 1, 4, 3), (32, 32, 2, 4, 3)]
         variants += [("mosaic", 128, 64, 1, 2)] if "mosaic" in backends else []
         args.matrices, args.iters, args.reps = 2, 2, 2
     rows = []
@@ -248,7 +282,7 @@ def main():
         rows += measure(name, k, n, variants, args, interpret)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"environment": environment(), "dtype": args.dtype, "rows": rows}, f, indent=2)
+            json.dump({"environment": environment(), "dtype": args.dtype, "M": args.rows, "rows": rows}, f, indent=2)
     for r in rows:
         result = r.get("error") or f"{r['us']:8.2f} us {r['TB_per_s']:5.2f} TB/s err {r['max_rel_err']:.1e}"
         print(f"{r['shape']:<14} {r['variant']:<22} {result}")

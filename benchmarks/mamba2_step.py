@@ -43,6 +43,8 @@ VARIANTS = [
     (128, 64, None, 64, 16, 2, 1, None, 8, 4, 3),  # twice the programs
     (128, 64, None, 64, None, 2, 2, None, 8, 4, 3),  # tiles loaded 2 iterations ahead
     (256, 64, None, 64, None, 2, 1, None, 8, 4, 3),  # 256 rows an iteration
+    (128, 64, 1, 64, None, 2, 0, False, 4, 4, 4),  # past one row: in_proj by the first kernel, Triton's pipeline
+    (128, 64, 2, 64, None, 2, 0, False, 4, 4, 4),
 ]
 
 

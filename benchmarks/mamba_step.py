@@ -33,20 +33,28 @@ from pallas_kernels.mamba_step.reference import mamba_step_reference
 # (name, batch, d_model): d_inner 2 d_model, d_state 16, dt_rank d_model / 16, d_conv 4, as the published models.
 SHAPES = [("mamba-1.4b", 1, 2048), ("mamba-2.8b", 1, 2560), ("mamba-130m", 1, 768), ("mamba-1.4b", 16, 2048)]
 SHAPES += [("mamba-1.4b", 64, 2048), ("mamba-130m", 64, 768), ("mamba-2.8b", 64, 2560)]
-# (channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj, xla_out_proj, num_warps, num_stages) of the
-# kernels (pallas.mamba_step_pallas; None: its default); the first is the default.
+# Options of the kernels (keyword arguments of pallas.mamba_step_pallas; absent: its default); the first is the
+# default.
 VARIANTS = [
-    (64, 128, 512, 1, 64, None, None, False, 8, 3),
-    (64, 128, 512, 1, 64, None, False, False, 8, 3),  # in_proj by the first kernel at every size
-    (64, 128, 512, 1, 64, None, True, False, 8, 3),  # in_proj by XLA's product at every size
-    (64, 128, 512, 2, 64, None, None, False, 8, 3),
-    (64, 128, 1024, 1, 64, None, None, False, 8, 3),
-    (64, 128, 512, 1, 64, 4, False, False, 8, 3),  # in_proj's grid in 4.8 waves of 132 SMs at 2.8b (2 splits: 2.4)
-    (64, 128, 512, 1, 64, None, None, True, 8, 3),  # out_proj by XLA, the state updated in place
-    (64, 128, 512, 1, 64, None, True, True, 8, 3),  # both projections by XLA
-    (32, 128, 512, 1, 64, None, None, True, 8, 3),  # twice the programs in the conv and state kernels
-    (32, 128, 512, 1, 64, None, None, True, 4, 3),
-    (16, 128, 512, 1, 64, None, True, True, 4, 3),  # batch > 1: a program's state tile 16 rows x 16 channels x n
+    {},
+    dict(xla_in_proj=False, xla_out_proj=False),  # in_proj by the first kernel at every size
+    dict(xla_in_proj=True, xla_out_proj=False),  # in_proj by XLA's product at every size
+    dict(prefetch=2),
+    dict(columns=1024),
+    dict(xla_in_proj=False, splits=4, xla_out_proj=False),  # in_proj's grid in 4.8 waves of 132 SMs at 2.8b
+    dict(xla_out_proj=True),  # out_proj by XLA, the state updated in place
+    dict(xla_in_proj=True, xla_out_proj=True),  # both projections by XLA
+    dict(channels=32, xla_out_proj=True, num_warps=8),  # twice the programs in the conv and state kernels
+    dict(channels=32, xla_out_proj=True, num_warps=4),
+    dict(channels=16, xla_in_proj=True, xla_out_proj=True, num_warps=4),  # batch > 1: state tiles 16 x 16 x n
+    # past one row (benchmarks/RESULTS.md, 2026-11-24): the default before in_proj's kernel held 64 rows and x_proj
+    # was XLA's, then each of the new defaults undone or varied
+    dict(xla_in_proj=True, xla_x_proj=False),
+    dict(xla_in_proj=True),
+    dict(xla_x_proj=False),
+    dict(splits=1),
+    dict(splits=2),
+    dict(num_stages=3),
 ]
 
 
@@ -72,22 +80,9 @@ def random_layer(key, d_model: int, dtype) -> MambaStepWeights:
     )
 
 
-def step_fn(variant):
+def step_fn(variant: dict):
     """(u, conv_state, ssm_state, weights, dtype) -> (out, conv_state, ssm_state) for a variant of the kernels."""
-    channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj, xla_out_proj, num_warps, num_stages = variant
-    return functools.partial(
-        mamba_step_pallas,
-        channels=channels,
-        depth=depth,
-        columns=columns,
-        prefetch=prefetch,
-        proj_columns=proj_columns,
-        splits=splits,
-        xla_in_proj=xla_in_proj,
-        xla_out_proj=xla_out_proj,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    return functools.partial(mamba_step_pallas, **variant)
 
 
 def loop(step, layers, iters: int, dtype):

@@ -249,7 +249,7 @@ def test_errors():
         mamba2_step_pallas(u, conv_state, ssm_state, weights, jnp.float32, interpret=True, depth=16, splits=3)
     with pytest.raises(ValueError, match="parts must be a power of 2 dividing headdim 16"):
         mamba2_step_pallas(u, conv_state, ssm_state, weights, jnp.float32, interpret=True, parts=2)
-    with pytest.raises(ValueError, match="batch 17 > 16 needs in_proj and out_proj by XLA, got xla_in_proj=None"):
+    with pytest.raises(ValueError, match="batch 17 > 16 needs xla_out_proj True"):
         big = arguments(dataclasses.replace(shape, batch=17), seed=0)
         mamba2_step_pallas(*big, jnp.float32, interpret=True, parts=1, xla_out_proj=False)
 

@@ -122,6 +122,10 @@ def test_kernels_match_reference(shape):
         (Shape(3, 48, 96, 6, 3, 3, "bfloat16", state_dtype="bfloat16"), dict(xla_out_proj=True)),  # 16-bit state
         (Shape(17, 32, 64, 4, 2, 4, "float32"), {}),  # past 16 rows: blocks of 16, the last of one row
         (Shape(40, 48, 96, 6, 3, 3, "bfloat16", biases=True), dict(channels=32)),  # 3 blocks, 3 x 3 programs
+        (Shape(3, 48, 96, 6, 3, 3, "bfloat16", biases=True), dict(xla_x_proj=False)),  # x_proj's partial sums
+        (Shape(1, 32, 64, 4, 2, 4, "float32"), dict(xla_x_proj=True)),  # x_proj by XLA at one row
+        # past 16 rows in_proj's kernel still holds every row: 40 padded to 64 in one tl.dot tile
+        (Shape(40, 48, 96, 6, 3, 3, "float16", param_dtype="float16"), dict(xla_in_proj=False, depth=16, splits=1)),
     ],
     ids=str,
 )
@@ -137,6 +141,7 @@ def test_kernel_options_match_reference(shape, options):
         (Shape(1, 32, 64, 16, 2, 4, "float16", param_dtype="float16"), False, {}),
         (Shape(3, 48, 96, 6, 3, 3, "float32"), False, dict(xla_in_proj=False)),  # rows padded to 16 (tl.dot)
         (Shape(3, 48, 96, 6, 3, 3, "bfloat16"), False, {}),  # past one row: the norm by XLA before its in_proj
+        (Shape(20, 48, 96, 6, 3, 3, "bfloat16"), False, dict(xla_in_proj=False)),  # the norm launch, then the kernel
     ],
     ids=str,
 )
@@ -193,7 +198,16 @@ def test_default_implementation():
     assert default_implementation(1, 2048, 4096) == expected  # Mamba-1 1.4b
     assert default_implementation(1, 2560, 5120) == expected  # 2.8b: both projections by XLA
     assert default_implementation(64, 2048, 4096) == expected  # past one row: XLA's projections
-    assert default_implementation(64, 2560, 5120) == "reference"
+    assert default_implementation(64, 2560, 5120) == expected
+
+
+@pytest.mark.parametrize("batch, kernel", [(1, True), (64, True), (65, False)])
+def test_in_proj_kernel_holds_up_to_64_rows(batch, kernel):
+    """By default in_proj is the first kernel's up to MAX_PROJ_ROWS rows (every row in one tl.dot tile past one
+    row), XLA's product past them."""
+    args = arguments(Shape(batch, 32, 64, 4, 2, 4, "float32"), seed=0)
+    step = functools.partial(mamba_step_pallas, dtype=jnp.float32, interpret=True)
+    assert ("mamba_step_proj" in str(jax.make_jaxpr(step)(*args))) == kernel
 
 
 def test_errors():
@@ -220,8 +234,11 @@ def test_errors():
         mamba_step(u, conv_state, ssm_state, weights, dtype=jnp.float32, prenorm=bad)
     with pytest.raises(ValueError, match=r"splits must be a positive int dividing d_model / depth = 32 / 16, got 3"):
         mamba_step_pallas(u, conv_state, ssm_state, weights, dtype=jnp.float32, interpret=True, depth=16, splits=3)
-    with pytest.raises(ValueError, match="batch 17 > 16 needs in_proj and out_proj by XLA, got xla_in_proj=False"):
+    with pytest.raises(ValueError, match=r"batch 17 > 16 needs xla_out_proj True \(XLA's product\) or None, got F"):
         big = arguments(dataclasses.replace(shape, batch=17), seed=0)
+        mamba_step_pallas(*big, dtype=jnp.float32, interpret=True, xla_out_proj=False)
+    with pytest.raises(ValueError, match="batch 65 > 64 needs xla_in_proj True"):
+        big = arguments(dataclasses.replace(shape, batch=65), seed=0)
         mamba_step_pallas(*big, dtype=jnp.float32, interpret=True, xla_in_proj=False)
 
 

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from pallas_kernels.mamba_step.reference import MambaStepWeights, PreNorm, mamba_step_reference
 
 IMPLEMENTATIONS = ("pallas", "reference")
-MAX_BATCHED_D_MODEL = 2048  # the widest layer the kernels run by default past one row (see default_implementation)
 
 
 @functools.cache
@@ -26,19 +25,17 @@ def _implementation(name: str):
 
 
 def default_implementation(batch: int, d_model: int, d_inner: int) -> str:
-    """What ``implementation=None`` runs: the kernels on a GPU Pallas compiles for, at batch 1, and past one row up
-    to d_model MAX_BATCHED_D_MODEL; else XLA.
+    """What ``implementation=None`` runs: the kernels on a GPU Pallas compiles for, else XLA.
 
-    Measured per layer on an H100, fp16 (benchmarks/RESULTS.md, "Mamba-1 2.8b: out_proj by XLA" and "Past one
-    row"): at batch 1 the kernels take 39% and 43% less time than XLA at d_model 768 and 2048 (Mamba-1 130m, 1.4b),
-    and 8-12% less at 2560 (2.8b), where both projections are XLA's own products (``XLA_IN_PROJ_FROM``,
-    ``XLA_OUT_PROJ_FROM``). Past one row (both projections XLA's) 17% less at 130m and 9-12% at 1.4b (batch 16, 64),
-    but 2-8% more at 2.8b (batch 64)."""
+    Measured per layer on an H100, fp16 (benchmarks/RESULTS.md, "Mamba-1 2.8b: out_proj by XLA" and "Past one row:
+    in_proj's kernel with every row"): at batch 1 the kernels take 39% and 43% less time than XLA at d_model 768
+    and 2048 (Mamba-1 130m, 1.4b), and 8-12% less at 2560 (2.8b), where both projections are XLA's own products
+    (``XLA_IN_PROJ_FROM``, ``XLA_OUT_PROJ_FROM``); at batch 64 18%, 20% and 9% less at the three sizes, and 16% at
+    1.4b's at batch 16."""
     from pallas_kernels.mamba_step.pallas import supports
     from pallas_kernels.selective_scan.pallas import pallas_supported
 
-    wanted = batch == 1 or d_model <= MAX_BATCHED_D_MODEL
-    if wanted and pallas_supported() and supports(batch, d_model, d_inner):
+    if pallas_supported() and supports(batch, d_model, d_inner):
         return "pallas"
     return "reference"
 

@@ -2,23 +2,25 @@
 where XLA's op-by-op step takes about 12 (docs/kernels.md, "Fused Mamba-1 decode step").
 
 One batch row is a GEMV (products summed after the loop); more rows are padded to a power of 2 of at least 16
-(``tl.dot``'s smallest tile) and masked. Past MAX_BATCH rows both projections are XLA's and the other two kernels run
-over blocks of MAX_BATCH rows (a second grid axis).
+(``tl.dot``'s smallest tile) and masked. Past one row out_proj and x_proj are XLA's products (x_proj's per-block
+partial sums below grow with the rows: 10 MB a layer at 1.4b, batch 64); in_proj stays the first kernel's, every
+row in one tile, up to MAX_PROJ_ROWS rows. Past MAX_BATCH rows the other two kernels run over blocks of MAX_BATCH
+rows (a second grid axis).
 
 1. ``proj_kernel``, grid (2di / proj_columns, splits): in_proj, each program ``proj_columns`` columns of one split
    of d_model (one loop in tiles of ``depth`` rows, loaded ``prefetch`` iterations ahead), stored as float32 partial
    sums (splits, b, 2di). Splitting d_model is what lets this kernel read in_proj near the memory bandwidth: the
-   grid has enough programs (benchmarks/gemv.py). From d_model ``XLA_IN_PROJ_FROM`` on XLA's own product instead,
-   (1, b, 2di) in the compute dtype (``in_proj_partials``).
+   grid has enough programs (benchmarks/gemv.py). At one row from d_model ``XLA_IN_PROJ_FROM`` on, and past
+   MAX_PROJ_ROWS rows, XLA's own product instead, (1, b, 2di) in the compute dtype (``in_proj_partials``).
    With a ``PreNorm`` (the block's residual add + RMSNorm) every program also loads the whole row of u + residual
    and norms the tiles of u (``prenorm_tiles``); program (0, 0) stores the sum, the next block's residual. Where
-   XLA's product reads in_proj, ``prenorm_launch`` norms u before it, one program a row. Either saves XLA's three to
-   four small kernels for the add + norm (docs/kernels.md).
+   XLA's product reads in_proj, and past MAX_BATCH rows, ``prenorm_launch`` norms u before it, one program a row.
+   Either saves XLA's three to four small kernels for the add + norm (docs/kernels.md).
 2. ``_in_kernel``, grid (di / channels,): program j owns channels j * channels ... of d_inner for every batch row:
    x and z = the sums of its partials; the conv window shifted in place; x = silu(conv); x, z stored; its share of
    x_proj, x[:, channels] @ x_proj[channels], stored as a float32 partial sum (di / channels, b, r + 2n).
    Ahead of ``_out_kernel`` it also copies its channels' SSM state, for that kernel to read.
-3. XLA sums the x_proj partials -> (b, r + 2n).
+3. XLA sums the x_proj partials -> (b, r + 2n) (past one row: XLA's product x @ x_proj instead).
 4. ``_out_kernel``, grid (di / channels, d / columns): dt = dt_proj of the rounded sum, softplus; the state update
    of its (b, channels, n) state (read from the copy, stored in place by the column-0 programs); D; the silu(z)
    gate; ``columns`` columns of its share of out_proj, stored as a float32 partial sum (di / channels, b, d).
@@ -53,6 +55,7 @@ from pallas_kernels.state_update.pallas import combined_mask, masked_ds
 
 MIN_ROWS = 16  # tl.dot's smallest M, N and K
 MAX_BATCH = 16  # the batch rows one program holds (its state tile is rows x channels x n float32)
+MAX_PROJ_ROWS = 64  # the batch rows in_proj's kernel holds in one tile (past them in_proj is XLA's product)
 # Channels of d_inner per program and warps per program, at batch 1 and past it. Per layer on an H100 at batch 16
 # (1.4b) and 64 (130m), 16 channels and 4 warps took 43.4 and 27.9 us against 46.8 and 31.8 with 64 and 8
 # (benchmarks/RESULTS.md, "Past one row").
@@ -62,6 +65,12 @@ DEPTH = 128  # rows of in_proj per loop iteration of the first kernel
 COLUMNS = 512  # columns of out_proj per program of the last kernel
 PROJ_COLUMNS = 64  # columns of in_proj per program of the first kernel
 PROJ_PROGRAMS = 256  # the first kernel's grid size that the default splits of d_model reach where they can
+# Past one row in_proj's kernel holds every row (a tl.dot tile of up to MAX_PROJ_ROWS) and its loads are pipelined by
+# Triton (``num_stages``, not ``prefetch``): fewer, longer programs. Per layer on an H100 at batch 64 (fp16) this
+# took 57.0-59.5 / 77.7-79.0 us at 1.4b / 2.8b against 61.3-64.0 / 79.9-80.4 with XLA's GEMM, and at 130m 26.0 us
+# with 96 programs against 27.3-28.3 with 144 or 48 (benchmarks/RESULTS.md).
+BATCHED_PROJ_PROGRAMS = 96
+BATCHED_PREFETCH, BATCHED_STAGES = 0, 4
 # From this d_model on in_proj is XLA's own matrix-vector product, not proj_kernel: per layer on an H100 at 2.8b
 # 50.7 against 54.8 us, at 1.4b 37.2 against 36.3 (benchmarks/RESULTS.md).
 XLA_IN_PROJ_FROM = 2560
@@ -279,12 +288,14 @@ def in_proj_partials(
     """(u (b, d) @ in_proj (d, m) without its bias, the new residual or None): ``proj_kernel``'s float32 partial sums
     (splits, b, m), or with ``xla`` XLA's own product in ``dtype``, (1, b, m): ``sum_partials`` takes either. With
     ``prenorm`` u is normed first (by ``proj_kernel``, or by ``prenorm_launch`` before XLA's product) and the
-    float32 residual (b, d) comes second, else None."""
+    float32 residual (b, d) comes second, else None. Past MAX_BATCH rows ``proj_kernel`` too takes u normed by
+    ``prenorm_launch`` (every program would otherwise load every row of u and the residual)."""
     batch, width = u.shape[0], in_proj.shape[1]
+    residual = None
+    if prenorm is not None and (xla or batch > MAX_BATCH):
+        u, residual = prenorm_launch(u, prenorm, interpret)
+        prenorm = None
     if xla:
-        residual = None
-        if prenorm is not None:
-            u, residual = prenorm_launch(u, prenorm, interpret)
         return (u.astype(dtype) @ in_proj.astype(dtype))[None], residual
     ins = {"u": u, "in_proj": in_proj}
     out_shape = {"xz": jax.ShapeDtypeStruct((splits, batch, width), jnp.float32)}
@@ -293,7 +304,7 @@ def in_proj_partials(
         ins |= prenorm_inputs(prenorm)
         out_shape["residual"] = jax.ShapeDtypeStruct(u.shape, jnp.float32)
         norm = (prenorm.eps, jnp.dtype(prenorm.dtype))
-    rows = batch_rows(batch)
+    rows = Span(0, 1 if batch == 1 else padded(batch), batch)  # every row, one tl.dot tile (MAX_PROJ_ROWS at most)
     result = pl.pallas_call(
         functools.partial(
             proj_kernel, columns=columns, depth=depth, prefetch=prefetch, rows=rows, dtype=dtype, norm=norm
@@ -304,7 +315,7 @@ def in_proj_partials(
         interpret=interpret,
         name=name,
     )(ins)
-    return result["xz"], result.get("residual")
+    return result["xz"], result.get("residual", residual)
 
 
 def prenorm_launch(u, prenorm: PreNorm, interpret: bool) -> tuple[jax.Array, jax.Array]:
@@ -359,9 +370,10 @@ def conv_silu(window: list[jax.Array], conv_ref, bias_ref, span: Span, dtype, op
 
 def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
     """ins: xz (splits, b, 2di) (``in_proj_partials``) [in_proj_bias (2di,)], conv_state
-    (b, w, di), conv (w, di) [conv_bias (di,)], x_proj (di, r + 2n) [ssm_state (b, di, n)]. outs: conv_state
-    (aliased), x and z (b, di), partial (di / channels, b, r + 2n) float32 [old_state: a copy of ssm_state, for
-    ``_out_kernel`` to read while it writes the new state over ssm_state]. Grid (di / channels, cdiv(b, rows.size))."""
+    (b, w, di), conv (w, di) [conv_bias (di,)] [x_proj (di, r + 2n)] [ssm_state (b, di, n)]. outs: conv_state
+    (aliased), x and z (b, di) [with x_proj: partial (di / channels, b, r + 2n) float32, this block's share of
+    x @ x_proj] [old_state: a copy of ssm_state, for ``_out_kernel`` to read while it writes the new state over
+    ssm_state]. Grid (di / channels, cdiv(b, rows.size))."""
     block = pl.program_id(0)
     rows = program_rows(rows, ins["conv_state"].shape[0])
     first = pl.multiple_of(block * channels, channels)
@@ -383,7 +395,8 @@ def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
         store(outs["conv_state"], tap, rows, k, lanes)
     x = conv_silu(window, ins["conv"], ins.get("conv_bias"), lanes, dtype, ops).astype(dtype)
     store(outs["x"], x, rows, lanes)
-
+    if "partial" not in outs:  # x_proj is XLA's product
+        return
     columns = Span(0, padded(outs["partial"].shape[2]), outs["partial"].shape[2])
     x_proj = load(ins["x_proj"], lanes, columns).astype(dtype)
     store(outs["partial"], product(x, x_proj), block, rows, columns)
@@ -391,9 +404,9 @@ def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
 
 def _update(ins, lanes: Span, rows: Span, dtype, ops: KernelMath):
     """Channel block ``lanes``'s step from x_proj's result on: dt = softplus(dt_proj of dt + dt_bias), the state
-    update, D and the silu(z) gate. ins: x, z (b, di), x_dbl (b, r + 2n) float32 (x_proj's result before
-    rounding), dt_proj (r, di), dt_bias (di,), A_log (di, n), D (di,), ssm_state (b, di, n).
-    Returns the new state (rows, channels, padded n) float32 and y (rows, channels) in ``dtype``."""
+    update, D and the silu(z) gate. ins: x, z (b, di), x_dbl (b, r + 2n) (x_proj's result: a float32 sum before
+    rounding, or XLA's product in ``dtype``), dt_proj (r, di), dt_bias (di,), A_log (di, n), D (di,), ssm_state
+    (b, di, n). Returns the new state (rows, channels, padded n) float32 and y (rows, channels) in ``dtype``."""
     rank, d_state = ins["dt_proj"].shape[0], ins["A_log"].shape[1]
     states = Span(0, pl.next_power_of_2(d_state), d_state)
     dt = rounded(load(ins["x_dbl"], rows, Span(0, padded(rank), rank)), dtype)  # (rows, padded rank)
@@ -480,11 +493,11 @@ def depth_for(d_model: int, depth: int = DEPTH) -> int:
     return depth
 
 
-def default_splits(d_model: int, d_inner: int, depth: int, proj_columns: int) -> int:
-    """The fewest splits of d_model (each a multiple of ``depth`` rows) that give in_proj's kernel PROJ_PROGRAMS
+def default_splits(d_model: int, d_inner: int, depth: int, proj_columns: int, programs: int = PROJ_PROGRAMS) -> int:
+    """The fewest splits of d_model (each a multiple of ``depth`` rows) that give in_proj's kernel ``programs``
     programs, or the most there can be."""
     candidates = [s for s in range(1, d_model // depth + 1) if d_model % (s * depth) == 0]
-    enough = [s for s in candidates if s * (2 * d_inner // proj_columns) >= PROJ_PROGRAMS]
+    enough = [s for s in candidates if s * (2 * d_inner // proj_columns) >= programs]
     return enough[0] if enough else candidates[-1]
 
 
@@ -496,13 +509,12 @@ def supports(batch: int, d_model: int, d_inner: int) -> bool:
 
 def xla_projections(caller: str, batch: int, d_model: int, xla_in_proj, xla_out_proj, *, in_from: int, out_from=None):
     """(xla_in_proj, xla_out_proj) as given, a None resolved: XLA's product past one row (its GEMMs beat the kernels'
-    tl.dot tiles: docs/kernels.md) or from d_model ``in_from`` / ``out_from`` on (None: not at batch 1). Past
-    MAX_BATCH rows, where the projections' kernels (which hold every row) do not run, ValueError for a False."""
-    if batch > MAX_BATCH and (xla_in_proj is False or xla_out_proj is False):
-        raise ValueError(
-            f"{caller}: batch {batch} > {MAX_BATCH} needs in_proj and out_proj by XLA, got "
-            f"xla_in_proj={xla_in_proj}, xla_out_proj={xla_out_proj}"
-        )
+    tl.dot tiles: docs/kernels.md) or from d_model ``in_from`` / ``out_from`` on (None: not at batch 1). Where
+    the projections' kernels (which hold every row) do not run, past MAX_PROJ_ROWS rows for in_proj and MAX_BATCH
+    for out_proj, ValueError for a False."""
+    for name, wanted, most in (("xla_in_proj", xla_in_proj, MAX_PROJ_ROWS), ("xla_out_proj", xla_out_proj, MAX_BATCH)):
+        if batch > most and wanted is False:
+            raise ValueError(f"{caller}: batch {batch} > {most} needs {name} True (XLA's product) or None, got False")
     if xla_in_proj is None:
         xla_in_proj = batch > 1 or d_model >= in_from
     if xla_out_proj is None:
@@ -522,16 +534,17 @@ def mamba_step_pallas(
     channels: int | None = None,
     depth: int = DEPTH,
     columns: int = COLUMNS,
-    prefetch: int = 1,
+    prefetch: int | None = None,
     proj_columns: int = PROJ_COLUMNS,
     splits: int | None = None,
     xla_in_proj: bool | None = None,
     xla_out_proj: bool | None = None,
+    xla_x_proj: bool | None = None,
     num_warps: int | None = None,
-    num_stages: int = 3,
+    num_stages: int | None = None,
 ) -> tuple[jax.Array, ...]:
-    """The step in five launches (three kernels, two sums), or with XLA's projections in five too (its in_proj,
-    two kernels, a sum, its out_proj); arguments (``prenorm`` included: the first kernel norms u) and results as
+    """The step in five launches (three kernels, two sums), or past one row in five too (in_proj's kernel, the
+    conv kernel, XLA's x_proj, the state kernel, XLA's out_proj); arguments (``prenorm`` included: the first kernel norms u) and results as
     ``mamba_step_reference``, shapes there and ``supports``.
 
     ``interpret`` None runs the compiled kernels where ``pallas_supported()``, else Pallas's interpreter (slow; for
@@ -539,14 +552,17 @@ def mamba_step_pallas(
     or BATCHED_CHANNELS past one row),
     ``depth`` (the rows of in_proj a loop iteration reads, a power of 2), ``proj_columns`` (the columns of in_proj a
     program reads, a power of 2), ``splits`` (how many parts d_model is cut into for in_proj, each a multiple of
-    ``depth``; None: ``default_splits``), ``columns`` (the columns of out_proj a program of the last kernel writes,
-    a power of 2), ``prefetch`` (see ``project``), ``xla_in_proj`` (in_proj by XLA's product instead of the first
-    kernel; None: past one row or from d_model XLA_IN_PROJ_FROM on), ``xla_out_proj`` (out_proj by XLA's product:
-    the last kernel then only updates the state, in place, and writes y; None: past one row or from d_model
-    XLA_OUT_PROJ_FROM on; both are XLA's past MAX_BATCH rows, where the other kernels run over blocks of MAX_BATCH
-    rows), ``num_warps`` (None: NUM_WARPS, or BATCHED_WARPS past one row) and ``num_stages`` set the programs' size
-    and Triton's; the defaults are the measured best on an H100 (benchmarks/mamba_step.py). Derivatives (jax.grad,
-    jax.jvp) are the reference's.
+    ``depth``; None: ``default_splits`` for PROJ_PROGRAMS programs, or BATCHED_PROJ_PROGRAMS past one row),
+    ``columns`` (the columns of out_proj a program of the last kernel writes, a power of 2), ``prefetch`` (see
+    ``project``; None: 1, or BATCHED_PREFETCH past one row), ``xla_in_proj`` (in_proj by XLA's product instead of the
+    first kernel; None: at one row from d_model XLA_IN_PROJ_FROM on, and past MAX_PROJ_ROWS rows), ``xla_out_proj``
+    (out_proj by XLA's product: the last kernel then only updates the state, in place, and writes y; None: past one
+    row or from d_model XLA_OUT_PROJ_FROM on; always past MAX_BATCH rows, where the other kernels run over blocks
+    of MAX_BATCH rows), ``xla_x_proj`` (x_proj by XLA's product of the second kernel's x instead of per-block
+    float32 partial sums from that kernel; None: past one row), ``num_warps`` (None: NUM_WARPS, or BATCHED_WARPS
+    past one row) and ``num_stages`` (None: 3, or BATCHED_STAGES past one row) set the programs' size and Triton's;
+    the defaults are the measured best on an H100 (benchmarks/mamba_step.py). Derivatives (jax.grad, jax.jvp) are
+    the reference's.
     """
     batch, d_model = u.shape
     d_inner = conv_state.shape[2]
@@ -554,9 +570,14 @@ def mamba_step_pallas(
         channels = depth_for(d_inner, CHANNELS if batch == 1 else BATCHED_CHANNELS)
     if num_warps is None:
         num_warps = NUM_WARPS if batch == 1 else BATCHED_WARPS
+    if prefetch is None:
+        prefetch = 1 if batch == 1 else BATCHED_PREFETCH
+    if num_stages is None:
+        num_stages = 3 if batch == 1 else BATCHED_STAGES
     depth, proj_columns = depth_for(d_model, depth), depth_for(2 * d_inner, proj_columns)
     if splits is None:
-        splits = default_splits(d_model, d_inner, depth, proj_columns)
+        programs = PROJ_PROGRAMS if batch == 1 else BATCHED_PROJ_PROGRAMS
+        splits = default_splits(d_model, d_inner, depth, proj_columns, programs)
     if not isinstance(splits, int) or splits < 1 or d_model % (splits * depth):
         raise ValueError(
             f"mamba_step_pallas: splits must be a positive int dividing d_model / depth = {d_model} / {depth}, "
@@ -568,6 +589,8 @@ def mamba_step_pallas(
             f"({channels}, a power of 2 of at least {MIN_ROWS}), got batch {batch}, d_model {d_model}, "
             f"d_inner {d_inner}"
         )
+    if xla_in_proj is None and 1 < batch <= MAX_PROJ_ROWS:
+        xla_in_proj = False  # BATCHED_PROJ_PROGRAMS
     xla_in_proj, xla_out_proj = xla_projections(
         "mamba_step_pallas",
         batch,
@@ -577,12 +600,14 @@ def mamba_step_pallas(
         in_from=XLA_IN_PROJ_FROM,
         out_from=XLA_OUT_PROJ_FROM,
     )
+    if xla_x_proj is None:
+        xla_x_proj = batch > 1
     if interpret is None:
         interpret = not pallas_supported()
     if not interpret:
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
     config = (jnp.dtype(dtype), bool(interpret), channels, depth, columns, int(prefetch))
-    config += (proj_columns, splits, xla_in_proj, xla_out_proj, num_warps, num_stages)
+    config += (proj_columns, splits, xla_in_proj, xla_out_proj, bool(xla_x_proj), num_warps, num_stages)
     return _step(u, conv_state, ssm_state, weights, prenorm, config)
 
 
@@ -611,7 +636,7 @@ def step_over_batch(kernels, u, conv_state, ssm_state, weights, prenorm: PreNorm
 
 def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
     dtype, interpret, channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj = config[:9]
-    xla_out_proj, num_warps, num_stages = config[9:]
+    xla_out_proj, xla_x_proj, num_warps, num_stages = config[9:]
     batch, d_model = u.shape
     d_inner = conv_state.shape[2]
     blocks = d_inner // channels
@@ -637,13 +662,15 @@ def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
     )
 
     ins = {"xz": xz, "conv_state": conv_state}
-    ins |= _pick(w, "in_proj_bias", "conv", "conv_bias", "x_proj")
+    ins |= _pick(w, "in_proj_bias", "conv", "conv_bias")
     out_shape = {
         "conv_state": jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
-        "partial": jax.ShapeDtypeStruct((blocks, batch, width), jnp.float32),
         "x": jax.ShapeDtypeStruct((batch, d_inner), dtype),
         "z": jax.ShapeDtypeStruct((batch, d_inner), dtype),
     }
+    if not xla_x_proj:
+        ins["x_proj"] = weights.x_proj
+        out_shape["partial"] = jax.ShapeDtypeStruct((blocks, batch, width), jnp.float32)
     if not xla_out_proj:  # _out_kernel reads the old state from a copy (its docstring)
         ins["ssm_state"] = ssm_state
         out_shape["old_state"] = jax.ShapeDtypeStruct(ssm_state.shape, ssm_state.dtype)
@@ -662,7 +689,7 @@ def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
     ins = {
         "x": first["x"],
         "z": first["z"],
-        "x_dbl": first["partial"].sum(axis=0),
+        "x_dbl": first["x"] @ weights.x_proj.astype(dtype) if xla_x_proj else first["partial"].sum(axis=0),
         "ssm_state": ssm_state,
         **_pick(w, "dt_proj", "dt_bias", "A_log", "D"),
     }
