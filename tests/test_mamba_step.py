@@ -201,12 +201,15 @@ def test_default_implementation():
     assert default_implementation(64, 2560, 5120) == expected
 
 
-@pytest.mark.parametrize("batch, kernel", [(1, True), (64, True), (65, False)])
-def test_in_proj_kernel_holds_up_to_64_rows(batch, kernel):
+@pytest.mark.parametrize(
+    "batch, dtype, kernel",
+    [(1, "float32", True), (64, "bfloat16", True), (65, "bfloat16", False), (2, "float32", False)],
+)
+def test_in_proj_kernel_holds_up_to_64_rows(batch, dtype, kernel):
     """By default in_proj is the first kernel's up to MAX_PROJ_ROWS rows (every row in one tl.dot tile past one
-    row), XLA's product past them."""
-    args = arguments(Shape(batch, 32, 64, 4, 2, 4, "float32"), seed=0)
-    step = functools.partial(mamba_step_pallas, dtype=jnp.float32, interpret=True)
+    row, in 16-bit compute dtypes), XLA's product past them and past one row in float32."""
+    args = arguments(Shape(batch, 32, 64, 4, 2, 4, dtype), seed=0)
+    step = functools.partial(mamba_step_pallas, dtype=jnp.dtype(dtype), interpret=True)
     assert ("mamba_step_proj" in str(jax.make_jaxpr(step)(*args))) == kernel
 
 
@@ -299,11 +302,19 @@ def test_state_kernel_in_place_on_gpu(shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("channels", [None, 16], ids=str)
-def test_kernels_past_16_rows_on_gpu(channels):
-    """Batch 64 (both projections by XLA, the kernels over 4 blocks of 16 rows) at 1.4b's size."""
+@pytest.mark.parametrize(
+    "shape, channels",
+    [
+        (Shape(64, 2048, 4096, 16, 128, 4, "float16", param_dtype="float16"), None),
+        (Shape(64, 2048, 4096, 16, 128, 4, "float16", param_dtype="float16"), 32),
+        (Shape(40, 768, 1536, 16, 48, 4, "bfloat16", param_dtype="bfloat16"), None),  # 40 rows padded to 64
+    ],
+    ids=str,
+)
+def test_kernels_past_16_rows_on_gpu(shape, channels):
+    """Past 16 rows (in_proj's kernel holding every row, the other kernels over blocks of 16 rows, XLA's x_proj and
+    out_proj) at 1.4b's and 130m's sizes."""
     assert pallas_supported()
-    shape = Shape(64, 2048, 4096, 16, 128, 4, "float16", param_dtype="float16")
     check_kernels(shape, seed=5, interpret=None, channels=channels)
 
 

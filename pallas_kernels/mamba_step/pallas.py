@@ -544,8 +544,8 @@ def mamba_step_pallas(
     num_stages: int | None = None,
 ) -> tuple[jax.Array, ...]:
     """The step in five launches (three kernels, two sums), or past one row in five too (in_proj's kernel, the
-    conv kernel, XLA's x_proj, the state kernel, XLA's out_proj); arguments (``prenorm`` included: the first kernel norms u) and results as
-    ``mamba_step_reference``, shapes there and ``supports``.
+    conv kernel, XLA's x_proj, the state kernel, XLA's out_proj); arguments (``prenorm`` included: the first kernel
+    norms u) and results as ``mamba_step_reference``, shapes there and ``supports``.
 
     ``interpret`` None runs the compiled kernels where ``pallas_supported()``, else Pallas's interpreter (slow; for
     tests). ``channels`` (a power of 2 of at least 16 dividing d_inner; None: the largest such of at most CHANNELS,
@@ -555,7 +555,8 @@ def mamba_step_pallas(
     ``depth``; None: ``default_splits`` for PROJ_PROGRAMS programs, or BATCHED_PROJ_PROGRAMS past one row),
     ``columns`` (the columns of out_proj a program of the last kernel writes, a power of 2), ``prefetch`` (see
     ``project``; None: 1, or BATCHED_PREFETCH past one row), ``xla_in_proj`` (in_proj by XLA's product instead of the
-    first kernel; None: at one row from d_model XLA_IN_PROJ_FROM on, and past MAX_PROJ_ROWS rows), ``xla_out_proj``
+    first kernel; None: at one row from d_model XLA_IN_PROJ_FROM on, past one row in float32, and past MAX_PROJ_ROWS
+    rows), ``xla_out_proj``
     (out_proj by XLA's product: the last kernel then only updates the state, in place, and writes y; None: past one
     row or from d_model XLA_OUT_PROJ_FROM on; always past MAX_BATCH rows, where the other kernels run over blocks
     of MAX_BATCH rows), ``xla_x_proj`` (x_proj by XLA's product of the second kernel's x instead of per-block
@@ -589,8 +590,11 @@ def mamba_step_pallas(
             f"({channels}, a power of 2 of at least {MIN_ROWS}), got batch {batch}, d_model {d_model}, "
             f"d_inner {d_inner}"
         )
-    if xla_in_proj is None and 1 < batch <= MAX_PROJ_ROWS:
-        xla_in_proj = False  # BATCHED_PROJ_PROGRAMS
+    # Past one row in_proj's kernel (BATCHED_PROJ_PROGRAMS) in 16-bit compute dtypes only: float32 operands make
+    # tl.dot exact float32, without the tensor cores, 5.4x slower than XLA's product (474 against 89 us a layer at
+    # 1.4b, batch 64; benchmarks/RESULTS.md).
+    if xla_in_proj is None and 1 < batch <= MAX_PROJ_ROWS and jnp.dtype(dtype).itemsize == 2:
+        xla_in_proj = False
     xla_in_proj, xla_out_proj = xla_projections(
         "mamba_step_pallas",
         batch,
