@@ -55,6 +55,9 @@ VARIANTS = [
     dict(splits=1),
     dict(splits=2),
     dict(num_stages=3),
+    dict(conv_in_proj=False),  # past one row: the conv in a launch of its own (splits for BATCHED_PROJ_PROGRAMS)
+    dict(conv_in_proj=False, splits=1),
+    dict(conv_in_proj=True, proj_columns=32),  # 130m: 96 programs of 32 columns, the conv in the same kernel
 ]
 
 

@@ -126,6 +126,10 @@ def test_kernels_match_reference(shape):
         (Shape(1, 32, 64, 4, 2, 4, "float32"), dict(xla_x_proj=True)),  # x_proj by XLA at one row
         # past 16 rows in_proj's kernel still holds every row: 40 padded to 64 in one tl.dot tile
         (Shape(40, 48, 96, 6, 3, 3, "float16", param_dtype="float16"), dict(xla_in_proj=False, depth=16, splits=1)),
+        # the conv in in_proj's kernel (by default past one row in 16 bits where one split fills the grid)
+        (Shape(3, 48, 96, 6, 3, 3, "bfloat16", biases=True), dict(conv_in_proj=True, proj_columns=32)),
+        (Shape(20, 32, 64, 4, 2, 4, "float16", param_dtype="float16"), dict(conv_in_proj=True)),
+        (Shape(2, 32, 64, 16, 2, 4, "float32"), dict(xla_in_proj=False, conv_in_proj=True)),
     ],
     ids=str,
 )
@@ -142,6 +146,8 @@ def test_kernel_options_match_reference(shape, options):
         (Shape(3, 48, 96, 6, 3, 3, "float32"), False, dict(xla_in_proj=False)),  # rows padded to 16 (tl.dot)
         (Shape(3, 48, 96, 6, 3, 3, "bfloat16"), False, {}),  # past one row: the norm by XLA before its in_proj
         (Shape(20, 48, 96, 6, 3, 3, "bfloat16"), False, dict(xla_in_proj=False)),  # the norm launch, then the kernel
+        (Shape(3, 32, 64, 4, 2, 4, "bfloat16"), False, dict(conv_in_proj=True)),  # the norm, in_proj and the conv
+        (Shape(20, 32, 64, 4, 2, 4, "bfloat16", biases=True), True, dict(conv_in_proj=True)),  # the norm launch first
     ],
     ids=str,
 )
@@ -213,6 +219,16 @@ def test_in_proj_kernel_holds_up_to_64_rows(batch, dtype, kernel):
     assert ("mamba_step_proj" in str(jax.make_jaxpr(step)(*args))) == kernel
 
 
+@pytest.mark.parametrize("d_inner, fused", [(3072, True), (1536, False)])
+def test_conv_in_proj_kernel_where_one_split_fills_the_grid(d_inner, fused):
+    """Past one row the conv runs in in_proj's kernel where one split of d_model gives it BATCHED_PROJ_PROGRAMS
+    programs (2 d_inner / 64 >= 96), else in a launch of its own."""
+    args = arguments(Shape(64, 32, d_inner, 4, 2, 4, "bfloat16"), seed=0)
+    jaxpr = str(jax.make_jaxpr(functools.partial(mamba_step_pallas, dtype=jnp.bfloat16, interpret=True))(*args))
+    assert ("mamba_step_proj_conv" in jaxpr) == fused
+    assert ("mamba_step_in" in jaxpr) == (not fused)
+
+
 def test_errors():
     shape = Shape(2, 32, 64, 4, 2, 4, "float32")
     u, conv_state, ssm_state, weights = arguments(shape, seed=0)
@@ -235,11 +251,24 @@ def test_errors():
     with pytest.raises(ValueError, match=r"prenorm.weight must have shape \(32,\), got \(16,\)"):
         bad = dataclasses.replace(prenorm, weight=prenorm.weight[:16])
         mamba_step(u, conv_state, ssm_state, weights, dtype=jnp.float32, prenorm=bad)
-    with pytest.raises(ValueError, match=r"splits must be a positive int dividing d_model / depth = 32 / 16, got 3"):
+    with pytest.raises(ValueError, match=r"dividing d_model / depth = 32 / 16 \(1 with conv_in_proj\), got 3"):
         mamba_step_pallas(u, conv_state, ssm_state, weights, dtype=jnp.float32, interpret=True, depth=16, splits=3)
     with pytest.raises(ValueError, match=r"batch 17 > 16 needs xla_out_proj True \(XLA's product\) or None, got F"):
         big = arguments(dataclasses.replace(shape, batch=17), seed=0)
         mamba_step_pallas(*big, dtype=jnp.float32, interpret=True, xla_out_proj=False)
+    with pytest.raises(ValueError, match="conv_in_proj needs more than one row, in_proj by the kernel"):
+        mamba_step_pallas(u[:1], conv_state[:1], ssm_state[:1], weights, dtype=jnp.float32, conv_in_proj=True)
+    with pytest.raises(ValueError, match=r"got batch 2, d_inner 64, xla_in_proj=True"):
+        mamba_step_pallas(u, conv_state, ssm_state, weights, dtype=jnp.float32, conv_in_proj=True, xla_in_proj=True)
+    with pytest.raises(ValueError, match=r"\(1 with conv_in_proj\), got 2"):
+        mamba_step_pallas(
+            *arguments(Shape(2, 64, 64, 4, 2, 4, "bfloat16"), seed=0),
+            dtype=jnp.bfloat16,
+            splits=2,
+            conv_in_proj=True,
+            depth=16,
+            interpret=True,
+        )
     with pytest.raises(ValueError, match="batch 65 > 64 needs xla_in_proj True"):
         big = arguments(dataclasses.replace(shape, batch=65), seed=0)
         mamba_step_pallas(*big, dtype=jnp.float32, interpret=True, xla_in_proj=False)

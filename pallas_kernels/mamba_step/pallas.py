@@ -16,6 +16,8 @@ rows (a second grid axis).
    and norms the tiles of u (``prenorm_tiles``); program (0, 0) stores the sum, the next block's residual. Where
    XLA's product reads in_proj, and past MAX_BATCH rows, ``prenorm_launch`` norms u before it, one program a row.
    Either saves XLA's three to four small kernels for the add + norm (docs/kernels.md).
+   Past one row, where one split of d_model gives the grid enough programs, the conv follows in the same kernel
+   (``conv_epilogue``: each program's columns are all x's or all z's) and 2 is not launched.
 2. ``_in_kernel``, grid (di / channels,): program j owns channels j * channels ... of d_inner for every batch row:
    x and z = the sums of its partials; the conv window shifted in place; x = silu(conv); x, z stored; its share of
    x_proj, x[:, channels] @ x_proj[channels], stored as a float32 partial sum (di / channels, b, r + 2n).
@@ -68,7 +70,8 @@ PROJ_PROGRAMS = 256  # the first kernel's grid size that the default splits of d
 # Past one row in_proj's kernel holds every row (a tl.dot tile of up to MAX_PROJ_ROWS) and its loads are pipelined by
 # Triton (``num_stages``, not ``prefetch``): fewer, longer programs. Per layer on an H100 at batch 64 (fp16) this
 # took 57.0-59.5 / 77.7-79.0 us at 1.4b / 2.8b against 61.3-64.0 / 79.9-80.4 with XLA's GEMM, and at 130m 26.0 us
-# with 96 programs against 27.3-28.3 with 144 or 48 (benchmarks/RESULTS.md).
+# with 96 programs against 27.3-28.3 with 144 or 48 (benchmarks/RESULTS.md). Where one split gives that many, the
+# conv runs in the same kernel (``conv_in_proj``): 58.5 / 79.4 us against 59.7 / 81.1 at 1.4b / 2.8b.
 BATCHED_PROJ_PROGRAMS = 96
 BATCHED_PREFETCH, BATCHED_STAGES = 0, 4
 # From this d_model on in_proj is XLA's own matrix-vector product, not proj_kernel: per layer on an H100 at 2.8b
@@ -195,15 +198,19 @@ def first_column(column, columns: int, width: int):
     return pl.multiple_of(jnp.minimum(column * columns, width - columns), width & -width)
 
 
-def proj_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Span, dtype, norm=None):
+def proj_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Span, dtype, norm=None, ops=None):
     """ins: u (b, d), in_proj (d, m) [with ``norm``: norm_weight (d,), residual (b, d) float32 unless the first
     block's]. outs: xz (splits, b, m) float32, partial sums of u @ in_proj [with ``norm``: residual (b, d) float32].
 
     Grid (cdiv(m, columns), splits): program (j, s) multiplies rows s d / splits ... (s + 1) d / splits of u and
     in_proj's columns j columns ... (a split of the rows gives the grid enough programs to keep the memory busy).
-    ``norm``: None, or (eps, the norm's dtype): u is then normed first (``prenorm_tiles``)."""
+    ``norm``: None, or (eps, the norm's dtype): u is then normed first (``prenorm_tiles``).
+
+    With ``ops`` (Mamba-1, one split, columns dividing di) the conv follows in the same program (``conv_epilogue``):
+    ins also hold [in_proj_bias (2di,)], conv_state (b, w, di), conv (w, di) [conv_bias (di,)], and outs are
+    conv_state (aliased), x and z (b, di) instead of xz."""
     column, split = pl.program_id(0), pl.program_id(1)
-    splits, width = outs["xz"].shape[0], outs["xz"].shape[2]
+    splits, width = (1, ins["in_proj"].shape[1]) if ops is not None else (outs["xz"].shape[0], outs["xz"].shape[2])
     span = ins["u"].shape[1] // splits
     first = first_column(column, columns, width)
     prepare, finish = None, None
@@ -214,7 +221,26 @@ def proj_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Spa
     )
     if finish is not None:
         acc = acc * finish()
-    store(outs["xz"], acc, split, rows, Span(first, columns, columns))
+    if ops is not None:
+        conv_epilogue(ins, outs, acc, first, rows, dtype, ops)
+    else:
+        store(outs["xz"], acc, split, rows, Span(first, columns, columns))
+
+
+def conv_epilogue(ins, outs, acc, first, rows: Span, dtype, ops: KernelMath) -> None:
+    """``proj_kernel``'s sums acc (rows, columns) float32 of in_proj's columns first ... (all x's or all z's) on to
+    what ``_in_kernel`` makes of them: x's through the conv window (shifted in place) and the SiLU, z's stored."""
+    d_inner, columns = ins["conv"].shape[1], acc.shape[1]
+    value = biased(rounded(acc, dtype), ins.get("in_proj_bias"), Span(first, columns, columns), dtype)
+
+    @pl.when(first < d_inner)
+    def _():
+        lanes = Span(first, columns, columns)
+        store(outs["x"], conv_window(ins, outs, rows, lanes, value, dtype, ops), rows, lanes)
+
+    @pl.when(first >= d_inner)
+    def _():
+        store(outs["z"], value, rows, Span(first - d_inner, columns, columns))
 
 
 def prenorm_tiles(ins, outs, rows: Span, eps: float, norm_dtype, write):
@@ -297,25 +323,67 @@ def in_proj_partials(
         prenorm = None
     if xla:
         return (u.astype(dtype) @ in_proj.astype(dtype))[None], residual
-    ins = {"u": u, "in_proj": in_proj}
     out_shape = {"xz": jax.ShapeDtypeStruct((splits, batch, width), jnp.float32)}
+    options = dict(columns=columns, depth=depth, prefetch=prefetch, dtype=dtype, params=params, interpret=interpret)
+    result = _proj_call(u, prenorm, {"in_proj": in_proj}, out_shape, splits=splits, name=name, **options)
+    return result["xz"], result.get("residual", residual)
+
+
+def in_proj_conv(u, weights: dict, conv_state, prenorm: PreNorm | None, *, interpret: bool, **options) -> dict:
+    """in_proj and the conv in one launch (``proj_kernel`` with ``conv_epilogue``, one split): {conv_state (the
+    window, updated in place), x, z (b, di) in the compute dtype, residual (b, d) float32 or None}. ``weights``: the
+    in_proj, in_proj_bias, conv and conv_bias entries of ``MambaStepWeights._asdict()``; ``options``: columns,
+    depth, prefetch, dtype, params, name, as ``in_proj_partials`` takes them (columns dividing di)."""
+    residual = None
+    if prenorm is not None and u.shape[0] > MAX_BATCH:
+        u, residual = prenorm_launch(u, prenorm, interpret)
+        prenorm = None
+    batch, d_inner = u.shape[0], conv_state.shape[2]
+    ins = {"conv_state": conv_state} | _pick(weights, "in_proj", "in_proj_bias", "conv", "conv_bias")
+    out_shape = {
+        "conv_state": jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
+        "x": jax.ShapeDtypeStruct((batch, d_inner), options["dtype"]),
+        "z": jax.ShapeDtypeStruct((batch, d_inner), options["dtype"]),
+    }
+    result = _proj_call(u, prenorm, ins, out_shape, splits=1, interpret=interpret, conv=True, **options)
+    return result | {"residual": result.get("residual", residual)}
+
+
+def _proj_call(
+    u, prenorm, ins, out_shape, *, splits, columns, depth, prefetch, dtype, params, interpret, name, conv=False
+):
+    """``proj_kernel`` over the grid (cdiv(m, columns), splits) on u and ``ins`` (in_proj and, with ``conv``, what
+    ``conv_epilogue`` reads, its conv_state updated in place); ``prenorm``, if given, normed inside (its residual
+    added to the outputs). Every batch row in one tile (one row: a GEMV; more: tl.dot, MAX_PROJ_ROWS at most)."""
+    ins = {"u": u} | ins
+    out_shape = dict(out_shape)
     norm = None
     if prenorm is not None:
         ins |= prenorm_inputs(prenorm)
         out_shape["residual"] = jax.ShapeDtypeStruct(u.shape, jnp.float32)
         norm = (prenorm.eps, jnp.dtype(prenorm.dtype))
-    rows = Span(0, 1 if batch == 1 else padded(batch), batch)  # every row, one tl.dot tile (MAX_PROJ_ROWS at most)
-    result = pl.pallas_call(
-        functools.partial(
-            proj_kernel, columns=columns, depth=depth, prefetch=prefetch, rows=rows, dtype=dtype, norm=norm
-        ),
+    batch, width = u.shape[0], ins["in_proj"].shape[1]
+    rows = Span(0, 1 if batch == 1 else padded(batch), batch)
+    aliases = {sorted(ins).index("conv_state"): sorted(out_shape).index("conv_state")} if conv else {}
+    kernel = functools.partial(
+        proj_kernel,
+        columns=columns,
+        depth=depth,
+        prefetch=prefetch,
+        rows=rows,
+        dtype=dtype,
+        norm=norm,
+        ops=KernelMath(interpret) if conv else None,
+    )
+    return pl.pallas_call(
+        kernel,
         out_shape=out_shape,
         grid=(pl.cdiv(width, columns), splits),
+        input_output_aliases=aliases,
         compiler_params=params,
         interpret=interpret,
         name=name,
     )(ins)
-    return result["xz"], result.get("residual", residual)
 
 
 def prenorm_launch(u, prenorm: PreNorm, interpret: bool) -> tuple[jax.Array, jax.Array]:
@@ -350,10 +418,26 @@ def sum_partials(xz_ref, rows, span: Span, bias_ref, dtype) -> jax.Array:
     sums (xz_ref (splits, b, m)), rounded to ``dtype``, plus the rounded bias and rounded again, as ``nnx.Linear``
     computes it; float32. (A single "split" of XLA's product in ``dtype`` passes through the rounding unchanged.)"""
     value = functools.reduce(jnp.add, [load(xz_ref, split, rows, span) for split in range(xz_ref.shape[0])])
-    value = rounded(value, dtype)
-    if bias_ref is not None:
-        value = rounded(value + rounded(load(bias_ref, span), dtype), dtype)
-    return value
+    return biased(rounded(value, dtype), bias_ref, span, dtype)
+
+
+def biased(value, bias_ref, span: Span, dtype) -> jax.Array:
+    """value (rows, span) float32, already rounded to ``dtype``, plus the rounded bias (where there is one) and
+    rounded again, as ``nnx.Linear`` adds it."""
+    if bias_ref is None:
+        return value
+    return rounded(value + rounded(load(bias_ref, span), dtype), dtype)
+
+
+def conv_window(ins, outs, rows: Span, lanes: Span, x, dtype, ops: KernelMath) -> jax.Array:
+    """The conv step of channels ``lanes``: the window (ins["conv_state"] (b, w, di)) shifted in place with the new
+    input x (rows, channels) float32 last, and silu(conv) in ``dtype`` returned."""
+    width = ins["conv"].shape[0]
+    window = [load(ins["conv_state"], rows, k, lanes) for k in range(1, width)] + [x]
+    ops.barrier()  # the window is shifted in place: every warp reads it first
+    for k, tap in enumerate(window):
+        store(outs["conv_state"], tap, rows, k, lanes)
+    return conv_silu(window, ins["conv"], ins.get("conv_bias"), lanes, dtype, ops).astype(dtype)
 
 
 def conv_silu(window: list[jax.Array], conv_ref, bias_ref, span: Span, dtype, ops: KernelMath) -> jax.Array:
@@ -387,13 +471,7 @@ def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
     bias = ins.get("in_proj_bias")
     x = sum_partials(ins["xz"], rows, lanes, bias, dtype)
     store(outs["z"], sum_partials(ins["xz"], rows, z_lanes, bias, dtype), rows, lanes)
-
-    width = ins["conv"].shape[0]
-    window = [load(ins["conv_state"], rows, k, lanes) for k in range(1, width)] + [x]
-    ops.barrier()  # the window is shifted in place: every warp reads it first
-    for k, tap in enumerate(window):
-        store(outs["conv_state"], tap, rows, k, lanes)
-    x = conv_silu(window, ins["conv"], ins.get("conv_bias"), lanes, dtype, ops).astype(dtype)
+    x = conv_window(ins, outs, rows, lanes, x, dtype, ops)
     store(outs["x"], x, rows, lanes)
     if "partial" not in outs:  # x_proj is XLA's product
         return
@@ -540,6 +618,7 @@ def mamba_step_pallas(
     xla_in_proj: bool | None = None,
     xla_out_proj: bool | None = None,
     xla_x_proj: bool | None = None,
+    conv_in_proj: bool | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> tuple[jax.Array, ...]:
@@ -560,7 +639,10 @@ def mamba_step_pallas(
     (out_proj by XLA's product: the last kernel then only updates the state, in place, and writes y; None: past one
     row or from d_model XLA_OUT_PROJ_FROM on; always past MAX_BATCH rows, where the other kernels run over blocks
     of MAX_BATCH rows), ``xla_x_proj`` (x_proj by XLA's product of the second kernel's x instead of per-block
-    float32 partial sums from that kernel; None: past one row), ``num_warps`` (None: NUM_WARPS, or BATCHED_WARPS
+    float32 partial sums from that kernel; None: past one row), ``conv_in_proj`` (the conv in in_proj's kernel, one
+    split of d_model, instead of a launch of its own; None: past one row where in_proj's kernel runs, x_proj and
+    out_proj are XLA's, proj_columns divide d_inner and one split gives BATCHED_PROJ_PROGRAMS programs),
+    ``num_warps`` (None: NUM_WARPS, or BATCHED_WARPS
     past one row) and ``num_stages`` (None: 3, or BATCHED_STAGES past one row) set the programs' size and Triton's;
     the defaults are the measured best on an H100 (benchmarks/mamba_step.py). Derivatives (jax.grad, jax.jvp) are
     the reference's.
@@ -576,14 +658,6 @@ def mamba_step_pallas(
     if num_stages is None:
         num_stages = 3 if batch == 1 else BATCHED_STAGES
     depth, proj_columns = depth_for(d_model, depth), depth_for(2 * d_inner, proj_columns)
-    if splits is None:
-        programs = PROJ_PROGRAMS if batch == 1 else BATCHED_PROJ_PROGRAMS
-        splits = default_splits(d_model, d_inner, depth, proj_columns, programs)
-    if not isinstance(splits, int) or splits < 1 or d_model % (splits * depth):
-        raise ValueError(
-            f"mamba_step_pallas: splits must be a positive int dividing d_model / depth = {d_model} / {depth}, "
-            f"got {splits!r}"
-        )
     if not supports(batch, d_model, d_inner) or d_inner % channels or channels < MIN_ROWS or channels & (channels - 1):
         raise ValueError(
             f"mamba_step_pallas: needs d_model a multiple of {MIN_ROWS} and d_inner a multiple of channels "
@@ -606,12 +680,31 @@ def mamba_step_pallas(
     )
     if xla_x_proj is None:
         xla_x_proj = batch > 1
+    fusable = batch > 1 and not xla_in_proj and xla_out_proj and xla_x_proj and d_inner % proj_columns == 0
+    if conv_in_proj is None:  # where one split of d_model already gives in_proj's kernel enough programs
+        enough = 2 * d_inner // proj_columns >= BATCHED_PROJ_PROGRAMS
+        conv_in_proj = fusable and splits in (None, 1) and enough
+    if conv_in_proj and not fusable:
+        raise ValueError(
+            "mamba_step_pallas: conv_in_proj needs more than one row, in_proj by the kernel (xla_in_proj False), "
+            f"x_proj and out_proj by XLA and d_inner a multiple of proj_columns ({proj_columns}); got batch {batch}, "
+            f"d_inner {d_inner}, xla_in_proj={xla_in_proj}, xla_x_proj={xla_x_proj}, xla_out_proj={xla_out_proj}"
+        )
+    if splits is None:
+        programs = PROJ_PROGRAMS if batch == 1 else BATCHED_PROJ_PROGRAMS
+        splits = 1 if conv_in_proj else default_splits(d_model, d_inner, depth, proj_columns, programs)
+    if not isinstance(splits, int) or splits < 1 or d_model % (splits * depth) or (conv_in_proj and splits != 1):
+        raise ValueError(
+            f"mamba_step_pallas: splits must be a positive int dividing d_model / depth = {d_model} / {depth} (1 "
+            f"with conv_in_proj), got {splits!r}"
+        )
     if interpret is None:
         interpret = not pallas_supported()
     if not interpret:
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
     config = (jnp.dtype(dtype), bool(interpret), channels, depth, columns, int(prefetch))
-    config += (proj_columns, splits, xla_in_proj, xla_out_proj, bool(xla_x_proj), num_warps, num_stages)
+    config += (proj_columns, splits, xla_in_proj, xla_out_proj, bool(xla_x_proj), bool(conv_in_proj))
+    config += (num_warps, num_stages)
     return _step(u, conv_state, ssm_state, weights, prenorm, config)
 
 
@@ -640,55 +733,24 @@ def step_over_batch(kernels, u, conv_state, ssm_state, weights, prenorm: PreNorm
 
 def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
     dtype, interpret, channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj = config[:9]
-    xla_out_proj, xla_x_proj, num_warps, num_stages = config[9:]
+    xla_out_proj, xla_x_proj, conv_in_proj, num_warps, num_stages = config[9:]
     batch, d_model = u.shape
     d_inner = conv_state.shape[2]
     blocks = d_inner // channels
-    width = weights.x_proj.shape[1]
     rows = batch_rows(batch)
     common_out = dict(channels=channels, rows=rows, dtype=dtype, ops=KernelMath(interpret))
     params = plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     w = weights._asdict()
 
-    xz, residual = in_proj_partials(
-        u,
-        weights.in_proj,
-        prenorm,
-        xla=xla_in_proj,
-        columns=proj_columns,
-        depth=depth,
-        prefetch=prefetch,
-        splits=splits,
-        dtype=dtype,
-        params=params,
-        interpret=interpret,
-        name="mamba_step_proj",
-    )
-
-    ins = {"xz": xz, "conv_state": conv_state}
-    ins |= _pick(w, "in_proj_bias", "conv", "conv_bias")
-    out_shape = {
-        "conv_state": jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
-        "x": jax.ShapeDtypeStruct((batch, d_inner), dtype),
-        "z": jax.ShapeDtypeStruct((batch, d_inner), dtype),
-    }
-    if not xla_x_proj:
-        ins["x_proj"] = weights.x_proj
-        out_shape["partial"] = jax.ShapeDtypeStruct((blocks, batch, width), jnp.float32)
-    if not xla_out_proj:  # _out_kernel reads the old state from a copy (its docstring)
-        ins["ssm_state"] = ssm_state
-        out_shape["old_state"] = jax.ShapeDtypeStruct(ssm_state.shape, ssm_state.dtype)
-    # The conv window is updated in place (each program reads and writes only its own channels; in a decode loop this
-    # saves a copy of the window), and so is the SSM state by the last kernel.
-    first = pl.pallas_call(
-        functools.partial(_in_kernel, **common_out),
-        input_output_aliases={sorted(ins).index("conv_state"): sorted(out_shape).index("conv_state")},
-        out_shape=out_shape,
-        grid=(blocks, pl.cdiv(batch, rows.size)),
-        compiler_params=params,
-        interpret=interpret,
-        name="mamba_step_in",
-    )(ins)
+    proj = dict(columns=proj_columns, depth=depth, prefetch=prefetch, dtype=dtype, params=params, interpret=interpret)
+    if conv_in_proj:
+        first = in_proj_conv(u, w, conv_state, prenorm, name="mamba_step_proj_conv", **proj)
+        residual = first["residual"]
+    else:
+        xz, residual = in_proj_partials(
+            u, weights.in_proj, prenorm, xla=xla_in_proj, splits=splits, name="mamba_step_proj", **proj
+        )
+        first = _in_launch(xz, conv_state, ssm_state, weights, common_out, params, xla_x_proj, xla_out_proj)
 
     ins = {
         "x": first["x"],
@@ -730,6 +792,36 @@ def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
     if weights.out_proj_bias is not None:
         out = out + weights.out_proj_bias.astype(dtype)
     return with_residual((out, first["conv_state"], second["ssm_state"]), residual)
+
+
+def _in_launch(xz, conv_state, ssm_state, weights, common_out: dict, params, xla_x_proj: bool, xla_out_proj: bool):
+    """``_in_kernel`` on in_proj's partial sums xz: {conv_state (in place), x, z [partial] [old_state]}."""
+    batch, _, d_inner = conv_state.shape
+    rows, dtype, interpret = common_out["rows"], common_out["dtype"], common_out["ops"].interpret
+    blocks = d_inner // common_out["channels"]
+    ins = {"xz": xz, "conv_state": conv_state} | _pick(weights._asdict(), "in_proj_bias", "conv", "conv_bias")
+    out_shape = {
+        "conv_state": jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
+        "x": jax.ShapeDtypeStruct((batch, d_inner), dtype),
+        "z": jax.ShapeDtypeStruct((batch, d_inner), dtype),
+    }
+    if not xla_x_proj:
+        ins["x_proj"] = weights.x_proj
+        out_shape["partial"] = jax.ShapeDtypeStruct((blocks, batch, weights.x_proj.shape[1]), jnp.float32)
+    if not xla_out_proj:  # _out_kernel reads the old state from a copy (its docstring)
+        ins["ssm_state"] = ssm_state
+        out_shape["old_state"] = jax.ShapeDtypeStruct(ssm_state.shape, ssm_state.dtype)
+    # The conv window is updated in place (each program reads and writes only its own channels; in a decode loop this
+    # saves a copy of the window), and so is the SSM state by the last kernel.
+    return pl.pallas_call(
+        functools.partial(_in_kernel, **common_out),
+        input_output_aliases={sorted(ins).index("conv_state"): sorted(out_shape).index("conv_state")},
+        out_shape=out_shape,
+        grid=(blocks, pl.cdiv(batch, rows.size)),
+        compiler_params=params,
+        interpret=interpret,
+        name="mamba_step_in",
+    )(ins)
 
 
 def _pick(weights: dict, *names: str) -> dict:
