@@ -586,8 +586,9 @@ def supports(batch: int, d_model: int, d_inner: int) -> bool:
 
 
 def xla_projections(caller: str, batch: int, d_model: int, xla_in_proj, xla_out_proj, *, in_from: int, out_from=None):
-    """(xla_in_proj, xla_out_proj) as given, a None resolved: XLA's product past one row (its GEMMs beat the kernels'
-    tl.dot tiles: docs/kernels.md) or from d_model ``in_from`` / ``out_from`` on (None: not at batch 1). Where
+    """(xla_in_proj, xla_out_proj) as given, a None resolved: XLA's product past one row (Mamba-2's kernels' tl.dot
+    tiles were slower than its GEMMs: docs/kernels.md; ``mamba_step_pallas`` resolves its in_proj before) or from
+    d_model ``in_from`` / ``out_from`` on (None: not at batch 1). Where
     the projections' kernels (which hold every row) do not run, past MAX_PROJ_ROWS rows for in_proj and MAX_BATCH
     for out_proj, ValueError for a False."""
     for name, wanted, most in (("xla_in_proj", xla_in_proj, MAX_PROJ_ROWS), ("xla_out_proj", xla_out_proj, MAX_BATCH)):
@@ -622,30 +623,34 @@ def mamba_step_pallas(
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> tuple[jax.Array, ...]:
-    """The step in five launches (three kernels, two sums), or past one row in five too (in_proj's kernel, the
-    conv kernel, XLA's x_proj, the state kernel, XLA's out_proj); arguments (``prenorm`` included: the first kernel
-    norms u) and results as ``mamba_step_reference``, shapes there and ``supports``.
+    """The step in five launches (three kernels, two sums), or past one row in four or five (in_proj's kernel with
+    the conv or before the conv kernel, XLA's x_proj, the state kernel, XLA's out_proj); arguments (``prenorm``
+    included: the first kernel norms u) and results as ``mamba_step_reference``, shapes there and ``supports``.
 
     ``interpret`` None runs the compiled kernels where ``pallas_supported()``, else Pallas's interpreter (slow; for
-    tests). ``channels`` (a power of 2 of at least 16 dividing d_inner; None: the largest such of at most CHANNELS,
-    or BATCHED_CHANNELS past one row),
-    ``depth`` (the rows of in_proj a loop iteration reads, a power of 2), ``proj_columns`` (the columns of in_proj a
-    program reads, a power of 2), ``splits`` (how many parts d_model is cut into for in_proj, each a multiple of
-    ``depth``; None: ``default_splits`` for PROJ_PROGRAMS programs, or BATCHED_PROJ_PROGRAMS past one row),
-    ``columns`` (the columns of out_proj a program of the last kernel writes, a power of 2), ``prefetch`` (see
-    ``project``; None: 1, or BATCHED_PREFETCH past one row), ``xla_in_proj`` (in_proj by XLA's product instead of the
-    first kernel; None: at one row from d_model XLA_IN_PROJ_FROM on, past one row in float32, and past MAX_PROJ_ROWS
-    rows), ``xla_out_proj``
-    (out_proj by XLA's product: the last kernel then only updates the state, in place, and writes y; None: past one
-    row or from d_model XLA_OUT_PROJ_FROM on; always past MAX_BATCH rows, where the other kernels run over blocks
-    of MAX_BATCH rows), ``xla_x_proj`` (x_proj by XLA's product of the second kernel's x instead of per-block
-    float32 partial sums from that kernel; None: past one row), ``conv_in_proj`` (the conv in in_proj's kernel, one
-    split of d_model, instead of a launch of its own; None: past one row where in_proj's kernel runs, x_proj and
-    out_proj are XLA's, proj_columns divide d_inner and one split gives BATCHED_PROJ_PROGRAMS programs),
-    ``num_warps`` (None: NUM_WARPS, or BATCHED_WARPS
-    past one row) and ``num_stages`` (None: 3, or BATCHED_STAGES past one row) set the programs' size and Triton's;
-    the defaults are the measured best on an H100 (benchmarks/mamba_step.py). Derivatives (jax.grad, jax.jvp) are
-    the reference's.
+    tests). The options set the programs' sizes and roles; the defaults are the measured best on an H100
+    (benchmarks/mamba_step.py):
+    ``channels``: a power of 2 of at least 16 dividing d_inner; None: the largest such of at most CHANNELS, or
+    BATCHED_CHANNELS past one row.
+    ``depth``: the rows of in_proj a loop iteration reads, a power of 2.
+    ``proj_columns``: the columns of in_proj a program reads, a power of 2.
+    ``splits``: how many parts d_model is cut into for in_proj, each a multiple of ``depth``; None:
+    ``default_splits`` for PROJ_PROGRAMS programs, or BATCHED_PROJ_PROGRAMS past one row (1 with ``conv_in_proj``).
+    ``columns``: the columns of out_proj a program of the last kernel writes, a power of 2.
+    ``prefetch``: see ``project``; None: 1, or BATCHED_PREFETCH past one row.
+    ``xla_in_proj``: in_proj by XLA's product instead of the first kernel; None: at one row from d_model
+    XLA_IN_PROJ_FROM on, past one row in float32, and past MAX_PROJ_ROWS rows.
+    ``xla_out_proj``: out_proj by XLA's product (the last kernel then only updates the state, in place, and writes
+    y); None: past one row or from d_model XLA_OUT_PROJ_FROM on; always past MAX_BATCH rows, where the other kernels
+    run over blocks of MAX_BATCH rows.
+    ``xla_x_proj``: x_proj by XLA's product of the second kernel's x instead of per-block float32 partial sums from
+    that kernel; None: past one row.
+    ``conv_in_proj``: the conv in in_proj's kernel (one split of d_model) instead of a launch of its own; None: past
+    one row where in_proj's kernel runs, x_proj and out_proj are XLA's, proj_columns divide d_inner and one split
+    gives BATCHED_PROJ_PROGRAMS programs.
+    ``num_warps`` (None: NUM_WARPS, or BATCHED_WARPS past one row) and ``num_stages`` (None: 3, or BATCHED_STAGES
+    past one row): Triton's.
+    Derivatives (jax.grad, jax.jvp) are the reference's.
     """
     batch, d_model = u.shape
     d_inner = conv_state.shape[2]
