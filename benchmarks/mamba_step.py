@@ -58,6 +58,8 @@ VARIANTS = [
     dict(conv_in_proj=False),  # past one row: the conv in a launch of its own (splits for BATCHED_PROJ_PROGRAMS)
     dict(conv_in_proj=False, splits=1),
     dict(conv_in_proj=True, proj_columns=32),  # 130m: 96 programs of 32 columns, the conv in the same kernel
+    dict(channels=32),  # past one row: state tiles 16 rows x 32 channels x n
+    dict(channels=32, num_warps=8),
 ]
 
 
