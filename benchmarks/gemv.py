@@ -12,11 +12,11 @@ A Pallas variant is (columns, depth, splits, warps, stages): program (j, s) of t
 rows s K / splits ... (s + 1) K / splits of the ``columns`` columns j columns ... in tiles of (depth, columns), keeps
 the (depth, columns) float32 products and sums them after its loop; with splits > 1 XLA sums the (splits, M, N)
 float32 partials; past one row each tile is a tensor-core product (``jnp.dot`` accumulating in float32) of u's
-(M, depth) and W's (depth, columns) tiles. A Mosaic GPU variant ("mosaic", columns, depth, splits, stages) has the same grid, one warpgroup a program
-(128 threads, columns / 128 columns each): the copy engine stages (depth, columns) tiles of W and depth elements of
-u in shared memory, ``stages`` tiles in flight (``plgpu.emit_pipeline``), and each thread adds u[r] times its columns
-of row r into float32 registers (jax >= 0.11, compute capability 9.0+; u's tile must be a multiple of 128 bytes:
-depth >= 64 in 16 bits).
+(M, depth) and W's (depth, columns) tiles. A Mosaic GPU variant ("mosaic", columns, depth, splits, stages) has the
+same grid, one warpgroup a program (128 threads, columns / 128 columns each): the copy engine stages (depth,
+columns) tiles of W and depth elements of u in shared memory, ``stages`` tiles in flight (``plgpu.emit_pipeline``),
+and each thread adds u[r] times its columns of row r into float32 registers (jax >= 0.11, compute capability 9.0+;
+u's tile must be a multiple of 128 bytes: depth >= 64 in 16 bits).
 
 Each timing runs the product for ``--matrices`` different random W (more bytes than the L2 holds) ``--iters`` times
 in one compiled loop; us per product = median loop time / (iters * matrices); TB/s = bytes of W / that time. Every
