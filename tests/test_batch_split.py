@@ -25,7 +25,6 @@ from pallas_kernels.batch_split import over_batch, split_over
 from pallas_kernels.mamba2_step.pallas import mamba2_step_pallas
 from pallas_kernels.mamba2_step.reference import mamba2_step_reference
 from pallas_kernels.mamba_step.pallas import mamba_step_pallas
-from pallas_kernels.mamba_step.reference import mamba_step_reference
 from pallas_kernels.selective_scan import pallas_config
 from pallas_kernels.selective_scan.pallas import selective_scan_pallas
 from tests.test_mamba2_step import Shape, arguments
@@ -195,19 +194,29 @@ def test_selective_scan_pallas_under_explicit_axes():
         assert_close(g, g1, jnp.float32, err_msg=name)
 
 
-def test_mamba_step_pallas_split_over_the_batch():
+@pytest.mark.parametrize(
+    "d_model, batch, dtype, options",
+    [
+        (16, 4, "float32", {}),
+        (32, 8, "bfloat16", dict(conv_in_proj=True)),  # in_proj's kernel with the conv, two rows a device
+    ],
+    ids=str,
+)
+def test_mamba_step_pallas_split_over_the_batch(d_model, batch, dtype, options):
+    """Each device steps its rows: the results of the whole batch on one device, and no weight gathered."""
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    d_model, batch = 16, 4
-    weights = random_layer(jax.random.key(1), d_model, jnp.float32)
-    u = jax.random.normal(jax.random.key(2), (batch, d_model))
-    conv_state = jax.random.normal(jax.random.key(3), (batch, 4, 2 * d_model))
+    dtype = jnp.dtype(dtype)
+    weights = random_layer(jax.random.key(1), d_model, dtype)
+    u = jax.random.normal(jax.random.key(2), (batch, d_model)).astype(dtype)
+    conv_state = jax.random.normal(jax.random.key(3), (batch, 4, 2 * d_model)).astype(dtype)
     ssm_state = jax.random.normal(jax.random.key(4), (batch, 2 * d_model, 16))
     split = NamedSharding(mesh, P(("data", "fsdp")))
-    step = jax.jit(lambda *args: mamba_step_pallas(*args, dtype=jnp.float32, interpret=True))
+    step = jax.jit(lambda *args: mamba_step_pallas(*args, dtype=dtype, interpret=True, **options))
     placed = [jax.device_put(x, split) for x in (u, conv_state, ssm_state)]
     assert "all-gather" not in ops_of(step.lower(*placed, weights).compile())
     got = step(*placed, weights)
-    expected = mamba_step_reference(u, conv_state, ssm_state, weights, dtype=jnp.float32)
+    # one device's run of the same kernels (tests/test_mamba_step.py holds them to the reference in every dtype)
+    expected = step(u, conv_state, ssm_state, weights)
     for name, a, b in zip(("out", "conv_state", "ssm_state"), got, expected, strict=True):
         assert a.sharding.spec == P(("data", "fsdp")), name
         assert_close(a, b, jnp.float32, err_msg=name)
