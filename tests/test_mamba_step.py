@@ -143,10 +143,10 @@ def test_kernel_options_match_reference(shape, options):
         (Shape(1, 48, 96, 6, 3, 3, "float32", biases=True), False, dict(depth=16)),  # 3 tiles, d padded to 64
         (Shape(1, 64, 128, 16, 4, 4, "bfloat16"), True, dict(depth=16, splits=2)),  # the first block: no residual
         (Shape(1, 32, 64, 16, 2, 4, "float16", param_dtype="float16"), False, {}),
-        (Shape(3, 48, 96, 6, 3, 3, "float32"), False, dict(xla_in_proj=False)),  # rows padded to 16 (tl.dot)
+        (Shape(3, 48, 96, 6, 3, 3, "float32"), False, dict(xla_in_proj=False)),  # the norm launch, then tl.dot
         (Shape(3, 48, 96, 6, 3, 3, "bfloat16"), False, {}),  # past one row: the norm by XLA before its in_proj
         (Shape(20, 48, 96, 6, 3, 3, "bfloat16"), False, dict(xla_in_proj=False)),  # the norm launch, then the kernel
-        (Shape(3, 32, 64, 4, 2, 4, "bfloat16"), False, dict(conv_in_proj=True)),  # the norm, in_proj and the conv
+        (Shape(3, 32, 64, 4, 2, 4, "bfloat16"), False, dict(conv_in_proj=True)),  # the norm launch, in_proj + conv
         (Shape(20, 32, 64, 4, 2, 4, "bfloat16", biases=True), True, dict(conv_in_proj=True)),  # the norm launch first
     ],
     ids=str,

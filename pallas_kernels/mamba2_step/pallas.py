@@ -210,8 +210,9 @@ def mamba2_step_pallas(
     state_warps: int = STATE_WARPS,
     num_stages: int = 3,
 ) -> tuple[jax.Array, ...]:
-    """The step in four launches (three kernels, one sum); arguments (``prenorm`` included: the first kernel norms
-    u) and results as ``mamba2_step_reference``, shapes there and ``supports``.
+    """The step in four launches (three kernels, one sum); arguments (``prenorm`` included: normed in the first
+    kernel at one row, by a launch of its own past it) and results as ``mamba2_step_reference``, shapes there and
+    ``supports``.
 
     ``interpret`` None runs the compiled kernels where ``pallas_supported()``, else Pallas's interpreter (slow; for
     tests). ``depth`` (rows of a projection a loop iteration reads), ``proj_columns`` and ``splits`` (in_proj's

@@ -14,8 +14,9 @@ rows (a second grid axis).
    MAX_PROJ_ROWS rows, XLA's own product instead, (1, b, 2di) in the compute dtype (``in_proj_partials``).
    With a ``PreNorm`` (the block's residual add + RMSNorm) every program also loads the whole row of u + residual
    and norms the tiles of u (``prenorm_tiles``); program (0, 0) stores the sum, the next block's residual. Where
-   XLA's product reads in_proj, and past MAX_BATCH rows, ``prenorm_launch`` norms u before it, one program a row.
-   Either saves XLA's three to four small kernels for the add + norm (docs/kernels.md).
+   XLA's product reads in_proj, and past one row, ``prenorm_launch`` norms u before it, one program a row (every
+   program norming 4-16 rows itself made batch-16 generation 40% slower at 1.4b). Either saves XLA's three to four
+   small kernels for the add + norm (docs/kernels.md).
    Past one row, where one split of d_model gives the grid enough programs, the conv follows in the same kernel
    (``conv_epilogue``: each program's columns are all x's or all z's) and 2 is not launched.
 2. ``_in_kernel``, grid (di / channels,): program j owns channels j * channels ... of d_inner for every batch row:
@@ -204,7 +205,7 @@ def proj_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Spa
 
     Grid (cdiv(m, columns), splits): program (j, s) multiplies rows s d / splits ... (s + 1) d / splits of u and
     in_proj's columns j columns ... (a split of the rows gives the grid enough programs to keep the memory busy).
-    ``norm``: None, or (eps, the norm's dtype): u is then normed first (``prenorm_tiles``).
+    ``norm``: None, or the norm's eps (one row only): u is then normed first (``prenorm_tiles``).
 
     With ``ops`` (Mamba-1, one split, columns dividing di) the conv follows in the same program (``conv_epilogue``):
     ins also hold [in_proj_bias (2di,)], conv_state (b, w, di), conv (w, di) [conv_bias (di,)], and outs are
@@ -215,7 +216,7 @@ def proj_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Spa
     first = first_column(column, columns, width)
     prepare, finish = None, None
     if norm is not None:
-        prepare, finish = prenorm_tiles(ins, outs, rows, *norm, write=(column == 0) & (split == 0))
+        prepare, finish = prenorm_tiles(ins, outs, rows, norm, write=(column == 0) & (split == 0))
     acc = project(
         ins["u"], ins["in_proj"], first, rows, columns, depth, dtype, prefetch, split * span, span // depth, prepare
     )
@@ -243,39 +244,31 @@ def conv_epilogue(ins, outs, acc, first, rows: Span, dtype, ops: KernelMath) -> 
         store(outs["z"], value, rows, Span(first - d_inner, columns, columns))
 
 
-def prenorm_tiles(ins, outs, rows: Span, eps: float, norm_dtype, write):
-    """The block's residual add + RMSNorm in front of in_proj (``PreNorm``) for ``project``: every program loads
-    s = u + residual over the whole of d (6 bytes an element, from L2 after the first program). Returns (prepare,
-    finish): ``prepare`` maps a float32 tile of u from column ``row`` on to what is multiplied; ``finish()``, called
-    after the loop, stores s where ``write`` holds (outs["residual"]) and returns the factor for the loop's sums.
-
-    One batch row (a GEMV, whose products are float32): prepare gives (u + residual) * weight in float32 and finish
-    1 / rms(s), so that no program waits for the row's reduction before it reads in_proj; the normed u is then not
-    rounded to the norm's dtype (more exact than the reference, by at most that rounding). More rows (``tl.dot``
-    takes 16-bit operands): prepare gives the normed tile rounded to the norm's dtype, as ``prenormed`` computes it,
-    and finish 1."""
+def prenorm_tiles(ins, outs, rows: Span, eps: float, write):
+    """The block's residual add + RMSNorm in front of in_proj (``PreNorm``) for ``project``, at one batch row (a
+    GEMV, whose products are float32): every program loads s = u + residual over the whole of d (6 bytes an
+    element, from L2 after the first program). Returns (prepare, finish): ``prepare`` maps a float32 tile of u from
+    column ``row`` on to (u + residual) * weight in float32; ``finish()``, called after the loop, stores s where
+    ``write`` holds (outs["residual"]) and returns 1 / rms(s), the factor for the loop's sums, so that no program
+    waits for the row's reduction before it reads in_proj. The normed u is then not rounded to the norm's dtype
+    (more exact than the reference, by at most that rounding)."""
     d = ins["u"].shape[1]
     whole = Span(0, pl.next_power_of_2(d), d)
 
-    def weighted(tile, row, scale=1.0):
+    def weighted(tile, row):
         span = Span(row, tile.shape[1], tile.shape[1])
-        return add_residual(ins, tile, rows, span) * scale * load(ins["norm_weight"], span)[None]
+        return add_residual(ins, tile, rows, span) * load(ins["norm_weight"], span)[None]
 
     s = add_residual(ins, load(ins["u"], rows, whole), rows, whole)  # (rows, padded d)
 
-    rstd = functools.partial(inverse_rms, s, d, eps)
-
-    def finish(scale):
+    def finish():
         @pl.when(write)
         def _():
             store(outs["residual"], s, rows, whole)
 
-        return scale()
+        return inverse_rms(s, d, eps)
 
-    if rows.size == 1:
-        return weighted, functools.partial(finish, rstd)
-    scale = rstd()
-    return lambda tile, row: rounded(weighted(tile, row, scale), norm_dtype), functools.partial(finish, lambda: 1.0)
+    return weighted, finish
 
 
 def add_residual(ins, u, rows, span: Span) -> jax.Array:
@@ -314,11 +307,11 @@ def in_proj_partials(
     """(u (b, d) @ in_proj (d, m) without its bias, the new residual or None): ``proj_kernel``'s float32 partial sums
     (splits, b, m), or with ``xla`` XLA's own product in ``dtype``, (1, b, m): ``sum_partials`` takes either. With
     ``prenorm`` u is normed first (by ``proj_kernel``, or by ``prenorm_launch`` before XLA's product) and the
-    float32 residual (b, d) comes second, else None. Past MAX_BATCH rows ``proj_kernel`` too takes u normed by
-    ``prenorm_launch`` (every program would otherwise load every row of u and the residual)."""
+    float32 residual (b, d) comes second, else None. Past one row ``proj_kernel`` too takes u normed by
+    ``prenorm_launch`` (its programs norming 4-16 rows each made batch-16 generation 40% slower at 1.4b)."""
     batch, width = u.shape[0], in_proj.shape[1]
     residual = None
-    if prenorm is not None and (xla or batch > MAX_BATCH):
+    if prenorm is not None and (xla or batch > 1):
         u, residual = prenorm_launch(u, prenorm, interpret)
         prenorm = None
     if xla:
@@ -335,9 +328,8 @@ def in_proj_conv(u, weights: dict, conv_state, prenorm: PreNorm | None, *, inter
     in_proj, in_proj_bias, conv and conv_bias entries of ``MambaStepWeights._asdict()``; ``options``: columns,
     depth, prefetch, dtype, params, name, as ``in_proj_partials`` takes them (columns dividing di)."""
     residual = None
-    if prenorm is not None and u.shape[0] > MAX_BATCH:
+    if prenorm is not None:  # more than one row (``conv_in_proj``): normed first, as in_proj_partials does
         u, residual = prenorm_launch(u, prenorm, interpret)
-        prenorm = None
     batch, d_inner = u.shape[0], conv_state.shape[2]
     ins = {"conv_state": conv_state} | _pick(weights, "in_proj", "in_proj_bias", "conv", "conv_bias")
     out_shape = {
@@ -345,23 +337,24 @@ def in_proj_conv(u, weights: dict, conv_state, prenorm: PreNorm | None, *, inter
         "x": jax.ShapeDtypeStruct((batch, d_inner), options["dtype"]),
         "z": jax.ShapeDtypeStruct((batch, d_inner), options["dtype"]),
     }
-    result = _proj_call(u, prenorm, ins, out_shape, splits=1, interpret=interpret, conv=True, **options)
-    return result | {"residual": result.get("residual", residual)}
+    result = _proj_call(u, None, ins, out_shape, splits=1, interpret=interpret, conv=True, **options)
+    return result | {"residual": residual}
 
 
 def _proj_call(
     u, prenorm, ins, out_shape, *, splits, columns, depth, prefetch, dtype, params, interpret, name, conv=False
 ):
     """``proj_kernel`` over the grid (cdiv(m, columns), splits) on u and ``ins`` (in_proj and, with ``conv``, what
-    ``conv_epilogue`` reads, its conv_state updated in place); ``prenorm``, if given, normed inside (its residual
-    added to the outputs). Every batch row in one tile (one row: a GEMV; more: tl.dot, MAX_PROJ_ROWS at most)."""
+    ``conv_epilogue`` reads, its conv_state updated in place); ``prenorm``, if given (one row), normed inside (its
+    residual added to the outputs). Every batch row in one tile (one row: a GEMV; more: tl.dot, MAX_PROJ_ROWS at
+    most)."""
     ins = {"u": u} | ins
     out_shape = dict(out_shape)
     norm = None
     if prenorm is not None:
         ins |= prenorm_inputs(prenorm)
         out_shape["residual"] = jax.ShapeDtypeStruct(u.shape, jnp.float32)
-        norm = (prenorm.eps, jnp.dtype(prenorm.dtype))
+        norm = prenorm.eps
     batch, width = u.shape[0], ins["in_proj"].shape[1]
     rows = Span(0, 1 if batch == 1 else padded(batch), batch)
     aliases = {sorted(ins).index("conv_state"): sorted(out_shape).index("conv_state")} if conv else {}
@@ -625,7 +618,8 @@ def mamba_step_pallas(
 ) -> tuple[jax.Array, ...]:
     """The step in five launches (three kernels, two sums), or past one row in four or five (in_proj's kernel with
     the conv or before the conv kernel, XLA's x_proj, the state kernel, XLA's out_proj); arguments (``prenorm``
-    included: the first kernel norms u) and results as ``mamba_step_reference``, shapes there and ``supports``.
+    included: normed in the first kernel at one row, by a launch of its own past it) and results as
+    ``mamba_step_reference``, shapes there and ``supports``.
 
     ``interpret`` None runs the compiled kernels where ``pallas_supported()``, else Pallas's interpreter (slow; for
     tests). The options set the programs' sizes and roles; the defaults are the measured best on an H100
