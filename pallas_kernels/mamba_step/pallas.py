@@ -211,7 +211,7 @@ def proj_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Spa
     ins also hold [in_proj_bias (2di,)], conv_state (b, w, di), conv (w, di) [conv_bias (di,)], and outs are
     conv_state (aliased), x and z (b, di) instead of xz."""
     column, split = pl.program_id(0), pl.program_id(1)
-    splits, width = (1, ins["in_proj"].shape[1]) if ops is not None else (outs["xz"].shape[0], outs["xz"].shape[2])
+    splits, width = outs["xz"].shape[0] if "xz" in outs else 1, ins["in_proj"].shape[1]
     span = ins["u"].shape[1] // splits
     first = first_column(column, columns, width)
     prepare, finish = None, None
@@ -306,20 +306,18 @@ def in_proj_partials(
 ) -> tuple[jax.Array, jax.Array | None]:
     """(u (b, d) @ in_proj (d, m) without its bias, the new residual or None): ``proj_kernel``'s float32 partial sums
     (splits, b, m), or with ``xla`` XLA's own product in ``dtype``, (1, b, m): ``sum_partials`` takes either. With
-    ``prenorm`` u is normed first (by ``proj_kernel``, or by ``prenorm_launch`` before XLA's product) and the
-    float32 residual (b, d) comes second, else None. Past one row ``proj_kernel`` too takes u normed by
-    ``prenorm_launch`` (its programs norming 4-16 rows each made batch-16 generation 40% slower at 1.4b)."""
+    ``prenorm`` u is normed first (as ``_proj_call`` does it, or by ``prenorm_launch`` before XLA's product) and the
+    float32 residual (b, d) comes second, else None."""
     batch, width = u.shape[0], in_proj.shape[1]
-    residual = None
-    if prenorm is not None and (xla or batch > 1):
-        u, residual = prenorm_launch(u, prenorm, interpret)
-        prenorm = None
     if xla:
+        residual = None
+        if prenorm is not None:
+            u, residual = prenorm_launch(u, prenorm, interpret)
         return (u.astype(dtype) @ in_proj.astype(dtype))[None], residual
     out_shape = {"xz": jax.ShapeDtypeStruct((splits, batch, width), jnp.float32)}
     options = dict(columns=columns, depth=depth, prefetch=prefetch, dtype=dtype, params=params, interpret=interpret)
     result = _proj_call(u, prenorm, {"in_proj": in_proj}, out_shape, splits=splits, name=name, **options)
-    return result["xz"], result.get("residual", residual)
+    return result["xz"], result.get("residual")
 
 
 def in_proj_conv(u, weights: dict, conv_state, prenorm: PreNorm | None, *, interpret: bool, **options) -> dict:
@@ -327,9 +325,6 @@ def in_proj_conv(u, weights: dict, conv_state, prenorm: PreNorm | None, *, inter
     window, updated in place), x, z (b, di) in the compute dtype, residual (b, d) float32 or None}. ``weights``: the
     in_proj, in_proj_bias, conv and conv_bias entries of ``MambaStepWeights._asdict()``; ``options``: columns,
     depth, prefetch, dtype, params, name, as ``in_proj_partials`` takes them (columns dividing di)."""
-    residual = None
-    if prenorm is not None:  # more than one row (``conv_in_proj``): normed first, as in_proj_partials does
-        u, residual = prenorm_launch(u, prenorm, interpret)
     batch, d_inner = u.shape[0], conv_state.shape[2]
     ins = {"conv_state": conv_state} | _pick(weights, "in_proj", "in_proj_bias", "conv", "conv_bias")
     out_shape = {
@@ -337,17 +332,22 @@ def in_proj_conv(u, weights: dict, conv_state, prenorm: PreNorm | None, *, inter
         "x": jax.ShapeDtypeStruct((batch, d_inner), options["dtype"]),
         "z": jax.ShapeDtypeStruct((batch, d_inner), options["dtype"]),
     }
-    result = _proj_call(u, None, ins, out_shape, splits=1, interpret=interpret, conv=True, **options)
-    return result | {"residual": residual}
+    result = _proj_call(u, prenorm, ins, out_shape, splits=1, interpret=interpret, conv=True, **options)
+    return result | {"residual": result.get("residual")}
 
 
 def _proj_call(
     u, prenorm, ins, out_shape, *, splits, columns, depth, prefetch, dtype, params, interpret, name, conv=False
 ):
     """``proj_kernel`` over the grid (cdiv(m, columns), splits) on u and ``ins`` (in_proj and, with ``conv``, what
-    ``conv_epilogue`` reads, its conv_state updated in place); ``prenorm``, if given (one row), normed inside (its
-    residual added to the outputs). Every batch row in one tile (one row: a GEMV; more: tl.dot, MAX_PROJ_ROWS at
-    most)."""
+    ``conv_epilogue`` reads, its conv_state updated in place). Every batch row in one tile (one row: a GEMV; more:
+    tl.dot, MAX_PROJ_ROWS at most). ``prenorm``, if given, norms u first, its float32 residual added to the results
+    as "residual": inside the kernel at one row, by ``prenorm_launch`` past it (every program norming 4-16 rows
+    itself made batch-16 generation 40% slower at 1.4b)."""
+    residual = None
+    if prenorm is not None and u.shape[0] > 1:
+        u, residual = prenorm_launch(u, prenorm, interpret)
+        prenorm = None
     ins = {"u": u} | ins
     out_shape = dict(out_shape)
     norm = None
@@ -368,7 +368,7 @@ def _proj_call(
         norm=norm,
         ops=KernelMath(interpret) if conv else None,
     )
-    return pl.pallas_call(
+    result = pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=(pl.cdiv(width, columns), splits),
@@ -377,6 +377,7 @@ def _proj_call(
         interpret=interpret,
         name=name,
     )(ins)
+    return result if residual is None else result | {"residual": residual}
 
 
 def prenorm_launch(u, prenorm: PreNorm, interpret: bool) -> tuple[jax.Array, jax.Array]:
