@@ -53,6 +53,7 @@ def measure(preset: str, reps: int) -> dict:
             rng=None,
             return_scores=False,
             callback=None,
+            state_dtype=jnp.float32,
         )
         on_device = {field: jnp.asarray(getattr(args, field)) for field in ("ids", "lengths", "eos", "fill")}
         resident = args._replace(**on_device)

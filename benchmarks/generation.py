@@ -13,9 +13,10 @@ loop, built ahead of time with ``lower_generate`` so that tracing + lowering and
   tokens/s = batch * 128 / total, the ANCHORS.md measure (mamba_ssm with CUDA graphs, fp16: ``anchor`` column).
   ``generate() tok/s``: the same through the plain ``generate(model, ...)``. ``--state-dtype`` keeps the SSM states
   in 16 bits between tokens, as mamba_ssm does in a 16-bit model (default float32).
-- prefill: median time of the same compiled program when every row stops after its first token. All rows get the
-  same prompt, so they all pick the same first token, which is then passed as the (traced) EOS id: the loop exits
-  at once. (Equal rows cost what distinct rows cost.)
+- prefill: median time of generate's program with an EOS id when every row stops after its first token. All rows
+  get the same prompt, so they all pick the same first token, which is then passed as the EOS id: the loop exits at
+  once. (Equal rows cost what distinct rows cost.) Without an EOS id the decode loop is one of a fixed count, with
+  one a while loop: two programs, the same prefill.
 - decode ms/token = (total - prefill) / 127: one step of the loop (model step + sampling).
 - weight floor = weight bytes / 3.0 TB/s (every step reads every weight); ratio = decode / weight floor.
   state floor adds the decode state read and written each step (at batch 64 it dominates for Mamba-2).

@@ -221,6 +221,41 @@ def test_eos_stops_rows_pads_them_and_streams():
     assert np.asarray(same).shape == (3, 1)
 
 
+class Counter(nnx.Module):
+    """The decode protocol without weights: each token is the one before plus 1 (mod VOCAB), the first the last
+    prompt token's successor, so that a token's position is known from its id."""
+
+    def __init__(self):
+        self.config = CONFIGS["mamba1"]
+
+    def init_cache(self, batch, max_len, state_dtype=jnp.float32):
+        return jnp.zeros((batch,), jnp.int32)
+
+    def prefill(self, ids, cache, lengths):
+        return self.step(ids[jnp.arange(ids.shape[0]), lengths - 1], cache)
+
+    def step(self, tokens, cache):
+        return 10.0 * jax.nn.one_hot((tokens + 1) % VOCAB, VOCAB), cache
+
+
+def test_both_forms_of_the_decode_loop_stop_at_the_right_position():
+    """Without an EOS the loop is one of a fixed count, with one a while loop that stops after the token where
+    every row has finished: each gives the tokens of a token-by-token loop, and streams only those."""
+    model, prompt = Counter(), np.array([[5, 9, 20]], np.int32)
+    longest = 11
+    expected = (21 + np.arange(longest)[None]) % VOCAB
+    for length in (1, 2, longest):
+        np.testing.assert_array_equal(generate(model, prompt, max_new_tokens=length), expected[:, :length])
+    for position in (0, 1, 6, longest - 1):
+        streamed = []
+        tokens = generate(
+            model, prompt, max_new_tokens=longest, eos_token_id=int(expected[0, position]), callback=streamed.append
+        )
+        jax.effects_barrier()
+        np.testing.assert_array_equal(tokens, expected[:, : position + 1])
+        np.testing.assert_array_equal(np.concatenate(streamed), expected[0, : position + 1])
+
+
 def test_pad_token_id_marks_the_prompt_lengths():
     model = random_model("mamba1", seed=5)
     pad = VOCAB - 1
@@ -298,10 +333,10 @@ def test_lower_generate_from_an_abstract_model_runs_like_generate():
     assert scores is None and int(produced) == NEW_TOKENS
     np.testing.assert_array_equal(tokens, expected)
 
-    # eos is traced: the same executable stops after the first token when every row emits it.
+    # eos is traced: a program lowered with one stops after the first token when every row emits the swapped id.
     same = np.repeat(prompts[:1], 3, 0)
     first = int(np.asarray(generate(model, same, max_new_tokens=2))[0, 0])
-    lowered, args = lower_generate(abstract, same, max_new_tokens=NEW_TOKENS)
+    lowered, args = lower_generate(abstract, same, max_new_tokens=NEW_TOKENS, eos_token_id=(first + 1) % VOCAB)
     tokens, _, produced = lowered.compile()(*args._replace(params=jax.tree.leaves(model), eos=np.int32(first)))
     assert int(produced) == 1
     np.testing.assert_array_equal(tokens[:, 0], first)
