@@ -241,6 +241,25 @@ class Counter(nnx.Module):
 def test_both_forms_of_the_decode_loop_stop_at_the_right_position():
     """Without an EOS the loop is one of a fixed count, with one a while loop that stops after the token where
     every row has finished: each gives the tokens of a token-by-token loop, and streams only those."""
+    check_both_forms_of_the_decode_loop()
+
+
+@pytest.mark.gpu
+def test_the_while_loop_in_cuda_graphs_on_gpu():
+    """On a GPU the program with an EOS runs its while loop inside CUDA graphs (WHILE_GRAPHS): it stops where it
+    should, streams, and with an EOS that no row emits gives the fixed-count program's tokens (the step kernels
+    inside the graphs)."""
+    assert jax.default_backend() == "gpu"
+    check_both_forms_of_the_decode_loop()
+    model = random_model("mamba1", seed=3)
+    prompts = right_padded_prompts(PROMPT_LENGTHS, seed=5)
+    free = np.asarray(generate(model, prompts, max_new_tokens=40, prompt_lengths=PROMPT_LENGTHS))
+    unused = next(i for i in range(VOCAB) if i not in free)
+    stops = generate(model, prompts, max_new_tokens=40, prompt_lengths=PROMPT_LENGTHS, eos_token_id=unused)
+    np.testing.assert_array_equal(stops, free)
+
+
+def check_both_forms_of_the_decode_loop():
     model, prompt = Counter(), np.array([[5, 9, 20]], np.int32)
     longest = 11
     expected = (21 + np.arange(longest)[None]) % VOCAB

@@ -25,6 +25,16 @@ from flax import nnx
 from mamba_jax.generation.sampling import SamplingConfig, sample_next
 
 STATE_DTYPES = tuple(map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16)))
+# XLA options of the program with an EOS: its while loop (and conditionals) inside CUDA graphs too (XLA's default
+# command-buffer types, plus CONDITIONAL and WHILE), so that the loop's condition is evaluated on the device instead
+# of being copied to the host after every token. Generation on an H100 with an EOS that no row emits: Mamba-1 130m
+# batch 1 53.6 against 54.6-55.4 ms, 1.4b 213.6 against 216.2-216.8, 130m batch 64 90.6 against 91.9-92.6: as fast
+# as the program without an EOS, whose fixed-count loop has no such check (and which these options made 0.3-1.5%
+# slower; benchmarks/RESULTS.md). Options of the GPU compiler, ignored elsewhere.
+WHILE_GRAPHS = {
+    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE",
+    "xla_gpu_graph_min_graph_size": 1,
+}
 STATIC = ("max_new_tokens", "vocab_size", "sampling", "return_scores", "callback", "state_dtype", "stops")
 
 
@@ -288,16 +298,34 @@ def _run(program, args: GenerateArgs, static: dict):
     return (tokens, scores) if static["return_scores"] else tokens
 
 
-@functools.lru_cache(maxsize=32)
-def _program(treedef) -> Callable:
+class _Program(NamedTuple):
     """The compiled generate program for models of this pytree structure: params (the leaves), ids (b, l), lengths
-    (b,), key, eos and fill int32 scalars. Taking the leaves, not the model, keeps the model's Python-level
-    flattening (slow for an NNX module: ~5 us a leaf) out of every call."""
+    (b,), key, eos and fill int32 scalars, then the STATIC arguments. Taking the leaves, not the model, keeps the
+    model's Python-level flattening (slow for an NNX module: ~5 us a leaf) out of every call. Called, or lowered,
+    it takes the jitted function of its form of the decode loop (``_jitted``)."""
+
+    treedef: object
+
+    def __call__(self, *args, **static):
+        return _jitted(self.treedef, static["stops"])(*args, **static)
+
+    def lower(self, *args, **static) -> jax.stages.Lowered:
+        return _jitted(self.treedef, static["stops"]).lower(*args, **static)
+
+
+@functools.lru_cache(maxsize=32)
+def _program(treedef) -> _Program:
+    return _Program(treedef)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(treedef, stops: bool) -> Callable:
+    """``_Program``'s jitted function; with an EOS (``stops``) compiled with WHILE_GRAPHS."""
 
     def run(params, ids, lengths, key, eos, fill, **static):
         return _decode(jax.tree.unflatten(treedef, params), ids, lengths, key, eos, fill, **static)
 
-    return jax.jit(run, static_argnames=tuple(STATIC))
+    return jax.jit(run, static_argnames=tuple(STATIC), compiler_options=WHILE_GRAPHS if stops else None)
 
 
 def _decode(
@@ -318,9 +346,10 @@ def _decode(
 ):
     """The prefill + decode loop (traced): returns (tokens (b, T), scores (b, T, V) or None, how many positions were
     produced). With an EOS (``stops``) the loop is a while loop, which stops once every row has finished; without
-    one its length is known, and it is a loop of a fixed count. XLA checks a while loop's condition on the host
-    after every token (a copy from the device and a wait): ~15 us a token on an H100, which the fixed count saves
-    (3% of Mamba-1 130m's batch-1 generation, benchmarks/RESULTS.md)."""
+    one its length is known, and it is a loop of a fixed count. By default XLA checks a while loop's condition on
+    the host after every token (a copy from the device and a wait): ~15 us a token on an H100, which the fixed
+    count saves (3% of Mamba-1 130m's batch-1 generation, benchmarks/RESULTS.md), and WHILE_GRAPHS for the while
+    loop."""
     batch, seqlen = ids.shape
     rows = jnp.arange(batch)
 
