@@ -13,7 +13,7 @@ from flax import nnx
 
 import mamba_jax
 from mamba_jax import MHA, MambaConfig, MambaLMHeadModel, generate
-from mamba_jax.generation import lower_generate
+from mamba_jax.generation import loop, lower_generate
 from tests.tolerances import assert_close
 
 VOCAB = 61  # padded to 64: logits of the padding rows are never sampled
@@ -427,3 +427,15 @@ def test_bad_arguments(kwargs, match):
 def test_model_without_the_decode_protocol():
     with pytest.raises(ValueError, match="init_cache, prefill, step and config; init_cache is missing"):
         generate(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), np.ones((1, 2), np.int32), max_new_tokens=1)
+
+
+def test_while_graphs_are_dropped_where_xla_does_not_know_them(monkeypatch):
+    """An XLA without the command-buffer options compiles the loop with its defaults instead of failing."""
+    monkeypatch.setattr(loop, "WHILE_GRAPHS", {"xla_no_such_option_for_this_test": 1})
+    loop._while_graphs.cache_clear()
+    try:
+        assert loop._while_graphs() is None
+    finally:
+        monkeypatch.undo()
+        loop._while_graphs.cache_clear()
+    assert loop._while_graphs() == loop.WHILE_GRAPHS  # the real options, which this XLA knows

@@ -30,7 +30,8 @@ STATE_DTYPES = tuple(map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16)))
 # of being copied to the host after every token. Generation on an H100 with an EOS that no row emits: Mamba-1 130m
 # batch 1 53.6 against 54.6-55.4 ms, 1.4b 213.6 against 216.2-216.8, 130m batch 64 90.6 against 91.9-92.6: as fast
 # as the program without an EOS, whose fixed-count loop has no such check (and which these options made 0.3-1.5%
-# slower; benchmarks/RESULTS.md). Options of the GPU compiler, ignored elsewhere.
+# slower; benchmarks/RESULTS.md). Options of the GPU compiler, ignored elsewhere; an XLA that does not know them
+# compiles the loop without them (``_while_graphs``).
 WHILE_GRAPHS = {
     "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE",
     "xla_gpu_graph_min_graph_size": 1,
@@ -320,12 +321,24 @@ def _program(treedef) -> _Program:
 
 @functools.lru_cache(maxsize=64)
 def _jitted(treedef, stops: bool) -> Callable:
-    """``_Program``'s jitted function; with an EOS (``stops``) compiled with WHILE_GRAPHS."""
+    """``_Program``'s jitted function; with an EOS (``stops``) compiled with WHILE_GRAPHS where XLA knows them."""
 
     def run(params, ids, lengths, key, eos, fill, **static):
         return _decode(jax.tree.unflatten(treedef, params), ids, lengths, key, eos, fill, **static)
 
-    return jax.jit(run, static_argnames=tuple(STATIC), compiler_options=WHILE_GRAPHS if stops else None)
+    return jax.jit(run, static_argnames=tuple(STATIC), compiler_options=_while_graphs() if stops else None)
+
+
+@functools.lru_cache(maxsize=1)
+def _while_graphs() -> dict | None:
+    """WHILE_GRAPHS where this jax's XLA takes them (a tiny program compiled with them, once), else None."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=WHILE_GRAPHS).lower(np.float32(0)).compile()
+    except jax.errors.JaxRuntimeError as e:  # "No such compile option": an XLA that dropped or renamed them
+        if "compile option" not in str(e):
+            raise
+        return None
+    return WHILE_GRAPHS
 
 
 def _decode(
