@@ -87,7 +87,8 @@ def generate(
     Rows are independent: in a batch of ragged prompts each row gets the logits it would get alone, up to float
     rounding (other shapes sum in other orders), so greedy tokens agree unless two logits tie within that rounding.
     Sampled draws depend on the row's place in the batch. The whole decode runs on the device in one compiled
-    function, compiled once per shape, sampling setting and ``callback``; token ids and ``rng`` are traced. Each
+    function, compiled once per shape, sampling setting, ``callback`` and whether an ``eos_token_id`` is given (the
+    decode loop's form depends on it: ``_decode``); token ids (the EOS id's value included) and ``rng`` are traced. Each
     call walks the whole model (host time, ~1-5 ms at the presets' sizes); ``Generator(model)`` walks it once for
     repeated calls.
     """
