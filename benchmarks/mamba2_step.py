@@ -26,25 +26,32 @@ HEADDIM, D_STATE, WIDTH = 64, 128, 4  # the published Mamba-2 models' (expand 2,
 # (name, batch, d_model)
 SHAPES = [("mamba2-1.3b", 1, 2048), ("mamba2-2.7b", 1, 2560), ("mamba2-130m", 1, 768), ("mamba2-1.3b", 16, 2048)]
 SHAPES += [("mamba2-1.3b", 64, 2048), ("mamba2-130m", 64, 768), ("mamba2-2.7b", 64, 2560)]
-# (depth, proj_columns, splits, columns, out_splits, parts, prefetch, xla_in_proj, num_warps, state_warps,
-# num_stages) of the kernels (pallas.mamba2_step_pallas; None: its default); the first is the default.
+# Options of the kernels (keyword arguments of pallas.mamba2_step_pallas; absent: its default); the first is the
+# default.
 VARIANTS = [
-    (128, 64, None, 64, None, 2, 1, None, 8, 4, 3),
-    (128, 64, None, 64, None, 2, 1, False, 8, 4, 3),  # in_proj by the first kernel at every size
-    (128, 64, None, 64, None, 2, 1, True, 8, 4, 3),  # in_proj by XLA's product at every size
-    (128, 64, None, 64, None, 2, 1, None, 4, 4, 3),
-    (128, 64, None, 64, None, 2, 1, None, 8, 8, 3),
-    (64, 64, None, 64, None, 2, 1, None, 8, 4, 3),
-    (128, 64, None, 64, None, 4, 1, None, 8, 4, 3),
-    (128, 64, None, 64, None, 1, 1, None, 8, 4, 3),
-    (128, 64, None, 128, None, 2, 1, None, 8, 4, 3),  # out_proj: 128 columns a program
-    (128, 64, None, 32, None, 2, 1, None, 8, 4, 3),  # 32
-    (128, 64, None, 64, 4, 2, 1, None, 8, 4, 3),  # half the programs, each twice the rows
-    (128, 64, None, 64, 16, 2, 1, None, 8, 4, 3),  # twice the programs
-    (128, 64, None, 64, None, 2, 2, None, 8, 4, 3),  # tiles loaded 2 iterations ahead
-    (256, 64, None, 64, None, 2, 1, None, 8, 4, 3),  # 256 rows an iteration
-    (128, 64, 1, 64, None, 2, 0, False, 4, 4, 4),  # past one row: in_proj by the first kernel, Triton's pipeline
-    (128, 64, 2, 64, None, 2, 0, False, 4, 4, 4),
+    {},
+    dict(xla_in_proj=False),  # in_proj by the first kernel at every size
+    dict(xla_in_proj=True),  # in_proj by XLA's product at every size
+    dict(num_warps=4),
+    dict(state_warps=8),
+    dict(depth=64),
+    dict(parts=4),
+    dict(parts=1),
+    dict(columns=128),  # out_proj: 128 columns a program
+    dict(columns=32),  # 32
+    dict(out_splits=4),  # half the programs, each twice the rows
+    dict(out_splits=16),  # twice the programs
+    dict(prefetch=2),  # tiles loaded 2 iterations ahead
+    dict(depth=256),  # 256 rows an iteration
+    # past one row: in_proj by the first kernel, Triton's pipeline
+    dict(splits=1, prefetch=0, xla_in_proj=False, num_warps=4, num_stages=4),
+    dict(splits=2, prefetch=0, xla_in_proj=False, num_warps=4, num_stages=4),
+    # past one row: the fused state kernel (xla_state=False) against the conv alone as a kernel (xla_state=True)
+    dict(xla_state=False),
+    dict(xla_state=True),
+    dict(xla_state=True, conv_channels=16),
+    dict(xla_state=True, conv_channels=64),
+    dict(xla_state=True, conv_channels=128),
 ]
 
 
@@ -71,24 +78,9 @@ def random_layer(key, d_model: int, dtype) -> Mamba2StepWeights:
     )
 
 
-def step_fn(variant):
+def step_fn(variant: dict):
     """(u, conv_state, ssm_state, weights, dtype) -> (out, conv_state, ssm_state) for a variant of the kernels."""
-    depth, proj_columns, splits, columns, out_splits, parts, prefetch, xla_in_proj = variant[:8]
-    num_warps, state_warps, num_stages = variant[8:]
-    return functools.partial(
-        mamba2_step_pallas,
-        depth=depth,
-        proj_columns=proj_columns,
-        splits=splits,
-        columns=columns,
-        out_splits=out_splits,
-        parts=parts,
-        prefetch=prefetch,
-        xla_in_proj=xla_in_proj,
-        num_warps=num_warps,
-        state_warps=state_warps,
-        num_stages=num_stages,
-    )
+    return functools.partial(mamba2_step_pallas, **variant)
 
 
 def empty_cache(batch: int, d_model: int, dtype):

@@ -141,7 +141,13 @@ def test_kernels_match_reference(shape):
         (Shape(3, 48, 6, 32, 24, 2, 3, "bfloat16", biases=True), {}),
         (Shape(1, 64, 4, 32, 32, 1, 4, "float32", norm=False), dict(xla_out_proj=True)),
         (Shape(2, 64, 4, 16, 16, 1, 4, "float32"), dict(xla_in_proj=False, parts=1)),  # out_proj alone by XLA
-        (Shape(17, 32, 2, 16, 8, 1, 2, "float32", biases=True), dict(parts=1)),
+        # past one row with a float32 state: the conv alone a kernel (the default; its last block of 64 channels
+        # half masked, 17 rows in two blocks), and the fused state kernel
+        (Shape(3, 48, 6, 32, 24, 2, 3, "float32", biases=True, d_has_hdim=True), dict(conv_channels=64)),
+        (Shape(17, 32, 2, 16, 8, 1, 2, "float32", biases=True), dict(conv_channels=16)),
+        (Shape(3, 48, 6, 32, 24, 2, 3, "float32", biases=True, dt_limit=(0.0, 0.05)), dict(xla_state=False)),
+        (Shape(17, 32, 2, 16, 8, 1, 2, "float32", biases=True), dict(parts=1, xla_state=False)),
+        (Shape(1, 64, 4, 16, 16, 1, 4, "bfloat16", biases=True), dict(xla_state=True)),  # at one row, if asked
     ],
     ids=str,
 )
@@ -204,21 +210,20 @@ def test_kernels_differentiate_as_reference():
 
 
 def test_default_implementation():
-    """The kernels on a GPU at batch 1, or past it with a 16-bit state; XLA elsewhere; on CPU bit for bit the
-    reference."""
+    """The kernels on a GPU where they take the mixer; XLA elsewhere; on CPU bit for bit the reference."""
     from pallas_kernels.mamba2_step.api import default_implementation
 
-    def pick(batch, d_model, headdim=64, d_state=128, state_dtype=jnp.float32, **options):
+    def pick(batch, d_model, headdim=64, d_state=128, **options):
         args = arguments(Shape(batch, d_model, 2 * d_model // headdim, headdim, d_state, 1, 4, "float16"), seed=0)
         options = Mamba2StepOptions()._replace(**options)
-        return default_implementation(batch, args[3], args[2].shape, options, state_dtype)
+        return default_implementation(batch, args[3], args[2].shape, options)
 
     expected = "pallas" if pallas_supported() else "reference"
     assert pick(1, 2048) == expected  # Mamba-2 1.3b
     assert pick(1, 768) == expected  # 130m
     assert pick(1, 2560) == expected  # 2.7b
-    assert pick(2, 2048) == "reference"
-    assert pick(64, 2048, state_dtype=jnp.float16) == expected  # past one row with a 16-bit state
+    assert pick(2, 2048) == expected  # past one row with a float32 state: the conv kernel, XLA's state update
+    assert pick(64, 2048) == expected  # past one row (a 16-bit state: the fused state kernel)
     assert pick(1, 2048, norm_before_gate=True) == "reference"  # a mixer the kernels do not take
 
     args = arguments(Shape(2, 64, 4, 16, 16, 1, 4, "float32"), seed=4)
@@ -299,19 +304,24 @@ def test_kernels_with_prenorm_on_gpu(shape, options):
 
 
 @pytest.mark.gpu
-def test_kernels_past_16_rows_on_gpu():
-    """Batch 64 at 1.3b's size: the state kernel between XLA's projections (and XLA's norm and B/C window)."""
+@pytest.mark.parametrize("xla_state", [None, False])
+def test_kernels_past_16_rows_on_gpu(xla_state):
+    """Batch 64 at 1.3b's size: the conv kernel before XLA's state update (the default with a float32 state), and
+    the state kernel between XLA's projections (and XLA's norm and B/C window)."""
     assert pallas_supported()
-    check_kernels(Shape(64, 2048, 64, 64, 128, 1, 4, "float16", param_dtype="float16"), seed=5, interpret=None)
+    shape = Shape(64, 2048, 64, 64, 128, 1, 4, "float16", param_dtype="float16")
+    check_kernels(shape, seed=5, interpret=None, xla_state=xla_state)
 
 
 @pytest.mark.gpu
-def test_kernels_repeat_exactly_on_gpu():
+@pytest.mark.parametrize("shape", [GPU_SHAPES[0], Shape(64, 768, 24, 64, 128, 1, 4, "float16", param_dtype="float16")])
+def test_kernels_repeat_exactly_on_gpu(shape):
     """The same step 200 times gives the same result each time: both caches are updated in place, B's and C's conv
-    window by the last kernel, so a race between programs, launches or warps would show (one did: before
-    ``KernelMath.barrier`` warps of the state kernel read taps of the window that another warp had shifted)."""
+    window by the last kernel (at one row) or the whole window by the conv kernel (past it), so a race between
+    programs, launches or warps would show (one did: before ``KernelMath.barrier`` warps of the state kernel read
+    taps of the window that another warp had shifted)."""
     assert pallas_supported()
-    assert_repeats_exactly(mamba2_step_pallas, arguments(GPU_SHAPES[0], seed=7), jnp.float16)
+    assert_repeats_exactly(mamba2_step_pallas, arguments(shape, seed=7), jnp.float16)
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -30,21 +30,21 @@ def _implementation(name: str):
     return jax.jit(mamba2_step_pallas, static_argnames=("dtype", "options"))
 
 
-def default_implementation(
-    batch: int, weights: Mamba2StepWeights, ssm_state_shape, options: Mamba2StepOptions, state_dtype=jnp.float32
-) -> str:
+def default_implementation(batch: int, weights: Mamba2StepWeights, ssm_state_shape, options: Mamba2StepOptions) -> str:
     """What ``implementation=None`` runs: the kernels on a GPU Pallas compiles for where ``pallas.supports`` takes
-    the mixer, at batch 1 or with a 16-bit ``state_dtype``; else XLA.
+    the mixer; else XLA. Past one row with a float32 state "the kernels" are the conv kernel alone before XLA's
+    state update (``mamba2_step_pallas``'s ``xla_state``).
 
-    Measured on an H100 (benchmarks/RESULTS.md, "A fused Mamba-2 decode step", "Past one row, Mamba-2" and "A 16-bit
-    SSM state"): at batch 1 the kernels take 38%, 40% and 9% less time per layer than XLA at d_model 768, 2048 and
-    2560 (Mamba-2 130m, 1.3b, 2.7b). Past one row with a float32 state they are 1-4% slower at batch 16 and 64 (XLA's
-    state update already runs at the bandwidth); with an fp16 state, generation at batch 64 was 5-6% faster with them
-    (1.3b and 2.7b)."""
+    Measured on an H100 (benchmarks/RESULTS.md, "A fused Mamba-2 decode step", "Past one row, Mamba-2", "A 16-bit
+    SSM state" and "Mamba-2 past one row: the conv alone a kernel"): at batch 1 the kernels take 38%, 40% and 9%
+    less time per layer than XLA at d_model 768, 2048 and 2560 (Mamba-2 130m, 1.3b, 2.7b); with an fp16 state,
+    generation at batch 64 was 5-6% faster with them (1.3b and 2.7b); at batch 64 with a float32 state the conv
+    kernel before XLA's state update takes 3-7% less time per layer than XLA's whole step (the fused state kernel
+    was 1-4% slower: XLA's state update already runs at the bandwidth)."""
     from pallas_kernels.mamba2_step.pallas import supports
     from pallas_kernels.selective_scan.pallas import pallas_supported
 
-    if not pallas_supported() or (batch != 1 and jnp.dtype(state_dtype) == jnp.float32):
+    if not pallas_supported():
         return "reference"
     return "pallas" if supports(batch, weights, ssm_state_shape, options) else "reference"
 
@@ -71,10 +71,10 @@ def mamba2_step(
     the conv (``Mamba2``'s ``dtype``, or its inputs' and parameters' promoted dtype); the state update and the norm run
     in float32.
 
-    implementation: "reference" (XLA, op by op), "pallas" (three kernel launches and a sum; without a supported GPU
-      Pallas's interpreter, slowly), or None: ``default_implementation`` (the kernels on a GPU where they were
-      measured faster: at batch 1, or past it with a 16-bit state; else "reference"). Both are differentiable, the
-      kernels by running the reference under jax.grad or jax.jvp.
+    implementation: "reference" (XLA, op by op), "pallas" (three kernel launches and a sum, or past one row with a
+      float32 state the conv kernel and XLA's state update; without a supported GPU Pallas's interpreter, slowly),
+      or None: ``default_implementation`` (the kernels on a GPU where ``pallas.supports`` takes the mixer; else
+      "reference"). Both are differentiable, the kernels by running the reference under jax.grad or jax.jvp.
     """
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -83,7 +83,7 @@ def mamba2_step(
     _check(u, conv_state, ssm_state, weights, options)
     check_prenorm("mamba2_step", u, prenorm)
     if implementation is None:
-        implementation = default_implementation(u.shape[0], weights, ssm_state.shape, options, ssm_state.dtype)
+        implementation = default_implementation(u.shape[0], weights, ssm_state.shape, options)
     run = _implementation(implementation)
     return run(u, conv_state, ssm_state, weights, dtype=jnp.dtype(dtype), options=options, prenorm=prenorm)
 

@@ -19,6 +19,11 @@ With ``xla_out_proj`` (the default past one row) 3 and 4 are XLA's instead: B's 
 (``_shift_bc``), the norm (``_normed``) and out_proj's product. Past MAX_BATCH rows both projections are XLA's; the
 state kernel takes any batch (one row a program).
 
+With ``xla_state`` (the default past one row with a float32 state, where XLA's state update already runs at the
+memory's bandwidth) only the conv is a kernel (``_conv_kernel``): XLA's in_proj, then the conv over xBC with its
+window shifted in place, then the reference's own state update, norm and out_proj (``state_and_out``). XLA builds
+the shifted window as a new array and copies it into the decode loop's carry; the kernel writes it where it is.
+
 Rounding follows the reference, as in ``mamba_step``. The kernels take mixers without the gated-MLP branch
 (d_ssm = d_inner) and with the norm after the gate (``norm_before_gate=False``), which is every published Mamba-2.
 """
@@ -39,6 +44,7 @@ from pallas_kernels.mamba2_step.reference import (
     Mamba2StepOptions,
     Mamba2StepWeights,
     mamba2_step_reference,
+    state_and_out,
 )
 from pallas_kernels.mamba_step.pallas import (
     MIN_ROWS,
@@ -46,11 +52,14 @@ from pallas_kernels.mamba_step.pallas import (
     Span,
     batch_rows,
     conv_silu,
+    conv_window,
     default_splits,
     depth_for,
     first_column,
     in_proj_partials,
     load,
+    prenorm_launch,
+    program_rows,
     project,
     rounded,
     step_over_batch,
@@ -69,6 +78,7 @@ PARTS = 2  # programs per head and batch row in the state kernel
 # over more warps, and it took 4.5 us at 1.3b with 4 against 7.3 with 8; out_proj's kernel at 2.7b took 19.9 with 4
 # against 13.8 with 8 (H100, benchmarks/RESULTS.md).
 NUM_WARPS, STATE_WARPS = 8, 4
+CONV_CHANNELS = 32  # channels of xBC per program of the conv kernel (``xla_state``)
 # From this d_model on in_proj is XLA's own matrix-vector product, not proj_kernel: per layer on an H100 at 1.3b
 # 35.3 against 38.2 us and at 2.7b 45.0 against 52.8; at 130m (d_model 768) 17.7 against 16.6 (benchmarks/RESULTS.md).
 XLA_IN_PROJ_FROM = 2048
@@ -134,6 +144,19 @@ def _state_kernel(ins, outs, *, parts: int, groups: int, dt_limit, dtype, ops: K
         outs["sumsq"][row, program] = jnp.sum(gated * gated)
     else:
         store(outs["y"], rounded(gated, dtype), row, lanes)
+
+
+def _conv_kernel(ins, outs, *, start: int, channels: int, rows: Span, dtype, ops: KernelMath):
+    """ins: xz (1, b, m) (XLA's in_proj product), its xBC columns from ``start`` on [in_proj_bias (m,)], conv_state
+    (b, w, conv_dim), conv (w, conv_dim) [conv_bias (conv_dim,)]. outs: conv_state (aliased: the window shifted in
+    place), xbc (b, conv_dim) silu(conv) in ``dtype``. Grid (cdiv(conv_dim, channels), cdiv(b, rows.size)): each
+    program the sole reader and writer of its channels' window in its rows."""
+    conv_dim = ins["conv_state"].shape[2]
+    first = pl.multiple_of(pl.program_id(0) * channels, channels)
+    lanes = Span(first, channels, conv_dim - first)
+    rows = program_rows(rows, ins["conv_state"].shape[0])
+    new = sum_partials(ins["xz"], rows, Span(start + first, channels, conv_dim - first), ins.get("in_proj_bias"), dtype)
+    store(outs["xbc"], conv_window(ins, outs, rows, lanes, new, dtype, ops), rows, lanes)
 
 
 def _out_kernel(
@@ -206,6 +229,8 @@ def mamba2_step_pallas(
     prefetch: int = 1,
     xla_in_proj: bool | None = None,
     xla_out_proj: bool | None = None,
+    xla_state: bool | None = None,
+    conv_channels: int = CONV_CHANNELS,
     num_warps: int = NUM_WARPS,
     state_warps: int = STATE_WARPS,
     num_stages: int = 3,
@@ -221,8 +246,9 @@ def mamba2_step_pallas(
     power of 2 dividing headdim; None: PARTS where that leaves MIN_ROWS channels a program), ``prefetch`` (see
     ``project``), ``xla_in_proj`` (in_proj by XLA's product instead of the first kernel; None: from d_model
     XLA_IN_PROJ_FROM on, or past one row), ``xla_out_proj`` (B's and C's window, the norm and out_proj by XLA instead
-    of the last kernel; None: past one row; both are XLA's past MAX_BATCH rows), ``num_warps`` (of the projections'
-    kernels), ``state_warps`` (of the state kernel's) and
+    of the last kernel; None: past one row; both are XLA's past MAX_BATCH rows), ``xla_state`` (only the conv a
+    kernel, ``conv_channels`` channels a program, the rest XLA's as the reference computes it; None: past one row
+    with a float32 state), ``num_warps`` (of the projections' kernels), ``state_warps`` (of the state kernel's) and
     ``num_stages``: the defaults are the measured best on an H100 (benchmarks/mamba2_step.py). Derivatives
     (jax.grad, jax.jvp) are the reference's.
     """
@@ -238,6 +264,10 @@ def mamba2_step_pallas(
     xla_in_proj, xla_out_proj = xla_projections(
         "mamba2_step_pallas", batch, d_model, xla_in_proj, xla_out_proj, in_from=XLA_IN_PROJ_FROM
     )
+    if xla_state is None:
+        xla_state = batch > 1 and ssm_state.dtype == jnp.float32
+    if not isinstance(conv_channels, int) or conv_channels < 1 or conv_channels & (conv_channels - 1):
+        raise ValueError(f"mamba2_step_pallas: conv_channels must be a power of 2, got {conv_channels!r}")
     if parts is None:  # PARTS, or fewer where the parts would have fewer than MIN_ROWS channels
         parts = PARTS
         while parts > 1 and (headdim % parts or headdim // parts < MIN_ROWS):
@@ -270,6 +300,7 @@ def mamba2_step_pallas(
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
     config = (jnp.dtype(dtype), options, bool(interpret), in_depth, out_depth, proj_columns, splits, columns)
     config += (out_splits, parts, int(prefetch), xla_in_proj, xla_out_proj, num_warps, state_warps, num_stages)
+    config += (bool(xla_state), conv_channels)
     return _step(u, conv_state, ssm_state, weights, prenorm, config)
 
 
@@ -281,7 +312,8 @@ def _step(u, conv_state, ssm_state, weights, prenorm, config):
 
 def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, prenorm: PreNorm | None, config):
     dtype, options, interpret, in_depth, out_depth, proj_columns, splits, columns = config[:8]
-    out_splits, parts, prefetch, xla_in_proj, xla_out_proj, num_warps, state_warps, num_stages = config[8:]
+    out_splits, parts, prefetch, xla_in_proj, xla_out_proj, num_warps, state_warps, num_stages = config[8:16]
+    xla_state, conv_channels = config[16:]
     batch, d_model = u.shape
     _, heads, headdim, _ = ssm_state.shape
     d_ssm = heads * headdim
@@ -289,6 +321,8 @@ def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, prenorm: PreN
     params = plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     ops = KernelMath(interpret)
     w = {name: value for name, value in weights._asdict().items() if value is not None}
+    if xla_state:
+        return _conv_then_xla(u, conv_state, ssm_state, weights, prenorm, dtype, options, conv_channels, ops)
 
     xz, residual = in_proj_partials(
         u,
@@ -367,6 +401,38 @@ def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, prenorm: PreN
     if weights.out_proj_bias is not None:
         result = result + weights.out_proj_bias.astype(dtype)
     return with_residual((result, out["conv_state"], state["ssm_state"]), residual)
+
+
+def _conv_then_xla(u, conv_state, ssm_state, weights: Mamba2StepWeights, prenorm, dtype, options, channels: int, ops):
+    """The step with only the conv a kernel (``_conv_kernel``): XLA's in_proj (u normed first by
+    ``prenorm_launch``), the conv, then ``state_and_out`` as the reference computes it."""
+    residual = None
+    if prenorm is not None:
+        u, residual = prenorm_launch(u, prenorm, ops.interpret)
+    xz = (u.astype(dtype) @ weights.in_proj.astype(dtype))[None]  # (1, b, m), as sum_partials reads it
+    batch, _, conv_dim = conv_state.shape
+    rows = batch_rows(batch)
+    w = {name: value for name, value in weights._asdict().items() if value is not None}
+    ins = {"xz": xz, "conv_state": conv_state} | {
+        name: w[name] for name in ("in_proj_bias", "conv", "conv_bias") if name in w
+    }
+    out_shape = {
+        "conv_state": jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
+        "xbc": jax.ShapeDtypeStruct((batch, conv_dim), dtype),
+    }
+    start = xz.shape[2] - conv_dim - ssm_state.shape[1]  # in_proj's columns: [z0, x0, z, xBC, dt (h)]
+    conv = pl.pallas_call(
+        functools.partial(_conv_kernel, start=start, channels=channels, rows=rows, dtype=dtype, ops=ops),
+        out_shape=out_shape,
+        input_output_aliases={sorted(ins).index("conv_state"): sorted(out_shape).index("conv_state")},
+        grid=(pl.cdiv(conv_dim, channels), pl.cdiv(batch, rows.size)),
+        compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+        interpret=ops.interpret,
+        name="mamba2_step_conv",
+    )(ins)
+    zxbcdt = xz[0] if weights.in_proj_bias is None else xz[0] + weights.in_proj_bias.astype(dtype)
+    out, new_state = state_and_out(zxbcdt, conv["xbc"], ssm_state, weights, dtype, options)
+    return with_residual((out, conv["conv_state"], new_state), residual)
 
 
 def _shift_bc(conv_state, xz, in_proj_bias, d_ssm: int, dtype):

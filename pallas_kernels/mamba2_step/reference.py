@@ -84,16 +84,34 @@ def mamba2_step_reference(
     D); y = norm(y, z) (or y * silu(z)); out = out_proj([silu(z0) * x0, y]).
     """
     u, residual = prenormed(u, prenorm)
+    w = weights
+    zxbcdt = linear(u, w.in_proj, w.in_proj_bias, dtype)
+    d_ssm = ssm_state.shape[1] * ssm_state.shape[2]
+    start = 2 * (w.out_proj.shape[0] - d_ssm) + d_ssm  # xBC's first column: after z0, x0 and z
+    xbc, window = conv_step(zxbcdt[:, start : start + conv_state.shape[2]], conv_state, w.conv, w.conv_bias, dtype)
+    out, new_state = state_and_out(zxbcdt, jax.nn.silu(xbc), ssm_state, weights, dtype, options)
+    return with_residual((out, window, new_state), residual)
+
+
+def state_and_out(
+    zxbcdt: jax.Array,
+    xbc: jax.Array,
+    ssm_state: jax.Array,
+    weights: Mamba2StepWeights,
+    dtype,
+    options: Mamba2StepOptions = DEFAULT_OPTIONS,
+) -> tuple[jax.Array, jax.Array]:
+    """The step from the conv on: zxbcdt (b, 2di + 2gn + h) in_proj's output (its bias added) in ``dtype``, xbc
+    (b, conv_dim) silu(conv) of its xBC columns in ``dtype`` -> (out (b, d) in ``dtype``, the new ssm_state in
+    ssm_state's dtype)."""
     w, o = weights, options
-    b = u.shape[0]
+    b = zxbcdt.shape[0]
     _, h, p, n = ssm_state.shape
     d_ssm, g = h * p, o.ngroups
     d_mlp = w.out_proj.shape[0] - d_ssm
     f32 = jnp.float32
-    zxbcdt = linear(u, w.in_proj, w.in_proj_bias, dtype)
-    z0, x0, z, xbc, dt = jnp.split(zxbcdt, [d_mlp, 2 * d_mlp, 2 * d_mlp + d_ssm, 2 * d_mlp + 2 * d_ssm + 2 * g * n], -1)
-    xbc, window = conv_step(xbc, conv_state, w.conv, w.conv_bias, dtype)
-    x, B, C = jnp.split(jax.nn.silu(xbc), [d_ssm, d_ssm + g * n], axis=-1)
+    z0, x0, z, _, dt = jnp.split(zxbcdt, [d_mlp, 2 * d_mlp, 2 * d_mlp + d_ssm, 2 * d_mlp + 2 * d_ssm + 2 * g * n], -1)
+    x, B, C = jnp.split(xbc, [d_ssm, d_ssm + g * n], axis=-1)
     dt = jnp.clip(jax.nn.softplus(dt.astype(f32) + w.dt_bias.astype(f32)), *o.dt_limit)
     D = w.D.astype(f32).reshape(h, p) if w.D.shape[0] == d_ssm else w.D.astype(f32)[:, None]
     y, new_state = state_update_reference(
@@ -113,5 +131,4 @@ def mamba2_step_reference(
         y = gated_rmsnorm(y, z, w.norm, g, o.norm_before_gate, o.eps).astype(dtype)
     if d_mlp:
         y = jnp.concatenate([jax.nn.silu(z0) * x0, y], axis=-1)
-    new_state = new_state.astype(ssm_state.dtype)
-    return with_residual((linear(y, w.out_proj, w.out_proj_bias, dtype), window, new_state), residual)
+    return linear(y, w.out_proj, w.out_proj_bias, dtype), new_state.astype(ssm_state.dtype)
