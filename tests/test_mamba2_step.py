@@ -148,6 +148,9 @@ def test_kernels_match_reference(shape):
         (Shape(3, 48, 6, 32, 24, 2, 3, "float32", biases=True, dt_limit=(0.0, 0.05)), dict(xla_state=False)),
         (Shape(17, 32, 2, 16, 8, 1, 2, "float32", biases=True), dict(parts=1, xla_state=False)),
         (Shape(1, 64, 4, 16, 16, 1, 4, "bfloat16", biases=True), dict(xla_state=True)),  # at one row, if asked
+        # the gate and norm kernel after XLA's readout needs the norm and a power-of-2 headdim; else XLA's
+        (Shape(3, 64, 4, 32, 16, 1, 4, "float32", norm=False), {}),
+        (Shape(2, 96, 2, 48, 8, 1, 4, "float32"), {}),
     ],
     ids=str,
 )

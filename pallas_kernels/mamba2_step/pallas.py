@@ -43,8 +43,10 @@ from pallas_kernels.mamba2_step.reference import (
     DEFAULT_OPTIONS,
     Mamba2StepOptions,
     Mamba2StepWeights,
+    linear,
     mamba2_step_reference,
     state_and_out,
+    state_readout,
 )
 from pallas_kernels.mamba_step.pallas import (
     MIN_ROWS,
@@ -157,6 +159,38 @@ def _conv_kernel(ins, outs, *, start: int, channels: int, rows: Span, dtype, ops
     rows = program_rows(rows, ins["conv_state"].shape[0])
     new = sum_partials(ins["xz"], rows, Span(start + first, channels, conv_dim - first), ins.get("in_proj_bias"), dtype)
     store(outs["xbc"], conv_window(ins, outs, rows, lanes, new, dtype, ops), rows, lanes)
+
+
+def _gated_norm_kernel(ins, outs, *, start: int, groups: int, eps: float, dtype, ops: KernelMath):
+    """ins: readout (b, h, p) float32 (``state_readout``), xbc (b, conv_dim) (x: its first h p columns), xz (1, b, m)
+    (z: its h p columns from ``start`` on) [in_proj_bias (m,)], D (h,) or (h p,), norm (h p,). outs: y (b, h p) in
+    ``dtype``, what ``gated`` computes with the norm. One program a batch row, its h p channels as (heads, p) (p a
+    power of 2, heads padded to one)."""
+    row = pl.program_id(0)
+    _, heads, headdim = ins["readout"].shape
+    d_ssm, padded_heads = heads * headdim, pl.next_power_of_2(heads)
+    flat = Span(0, padded_heads * headdim, d_ssm)
+
+    def as_heads(value):  # (padded_heads * p,) -> (padded_heads, p): head-major, as the channels lie
+        return value.reshape(padded_heads, headdim)
+
+    x = as_heads(load(ins["xbc"], row, flat))
+    z = as_heads(sum_partials(ins["xz"], row, Span(start, flat.size, d_ssm), ins.get("in_proj_bias"), dtype))
+    if ins["D"].shape[0] == d_ssm:
+        D = as_heads(load(ins["D"], flat))
+    else:
+        D = load(ins["D"], Span(0, padded_heads, heads))[:, None]
+    readout = load(ins["readout"], row, Span(0, padded_heads, heads), Span(0, headdim, headdim))
+    y = rounded(readout + D * x, dtype)
+    y = y * (z * ops.sigmoid(z))  # (padded heads, p); the padding's rows are 0
+    per_head = jnp.sum(y * y, axis=1)  # (padded heads,)
+    group = lax.iota(jnp.int32, padded_heads) // (heads // groups)
+    scale = jnp.zeros((padded_heads,), jnp.float32)
+    for g in range(groups):
+        mean = jnp.sum(jnp.where(group == g, per_head, 0.0)) / (d_ssm // groups)
+        scale = jnp.where(group == g, lax.rsqrt(mean + eps), scale)
+    y = y * scale[:, None] * as_heads(load(ins["norm"], flat))
+    store(outs["y"], y.reshape(flat.size), row, flat)
 
 
 def _out_kernel(
@@ -431,8 +465,32 @@ def _conv_then_xla(u, conv_state, ssm_state, weights: Mamba2StepWeights, prenorm
         name="mamba2_step_conv",
     )(ins)
     zxbcdt = xz[0] if weights.in_proj_bias is None else xz[0] + weights.in_proj_bias.astype(dtype)
-    out, new_state = state_and_out(zxbcdt, conv["xbc"], ssm_state, weights, dtype, options)
-    return with_residual((out, conv["conv_state"], new_state), residual)
+    headdim = ssm_state.shape[2]
+    if weights.norm is None or headdim & (headdim - 1):
+        out, new_state = state_and_out(zxbcdt, conv["xbc"], ssm_state, weights, dtype, options)
+        return with_residual((out, conv["conv_state"], new_state), residual)
+    # XLA's readout, then the skip, the gate and the norm in one launch (XLA takes two: the gated product, then
+    # the norm's reduction and scaling), then XLA's out_proj
+    readout, new_state = state_readout(zxbcdt, conv["xbc"], ssm_state, weights, options)
+    ins = {"readout": readout, "xbc": conv["xbc"], "xz": xz, "D": weights.D, "norm": weights.norm}
+    ins |= {"in_proj_bias": weights.in_proj_bias} if weights.in_proj_bias is not None else {}
+    y = pl.pallas_call(
+        functools.partial(
+            _gated_norm_kernel,
+            start=start - readout.shape[1] * headdim,  # z's columns, just before xBC's
+            groups=options.ngroups,
+            eps=options.eps,
+            dtype=dtype,
+            ops=ops,
+        ),
+        out_shape={"y": jax.ShapeDtypeStruct((batch, readout.shape[1] * headdim), dtype)},
+        grid=(batch,),
+        compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+        interpret=ops.interpret,
+        name="mamba2_step_gated_norm",
+    )(ins)["y"]
+    out = linear(y, weights.out_proj, weights.out_proj_bias, dtype)
+    return with_residual((out, conv["conv_state"], new_state.astype(ssm_state.dtype)), residual)
 
 
 def _shift_bc(conv_state, xz, in_proj_bias, d_ssm: int, dtype):

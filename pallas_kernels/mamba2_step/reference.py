@@ -104,31 +104,49 @@ def state_and_out(
     """The step from the conv on: zxbcdt (b, 2di + 2gn + h) in_proj's output (its bias added) in ``dtype``, xbc
     (b, conv_dim) silu(conv) of its xBC columns in ``dtype`` -> (out (b, d) in ``dtype``, the new ssm_state in
     ssm_state's dtype)."""
-    w, o = weights, options
-    b = zxbcdt.shape[0]
-    _, h, p, n = ssm_state.shape
-    d_ssm, g = h * p, o.ngroups
+    w = weights
+    d_ssm = ssm_state.shape[1] * ssm_state.shape[2]
     d_mlp = w.out_proj.shape[0] - d_ssm
-    f32 = jnp.float32
-    z0, x0, z, _, dt = jnp.split(zxbcdt, [d_mlp, 2 * d_mlp, 2 * d_mlp + d_ssm, 2 * d_mlp + 2 * d_ssm + 2 * g * n], -1)
+    readout, new_state = state_readout(zxbcdt, xbc, ssm_state, weights, options)
+    z = zxbcdt[:, 2 * d_mlp : 2 * d_mlp + d_ssm]
+    y = gated(readout, xbc[:, :d_ssm], z, weights, options, dtype)
+    if d_mlp:
+        y = jnp.concatenate([jax.nn.silu(zxbcdt[:, :d_mlp]) * zxbcdt[:, d_mlp : 2 * d_mlp], y], axis=-1)
+    return linear(y, w.out_proj, w.out_proj_bias, dtype), new_state.astype(ssm_state.dtype)
+
+
+def state_readout(
+    zxbcdt: jax.Array, xbc: jax.Array, ssm_state: jax.Array, weights: Mamba2StepWeights, options: Mamba2StepOptions
+) -> tuple[jax.Array, jax.Array]:
+    """(<new state, C> (b, h, p) float32, before the skip D x; the new state (b, h, p, n) float32), arguments as
+    ``state_and_out``'s: dt = clip(softplus(dt + dt_bias), dt_limit), A = -exp(A_log)."""
+    w, f32 = weights, jnp.float32
+    b, h, p, n = ssm_state.shape
+    d_ssm, g = h * p, options.ngroups
     x, B, C = jnp.split(xbc, [d_ssm, d_ssm + g * n], axis=-1)
-    dt = jnp.clip(jax.nn.softplus(dt.astype(f32) + w.dt_bias.astype(f32)), *o.dt_limit)
-    D = w.D.astype(f32).reshape(h, p) if w.D.shape[0] == d_ssm else w.D.astype(f32)[:, None]
-    y, new_state = state_update_reference(
+    dt = jnp.clip(jax.nn.softplus(zxbcdt[:, -h:].astype(f32) + w.dt_bias.astype(f32)), *options.dt_limit)
+    return state_update_reference(
         ssm_state,
-        x.reshape(b, h, p),
+        x.astype(f32).reshape(b, h, p),  # float32 x: the readout comes back unrounded
         dt[:, :, None],
         -jnp.exp(w.A_log.astype(f32))[:, None, None],
         B.reshape(b, g, n),
         C.reshape(b, g, n),
-        D,
-        None if w.norm is not None else z.reshape(b, h, p),
+        None,
+        None,
         None,
         dt_softplus=False,
     )
-    y = y.reshape(b, d_ssm)
-    if w.norm is not None:
-        y = gated_rmsnorm(y, z, w.norm, g, o.norm_before_gate, o.eps).astype(dtype)
-    if d_mlp:
-        y = jnp.concatenate([jax.nn.silu(z0) * x0, y], axis=-1)
-    return linear(y, w.out_proj, w.out_proj_bias, dtype), new_state.astype(ssm_state.dtype)
+
+
+def gated(readout: jax.Array, x: jax.Array, z: jax.Array, weights: Mamba2StepWeights, options, dtype) -> jax.Array:
+    """y = readout + D x, then the gated RMSNorm of y rounded to ``dtype`` and z (``RMSNormGated``), or without the
+    norm y silu(z), in ``dtype``: readout (b, h, p) float32, x and z (b, h p) in ``dtype``."""
+    f32 = jnp.float32
+    b, h, p = readout.shape
+    D = weights.D.astype(f32).reshape(h, p) if weights.D.shape[0] == h * p else weights.D.astype(f32)[:, None]
+    y = (readout + D * x.astype(f32).reshape(b, h, p)).reshape(b, h * p)
+    if weights.norm is None:
+        return (y * jax.nn.silu(z.astype(f32))).astype(dtype)
+    norm = gated_rmsnorm(y.astype(dtype), z, weights.norm, options.ngroups, options.norm_before_gate, options.eps)
+    return norm.astype(dtype)
