@@ -217,6 +217,8 @@ def test_block_config_checks():
         (4096, 512, Chunks(344, 12, 312)),
         (100, 384, Chunks(64, 2, 36)),  # never below MIN_CHUNK steps
         (5, 4, Chunks(8, 1, 5)),  # never longer than the sequence (rounded up to a tile)
+        (128, 3072, Chunks(128, 1, 128)),  # (64, 128, 1536), a prefill: the grid is full without chunks
+        (128, 2047, Chunks(64, 2, 64)),
     ],
 )
 def test_automatic_chunking(seqlen, channel_blocks, expected):

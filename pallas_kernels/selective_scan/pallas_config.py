@@ -12,6 +12,10 @@ from typing import NamedTuple
 # (6144 programs) beat 256 and 1024 (benchmarks/notes_selective_scan.md, v4).
 TARGET_PROGRAMS = 6144
 MIN_CHUNK = 64
+# From this many programs a chunk on, time is not split: the grid is full already, and chunks cost a second pass over
+# the exponentials and a stitch. At a prefill's (64, 128, 1536) and (16, 128, 4096) one chunk took 27% and 14% less
+# time than two (benchmarks/RESULTS.md, "The prefill's scan in one chunk").
+UNSPLIT_PROGRAMS = TARGET_PROGRAMS // 3
 FORWARD_BACKENDS = ("auto", "triton", "mosaic")
 
 
@@ -28,7 +32,8 @@ class ScanBlocks:
     It must divide ``steps``.
     chunk: time steps per program, a multiple of ``steps``; the sequence is split into cdiv(l, chunk) chunks scanned
     in parallel, then stitched (``pallas.py``). None picks it from the shape (``chunking``) so that the grid has about
-    TARGET_PROGRAMS programs; a chunk of at least the sequence length is one sequential scan per channel block.
+    TARGET_PROGRAMS programs (one chunk from UNSPLIT_PROGRAMS channel blocks on); a chunk of at least the sequence
+    length is one sequential scan per channel block.
     pack_bc: bfloat16 B and C go to the kernels as one 32-bit word per (step, state) holding both (half the scalar
     loads and registers, one shift or mask per use); False, or other dtypes: as float32.
     forward_backend: which lowering runs the forward: "triton" (``pallas_fwd.py``, every case), "mosaic"
@@ -78,7 +83,7 @@ def chunking(blocks: ScanBlocks, seqlen: int, channel_blocks: int) -> Chunks:
     chunk (b x g x blocks per group)."""
     length = blocks.chunk
     if length is None:
-        wanted = max(1, round(TARGET_PROGRAMS / channel_blocks))
+        wanted = 1 if channel_blocks >= UNSPLIT_PROGRAMS else max(1, round(TARGET_PROGRAMS / channel_blocks))
         length = max(MIN_CHUNK, -(-seqlen // wanted))
         length = -(-length // blocks.steps) * blocks.steps
     length = min(length, -(-seqlen // blocks.steps) * blocks.steps)
