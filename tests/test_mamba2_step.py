@@ -141,8 +141,9 @@ def test_kernels_match_reference(shape):
         (Shape(3, 48, 6, 32, 24, 2, 3, "bfloat16", biases=True), {}),
         (Shape(1, 64, 4, 32, 32, 1, 4, "float32", norm=False), dict(xla_out_proj=True)),
         (Shape(2, 64, 4, 16, 16, 1, 4, "float32"), dict(xla_in_proj=False, parts=1)),  # out_proj alone by XLA
-        # past one row with a float32 state: the conv alone a kernel (the default; its last block of 64 channels
-        # half masked, 17 rows in two blocks), and the fused state kernel
+        # past one row with a float32 state: the conv and gate-and-norm kernels around XLA's state update (the
+        # default; the conv's last block of 64 channels half masked, 17 rows in two blocks), and the fused state
+        # kernel
         (Shape(3, 48, 6, 32, 24, 2, 3, "float32", biases=True, d_has_hdim=True), dict(conv_channels=64)),
         (Shape(17, 32, 2, 16, 8, 1, 2, "float32", biases=True), dict(conv_channels=16)),
         (Shape(3, 48, 6, 32, 24, 2, 3, "float32", biases=True, dt_limit=(0.0, 0.05)), dict(xla_state=False)),
@@ -225,8 +226,8 @@ def test_default_implementation():
     assert pick(1, 2048) == expected  # Mamba-2 1.3b
     assert pick(1, 768) == expected  # 130m
     assert pick(1, 2560) == expected  # 2.7b
-    assert pick(2, 2048) == expected  # past one row with a float32 state: the conv kernel, XLA's state update
-    assert pick(64, 2048) == expected  # past one row (a 16-bit state: the fused state kernel)
+    assert pick(2, 2048) == expected  # past one row: with a float32 state two kernels around XLA's state update
+    assert pick(64, 2048) == expected
     assert pick(1, 2048, norm_before_gate=True) == "reference"  # a mixer the kernels do not take
 
     args = arguments(Shape(2, 64, 4, 16, 16, 1, 4, "float32"), seed=4)
@@ -309,8 +310,8 @@ def test_kernels_with_prenorm_on_gpu(shape, options):
 @pytest.mark.gpu
 @pytest.mark.parametrize("xla_state", [None, False])
 def test_kernels_past_16_rows_on_gpu(xla_state):
-    """Batch 64 at 1.3b's size: the conv kernel before XLA's state update (the default with a float32 state), and
-    the state kernel between XLA's projections (and XLA's norm and B/C window)."""
+    """Batch 64 at 1.3b's size: the conv and gate-and-norm kernels around XLA's state update (the default with a
+    float32 state), and the state kernel between XLA's projections (and XLA's norm and B/C window)."""
     assert pallas_supported()
     shape = Shape(64, 2048, 64, 64, 128, 1, 4, "float16", param_dtype="float16")
     check_kernels(shape, seed=5, interpret=None, xla_state=xla_state)

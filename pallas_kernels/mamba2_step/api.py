@@ -32,14 +32,14 @@ def _implementation(name: str):
 
 def default_implementation(batch: int, weights: Mamba2StepWeights, ssm_state_shape, options: Mamba2StepOptions) -> str:
     """What ``implementation=None`` runs: the kernels on a GPU Pallas compiles for where ``pallas.supports`` takes
-    the mixer; else XLA. Past one row with a float32 state "the kernels" are the conv kernel alone before XLA's
-    state update (``mamba2_step_pallas``'s ``xla_state``).
+    the mixer; else XLA. Past one row with a float32 state "the kernels" are a conv kernel and a gate-and-norm kernel
+    around XLA's state update (``mamba2_step_pallas``'s ``xla_state``).
 
     Measured on an H100 (benchmarks/RESULTS.md, "A fused Mamba-2 decode step", "Past one row, Mamba-2", "A 16-bit
     SSM state" and "Mamba-2 past one row: the conv alone a kernel"): at batch 1 the kernels take 38%, 40% and 9%
     less time per layer than XLA at d_model 768, 2048 and 2560 (Mamba-2 130m, 1.3b, 2.7b); with an fp16 state,
-    generation at batch 64 was 5-6% faster with them (1.3b and 2.7b); at batch 64 with a float32 state the conv
-    kernel before XLA's state update takes 3-7% less time per layer than XLA's whole step (the fused state kernel
+    generation at batch 64 was 5-6% faster with them (1.3b and 2.7b); at batch 64 with a float32 state the two
+    kernels around XLA's state update take 3-7% less time per layer than XLA's whole step (the fused state kernel
     was 1-4% slower: XLA's state update already runs at the bandwidth)."""
     from pallas_kernels.mamba2_step.pallas import supports
     from pallas_kernels.selective_scan.pallas import pallas_supported
@@ -72,7 +72,7 @@ def mamba2_step(
     in float32.
 
     implementation: "reference" (XLA, op by op), "pallas" (three kernel launches and a sum, or past one row with a
-      float32 state the conv kernel and XLA's state update; without a supported GPU Pallas's interpreter, slowly),
+      float32 state two kernels around XLA's state update; without a supported GPU Pallas's interpreter, slowly),
       or None: ``default_implementation`` (the kernels on a GPU where ``pallas.supports`` takes the mixer; else
       "reference"). Both are differentiable, the kernels by running the reference under jax.grad or jax.jvp.
     """

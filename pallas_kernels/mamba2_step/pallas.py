@@ -20,9 +20,10 @@ With ``xla_out_proj`` (the default past one row) 3 and 4 are XLA's instead: B's 
 state kernel takes any batch (one row a program).
 
 With ``xla_state`` (the default past one row with a float32 state, where XLA's state update already runs at the
-memory's bandwidth) only the conv is a kernel (``_conv_kernel``): XLA's in_proj, then the conv over xBC with its
-window shifted in place, then the reference's own state update, norm and out_proj (``state_and_out``). XLA builds
-the shifted window as a new array and copies it into the decode loop's carry; the kernel writes it where it is.
+memory's bandwidth) two kernels go around XLA's ops: XLA's in_proj, the conv over xBC with its window shifted in
+place (``_conv_kernel``; XLA builds the shifted window as a new array and copies it into the decode loop's carry),
+XLA's state update and readout (``state_readout``), the skip, gate and gated RMSNorm in one launch
+(``_gated_norm_kernel``; XLA's ops where the mixer has no norm or headdim is not a power of 2), XLA's out_proj.
 
 Rounding follows the reference, as in ``mamba_step``. The kernels take mixers without the gated-MLP branch
 (d_ssm = d_inner) and with the norm after the gate (``norm_before_gate=False``), which is every published Mamba-2.
@@ -280,10 +281,10 @@ def mamba2_step_pallas(
     power of 2 dividing headdim; None: PARTS where that leaves MIN_ROWS channels a program), ``prefetch`` (see
     ``project``), ``xla_in_proj`` (in_proj by XLA's product instead of the first kernel; None: from d_model
     XLA_IN_PROJ_FROM on, or past one row), ``xla_out_proj`` (B's and C's window, the norm and out_proj by XLA instead
-    of the last kernel; None: past one row; both are XLA's past MAX_BATCH rows), ``xla_state`` (only the conv a
-    kernel, ``conv_channels`` channels a program, the rest XLA's as the reference computes it; None: past one row
-    with a float32 state), ``num_warps`` (of the projections' kernels), ``state_warps`` (of the state kernel's) and
-    ``num_stages``: the defaults are the measured best on an H100 (benchmarks/mamba2_step.py). Derivatives
+    of the last kernel; None: past one row; both are XLA's past MAX_BATCH rows), ``xla_state`` (XLA's state
+    update between the conv's kernel, ``conv_channels`` channels a program, and the gate-and-norm kernel; None: past
+    one row with a float32 state), ``num_warps`` (of the projections' kernels), ``state_warps`` (of the state
+    kernel's) and ``num_stages``: the defaults are the measured best on an H100 (benchmarks/mamba2_step.py). Derivatives
     (jax.grad, jax.jvp) are the reference's.
     """
     batch, d_model = u.shape
@@ -438,8 +439,9 @@ def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, prenorm: PreN
 
 
 def _conv_then_xla(u, conv_state, ssm_state, weights: Mamba2StepWeights, prenorm, dtype, options, channels: int, ops):
-    """The step with only the conv a kernel (``_conv_kernel``): XLA's in_proj (u normed first by
-    ``prenorm_launch``), the conv, then ``state_and_out`` as the reference computes it."""
+    """The ``xla_state`` step: XLA's in_proj (u normed first by ``prenorm_launch``), the conv (``_conv_kernel``),
+    XLA's ``state_readout``, the skip, gate and norm (``_gated_norm_kernel``), XLA's out_proj; where that kernel does
+    not apply, ``state_and_out`` after the conv, as the reference computes it."""
     residual = None
     if prenorm is not None:
         u, residual = prenorm_launch(u, prenorm, ops.interpret)

@@ -13,8 +13,9 @@ from typing import NamedTuple
 TARGET_PROGRAMS = 6144
 MIN_CHUNK = 64
 # From this many programs a chunk on, time is not split: the grid is full already, and chunks cost a second pass over
-# the exponentials and a stitch. At a prefill's (64, 128, 1536) and (16, 128, 4096) one chunk took 27% and 14% less
-# time than two (benchmarks/RESULTS.md, "The prefill's scan in one chunk").
+# the exponentials and a stitch. On the H100 one chunk took 14-28% less time than two in a prefill's forward at
+# (64, 128, 1536) and (16, 128, 4096), and 22-24% less forward + backward at (16, 2048, 4096) and (64, 2048, 1536)
+# (benchmarks/RESULTS.md, "The prefill's scan in one chunk").
 UNSPLIT_PROGRAMS = TARGET_PROGRAMS // 3
 FORWARD_BACKENDS = ("auto", "triton", "mosaic")
 
