@@ -1,5 +1,5 @@
 """``mamba2_step``: one decode step of a whole Mamba-2 mixer (in_proj, conv, state update, gated norm, out_proj),
-checked and dispatched to ``reference`` (XLA, ``reference.py``) or ``pallas`` (three GPU kernels, ``pallas.py``)."""
+checked and dispatched to ``reference`` (XLA, ``reference.py``) or ``pallas`` (GPU kernels, ``pallas.py``)."""
 
 from __future__ import annotations
 
