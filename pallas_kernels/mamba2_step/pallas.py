@@ -355,9 +355,9 @@ def _kernels(u, conv_state, ssm_state, weights: Mamba2StepWeights, prenorm: PreN
     rows = batch_rows(batch)
     params = plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     ops = KernelMath(interpret)
-    w = {name: value for name, value in weights._asdict().items() if value is not None}
     if xla_state:
         return _conv_then_xla(u, conv_state, ssm_state, weights, prenorm, dtype, options, conv_channels, ops)
+    w = {name: value for name, value in weights._asdict().items() if value is not None}
 
     xz, residual = in_proj_partials(
         u,
@@ -475,7 +475,7 @@ def _conv_then_xla(u, conv_state, ssm_state, weights: Mamba2StepWeights, prenorm
     # the norm's reduction and scaling), then XLA's out_proj
     readout, new_state = state_readout(zxbcdt, conv["xbc"], ssm_state, weights, options)
     ins = {"readout": readout, "xbc": conv["xbc"], "xz": xz, "D": weights.D, "norm": weights.norm}
-    ins |= {"in_proj_bias": weights.in_proj_bias} if weights.in_proj_bias is not None else {}
+    ins |= {name: w[name] for name in ("in_proj_bias",) if name in w}
     y = pl.pallas_call(
         functools.partial(
             _gated_norm_kernel,
