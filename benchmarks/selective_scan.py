@@ -173,7 +173,7 @@ def breakdown(shape, blocks, reps, interpret=False):
     options = {"delta_softplus": True, "blocks": blocks, "interpret": interpret}
     row = {"breakdown": list(shape), "blocks": str(blocks), "chunks": list(pallas.chunks_of(inputs, blocks))}
     stages = {}
-    planned = pallas.plan_forward(blocks, shape[:3], arrays["B"], arrays["C"], interpret)
+    planned = pallas.plan_forward(blocks, shape[:3], arrays["B"].shape[2], interpret)
     mosaic = planned.forward_backend == "mosaic"
     if mosaic:
         stages[f"fwd Mosaic GPU, both launches (chunk {planned.chunk})"] = (

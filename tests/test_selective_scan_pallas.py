@@ -90,6 +90,8 @@ needs_mosaic = pytest.mark.skipif(not mosaic_fwd.available(), reason="Mosaic GPU
         Case(2, 64, 256, 4, 2, "bfloat16"),  # two groups of 128 channels, 4 chunks of 16, initial state
         Case(1, 32, 128, 3, None, "bfloat16", with_D=False, with_z=False, softplus=False, with_init=False),
         Case(2, 16, 128, 2, None, "bfloat16"),  # one chunk: no first launch, the initial state read directly
+        Case(2, 64, 256, 4, 2, "float16"),  # float32 B and C side by side (not packed), 4 chunks
+        Case(1, 32, 128, 3, None, "float32", with_z=False),  # float32 inputs, 2 chunks
     ],
     ids=str,
 )
@@ -101,25 +103,20 @@ def test_mosaic_forward_matches_reference_interpreted(case):
 
 def test_forward_plan():
     """Which forward runs, and on which chunks: "auto" never picks Mosaic GPU in the interpreter or without a GPU;
-    asking for it where it does not apply names the reason."""
-    bf16 = jnp.zeros((8, 2048, 1, 16), jnp.bfloat16)
-    assert plan_forward(ScanBlocks(), (8, 2048, 1536), bf16, bf16, interpret=True).forward_backend == "triton"
-    assert plan_forward(ScanBlocks(), (8, 2048, 1536), bf16, bf16, interpret=False).forward_backend == "triton"
+    asking for it where it does not apply names the reason. B and C of any dtype (packed bfloat16 words or float32)."""
+    assert plan_forward(ScanBlocks(), (8, 2048, 1536), 1, interpret=True).forward_backend == "triton"
+    expected = "mosaic" if mosaic_fwd.device_supported() else "triton"
+    assert plan_forward(ScanBlocks(), (8, 2048, 1536), 1, interpret=False).forward_backend == expected
     if mosaic_fwd.available():
         mosaic = ScanBlocks(forward_backend="mosaic")
-        assert plan_forward(mosaic, (8, 2048, 1536), bf16, bf16, interpret=False).chunk == 128
-        wide = jnp.zeros((4, 4096, 1, 16), jnp.bfloat16)
-        assert plan_forward(mosaic, (4, 4096, 4096), wide, wide, interpret=False).chunk == 256  # Triton wants 344
-        with pytest.raises(
-            ValueError,
-            match=r"forward_backend='mosaic' needs .* got u \(8, 2048, 1536\), 1 groups, "
-            r"B float32",
-        ):
-            plan_forward(mosaic, (8, 2048, 1536), bf16.astype(jnp.float32), bf16, interpret=False)
+        assert plan_forward(mosaic, (8, 2048, 1536), 1, interpret=False).chunk == 128
+        assert plan_forward(mosaic, (4, 4096, 4096), 1, interpret=False).chunk == 256  # Triton wants 344
+        with pytest.raises(ValueError, match=r"channels per group a multiple of 128 .* u \(8, 2048, 1600\), 1 groups"):
+            plan_forward(mosaic, (8, 2048, 1600), 1, interpret=False)
         with pytest.raises(ValueError, match=r"seqlen a multiple of 16"):
-            plan_forward(mosaic, (8, 2047, 1536), bf16[:, 1:], bf16[:, 1:], interpret=False)
+            plan_forward(mosaic, (8, 2047, 1536), 1, interpret=False)
         with pytest.raises(ValueError, match=r"ScanBlocks.steps dividing 16"):  # the backward's tiles on its chunks
-            plan_forward(ScanBlocks(steps=6, forward_backend="mosaic"), (8, 2048, 1536), bf16, bf16, interpret=False)
+            plan_forward(ScanBlocks(steps=6, forward_backend="mosaic"), (8, 2048, 1536), 1, interpret=False)
     with pytest.raises(ValueError, match=r"ScanBlocks.forward_backend must be one of .*got 'cuda'"):
         ScanBlocks(forward_backend="cuda")
     assert [mosaic_fwd.chunk_length(seqlen, 344) for seqlen in (4096, 2048, 48, 16)] == [256, 256, 16, 16]

@@ -10,9 +10,10 @@ its B/C words reach shared memory through the copy engine, STAGES tiles of STEPS
 registers to global memory. Arithmetic goes through Mosaic GPU's approximate math (``approx_math``: ex2.approx,
 lg2.approx).
 
-Scope (``supports``): bfloat16 B and C packed as in ``pallas._kernel_inputs`` (one uint32 per (t, k)), channels per
-group a multiple of 128, seqlen a multiple of 16. ``pallas.py`` sends everything else to the Triton forward; the
-backward's adjoint and reverse launches are Triton's for both. Inputs and outputs are those of
+Scope (``supports``): channels per group a multiple of 128, seqlen a multiple of 16. B and C come as
+``pallas._kernel_inputs`` gives them: bfloat16 packed (one uint32 per (t, k)), or float32 B and C, which reach the
+kernel side by side in one (b, l, g, 2n) array (``_with_words``). ``pallas.py`` sends everything else to the Triton
+forward; the backward's adjoint and reverse launches are Triton's for both. Inputs and outputs are those of
 ``pallas_fwd.scan_forward`` in modes "out" and "checkpoints".
 """
 
@@ -43,10 +44,9 @@ def device_supported() -> bool:
     return device.platform == "gpu" and major.isdigit() and int(major) >= 9 and available()
 
 
-def supports(seqlen: int, group_dim: int, packed_bc: bool) -> bool:
-    """Whether the kernel covers a sequence of ``seqlen`` steps with ``group_dim`` channels per B/C group, B/C packed
-    (``packed_bc``) or not."""
-    return packed_bc and group_dim % WIDTH == 0 and seqlen % STEPS == 0
+def supports(seqlen: int, group_dim: int) -> bool:
+    """Whether the kernel covers a sequence of ``seqlen`` steps with ``group_dim`` channels per B/C group."""
+    return group_dim % WIDTH == 0 and seqlen % STEPS == 0
 
 
 def chunk_length(seqlen: int, wanted: int) -> int:
@@ -74,7 +74,8 @@ OPS = KernelMath(interpret=True)
 def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool, every: int):
     """One program: WIDTH channels of one batch row over one chunk. Grid (b, di / WIDTH, chunks), named b, c, j.
 
-    ins: u, delta (b, l, di) [z (b, l, di)]; BC uint32 (b, l, g, n); A2 float32 (n, di); D, delta_bias float32 (di,);
+    ins: u, delta (b, l, di) [z (b, l, di)]; BC (b, l, g, n) uint32 (packed bfloat16 pairs) or (b, l, g, 2n)
+    float32 (B, then C); A2 float32 (n, di); D, delta_bias float32 (di,);
     the start state: [h0 float32 (b, n, di), the first chunk's] [ends float32 (b, K - 1, n, di), dtsum float32
     (b, K - 1, di): the first launch's results, stitched here] or [h_start float32 (b, K, n, di), each chunk's].
     outs, one of: out (b, l, di) and h_end float32 (b, K, n, di); h_end and dtsum float32 (b, K - 1, di) (the first
@@ -115,6 +116,8 @@ def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool,
     def tile(indices, *refs_and_carry):
         *refs, (h, dtsum) = refs_and_carry
         rows, words_ref = dict(zip(row_names, refs[:-1], strict=True)), refs[-1]
+        packed = words_ref.dtype == jnp.uint32
+        count = d_state if packed or not with_output else 2 * d_state  # float32: B's n words, then C's
         h = list(h)
         t0 = chunk_index * chunk + indices[0] * STEPS
         for s in range(STEPS):
@@ -125,7 +128,7 @@ def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool,
             dtsum = dtsum + dt
             dtu = dt * u
             # Each word is splat over the warpgroup before it is split: Mosaic GPU lowers no scalar bitcast.
-            words = [jnp.broadcast_to(words_ref[s, k], (WIDTH,)) for k in range(d_state)]
+            words = [jnp.broadcast_to(words_ref[s, k], (WIDTH,)) for k in range(count)]
             scalars = unpack_BC(words, ("B", "C") if with_output else ("B",))
             for k in range(d_state):
                 h[k] = OPS.fma(OPS.exp2(dt * A2[k]), h[k], dtu * scalars["B"][k])
@@ -148,7 +151,7 @@ def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool,
         tile,
         grid=(chunk // STEPS,),
         in_specs=[plgpu.BlockSpec((STEPS, WIDTH), lambda i: (i, 0))] * len(row_names)
-        + [plgpu.BlockSpec((STEPS, d_state), lambda i: (i, 0))],
+        + [plgpu.BlockSpec((STEPS, ins["BC"].shape[3]), lambda i: (i, 0))],
         max_concurrent_steps=STAGES,
         init_carry=(h, zeros),
     )
@@ -186,10 +189,20 @@ def _launch(ins: dict, out_type: dict, programs: int, *, interpret: bool, **opti
     return dict(zip(out_type, results, strict=True))
 
 
+def _with_words(inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """``inputs`` with float32 B and C (b, l, g, n) as one BC (b, l, g, 2n), B's n values then C's for each (t, g):
+    one copy a tile stages in shared memory, as the packed words are."""
+    if "BC" in inputs:
+        return inputs
+    words = jnp.concatenate([inputs["B"], inputs["C"]], axis=-1)
+    return {name: value for name, value in inputs.items() if name not in ("B", "C")} | {"BC": words}
+
+
 def scan_forward(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: int, interpret: bool):
     """The forward over chunks of ``chunk`` steps (a multiple of STEPS dividing seqlen): {out (b, l, di) in u's
     dtype, h_end float32 (b, K, n, di), each chunk's end state}. inputs: ``pallas._kernel_inputs`` that ``supports``
     accepts."""
+    inputs = _with_words(inputs)
     u = inputs["u"]
     batch, seqlen, dim = u.shape
     d_state = inputs["A2"].shape[0]
@@ -217,6 +230,7 @@ def scan_checkpoints(inputs: dict[str, jax.Array], *, delta_softplus: bool, chun
     last, each chunk starting from inputs' h_start (b, K, n, di) (zeros when absent). ``every`` divides STEPS."""
     if STEPS % every:
         raise ValueError(f"mosaic_fwd.scan_checkpoints: every={every} must divide STEPS={STEPS}")
+    inputs = _with_words(inputs)
     batch, seqlen, dim = inputs["u"].shape
     d_state = inputs["A2"].shape[0]
     ins = {name: value for name, value in inputs.items() if name not in ("z", "h0")}

@@ -71,21 +71,19 @@ def selective_scan_pallas(
         interpret = not pallas_supported()
     if not interpret:
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
-    blocks = plan_forward(blocks, u.shape, B, C, interpret)
+    blocks = plan_forward(blocks, u.shape, B.shape[2], interpret)
     return _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), blocks, interpret)
 
 
-def plan_forward(blocks: ScanBlocks, shape: tuple[int, int, int], B: jax.Array, C: jax.Array, interpret: bool):
-    """``blocks`` with ``forward_backend`` resolved to "triton" or "mosaic" for u of ``shape`` (b, l, di) and these
-    B, C, and the chunk length, which the backward then shares: for Mosaic GPU its own (the backward's checkpoints
-    start from the forward's chunk start states, and Mosaic GPU stores them too), for Triton what ``chunks_for``
-    gives the whole call. "auto" picks Mosaic GPU on a supported GPU (never in the interpreter) when
+def plan_forward(blocks: ScanBlocks, shape: tuple[int, int, int], groups: int, interpret: bool):
+    """``blocks`` with ``forward_backend`` resolved to "triton" or "mosaic" for u of ``shape`` (b, l, di) and B, C
+    of ``groups`` groups, and the chunk length, which the backward then shares: for Mosaic GPU its own (the
+    backward's checkpoints start from the forward's chunk start states, and Mosaic GPU stores them too), for Triton
+    what ``chunks_for`` gives the whole call. "auto" picks Mosaic GPU on a supported GPU (never in the interpreter) when
     ``mosaic_fwd.supports`` the call and ``blocks.steps`` divides its tiles."""
     _, seqlen, dim = shape
-    groups = B.shape[2]
-    packed = blocks.pack_bc and B.dtype == C.dtype == jnp.bfloat16
     # The backward runs Triton's tiles on the Mosaic chunks: blocks.steps (and backward_steps) must divide them.
-    covered = mosaic_fwd.supports(seqlen, dim // groups, packed) and mosaic_fwd.STEPS % blocks.steps == 0
+    covered = mosaic_fwd.supports(seqlen, dim // groups) and mosaic_fwd.STEPS % blocks.steps == 0
     backend = blocks.forward_backend
     if backend == "auto":
         backend = "mosaic" if covered and not interpret and mosaic_fwd.device_supported() else "triton"
@@ -103,10 +101,9 @@ def plan_forward(blocks: ScanBlocks, shape: tuple[int, int, int], B: jax.Array, 
         return dataclasses.replace(blocks, forward_backend="triton", chunk=chunks_for(blocks, shape, groups).length)
     if not covered or not mosaic_fwd.available():
         raise ValueError(
-            "selective_scan_pallas: forward_backend='mosaic' needs jax >= 0.11 with Mosaic GPU, bfloat16 B and C "
-            f"with pack_bc, channels per group a multiple of {mosaic_fwd.WIDTH} and seqlen a multiple of "
-            f"{mosaic_fwd.STEPS}, ScanBlocks.steps dividing {mosaic_fwd.STEPS}; "
-            f"got u {shape}, {groups} groups, B {B.dtype}, C {C.dtype}, pack_bc={blocks.pack_bc}"
+            "selective_scan_pallas: forward_backend='mosaic' needs jax >= 0.11 with Mosaic GPU, channels per group "
+            f"a multiple of {mosaic_fwd.WIDTH} and seqlen a multiple of {mosaic_fwd.STEPS}, ScanBlocks.steps "
+            f"dividing {mosaic_fwd.STEPS}; got u {shape}, {groups} groups"
         )
     wanted = chunks_for(blocks, shape, groups).length
     return dataclasses.replace(blocks, forward_backend="mosaic", chunk=mosaic_fwd.chunk_length(seqlen, wanted))
