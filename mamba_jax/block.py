@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mamba_jax.layers import RMSNorm
+from pallas_kernels.mamba_step import settled
 
 
 class Block(nnx.Module):
@@ -41,7 +42,8 @@ class Block(nnx.Module):
 
     def _add_and_norm(self, norm: nnx.Module, hidden: jax.Array, residual: jax.Array | None):
         """-> (norm(hidden + residual), hidden + residual), the sum in float32 when residual_in_fp32 (as mamba_ssm's
-        fused add + norm kernel computes it)."""
+        fused add + norm kernel computes it); hidden (b, [l,] d) or a step's ``PartialSums``."""
+        hidden = settled(hidden)
         if self.residual_in_fp32:
             hidden = hidden.astype(jnp.float32)
         residual = hidden if residual is None else hidden + residual
@@ -77,9 +79,12 @@ class Block(nnx.Module):
         With an RMSNorm, a float32 residual and a mixer that has ``normed_step`` (Mamba, Mamba2), the add and the
         norm run inside the mixer's step (``PreNorm``: where the step runs as kernels, in its first kernel or in one
         launch before XLA's in_proj, instead of XLA's three to four); XLA's ops compute the same as the unfused path,
-        the kernels sum the squares in another order."""
+        the kernels sum the squares in another order. Without an MLP the mixer may return its output as a
+        ``PartialSums`` (out_proj's parts, for the next block's norm launch to add: one launch less a layer); hidden
+        may be one, and every consumer adds the parts (``settled``) unless its kernels do."""
         if self.residual_in_fp32 and isinstance(self.norm, RMSNorm) and hasattr(self.mixer, "normed_step"):
-            hidden, residual, cache = self.mixer.normed_step(hidden, residual, self.norm, cache)
+            partial_out = self.mlp is None
+            hidden, residual, cache = self.mixer.normed_step(hidden, residual, self.norm, cache, partial_out)
             return (*self._mlp_branch(hidden, residual), cache)
         return self._with_mixer(lambda x: self.mixer.step(x, cache), hidden, residual)
 

@@ -167,8 +167,9 @@ class Mamba(NormedStep, nnx.Module):
         out, conv_state, ssm_state = self._step(u, cache, None)
         return out, SSMCache(conv_state, ssm_state)
 
-    def _step(self, u: jax.Array, cache: SSMCache, prenorm: PreNorm | None) -> tuple[jax.Array, ...]:
-        """``mamba_step`` of this layer's weights: (out, conv_state, ssm_state[, residual])."""
+    def _step(self, u, cache: SSMCache, prenorm: PreNorm | None, partial_out: bool = False) -> tuple[jax.Array, ...]:
+        """``mamba_step`` of this layer's weights: (out, conv_state, ssm_state[, residual]); u (b, d) or a
+        ``PartialSums``, out one where ``partial_out`` and the kernels leave out_proj's parts to the next block."""
         if u.ndim != 2 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba: u must have shape (batch, d_model={self.d_model}), found {u.shape}")
         weights = MambaStepWeights(
@@ -193,6 +194,7 @@ class Mamba(NormedStep, nnx.Module):
             dtype=dtype,
             implementation=self.step_implementation,
             prenorm=prenorm,
+            partial_out=partial_out,
         )
 
     def _scan(self, x: jax.Array, dt: jax.Array, B: jax.Array, C: jax.Array, z: jax.Array, **state_args):

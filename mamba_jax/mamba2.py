@@ -22,7 +22,7 @@ from flax import nnx
 from mamba_jax.generation.cache import NormedStep, SSMCache, check_lengths, conv_prefill, valid_mask
 from mamba_jax.layers import CausalConv1d, linear, param, value_or_none, with_axes
 from pallas_kernels.mamba2_step import Mamba2StepOptions, Mamba2StepWeights, mamba2_step
-from pallas_kernels.mamba_step import PreNorm
+from pallas_kernels.mamba_step import PreNorm, settled
 from pallas_kernels.ssd import mamba_chunk_scan
 
 
@@ -299,8 +299,11 @@ class Mamba2(NormedStep, nnx.Module):
         out, conv_state, ssm_state = self._step(u, cache, None)
         return out, SSMCache(conv_state, ssm_state)
 
-    def _step(self, u: jax.Array, cache: SSMCache, prenorm: PreNorm | None) -> tuple[jax.Array, ...]:
-        """``mamba2_step`` of this layer's weights: (out, conv_state, ssm_state[, residual])."""
+    def _step(self, u, cache: SSMCache, prenorm: PreNorm | None, partial_out: bool = False) -> tuple[jax.Array, ...]:
+        """``mamba2_step`` of this layer's weights: (out, conv_state, ssm_state[, residual]). u (b, d), or a previous
+        Mamba-1 block's ``PartialSums``, which XLA adds first; ``partial_out`` is not used (out is always (b, d))."""
+        del partial_out
+        u = settled(u)
         self._check_input(u, 2)
         weights = Mamba2StepWeights(
             in_proj=self.in_proj.kernel[...],

@@ -18,6 +18,7 @@ from mamba_jax.mamba1 import Mamba
 from mamba_jax.mamba2 import Mamba2
 from mamba_jax.mha import MHA
 from mamba_jax.mlp import GatedMLP
+from pallas_kernels.mamba_step import settled
 
 NORM_EPS = 1e-5  # mamba_ssm's norm_epsilon default; its config has no field for it
 
@@ -158,7 +159,7 @@ class MixerModel(nnx.Module):
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             hidden, residual, layer_cache = _block_step(layer, hidden, residual, layer_cache)
             new_cache.append(layer_cache)
-        return self.norm_f(hidden + residual), tuple(new_cache)
+        return self.norm_f(settled(hidden) + residual), tuple(new_cache)
 
 
 # The decode paths call every block through one jitted function. Inside the compiled generate loop these are nested

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -101,25 +102,32 @@ class ChannelSplit:
 
 
 def over_batch(
-    fn: Callable[..., Any], args: Sequence[jax.Array], batched: Sequence[bool], channels: ChannelSplit | None = None
+    fn: Callable[..., Any],
+    args: Sequence[jax.Array],
+    batched: Sequence[bool | int],
+    channels: ChannelSplit | None = None,
 ) -> Any:
-    """``fn(*args)``, partitioned over dimension 0 of the arrays marked in ``batched`` and of every result, and with
-    ``channels`` also over their channel dimensions.
+    """``fn(*args)``, partitioned over the batch dimension of the arrays marked in ``batched`` and dimension 0 of every
+    result, and with ``channels`` also over their channel dimensions.
 
     fn: a function of arrays returning a pytree of arrays (a tuple, a dict), each with the batch as its leading
       dimension, whose rows depend only on the same rows of the batched operands (so it gives the same rows on any
       slice of the batch); with ``channels``, likewise each channel (or block of channels) of a result only on the
       same channels of the operands that have them.
-    args: the arrays (no None); batched: one bool per array, True where its dimension 0 is the batch.
+    args: the arrays (no None); batched: one entry per array: True where its dimension 0 is the batch, an int where
+      another dimension is (partial sums (parts, b, d)), False where it has none.
     """
-    args, batched = tuple(args), tuple(batched)  # the partitioner reads them later: a caller's list may change
+    args = tuple(args)  # the partitioner reads them later: a caller's list may change
     if len(args) != len(batched) or (channels is not None and len(channels.operands) != len(args)):
         raise ValueError(f"over_batch: {len(args)} arrays but {len(batched)} batched flags or channel dimensions")
-    ranks = [arg.ndim for arg in args]
-    if not any(batched) or any(rank == 0 for rank, flag in zip(ranks, batched, strict=True) if flag):
-        raise ValueError("over_batch: needs at least one batched operand, each with a leading batch dimension")
-    first = batched.index(True)
-    batch = args[first].shape[0]
+    # the batch dimension of each operand, or None
+    batch_dims = tuple((0 if flag else None) if isinstance(flag, bool | np.bool_) else int(flag) for flag in batched)
+    if all(dim is None for dim in batch_dims) or any(
+        dim is not None and not 0 <= dim < arg.ndim for arg, dim in zip(args, batch_dims, strict=True)
+    ):
+        raise ValueError("over_batch: needs at least one batched operand, each with its batch dimension in range")
+    first = next(i for i, dim in enumerate(batch_dims) if dim is not None)
+    batch = args[first].shape[batch_dims[first]]
     # Traced without the operands' shardings: an explicitly sharded operand would fail in a Pallas kernel here.
     traced, out_shapes = jax.make_jaxpr(fn, return_shape=True)(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args))
     if traced.effects:
@@ -137,12 +145,12 @@ def over_batch(
     if blocks == 1 or any(size % blocks for size in sizes):
         arg_channels, out_channels, sizes = [None] * len(args), [None] * len(out_leaves), []
     per_block = {f"m{size // blocks}": size // blocks for size in sizes if size != blocks}
-    # (shape, leading batch, channel dimension) of every operand, then of every result
-    tensors = [(a.shape, flag, c) for a, flag, c in zip(args, batched, arg_channels, strict=True)]
-    tensors += [(out.shape, True, c) for out, c in zip(out_leaves, out_channels, strict=True)]
+    # (shape, batch dimension or None, channel dimension) of every operand, then of every result
+    tensors = [(a.shape, dim, c) for a, dim, c in zip(args, batch_dims, arg_channels, strict=True)]
+    tensors += [(out.shape, 0, c) for out, c in zip(out_leaves, out_channels, strict=True)]
     # The operand whose split decides the channels' (the first batched one with channels), as args[first] the batch's.
     lead = next(
-        (i for i, (flag, c) in enumerate(zip(batched, arg_channels, strict=True)) if flag and c is not None), None
+        (i for i, (dim, c) in enumerate(zip(batch_dims, arg_channels, strict=True)) if None not in (dim, c)), None
     )
 
     def split_channels(mesh, axes: tuple[str, ...], batch_axes: tuple[str, ...]) -> tuple[str, ...]:
@@ -154,19 +162,19 @@ def over_batch(
         return axes if (args[lead].shape[arg_channels[lead]] // count) % channels.unit == 0 else ()
 
     def layout(batch_axes: tuple[str, ...], channel_axes: tuple[str, ...], wrap: Callable[[PartitionSpec], Any]):
-        """(one spec per operand, the results' tree of specs): dimension 0 split over ``batch_axes`` where batched,
-        the channel dimensions over ``channel_axes``, all else whole; ``wrap`` turns a PartitionSpec into what the
+        """(one spec per operand, the results' tree of specs): the batch dimensions split over ``batch_axes``, the
+        channel dimensions over ``channel_axes``, all else whole; ``wrap`` turns a PartitionSpec into what the
         caller needs."""
 
-        def spec(rank: int, leading: bool, channel: int | None):
+        def spec(rank: int, batch_dim: int | None, channel: int | None):
             entries = [None] * rank
-            if leading and batch_axes:
-                entries[0] = batch_axes
+            if batch_dim is not None and batch_axes:
+                entries[batch_dim] = batch_axes
             if channel is not None and channel_axes:
                 entries[channel] = channel_axes
             return wrap(PartitionSpec(*entries))
 
-        specs = [spec(len(shape), leading, channel) for shape, leading, channel in tensors]
+        specs = [spec(len(shape), batch_dim, channel) for shape, batch_dim, channel in tensors]
         return tuple(specs[: len(args)]), out_tree.unflatten(specs[len(args) :])
 
     def under_shard_map(mesh, batch_axes: tuple[str, ...], channel_axes: tuple[str, ...], reshard: bool):
@@ -183,7 +191,7 @@ def over_batch(
         # check_vma=False: a pallas_call states no varying mesh axes for its outputs.
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*operands)
 
-    explicit = _explicit_axes(args[first], batch, 0)
+    explicit = _explicit_axes(args[first], batch, batch_dims[first])
     if explicit is not None:
         mesh, batch_axes = explicit
         lead_axes = None if lead is None else _explicit_axes(args[lead], None, arg_channels[lead])
@@ -195,12 +203,12 @@ def over_batch(
         channel_axes = () if lead is None else split_channels(split.mesh, split.channels, batch_axes)
         return under_shard_map(split.mesh, batch_axes, channel_axes, reshard=False)
 
-    def factors(index: int, shape: tuple[int, ...], leading_batch: bool, channel: int | None) -> str:
+    def factors(index: int, shape: tuple[int, ...], batch_dim: int | None, channel: int | None) -> str:
         """One tensor's Shardy factors: b for the batch, c or (c mR) for its channels, and one factor of its own for
         every other dimension."""
         names = [f"d{index}_{axis}" for axis in range(len(shape))]
-        if leading_batch:
-            names[0] = "b"
+        if batch_dim is not None:
+            names[batch_dim] = "b"
         if channel is not None:
             names[channel] = "c" if shape[channel] == blocks else f"(c m{shape[channel] // blocks})"
         return " ".join(names)
@@ -216,7 +224,7 @@ def over_batch(
         sharding = arg_shapes[first].sharding
         if not isinstance(sharding, NamedSharding):
             return (), ()
-        batch_axes = _dividing(_axes_at(sharding.spec, 0), mesh, batch)
+        batch_axes = _dividing(_axes_at(sharding.spec, batch_dims[first]), mesh, batch)
         if lead is None or not isinstance(arg_shapes[lead].sharding, NamedSharding):
             return batch_axes, ()
         channel_axes = _axes_at(arg_shapes[lead].sharding.spec, arg_channels[lead])

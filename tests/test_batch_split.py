@@ -24,6 +24,7 @@ from pallas_kernels import mamba_chunk_scan
 from pallas_kernels.batch_split import over_batch, split_over
 from pallas_kernels.mamba2_step.pallas import mamba2_step_pallas
 from pallas_kernels.mamba2_step.reference import mamba2_step_reference
+from pallas_kernels.mamba_step import PartialSums, PreNorm
 from pallas_kernels.mamba_step.pallas import mamba_step_pallas
 from pallas_kernels.selective_scan import pallas_config
 from pallas_kernels.selective_scan.pallas import selective_scan_pallas
@@ -219,6 +220,38 @@ def test_mamba_step_pallas_split_over_the_batch(d_model, batch, dtype, options):
     expected = step(u, conv_state, ssm_state, weights)
     for name, a, b in zip(("out", "conv_state", "ssm_state"), got, expected, strict=True):
         assert a.sharding.spec == P(("data", "fsdp")), name
+        assert_close(a, b, jnp.float32, err_msg=name)
+
+
+def test_mamba_step_pallas_partial_sums_split_over_the_batch():
+    """A step that takes the previous block's out as partial sums (parts, b, d), the batch second, and returns its
+    own so (``partial_out``): each device its rows, no collective, one device's results."""
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    batch, d_model, dtype = 8, 16, jnp.dtype(jnp.bfloat16)  # two rows a device: the kernels of the whole batch
+    weights = random_layer(jax.random.key(1), d_model, dtype)
+    sums = jax.random.normal(jax.random.key(2), (3, batch, d_model))
+    residual = jax.random.normal(jax.random.key(5), (batch, d_model))
+    conv_state = jax.random.normal(jax.random.key(3), (batch, 4, 2 * d_model)).astype(dtype)
+    ssm_state = jax.random.normal(jax.random.key(4), (batch, 2 * d_model, 16))
+
+    def step(sums, conv_state, ssm_state, residual):
+        prenorm = PreNorm(residual, jnp.ones((d_model,), dtype), 1e-5, dtype)
+        u = PartialSums(sums, dtype)
+        return mamba_step_pallas(
+            u, conv_state, ssm_state, weights, dtype, prenorm=prenorm, interpret=True, partial_out=True
+        )
+
+    step = jax.jit(step)
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    placed = [jax.device_put(sums, NamedSharding(mesh, P(None, ("data", "fsdp"))))]
+    placed += [jax.device_put(x, rows) for x in (conv_state, ssm_state, residual)]
+    ops = ops_of(step.lower(*placed).compile())
+    assert "all-gather" not in ops and "all-to-all" not in ops, ops
+    got, expected = step(*placed), step(sums, conv_state, ssm_state, residual)
+    assert isinstance(got[0], PartialSums) and got[0].sums.sharding.spec == P(None, ("data", "fsdp"))
+    for name, a, b in zip(("out", "conv_state", "ssm_state", "residual"), got, expected, strict=True):
+        if isinstance(a, PartialSums):
+            a, b = a.sums, b.sums
         assert_close(a, b, jnp.float32, err_msg=name)
 
 

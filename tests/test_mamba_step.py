@@ -15,8 +15,8 @@ from flax import nnx
 
 from mamba_jax import Mamba
 from mamba_jax.generation.cache import SSMCache
-from pallas_kernels.mamba_step import MambaStepWeights, PreNorm, mamba_step
-from pallas_kernels.mamba_step.pallas import mamba_step_pallas
+from pallas_kernels.mamba_step import MambaStepWeights, PartialSums, PreNorm, mamba_step
+from pallas_kernels.mamba_step.pallas import OUT_PARTS, mamba_step_pallas
 from pallas_kernels.mamba_step.reference import mamba_step_reference
 from pallas_kernels.selective_scan.pallas import pallas_supported
 from tests.step_checks import (
@@ -156,6 +156,57 @@ def test_kernels_with_prenorm_match_reference(shape, first, options):
     check_kernels(shape, seed=4, interpret=True, prenorm=random_prenorm(shape, 4, first), **options)
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        Shape(3, 48, 96, 6, 3, 3, "bfloat16"),
+        Shape(20, 32, 64, 4, 2, 4, "float16", param_dtype="float16"),  # past 16 rows
+        Shape(2, 32, 64, 4, 2, 4, "float32"),
+    ],
+    ids=str,
+)
+def test_partial_sums_from_one_step_into_the_next(shape):
+    check_partial_sums_chain(shape, interpret=True)
+
+
+@pytest.mark.gpu
+def test_partial_sums_from_one_step_into_the_next_on_gpu():
+    """The same at Mamba-1 130m's size, batch 64, compiled."""
+    assert pallas_supported()
+    check_partial_sums_chain(Shape(64, 768, 1536, 16, 48, 4, "float16", param_dtype="float16"), interpret=None)
+
+
+def check_partial_sums_chain(shape: Shape, interpret: bool | None) -> None:
+    """``partial_out`` past one row: out as OUT_PARTS float32 parts whose rounded sum is the step's out; the next
+    step takes them as its u (its norm launch adds them) and matches the reference on the same parts."""
+    args = arguments(shape, seed=8)
+    dtype = jnp.dtype(shape.dtype)
+    reference = jax.jit(mamba_step_reference, static_argnums=4)
+    step = functools.partial(mamba_step_pallas, interpret=interpret)
+    kernels = jax.jit(step, static_argnames=("dtype", "partial_out"))
+    prenorm = random_prenorm(shape, 8, first=False)
+    first = kernels(*args, dtype=dtype, prenorm=prenorm, partial_out=True)
+    assert isinstance(first[0], PartialSums) and first[0].sums.shape == (OUT_PARTS, shape.batch, shape.d_model)
+    settled_first = (first[0].total(), *first[1:])
+    exact = reference(*as_float32(args), jnp.float32, float32_prenorm(prenorm))
+    assert_step_results(settled_first, reference(*args, dtype, prenorm), exact, shape, prenorm)
+
+    # the next step on the parts: a layer's weights again, the states and residual the first step left
+    u, conv_state, ssm_state, residual = first[0], first[1], first[2], first[3]
+    following = dataclasses.replace(prenorm, residual=residual)
+    second = kernels(u, conv_state, ssm_state, args[3], dtype=dtype, prenorm=following)
+    expected = reference(u, conv_state, ssm_state, args[3], dtype, following)
+    exact_u = u.total().astype(jnp.float32)
+    exact = reference(*as_float32((exact_u, conv_state, ssm_state, args[3])), jnp.float32, float32_prenorm(following))
+    assert_step_results(second, expected, exact, shape, following)
+    # without a prenorm XLA adds the parts first; the reference ignores partial_out
+    plain = kernels(u, conv_state, ssm_state, args[3], dtype=dtype)
+    exact = reference(*as_float32((exact_u, conv_state, ssm_state, args[3])), jnp.float32)
+    assert_step_results(plain, reference(u, conv_state, ssm_state, args[3], dtype), exact, shape, None)
+    out = mamba_step(*args, dtype=dtype, implementation="reference", partial_out=True)[0]
+    assert not isinstance(out, PartialSums)
+
+
 def test_reference_prenorm_is_the_blocks_add_and_norm():
     """mamba_step_reference with a PreNorm = RMSNorm(hidden + residual) then the step, and returns the sum."""
     from mamba_jax.layers import RMSNorm
@@ -245,6 +296,14 @@ def test_errors():
     u, conv_state, ssm_state, weights = arguments(shape, seed=0)
     with pytest.raises(ValueError, match="implementation must be None or one of"):
         mamba_step(u, conv_state, ssm_state, weights, dtype=jnp.float32, implementation="cuda")
+    with pytest.raises(ValueError, match=r"u as PartialSums needs float32 sums \(parts, batch, d_model\)"):
+        mamba_step(
+            PartialSums(jnp.zeros((2, 2, 32), jnp.bfloat16), jnp.bfloat16),
+            conv_state,
+            ssm_state,
+            weights,
+            dtype=jnp.float32,
+        )
     with pytest.raises(ValueError, match=r"u must have shape \(batch, d_model\)"):
         mamba_step(u[0], conv_state, ssm_state, weights, dtype=jnp.float32)
     with pytest.raises(ValueError, match=r"conv_state must have shape \(2, 4, 64\)"):

@@ -49,11 +49,14 @@ class NormedStep:
     """``normed_step`` for an SSM mixer whose ``_step(u, cache, prenorm)`` runs its fused decode step and returns
     (out, conv_state, ssm_state[, residual]) (Mamba, Mamba2)."""
 
-    def normed_step(self, hidden: jax.Array, residual: jax.Array | None, norm, cache: SSMCache):
+    def normed_step(self, hidden, residual: jax.Array | None, norm, cache: SSMCache, partial_out: bool = False):
         """``step`` of ``norm``(float32(hidden) + residual), the add and the RMSNorm computed inside the step's
-        kernels (``PreNorm``; ``Block.step`` calls this): hidden (b, d), residual (b, d) float32 or None ->
-        (out (b, d), the new residual (b, d) float32, the cache after it)."""
-        out, conv_state, ssm_state, residual = self._step(hidden, cache, norm.after_residual(residual))
+        kernels (``PreNorm``; ``Block.step`` calls this): hidden (b, d) or the previous block's ``PartialSums``,
+        residual (b, d) float32 or None -> (out (b, d), the new residual (b, d) float32, the cache after it). With
+        ``partial_out`` out may be a ``PartialSums`` (where the step's kernels leave out_proj's parts to the next
+        block: ``pallas_kernels.mamba_step``)."""
+        prenorm = norm.after_residual(residual)
+        out, conv_state, ssm_state, residual = self._step(hidden, cache, prenorm, partial_out)
         return out, residual, SSMCache(conv_state, ssm_state)
 
     def _step_dtype(self, u: jax.Array, prenorm, in_proj: jax.Array):

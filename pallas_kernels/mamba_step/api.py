@@ -9,7 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mamba_step.reference import MambaStepWeights, PreNorm, mamba_step_reference
+from pallas_kernels.mamba_step.reference import MambaStepWeights, PartialSums, PreNorm, mamba_step_reference
 
 IMPLEMENTATIONS = ("pallas", "reference")
 
@@ -21,7 +21,7 @@ def _implementation(name: str):
         return jax.jit(mamba_step_reference, static_argnames=("dtype",))
     from pallas_kernels.mamba_step.pallas import mamba_step_pallas  # GPU-only dependencies: import on use
 
-    return jax.jit(mamba_step_pallas, static_argnames=("dtype",))
+    return jax.jit(mamba_step_pallas, static_argnames=("dtype", "partial_out"))
 
 
 def default_implementation(batch: int, d_model: int, d_inner: int) -> str:
@@ -41,7 +41,7 @@ def default_implementation(batch: int, d_model: int, d_inner: int) -> str:
 
 
 def mamba_step(
-    u: jax.Array,
+    u: jax.Array | PartialSums,
     conv_state: jax.Array,
     ssm_state: jax.Array,
     weights: MambaStepWeights,
@@ -49,7 +49,8 @@ def mamba_step(
     dtype,
     implementation: str | None = None,
     prenorm: PreNorm | None = None,
-) -> tuple[jax.Array, ...]:
+    partial_out: bool = False,
+) -> tuple[jax.Array | PartialSums, ...]:
     """One token through a Mamba-1 mixer: (out, new conv_state, new ssm_state); the caller's arrays are left as they
     were (inside a decode loop XLA may reuse the carried cache's buffers). With ``prenorm`` (``PreNorm``: the block's
     residual add + RMSNorm, which the kernels compute themselves: in their first launch, or in a launch of its own
@@ -64,6 +65,9 @@ def mamba_step(
       XLA's own projections; without a supported GPU Pallas's interpreter, slowly), or None:
       ``default_implementation`` (the kernels on a GPU where they were measured faster, else "reference"). Both
       are differentiable, the kernels by running the reference under jax.grad or jax.jvp.
+    partial_out: let the kernels return out as a ``PartialSums`` where XLA's out_proj runs past one row (and has no
+      bias), for the next block's step to add in its norm launch: one launch less a layer. u may be a previous step's
+      ``PartialSums`` (with or without ``prenorm``); every implementation takes it.
     """
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -73,7 +77,8 @@ def mamba_step(
     if implementation is None:
         implementation = default_implementation(batch, d_model, conv_state.shape[2])
     run = _implementation(implementation)
-    return run(u, conv_state, ssm_state, weights, dtype=jnp.dtype(dtype), prenorm=prenorm)
+    options = {"partial_out": True} if partial_out and implementation == "pallas" else {}
+    return run(u, conv_state, ssm_state, weights, dtype=jnp.dtype(dtype), prenorm=prenorm, **options)
 
 
 def check_prenorm(caller: str, u: jax.Array, prenorm: PreNorm | None) -> None:
@@ -88,6 +93,14 @@ def check_prenorm(caller: str, u: jax.Array, prenorm: PreNorm | None) -> None:
         raise ValueError(f"{caller}: prenorm.weight must have shape {u.shape[1:]}, got {prenorm.weight.shape}")
 
 
+def check_partial_sums(caller: str, u) -> None:
+    """ValueError unless u is an array or a ``PartialSums`` of float32 sums (parts, b, d)."""
+    if isinstance(u, PartialSums) and (u.sums.ndim != 3 or u.sums.dtype != jnp.float32):
+        raise ValueError(
+            f"{caller}: u as PartialSums needs float32 sums (parts, batch, d_model), got {u.sums.dtype} {u.sums.shape}"
+        )
+
+
 def check_state_dtype(caller: str, ssm_state: jax.Array) -> None:
     """ValueError unless the SSM state is floating (float32, or 16-bit: the steps read and write it in its dtype)."""
     if not jnp.issubdtype(ssm_state.dtype, jnp.floating):
@@ -96,6 +109,7 @@ def check_state_dtype(caller: str, ssm_state: jax.Array) -> None:
 
 def _check(u, conv_state, ssm_state, weights: MambaStepWeights) -> None:
     """ValueError naming the first argument whose shape does not fit the others."""
+    check_partial_sums("mamba_step", u)
     if u.ndim != 2:
         raise ValueError(f"mamba_step: u must have shape (batch, d_model), got {u.shape}")
     batch, d_model = u.shape

@@ -50,7 +50,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.batch_split import over_batch
-from pallas_kernels.mamba_step.reference import MambaStepWeights, PreNorm, mamba_step_reference, with_residual
+from pallas_kernels.mamba_step.reference import (
+    MambaStepWeights,
+    PartialSums,
+    PreNorm,
+    mamba_step_reference,
+    with_residual,
+)
 from pallas_kernels.selective_scan.kernel_math import LOG2_E, KernelMath
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
 from pallas_kernels.selective_scan.pallas_fwd import as_index
@@ -82,6 +88,10 @@ XLA_IN_PROJ_FROM = 2560
 # 44.9-46.4 against 51.0 us a layer. Below it XLA computes (1, 4096) @ (4096, 2048) as a multiply and a reduction
 # (23 us): 54.2 against 37.4 at 1.4b, 22.3 against 17.6 at 130m (H100, benchmarks/RESULTS.md).
 XLA_OUT_PROJ_FROM = 2560
+# With ``partial_out`` past one row XLA's out_proj is one batched product over OUT_PARTS parts of d_inner, its float32
+# partial sums left for the next block's norm launch to add (``PartialSums``): in a loop of layers on an H100 at
+# 130m's size, batch 64, 1.4 us less kernel time a layer and one launch less (benchmarks/RESULTS.md).
+OUT_PARTS = 4
 
 
 class Span(NamedTuple):
@@ -382,9 +392,11 @@ def _proj_call(
 
 def prenorm_launch(u, prenorm: PreNorm, interpret: bool) -> tuple[jax.Array, jax.Array]:
     """``prenormed(u, prenorm)`` as one launch, one program a batch row (XLA takes three to four kernels for it at
-    batch 1): (the normed u (b, d) in prenorm.dtype, the residual (b, d) float32)."""
+    batch 1): (the normed u (b, d) in prenorm.dtype, the residual (b, d) float32). u (b, d), or a ``PartialSums``
+    whose parts the launch adds."""
+    parts = isinstance(u, PartialSums)
     result = pl.pallas_call(
-        functools.partial(_norm_kernel, eps=prenorm.eps),
+        functools.partial(_norm_kernel, eps=prenorm.eps, dtype=u.dtype if parts else None),
         out_shape={
             "residual": jax.ShapeDtypeStruct(u.shape, jnp.float32),
             "x": jax.ShapeDtypeStruct(u.shape, prenorm.dtype),
@@ -393,26 +405,32 @@ def prenorm_launch(u, prenorm: PreNorm, interpret: bool) -> tuple[jax.Array, jax
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="mamba_step_norm",
-    )({"u": u} | prenorm_inputs(prenorm))
+    )({"u": u.sums if parts else u} | prenorm_inputs(prenorm))
     return result["x"], result["residual"]
 
 
-def _norm_kernel(ins, outs, *, eps: float):
-    """ins: u (b, d), norm_weight (d,) [residual (b, d) float32]. outs: x (b, d), residual (b, d) float32. Program r:
-    batch row r, its whole row at once."""
-    row, d = Span(pl.program_id(0), 1, 1), ins["u"].shape[1]
+def _norm_kernel(ins, outs, *, eps: float, dtype):
+    """ins: u (b, d), or with ``dtype`` float32 partial sums (parts, b, d) whose sum rounded to ``dtype`` is u;
+    norm_weight (d,) [residual (b, d) float32]. outs: x (b, d), residual (b, d) float32. Program r: batch row r, its
+    whole row at once."""
+    row, d = Span(pl.program_id(0), 1, 1), ins["u"].shape[-1]
     whole = Span(0, pl.next_power_of_2(d), d)
-    s = add_residual(ins, load(ins["u"], row, whole), row, whole)
+    u = load(ins["u"], row, whole) if dtype is None else rounded(partial_sum(ins["u"], row, whole), dtype)
+    s = add_residual(ins, u, row, whole)
     store(outs["residual"], s, row, whole)
     store(outs["x"], s * inverse_rms(s, d, eps) * load(ins["norm_weight"], whole)[None], row, whole)
+
+
+def partial_sum(ref, rows, span: Span) -> jax.Array:
+    """float32 sum over ref (parts, b, m)'s first axis of its ``rows`` (an index or a Span), columns ``span``."""
+    return functools.reduce(jnp.add, [load(ref, part, rows, span) for part in range(ref.shape[0])])
 
 
 def sum_partials(xz_ref, rows, span: Span, bias_ref, dtype) -> jax.Array:
     """Columns ``span`` of in_proj's output for ``rows`` (an index or a Span): the sum of ``proj_kernel``'s partial
     sums (xz_ref (splits, b, m)), rounded to ``dtype``, plus the rounded bias and rounded again, as ``nnx.Linear``
     computes it; float32. (A single "split" of XLA's product in ``dtype`` passes through the rounding unchanged.)"""
-    value = functools.reduce(jnp.add, [load(xz_ref, split, rows, span) for split in range(xz_ref.shape[0])])
-    return biased(rounded(value, dtype), bias_ref, span, dtype)
+    return biased(rounded(partial_sum(xz_ref, rows, span), dtype), bias_ref, span, dtype)
 
 
 def biased(value, bias_ref, span: Span, dtype) -> jax.Array:
@@ -616,6 +634,7 @@ def mamba_step_pallas(
     conv_in_proj: bool | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    partial_out: bool = False,
 ) -> tuple[jax.Array, ...]:
     """The step in five launches (three kernels, two sums), or past one row in four or five (in_proj's kernel with
     the conv or before the conv kernel, XLA's x_proj, the state kernel, XLA's out_proj); arguments (``prenorm``
@@ -645,9 +664,15 @@ def mamba_step_pallas(
     gives BATCHED_PROJ_PROGRAMS programs.
     ``num_warps`` (None: NUM_WARPS, or BATCHED_WARPS past one row) and ``num_stages`` (None: 3, or BATCHED_STAGES
     past one row): Triton's.
+    ``partial_out``: where XLA computes out_proj past one row and it has no bias, return out as a ``PartialSums``
+    (OUT_PARTS float32 parts over d_inner) for the next block's step to add; elsewhere out as always. u may be a
+    ``PartialSums`` itself (the previous block's out): with a prenorm past one row the norm launch adds its parts,
+    else XLA first.
     Derivatives (jax.grad, jax.jvp) are the reference's.
     """
     batch, d_model = u.shape
+    if isinstance(u, PartialSums) and (prenorm is None or batch == 1):
+        u = u.total()
     d_inner = conv_state.shape[2]
     if channels is None:
         channels = depth_for(d_inner, CHANNELS if batch == 1 else BATCHED_CHANNELS)
@@ -704,21 +729,38 @@ def mamba_step_pallas(
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
     config = (jnp.dtype(dtype), bool(interpret), channels, depth, columns, int(prefetch))
     config += (proj_columns, splits, xla_in_proj, xla_out_proj, bool(xla_x_proj), bool(conv_in_proj))
-    config += (num_warps, num_stages)
+    parts = partial_out and batch > 1 and xla_out_proj and weights.out_proj_bias is None and d_inner % OUT_PARTS == 0
+    config += (num_warps, num_stages, OUT_PARTS if parts else 1)
     return _step(u, conv_state, ssm_state, weights, prenorm, config)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _step(u, conv_state, ssm_state, weights, prenorm, config):
-    """The kernels, each device on its rows of the batch in a sharded jit (the weights whole on every device)."""
-    return step_over_batch(functools.partial(_kernels, config=config), u, conv_state, ssm_state, weights, prenorm)
+    """The kernels, each device on its rows of the batch in a sharded jit (the weights whole on every device); with
+    out_parts (config's last) > 1 they return y and out_proj's partial sums are XLA's product here."""
+    results = step_over_batch(functools.partial(_kernels, config=config), u, conv_state, ssm_state, weights, prenorm)
+    dtype, out_parts = config[0], config[-1]
+    if out_parts == 1:
+        return results
+    out = PartialSums(split_product(results[0], weights.out_proj.astype(dtype), out_parts), dtype)
+    return (out, *results[1:])
+
+
+def split_product(x: jax.Array, w: jax.Array, parts: int) -> jax.Array:
+    """x (b, k) @ w (k, n) by XLA as float32 partial sums (parts, b, n) over ``parts`` equal parts of k: one batched
+    product, with no reduction launch after it."""
+    (b, k), n = x.shape, w.shape[1]
+    x, w = x.reshape(b, parts, k // parts), w.reshape(parts, k // parts, n)
+    return jnp.einsum("bpk,pkn->pbn", x, w, preferred_element_type=jnp.float32)
 
 
 def step_over_batch(kernels, u, conv_state, ssm_state, weights, prenorm: PreNorm | None):
     """``kernels(u, conv_state, ssm_state, weights, prenorm)``, each device on its rows of the batch in a sharded jit
-    (``over_batch``): u, the states and the prenorm's residual split as they are, the weights (a NamedTuple; None
-    for an absent parameter) and the prenorm's weight whole on every device."""
+    (``over_batch``): u (or its ``PartialSums``, batch second), the states and the prenorm's residual split as they
+    are, the weights (a NamedTuple; None for an absent parameter) and the prenorm's weight whole on every device."""
     batched, batched_tree = jax.tree.flatten((u, conv_state, ssm_state, None if prenorm is None else prenorm.residual))
+    # u's only leaf comes first: a PartialSums' sums (parts, b, d) have the batch second
+    batch_dims = [1 if isinstance(u, PartialSums) else True] + [True] * (len(batched) - 1)
     whole, whole_tree = jax.tree.flatten((weights, None if prenorm is None else prenorm.weight))
     static = None if prenorm is None else (prenorm.eps, prenorm.dtype)
 
@@ -728,13 +770,15 @@ def step_over_batch(kernels, u, conv_state, ssm_state, weights, prenorm: PreNorm
         norm = None if static is None else PreNorm(residual, norm_weight, *static)
         return kernels(u, conv_state, ssm_state, weights, norm)
 
-    return over_batch(rows, batched + whole, [True] * len(batched) + [False] * len(whole))
+    return over_batch(rows, batched + whole, batch_dims + [False] * len(whole))
 
 
 def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
     dtype, interpret, channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj = config[:9]
-    xla_out_proj, xla_x_proj, conv_in_proj, num_warps, num_stages = config[9:]
+    xla_out_proj, xla_x_proj, conv_in_proj, num_warps, num_stages, out_parts = config[9:]
     batch, d_model = u.shape
+    if isinstance(u, PartialSums) and batch == 1:  # a device's one row: in_proj's kernel norms it, XLA adds first
+        u = u.total()
     d_inner = conv_state.shape[2]
     blocks = d_inner // channels
     rows = batch_rows(batch)
@@ -772,7 +816,7 @@ def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
             interpret=interpret,
             name="mamba_step_state",
         )(ins)
-        out = second["y"] @ weights.out_proj.astype(dtype)
+        out = second["y"] if out_parts > 1 else second["y"] @ weights.out_proj.astype(dtype)  # see _step
     else:
         out_columns = depth_for(d_model, columns)
         ins |= {"ssm_state": first["old_state"], "state_buffer": ssm_state, "out_proj": weights.out_proj}
@@ -831,7 +875,14 @@ def _pick(weights: dict, *names: str) -> dict:
 
 @_step.defjvp
 def _step_jvp(config, primals, tangents):
+    dtype, out_parts = config[0], config[-1]
+
     def reference(u, conv_state, ssm_state, weights, prenorm):
-        return mamba_step_reference(u, conv_state, ssm_state, weights, config[0], prenorm)
+        results = mamba_step_reference(u, conv_state, ssm_state, weights, dtype, prenorm)
+        if out_parts == 1:
+            return results
+        # the reference's out as the first of out_parts parts, the others zero: the same sum
+        sums = jnp.zeros((out_parts, *results[0].shape), jnp.float32).at[0].set(results[0].astype(jnp.float32))
+        return (PartialSums(sums, dtype), *results[1:])
 
     return jax.jvp(reference, primals, tangents)

@@ -38,6 +38,38 @@ class MambaStepWeights(NamedTuple):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class PartialSums:
+    """A projection's output (b, d) not summed yet: float32 partial sums (parts, b, d) over parts of its contracted
+    dimension, the output being their sum rounded to ``dtype`` (``total``), as a product in ``dtype`` rounds it.
+
+    A decode step past one row returns out_proj's output so (``mamba_step(..., partial_out=True)``) and the next
+    block's step adds the parts in the launch that norms its input, which saves the reduction launch of XLA's split-K
+    product. ``shape`` and ``dtype`` are the output's, as an array's; ``dtype`` is static.
+    """
+
+    sums: jax.Array
+    dtype: Any = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.sums.shape[1:]
+
+    @property
+    def ndim(self) -> int:
+        return self.sums.ndim - 1
+
+    def total(self) -> jax.Array:
+        """The output (b, d) in ``dtype``."""
+        return self.sums.sum(axis=0).astype(self.dtype)
+
+
+def settled(x: jax.Array | PartialSums) -> jax.Array:
+    """x itself, or the output a ``PartialSums`` stands for."""
+    return x.total() if isinstance(x, PartialSums) else x
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class PreNorm:
     """A block's residual add + RMSNorm in front of its mixer, taken into the mixer's decode step: the step's input
     is then the block's hidden (b, d), and the mixer sees s / sqrt(mean(s^2) + eps) * weight rounded to ``dtype``,
@@ -54,9 +86,10 @@ class PreNorm:
     dtype: Any = dataclasses.field(metadata=dict(static=True))
 
 
-def prenormed(hidden: jax.Array, prenorm: PreNorm | None) -> tuple[jax.Array, jax.Array | None]:
-    """hidden (b, d) -> (the normed input in prenorm.dtype, s float32 (b, d)), as ``Block`` computes them; without a
-    prenorm (hidden, None)."""
+def prenormed(hidden: jax.Array | PartialSums, prenorm: PreNorm | None) -> tuple[jax.Array, jax.Array | None]:
+    """hidden (b, d) (or its ``PartialSums``) -> (the normed input in prenorm.dtype, s float32 (b, d)), as ``Block``
+    computes them; without a prenorm (hidden, None)."""
+    hidden = settled(hidden)
     if prenorm is None:
         return hidden, None
     s = hidden.astype(jnp.float32)
