@@ -671,8 +671,6 @@ def mamba_step_pallas(
     Derivatives (jax.grad, jax.jvp) are the reference's.
     """
     batch, d_model = u.shape
-    if isinstance(u, PartialSums) and (prenorm is None or batch == 1):
-        u = u.total()
     d_inner = conv_state.shape[2]
     if channels is None:
         channels = depth_for(d_inner, CHANNELS if batch == 1 else BATCHED_CHANNELS)
@@ -777,7 +775,9 @@ def _kernels(u, conv_state, ssm_state, weights, prenorm, config):
     dtype, interpret, channels, depth, columns, prefetch, proj_columns, splits, xla_in_proj = config[:9]
     xla_out_proj, xla_x_proj, conv_in_proj, num_warps, num_stages, out_parts = config[9:]
     batch, d_model = u.shape
-    if isinstance(u, PartialSums) and batch == 1:  # a device's one row: in_proj's kernel norms it, XLA adds first
+    # Only the norm launch (with a prenorm, past one row of this device's split) adds a PartialSums' parts itself;
+    # at one row in_proj's kernel norms u, and without a prenorm nothing does: XLA adds them first.
+    if isinstance(u, PartialSums) and (prenorm is None or batch == 1):
         u = u.total()
     d_inner = conv_state.shape[2]
     blocks = d_inner // channels
