@@ -229,6 +229,7 @@ def test_default_implementation():
     assert pick(2, 2048) == expected  # past one row: with a float32 state two kernels around XLA's state update
     assert pick(64, 2048) == expected
     assert pick(1, 2048, norm_before_gate=True) == "reference"  # a mixer the kernels do not take
+    assert pick(1, 64, headdim=8, d_state=16) == "reference"  # heads narrower than a state tile's 16 rows
 
     args = arguments(Shape(2, 64, 4, 16, 16, 1, 4, "float32"), seed=4)
     default = mamba2_step(*args, dtype=jnp.float32)

@@ -232,14 +232,16 @@ def _out_kernel(
 
 
 def supports(batch: int, weights: Mamba2StepWeights, ssm_state_shape, options: Mamba2StepOptions) -> bool:
-    """Whether the kernels take this mixer: no gated-MLP branch, the norm (if any) after the gate, and d_model and
-    the channels of a group (d_ssm / ngroups) multiples of 16 (past MAX_BATCH rows, with both projections by XLA)."""
+    """Whether the kernels take this mixer: no gated-MLP branch, the norm (if any) after the gate, a head at least
+    16 channels (a state tile's rows), and d_model and the channels of a group (d_ssm / ngroups) multiples of 16
+    (past MAX_BATCH rows, with both projections by XLA)."""
     _, heads, headdim, _ = ssm_state_shape
     d_model, d_ssm = weights.in_proj.shape[0], heads * headdim
     return (
         batch >= 1
         and weights.out_proj.shape[0] == d_ssm
         and not (weights.norm is not None and options.norm_before_gate)
+        and headdim >= MIN_ROWS
         and d_model % MIN_ROWS == 0
         and (d_ssm // options.ngroups) % MIN_ROWS == 0
     )
@@ -292,9 +294,9 @@ def mamba2_step_pallas(
     d_ssm, width = heads * headdim, weights.in_proj.shape[1]
     if not supports(batch, weights, ssm_state.shape, options):
         raise ValueError(
-            f"mamba2_step_pallas: needs d_ssm = d_inner, the norm after the gate, d_model and d_ssm / ngroups "
-            f"multiples of {MIN_ROWS}; got batch {batch}, d_model {d_model}, d_ssm {d_ssm}, d_inner "
-            f"{weights.out_proj.shape[0]}, {options}"
+            f"mamba2_step_pallas: needs d_ssm = d_inner, the norm after the gate, headdim at least {MIN_ROWS}, "
+            f"d_model and d_ssm / ngroups multiples of {MIN_ROWS}; got batch {batch}, d_model {d_model}, headdim "
+            f"{headdim}, d_ssm {d_ssm}, d_inner {weights.out_proj.shape[0]}, {options}"
         )
     xla_in_proj, xla_out_proj = xla_projections(
         "mamba2_step_pallas", batch, d_model, xla_in_proj, xla_out_proj, in_from=XLA_IN_PROJ_FROM
