@@ -67,9 +67,9 @@ class Block(nnx.Module):
         """The mixer's empty decode cache for ``max_len`` positions."""
         return self.mixer.init_cache(batch, max_len, dtype, state_dtype)
 
-    def prefill(self, hidden: jax.Array, residual: jax.Array | None, cache, lengths: jax.Array):
-        """As ``__call__`` with the mixer's ``prefill``: hidden, residual (b, l, d), lengths (b,) ->
-        (hidden, residual, cache)."""
+    def prefill(self, hidden: jax.Array, residual: jax.Array | None, cache, lengths: jax.Array | None):
+        """As ``__call__`` with the mixer's ``prefill``: hidden, residual (b, l, d), lengths (b,) or None (every row
+        full) -> (hidden, residual, cache)."""
         return self._with_mixer(lambda x: self.mixer.prefill(x, cache, lengths), hidden, residual)
 
     def step(self, hidden: jax.Array, residual: jax.Array | None, cache):

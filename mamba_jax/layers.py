@@ -75,11 +75,15 @@ def linear(
     return layer
 
 
-def linear_parts(layer: nnx.Linear, x: jax.Array, sizes: Sequence[int]) -> list[jax.Array]:
+def linear_parts(layer: nnx.Linear, x: jax.Array, sizes: Sequence[int], ordered: bool = False) -> list[jax.Array]:
     """``jnp.split(layer(x), cumsum(sizes)[:-1], axis=-1)``, each part its own matrix product with its columns of the
     kernel (and bias). The same numbers, but the backward then never concatenates the parts' cotangents into one
     (..., sum(sizes)) array, a full pass over the activations (twice over, as XLA feeds the weight and the input
     gradients each their own copy); the kernel's gradient is concatenated instead, (in, out) and small.
+
+    XLA may still merge the products into one and copy each part out of it (its dot merger, for small enough
+    operands: a Mamba-1 130m prefill at batch 64 does). ``ordered`` makes each product wait for the one before (an
+    optimization barrier, which changes no value), so that each writes its part where its consumer reads it.
     x (..., in) -> [(..., size) for size in sizes]."""
     if sum(sizes) != layer.out_features or min(sizes) < 1:
         raise ValueError(f"linear_parts: sizes {tuple(sizes)} must be positive and add up to {layer.out_features}")
@@ -89,6 +93,8 @@ def linear_parts(layer: nnx.Linear, x: jax.Array, sizes: Sequence[int]) -> list[
     for size in sizes:
         columns = slice(start, start + size)
         start += size
+        if ordered and parts:
+            x, parts[-1] = jax.lax.optimization_barrier((x, parts[-1]))
         y = layer.dot_general(x, kernel[:, columns], (((x.ndim - 1,), (0,)), ((), ())), precision=layer.precision)
         parts.append(y if bias is None else y + bias[columns])
     return parts
@@ -118,14 +124,19 @@ class CausalConv1d(nnx.Module):
         self.dtype = dtype
         self.implementation = implementation
 
-    def __call__(self, x: jax.Array, silu: bool = False) -> jax.Array:
-        """x (b, l, c) -> (b, l, c), then SiLU if ``silu``, on ``dtype``-cast inputs:
+    def __call__(self, x: jax.Array, silu: bool = False, initial_states: jax.Array | None = None) -> jax.Array:
+        """x (b, l, c) -> (b, l, c), then SiLU if ``silu``, on ``dtype``-cast inputs, continuing from
+        ``initial_states`` (b, w - 1, c), the inputs before x (None: zeros):
         ``pallas_kernels.causal_conv.causal_conv1d`` with the layer's ``implementation`` (None: the Pallas kernels,
         float32 inside, on a GPU; else XLA's ops in ``dtype``)."""
         dtype = self.dtype or x.dtype
         bias = None if self.bias is None else self.bias[...].astype(dtype)
         kernel = self.kernel[...].astype(dtype)
-        return causal_conv1d(x.astype(dtype), kernel, bias, silu=silu, implementation=self.implementation)
+        if initial_states is not None:
+            initial_states = initial_states.astype(dtype)
+        return causal_conv1d(
+            x.astype(dtype), kernel, bias, silu=silu, initial_states=initial_states, implementation=self.implementation
+        )
 
 
 class RMSNorm(nnx.Module):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mamba_jax.generation.cache import NormedStep, SSMCache, check_lengths, conv_prefill, valid_mask
+from mamba_jax.generation.cache import NormedStep, SSMCache, check_lengths, conv_prefill, mask_past_lengths
 from mamba_jax.layers import CausalConv1d, linear, linear_parts, value_or_none, with_axes
 from pallas_kernels.mamba_step import MambaStepWeights, PreNorm, mamba_step
 from pallas_kernels.selective_scan import selective_scan
@@ -151,10 +151,11 @@ class Mamba(NormedStep, nnx.Module):
         if u.ndim != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba: u must have shape (batch, seqlen, d_model={self.d_model}), found {u.shape}")
         lengths = check_lengths(lengths, u.shape[0], u.shape[1])
-        x, z = linear_parts(self.in_proj, u, [self.d_inner, self.d_inner])  # (b, l, di) each, as __call__
+        # (b, l, di) each, as __call__; ordered: a merged product and two copies took 4% more time a batch-64 prefill
+        x, z = linear_parts(self.in_proj, u, [self.d_inner, self.d_inner], ordered=True)
         x, conv_state = conv_prefill(self.conv1d, x, cache.conv_state, lengths, silu=True)
         dt, B, C = self._dt_B_C(x)
-        dt = jnp.where(valid_mask(lengths, u.shape[1])[:, :, None], dt, jnp.asarray(_MASKED_DT, dt.dtype))
+        dt = mask_past_lengths(dt, lengths, _MASKED_DT)
         state = cache.ssm_state.astype(jnp.float32)
         y, ssm_state = self._scan(x, dt, B, C, z, return_last_state=True, initial_state=state)
         return self.out_proj(y), SSMCache(conv_state, ssm_state.astype(cache.ssm_state.dtype))

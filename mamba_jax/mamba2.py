@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mamba_jax.generation.cache import NormedStep, SSMCache, check_lengths, conv_prefill, valid_mask
+from mamba_jax.generation.cache import NormedStep, SSMCache, check_lengths, conv_prefill, mask_past_lengths
 from mamba_jax.layers import CausalConv1d, linear, param, value_or_none, with_axes
 from pallas_kernels.mamba2_step import Mamba2StepOptions, Mamba2StepWeights, mamba2_step
 from pallas_kernels.mamba_step import PreNorm, settled
@@ -271,7 +271,7 @@ class Mamba2(NormedStep, nnx.Module):
         xbc, conv_state = conv_prefill(self.conv1d, xbc, cache.conv_state, lengths, silu=True)
         x, B, C = jnp.split(xbc, [self.d_ssm, self.d_ssm + g * n], axis=-1)
         # dt as the scan would discretise it, then 0 past each row's length: such a step leaves the state unchanged.
-        dt = jnp.where(valid_mask(lengths, l)[:, :, None], self._discretize_dt(dt), 0.0)
+        dt = mask_past_lengths(self._discretize_dt(dt), lengths, 0.0)
         y, ssm_state = mamba_chunk_scan(
             x.reshape(b, l, h, p),
             dt,

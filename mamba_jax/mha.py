@@ -193,7 +193,7 @@ class MHA(nnx.Module):
         keys = cache.key.at[rows, positions].set(key.astype(cache.key.dtype), mode="drop")
         values = cache.value.at[rows, positions].set(value.astype(cache.value.dtype), mode="drop")
 
-        end = cache.length + lengths  # (b,)
+        end = cache.length + (l if lengths is None else lengths)  # (b,)
         slots = jnp.arange(keys.shape[1])[None, None, :]  # (1, 1, s)
         visible = slots <= positions[:, :, None] if self.causal else slots < end[:, None, None]  # (b, l, s)
         ctx = jax.nn.dot_product_attention(

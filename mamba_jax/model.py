@@ -141,8 +141,9 @@ class MixerModel(nnx.Module):
         """The empty decode cache: a tuple with one cache per layer (layouts in mamba_jax.generation.cache)."""
         return tuple(layer.init_cache(batch, max_len, dtype, state_dtype) for layer in self.layers)
 
-    def prefill(self, input_ids: jax.Array, cache: tuple, lengths: jax.Array) -> tuple[jax.Array, tuple]:
-        """input_ids int (b, l), lengths (b,) -> (final hidden state (b, d) at each row's last valid token, cache)."""
+    def prefill(self, input_ids: jax.Array, cache: tuple, lengths: jax.Array | None) -> tuple[jax.Array, tuple]:
+        """input_ids int (b, l), lengths (b,) or None (every row full) -> (final hidden state (b, d) at each row's
+        last valid token, cache)."""
         hidden = self.embedding(input_ids)
         residual = None
         new_cache = []

@@ -1,5 +1,6 @@
-"""The causal conv (+ SiLU): XLA's ops and the Pallas kernels (in Pallas's interpreter on CPU) against the float32
-reference, forward and gradients; split over rows and channels inside a sharded jit; argument errors."""
+"""The causal conv (+ SiLU), from zeros or from initial states: XLA's ops and the Pallas kernels (in Pallas's
+interpreter on CPU) against the float32 reference, forward and gradients; split over rows and channels inside a
+sharded jit; argument errors."""
 
 import jax
 import jax.numpy as jnp
@@ -33,17 +34,26 @@ def inputs(batch, seqlen, channels, width, bias, dtype, seed=0):
     return x, kernel, b, dy
 
 
+def history(x, width, seed=7):
+    """Random initial states (b, w - 1, c) for x (b, l, c), in x's dtype."""
+    shape = (x.shape[0], width - 1, x.shape[2])
+    return jax.random.normal(jax.random.key(seed), shape).astype(x.dtype)
+
+
+@pytest.mark.parametrize("initial", [False, True], ids=["zeros", "initial_states"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_reference(case):
+def test_matches_reference(case, initial):
     batch, seqlen, channels, width, silu, bias, dtype = case
     x, kernel, b, dy = inputs(batch, seqlen, channels, width, bias, dtype)
+    h = history(x, width) if initial else None
 
     def loss(implementation):
-        def f(x, kernel, b):
-            y = causal_conv1d(x, kernel, b, silu=silu, implementation=implementation, interpret=True)
+        def f(x, kernel, b, h):
+            y = causal_conv1d(x, kernel, b, silu=silu, initial_states=h, implementation=implementation, interpret=True)
             return jnp.sum(y.astype(jnp.float32) * dy), y
 
-        return jax.value_and_grad(f, argnums=(0, 1, 2) if bias else (0, 1), has_aux=True)(x, kernel, b)
+        argnums = (0, 1) + ((2,) if bias else ()) + ((3,) if initial and width > 1 else ())
+        return jax.value_and_grad(f, argnums=argnums, has_aux=True)(x, kernel, b, h)
 
     (_, want), want_grads = loss("reference")
     # XLA's ops in a 16-bit dtype round after every op (not the table's one rounding): their formula is checked in
@@ -59,26 +69,44 @@ def test_matches_reference(case):
 
 @pytest.mark.parametrize("implementation", ["reference", "xla"])
 def test_torch_conv_semantics(implementation):
-    """kernel[w - 1] multiplies the current step, kernel[0] the step w - 1 back; before the sequence is 0."""
+    """kernel[w - 1] multiplies the current step, kernel[0] the step w - 1 back; before the sequence is 0, or the
+    initial states (the last of them at t = -1)."""
     x = jnp.arange(1.0, 6.0).reshape(1, 5, 1)
     kernel = jnp.array([[100.0], [10.0], [1.0]])
     y = causal_conv1d(x, kernel, jnp.array([0.5]), implementation=implementation)
     assert y[0, :, 0].tolist() == [1.5, 12.5, 123.5, 234.5, 345.5]
+    before = jnp.array([7.0, 8.0]).reshape(1, 2, 1)
+    y = causal_conv1d(x, kernel, jnp.array([0.5]), initial_states=before, implementation=implementation)
+    assert y[0, :, 0].tolist() == [781.5, 812.5, 123.5, 234.5, 345.5]
+
+
+def test_initial_states_continue_a_sequence():
+    """A conv over x split in two, the second part from the first part's last w - 1 inputs, is the conv over x, for
+    the Pallas kernels (interpreted) and XLA's ops."""
+    x, kernel, b, _ = inputs(2, 150, 24, 4, True, jnp.float32, seed=3)
+    whole = causal_conv1d(x, kernel, b, silu=True, implementation="reference")
+    for implementation in ("xla", "pallas"):
+        first = causal_conv1d(x[:, :67], kernel, b, silu=True, implementation=implementation, interpret=True)
+        second = causal_conv1d(
+            x[:, 67:], kernel, b, silu=True, initial_states=x[:, 64:67], implementation=implementation, interpret=True
+        )
+        assert_close(jnp.concatenate([first, second], axis=1), whole, jnp.float32)
 
 
 def test_pallas_split_over_rows_and_channels():
     """Inside a sharded jit the kernels run on each device's rows and channels: nothing gathered, the same result."""
     mesh = make_mesh(data=2, fsdp=1, tensor=4)
     x, kernel, b, dy = inputs(4, 20, 32, 4, True, jnp.float32, seed=1)
+    h = history(x, 4)
 
-    def loss(x, kernel, b):
-        y = causal_conv1d(x, kernel, b, silu=True, implementation="pallas", interpret=True)
+    def loss(x, kernel, b, h):
+        y = causal_conv1d(x, kernel, b, silu=True, initial_states=h, implementation="pallas", interpret=True)
         return jnp.sum(y * dy)
 
-    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    want = grad(x, kernel, b)
-    specs = [P("data", None, "tensor"), P(None, "tensor"), P("tensor")]
-    placed = [jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in zip((x, kernel, b), specs, strict=True)]
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    want = grad(x, kernel, b, h)
+    specs = [P("data", None, "tensor"), P(None, "tensor"), P("tensor"), P("data", None, "tensor")]
+    placed = [jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in zip((x, kernel, b, h), specs, strict=True)]
     ops = ops_of(grad.lower(*placed).compile())
     assert "all-gather" not in ops and "all-to-all" not in ops, ops
     got = grad(*placed)
@@ -96,26 +124,38 @@ def test_bad_arguments():
         causal_conv1d(x, jnp.zeros((4, 8)), implementation="cuda")
     with pytest.raises(ValueError, match=f"widths up to {conv_pallas.MAX_WIDTH}, got 9"):
         causal_conv1d(x, jnp.zeros((9, 8)), implementation="pallas")
+    with pytest.raises(
+        ValueError, match=r"initial_states must have shape \(batch, width - 1, channels\) = \(1, 3, 8\)"
+    ):
+        causal_conv1d(x, jnp.zeros((4, 8)), initial_states=jnp.zeros((1, 4, 8)))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "case", [(8, 2048, 2048, 4, True, True, jnp.bfloat16), (2, 1000, 2304, 4, True, True, jnp.float32)]
+    "case, initial",
+    [
+        ((8, 2048, 2048, 4, True, True, jnp.bfloat16), False),
+        ((2, 1000, 2304, 4, True, True, jnp.float32), False),
+        ((64, 128, 1536, 4, True, True, jnp.float16), True),  # a Mamba-1 130m batch-64 prefill from a cache
+    ],
 )
-def test_pallas_on_gpu(case):
-    """The compiled kernels (the default on a GPU) at a Mamba-1 370m and a Mamba-2-like layer's shape."""
+def test_pallas_on_gpu(case, initial):
+    """The compiled kernels (the default on a GPU) at a Mamba-1 370m and a Mamba-2-like layer's shape, and from
+    initial states at a prefill's."""
     from pallas_kernels.selective_scan.pallas import pallas_supported
 
     assert pallas_supported()
     batch, seqlen, channels, width, silu, bias, dtype = case
     x, kernel, b, dy = inputs(batch, seqlen, channels, width, bias, dtype, seed=2)
+    h = history(x, width) if initial else None
 
     def grads(implementation):
-        def f(x, kernel, b):
-            y = causal_conv1d(x, kernel, b, silu=silu, implementation=implementation)
+        def f(x, kernel, b, h):
+            y = causal_conv1d(x, kernel, b, silu=silu, initial_states=h, implementation=implementation)
             return jnp.sum(y.astype(jnp.float32) * dy), y
 
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(x, kernel, b)
+        argnums = (0, 1, 2, 3) if initial else (0, 1, 2)
+        return jax.jit(jax.value_and_grad(f, argnums=argnums, has_aux=True))(x, kernel, b, h)
 
     (_, want), want_grads = grads("reference")
     (_, got), got_grads = grads(None)

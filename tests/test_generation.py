@@ -150,6 +150,28 @@ def test_chunked_prefill_and_steps_match_full_forward():
     assert cache[1].length.tolist() == [9, 9]  # the attention layer's filled positions
 
 
+def test_prefill_without_lengths_is_prefill_with_full_lengths():
+    """lengths None (every row full: nothing masked or gathered per row, what generate passes for prompts of one
+    length) gives the logits and caches of explicit full lengths, from an empty cache and from a filled one."""
+    model = random_model("hybrid", seed=4)
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, VOCAB, (2, 7)).astype(np.int32))
+    expected = np.asarray(nnx.jit(lambda m, ids: m(ids))(model, ids))
+    prefill = nnx.jit(lambda m, ids, cache, lengths: m.prefill(ids, cache, lengths))
+    results = {}
+    for lengths in ("none", "full"):
+        cache = model.init_cache(2, 7)
+        outs = []
+        for chunk in (ids[:, :1], ids[:, 1:]):  # 1 < d_conv - 1 = 2 inputs first: a window spanning both chunks
+            full = jnp.full((2,), chunk.shape[1], jnp.int32)
+            logits, cache = prefill(model, chunk, cache, None if lengths == "none" else full)
+            outs.append(logits)
+        results[lengths] = (outs, cache)
+        assert_close(outs[0], expected[:, 0], jnp.float32)
+        assert_close(outs[1], expected[:, 6], jnp.float32)
+    for got, want in zip(jax.tree.leaves(results["none"]), jax.tree.leaves(results["full"]), strict=True):
+        assert_close(got, want, jnp.float32)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_a_16_bit_state_stays_16_bit_and_near_the_float32_state(name):
     """init_cache(state_dtype=bfloat16): prefill and steps keep the SSM states in bfloat16 (the compiled loop needs a
@@ -232,7 +254,8 @@ class Counter(nnx.Module):
         return jnp.zeros((batch,), jnp.int32)
 
     def prefill(self, ids, cache, lengths):
-        return self.step(ids[jnp.arange(ids.shape[0]), lengths - 1], cache)
+        last = ids[:, -1] if lengths is None else ids[jnp.arange(ids.shape[0]), lengths - 1]
+        return self.step(last, cache)
 
     def step(self, tokens, cache):
         return 10.0 * jax.nn.one_hot((tokens + 1) % VOCAB, VOCAB), cache

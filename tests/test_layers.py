@@ -10,9 +10,10 @@ from mamba_jax.layers import linear, linear_parts
 from tests.tolerances import assert_close
 
 
+@pytest.mark.parametrize("ordered", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("use_bias", [False, True])
-def test_linear_parts_equal_the_split_layer(dtype, use_bias):
+def test_linear_parts_equal_the_split_layer(dtype, use_bias, ordered):
     sizes = [5, 11, 3]
     layer = linear(7, sum(sizes), axes=(None, None), use_bias=use_bias, rngs=nnx.Rngs(0), dtype=dtype)
     x = jax.random.normal(jax.random.key(1), (2, 9, 7), jnp.float32)
@@ -25,9 +26,11 @@ def test_linear_parts_equal_the_split_layer(dtype, use_bias):
         return loss(jnp.split(model(x), np.cumsum(sizes)[:-1].tolist(), axis=-1))
 
     def in_parts(model, x):
-        return loss(linear_parts(model, x, sizes))
+        return loss(linear_parts(model, x, sizes, ordered))
 
-    parts = linear_parts(layer, x, sizes)
+    parts = linear_parts(layer, x, sizes, ordered)
+    barriers = str(jax.make_jaxpr(lambda x: linear_parts(layer, x, sizes, ordered))(x)).count("optimization_barrier")
+    assert barriers == (len(sizes) - 1 if ordered else 0)
     assert [p.shape for p in parts] == [(2, 9, s) for s in sizes]
     assert all(p.dtype == dtype for p in parts)
     for got, want in zip(parts, jnp.split(layer(x), np.cumsum(sizes)[:-1].tolist(), axis=-1), strict=True):

@@ -6,8 +6,9 @@ The model is any pytree (flax NNX modules are) with the decode protocol of ``Mam
 - ``config.vocab_size``: the real vocabulary (logits beyond it are vocab padding and never sampled);
 - ``init_cache(batch, max_len, state_dtype=...)`` -> an empty cache for ``max_len`` positions per row, its SSM
   states in ``state_dtype``;
-- ``prefill(input_ids (b, l), cache, lengths (b,))`` -> (logits (b, v) float32 at each row's last prompt token,
-  cache): the whole prompt at once, with the parallel scan;
+- ``prefill(input_ids (b, l), cache, lengths (b,) or None)`` -> (logits (b, v) float32 at each row's last prompt
+  token, cache): the whole prompt at once, with the parallel scan; lengths None when every prompt fills all l
+  positions;
 - ``step(tokens (b,), cache)`` -> (logits (b, v) float32, cache): one token per row, O(1) in the sequence length.
 """
 
@@ -184,7 +185,7 @@ class GenerateArgs(NamedTuple):
 
     params: list[jax.Array]  # the model's leaves, ``jax.tree.leaves(model)``
     ids: np.ndarray  # int32 (b, l), padding set to 0
-    lengths: np.ndarray  # int32 (b,)
+    lengths: np.ndarray | None  # int32 (b,), or None where every prompt fills all l positions
     key: jax.Array
     eos: np.ndarray  # int32 scalar, -1 when there is no EOS token
     fill: np.ndarray  # int32 scalar, the id written after a row finished
@@ -371,7 +372,7 @@ def _decode(
     logits, cache = model.prefill(ids, cache, lengths)
     seen = None  # (b, V) bool: ids already in each row, for the repetition penalty
     if sampling.repetition_penalty != 1.0:
-        in_prompt = jnp.arange(seqlen)[None, :] < lengths[:, None]
+        in_prompt = jnp.ones(ids.shape, bool) if lengths is None else jnp.arange(seqlen)[None, :] < lengths[:, None]
         seen = jnp.zeros((batch, vocab_size), jnp.int32).at[rows[:, None], ids].add(in_prompt.astype(jnp.int32)) > 0
 
     def choose(position, logits, key, tokens, scores, done, seen):
@@ -381,6 +382,10 @@ def _decode(
         if not sampling.greedy:  # greedy decoding needs no randomness: save the step its key split
             key, subkey = jax.random.split(key)
         token = sample_next(logits, seen, subkey, sampling)
+        return record(position, token, logits, key, tokens, scores, done, seen)
+
+    def record(position, token, logits, key, tokens, scores, done, seen):
+        """Record ``token`` (b,) at ``position``, chosen from ``logits`` (b, v) (None where no scores are kept)."""
         token = jnp.where(done, fill, token)
         done = done | (token == eos)
         tokens = tokens.at[:, position].set(token)
@@ -423,8 +428,9 @@ def _check_token_id(name: str, value, vocab_size: int) -> int | None:
     return int(value)
 
 
-def _check_prompts(input_ids, prompt_lengths, pad_token_id, vocab_size) -> tuple[np.ndarray, np.ndarray]:
-    """-> (ids int32 (b, l) with padding set to 0, lengths int32 (b,)), or a ValueError."""
+def _check_prompts(input_ids, prompt_lengths, pad_token_id, vocab_size) -> tuple[np.ndarray, np.ndarray | None]:
+    """-> (ids int32 (b, l) with padding set to 0, lengths int32 (b,) or None where every prompt fills all l
+    positions), or a ValueError. None compiles a program of its own, whose prefill masks nothing per row."""
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must be an integer array of shape (batch, seqlen), found {ids.shape} {ids.dtype}")
@@ -453,6 +459,8 @@ def _check_prompts(input_ids, prompt_lengths, pad_token_id, vocab_size) -> tuple
         raise ValueError(
             f"input_ids must be in [0, vocab_size={vocab_size}), found {ids[row, col]} at row {row}, position {col}"
         )
+    if np.all(lengths == seqlen):
+        return ids.astype(np.int32), None
     # The padding is never read by a valid position, but it still flows through the layers: keep it a real id.
     return np.where(valid, ids, 0).astype(np.int32), lengths.astype(np.int32)
 

@@ -21,13 +21,16 @@ def causal_conv1d(
     bias: jax.Array | None = None,
     *,
     silu: bool = False,
+    initial_states: jax.Array | None = None,
     implementation: str | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """Depthwise causal conv over time, channels last: y_t = sum_k kernel[k] x_{t - (w - 1) + k} (+ bias), then
-    SiLU if ``silu``; returned in x's dtype, computed in float32 (in x's dtype by "xla").
+    SiLU if ``silu``; returned in x's dtype, computed in float32 (in x's dtype by "xla"). x before t = 0 is
+    ``initial_states`` (a cached window continued, as in a prefill), or 0.
 
-    x (b, l, c) floating; kernel (w, c); bias (c,) or None. ``implementation``: "reference" (XLA ops in float32),
+    x (b, l, c) floating; kernel (w, c); bias (c,) or None; initial_states (b, w - 1, c) or None, the inputs at
+    t = -(w - 1) .. -1 (differentiable). ``implementation``: "reference" (XLA ops in float32),
     "xla" (XLA ops in x's dtype, fused by XLA with its neighbours), "pallas" (GPU kernels, float32 inside; ``interpret``
     None runs them compiled where Pallas supports the GPU, else in Pallas's interpreter), or None: "pallas" on a
     supported GPU for w <= MAX_WIDTH, else "xla".
@@ -39,12 +42,20 @@ def causal_conv1d(
         )
     if bias is not None and bias.shape != kernel.shape[1:]:
         raise ValueError(f"causal_conv1d: bias must have shape {kernel.shape[1:]}, got {bias.shape}")
+    history = (x.shape[0], kernel.shape[0] - 1, x.shape[2])
+    if initial_states is not None and initial_states.shape != history:
+        raise ValueError(
+            f"causal_conv1d: initial_states must have shape (batch, width - 1, channels) = {history}, "
+            f"got {initial_states.shape}"
+        )
+    if history[1] == 0:  # width 1: nothing before x is ever read
+        initial_states = None
     if implementation is None:
         implementation = "pallas" if _pallas_default() and kernel.shape[0] <= MAX_WIDTH else "xla"
     if implementation == "reference":
-        return causal_conv1d_reference(x, kernel, bias, silu)
+        return causal_conv1d_reference(x, kernel, bias, silu, initial_states)
     if implementation == "xla":
-        return causal_conv1d_xla(x, kernel, bias, silu)
+        return causal_conv1d_xla(x, kernel, bias, silu, initial_states)
     if implementation != "pallas":
         raise ValueError(
             f"causal_conv1d: implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
@@ -55,7 +66,7 @@ def causal_conv1d(
         interpret = not pallas_supported()
     if not interpret:
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
-    return causal_conv1d_pallas(x, kernel, bias, silu, interpret)
+    return causal_conv1d_pallas(x, kernel, bias, silu, interpret, initial_states=initial_states)
 
 
 @functools.cache

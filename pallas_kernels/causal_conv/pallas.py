@@ -2,11 +2,12 @@
 
 One program owns ``ConvTiles.channels`` channels of one batch row over ``ConvTiles.steps`` consecutive time steps and
 walks them in order, a row of channels at a time, keeping the last w - 1 input rows in registers; rows are loaded
-``ConvTiles.tile`` steps at a time, a tile ahead of their use. The forward reads x once and writes y once. The
-backward recomputes the conv from x (nothing but x is saved), forms g = dy SiLU'(c), and writes
-dx_s = sum_k kernel[k] g_{s + w - 1 - k} (it walks w - 1 steps past its block for that) and per-program float32 sums
-of dkernel and dbias, which XLA adds up. XLA's own fusion of this backward (a reduction fused with the dx pass) read
-and wrote its bytes at about 1.2 TB/s on an H100.
+``ConvTiles.tile`` steps at a time, a tile ahead of their use. The forward reads x once and writes y once; the first
+block of a row starts its window from ``initial_states`` (the w - 1 inputs before x) where they are given, else from
+zeros. The backward recomputes the conv from x (nothing but x is saved), forms g = dy SiLU'(c), and writes
+dx_s = sum_k kernel[k] g_{s + w - 1 - k} (it walks w - 1 steps past its block for that; the first block's s < 0 are
+the initial states' cotangent) and per-program float32 sums of dkernel and dbias, which XLA adds up. XLA's own
+fusion of this backward (a reduction fused with the dx pass) read and wrote its bytes at about 1.2 TB/s on an H100.
 """
 
 import dataclasses
@@ -36,17 +37,37 @@ class ConvTiles:
     num_warps: int = 4
 
 
-def causal_conv1d_pallas(x, kernel, bias, silu: bool, interpret: bool, tiles: ConvTiles = ConvTiles()) -> jax.Array:
-    """As ``causal_conv1d_reference``; differentiable in x, kernel and bias (None: no bias)."""
-    if tiles.steps % tiles.tile:
-        raise ValueError(f"causal_conv1d_pallas: steps must be a multiple of tile, got {tiles}")
+def causal_conv1d_pallas(
+    x, kernel, bias, silu: bool, interpret: bool, tiles: ConvTiles = ConvTiles(), initial_states=None
+) -> jax.Array:
+    """As ``causal_conv1d_reference``; differentiable in x, kernel, bias (None: no bias) and initial_states (None:
+    zeros before x)."""
+    if tiles.steps % tiles.tile or tiles.steps < kernel.shape[0] - 1:
+        raise ValueError(f"causal_conv1d_pallas: steps must be a multiple of tile and at least w - 1, got {tiles}")
     bias = jnp.zeros(kernel.shape[1:], jnp.float32) if bias is None else bias
-    return _conv(x, kernel, bias, silu, interpret, tiles)
+    if initial_states is None:
+        return _conv(x, kernel, bias, silu, interpret, tiles)
+    return _conv_from(x, initial_states, kernel, bias, silu, interpret, tiles)
+
+
+def _conv_call(args, silu, interpret, tiles):
+    return _split(lambda *a: _forward(*a, silu=silu, interpret=interpret, tiles=tiles), args, 2)
+
+
+def _conv_grads(args, dy, silu, interpret, tiles):
+    """The cotangents of ``args`` ([x, (initial_states,) kernel, bias]) from the backward kernel's outputs."""
+    x, *initial, kernel, bias = args
+    dims = (2, *[2] * len(initial), 3, 2)
+    grads = _split(
+        lambda *a: _backward(*a, silu=silu, interpret=interpret, tiles=tiles), [x, *initial, dy, kernel, bias], dims
+    )
+    *dinputs, dkernel, dbias = grads
+    return (*dinputs, dkernel.sum(axis=(0, 1)).astype(kernel.dtype), dbias.sum(axis=(0, 1)).astype(bias.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _conv(x, kernel, bias, silu, interpret, tiles):
-    return _split(lambda *args: _forward(*args, silu=silu, interpret=interpret, tiles=tiles), [x, kernel, bias], 2)
+    return _conv_call([x, kernel, bias], silu, interpret, tiles)
 
 
 def _conv_fwd(x, kernel, bias, silu, interpret, tiles):
@@ -54,14 +75,27 @@ def _conv_fwd(x, kernel, bias, silu, interpret, tiles):
 
 
 def _conv_bwd(silu, interpret, tiles, residuals, dy):
-    x, kernel, bias = residuals
-    dx, dkernel, dbias = _split(
-        lambda *args: _backward(*args, silu=silu, interpret=interpret, tiles=tiles), [x, dy, kernel, bias], (2, 3, 2)
-    )
-    return dx, dkernel.sum(axis=(0, 1)).astype(kernel.dtype), dbias.sum(axis=(0, 1)).astype(bias.dtype)
+    return _conv_grads(list(residuals), dy, silu, interpret, tiles)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _conv_from(x, initial_states, kernel, bias, silu, interpret, tiles):
+    return _conv_call([x, initial_states, kernel, bias], silu, interpret, tiles)
+
+
+def _conv_from_fwd(x, initial_states, kernel, bias, silu, interpret, tiles):
+    out = _conv_from(x, initial_states, kernel, bias, silu, interpret, tiles)
+    return out, (x, initial_states, kernel, bias)
+
+
+def _conv_from_bwd(silu, interpret, tiles, residuals, dy):
+    return _conv_grads(list(residuals), dy, silu, interpret, tiles)
+
+
+_conv_from.defvjp(_conv_from_fwd, _conv_from_bwd)
 
 
 def _split(fn, args, result_channel_dims):
@@ -88,51 +122,64 @@ def _launch(kernel_fn, args, out_shape, name, interpret, tiles: ConvTiles):
     )(*args)
 
 
-def _forward(x, kernel, bias, *, silu, interpret, tiles):
-    """y (b, l, c) in x's dtype."""
+def _forward(x, *args, silu, interpret, tiles):
+    """args: [initial_states (b, w - 1, c),] kernel, bias -> y (b, l, c) in x's dtype."""
     out_shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
     body = functools.partial(_forward_kernel, silu=silu, ops=KernelMath(interpret), tiles=tiles)
-    return _launch(body, [x, kernel, bias], out_shape, "causal_conv_fwd", interpret, tiles)
+    return _launch(body, [x, *args], out_shape, "causal_conv_fwd", interpret, tiles)
 
 
-def _backward(x, dy, kernel, bias, *, silu, interpret, tiles):
-    """dx (b, l, c) in x's dtype; dkernel float32 (b, L, w, c) and dbias float32 (b, L, c), one partial sum per
-    program (L = cdiv(l, steps) blocks of time)."""
+def _backward(x, *args, silu, interpret, tiles):
+    """args: [initial_states,] dy, kernel, bias -> dx (b, l, c) in x's dtype[, d initial_states (b, w - 1, c) in
+    theirs]; dkernel float32 (b, L, w, c) and dbias float32 (b, L, c), one partial sum per program (L = cdiv(l,
+    steps) blocks of time)."""
     batch, _, channels = x.shape
+    *initial, _, kernel, _ = args
     blocks = _grid(x, tiles)[1]
     out_shape = (
         jax.ShapeDtypeStruct(x.shape, x.dtype),
+        *[jax.ShapeDtypeStruct(i.shape, i.dtype) for i in initial],
         jax.ShapeDtypeStruct((batch, blocks, kernel.shape[0], channels), jnp.float32),
         jax.ShapeDtypeStruct((batch, blocks, channels), jnp.float32),
     )
-    body = functools.partial(_backward_kernel, silu=silu, ops=KernelMath(interpret), tiles=tiles)
-    return _launch(body, [x, dy, kernel, bias], out_shape, "causal_conv_bwd", interpret, tiles)
+    ops = KernelMath(interpret)
+    body = functools.partial(_backward_kernel, silu=silu, ops=ops, tiles=tiles, initial=bool(initial))
+    return _launch(body, [x, *args], out_shape, "causal_conv_bwd", interpret, tiles)
 
 
 class _Rows:
-    """The program's view of (b, l, c) arrays: its row of the batch, its channels (lanes), time clamped into range
-    (rows outside it read as 0 and are not written)."""
+    """The program's view of (b, l, c) arrays (and of the (b, w - 1, c) initial states): its row of the batch, its
+    channels (lanes), time clamped into the array's range (rows outside it read as 0 and are not written)."""
 
-    def __init__(self, length: int, channels: int, tiles: ConvTiles):
+    def __init__(self, channels: int, tiles: ConvTiles):
         self.batch, self.block = pl.program_id(0), pl.program_id(1)
         first = pl.program_id(2) * tiles.channels
         self.lanes = pl.ds(first, tiles.channels)
         self.mask = first + lax.iota(jnp.int32, tiles.channels) < channels
-        self.length = length
         self.start = self.block * tiles.steps
         self.tiles = tiles
 
     def load(self, ref, t) -> jax.Array:
-        """float32 row ``ref[batch, t, lanes]``; 0 where t is outside [0, l) or a lane past the channels."""
-        inside = (t >= 0) & (t < self.length)
-        row = plt.load(ref.at[self.batch, jnp.clip(t, 0, self.length - 1), self.lanes], mask=self.mask, other=0)
+        """float32 row ``ref[batch, t, lanes]``; 0 where t is outside [0, ref's length) or a lane past the channels."""
+        length = ref.shape[1]
+        inside = (t >= 0) & (t < length)
+        row = plt.load(ref.at[self.batch, jnp.clip(t, 0, length - 1), self.lanes], mask=self.mask, other=0)
         return jnp.where(inside, row.astype(jnp.float32), 0.0)
 
     def store(self, ref, t, value, where=True) -> None:
-        """``ref[batch, t, lanes] = value`` where t < l and ``where``."""
-        mask = self.mask & (t < self.length) & where
-        index = jnp.clip(t, 0, self.length - 1)
+        """``ref[batch, t, lanes] = value`` where 0 <= t < ref's length and ``where``."""
+        length = ref.shape[1]
+        mask = self.mask & (t >= 0) & (t < length) & where
+        index = jnp.clip(t, 0, length - 1)
         plt.store(ref.at[self.batch, index, self.lanes], value.astype(ref.dtype), mask=mask)
+
+    def first_window(self, x_ref, initial_ref, width: int) -> list[jax.Array]:
+        """The w - 1 input rows before the block, oldest first: x's, or before x the initial states' (0 without)."""
+        times = [self.start - width + 1 + k for k in range(width - 1)]
+        if initial_ref is None:
+            return [self.load(x_ref, t) for t in times]
+        # Each time is inside exactly one of the two arrays (initial state i is time i - (w - 1)); the other reads 0.
+        return [self.load(x_ref, t) + self.load(initial_ref, t + width - 1) for t in times]
 
     def weights(self, ref, *index) -> jax.Array:
         return plt.load(ref.at[(*map(_index, index), self.lanes)], mask=self.mask, other=0).astype(jnp.float32)
@@ -169,13 +216,14 @@ def _conv_at(window, x_t, weights, bias):
     return c
 
 
-def _forward_kernel(x_ref, kernel_ref, bias_ref, y_ref, *, silu: bool, ops: KernelMath, tiles: ConvTiles):
-    length, channels = x_ref.shape[1:]
+def _forward_kernel(x_ref, *refs, silu: bool, ops: KernelMath, tiles: ConvTiles):
+    *initial, kernel_ref, bias_ref, y_ref = refs
+    channels = x_ref.shape[2]
     width = kernel_ref.shape[0]
-    rows = _Rows(length, channels, tiles)
+    rows = _Rows(channels, tiles)
     weights = [rows.weights(kernel_ref, k) for k in range(width)]
     bias = rows.weights(bias_ref)
-    window = [rows.load(x_ref, rows.start - width + 1 + k) for k in range(width - 1)]
+    window = rows.first_window(x_ref, initial[0] if initial else None, width)
 
     def step(window, t, x_t):
         c = _conv_at(window, x_t, weights, bias)
@@ -185,10 +233,15 @@ def _forward_kernel(x_ref, kernel_ref, bias_ref, y_ref, *, silu: bool, ops: Kern
     _walk(rows, step, window, lambda t: rows.load(x_ref, t))
 
 
-def _backward_kernel(x_ref, dy_ref, kernel_ref, bias_ref, dx_ref, dkernel_ref, dbias_ref, *, silu: bool, ops, tiles):
-    length, channels = x_ref.shape[1:]
+def _backward_kernel(x_ref, *refs, silu: bool, ops, tiles, initial: bool):
+    if initial:
+        initial_ref, dy_ref, kernel_ref, bias_ref, dx_ref, dinitial_ref, dkernel_ref, dbias_ref = refs
+    else:
+        dy_ref, kernel_ref, bias_ref, dx_ref, dkernel_ref, dbias_ref = refs
+        initial_ref = dinitial_ref = None
+    channels = x_ref.shape[2]
     width = kernel_ref.shape[0]
-    rows = _Rows(length, channels, tiles)
+    rows = _Rows(channels, tiles)
     weights = [rows.weights(kernel_ref, k) for k in range(width)]
     bias = rows.weights(bias_ref)
     zeros = jnp.zeros((tiles.channels,), jnp.float32)
@@ -213,12 +266,14 @@ def _backward_kernel(x_ref, dy_ref, kernel_ref, bias_ref, dx_ref, dkernel_ref, d
         s = t - width + 1
         dx = sum(weights[width - 1 - k] * gs[k] for k in range(width))
         rows.store(dx_ref, s, dx, s >= rows.start)  # earlier rows are the previous block's
+        if dinitial_ref is not None:  # s < 0 only in the first block: the initial state at s + w - 1
+            rows.store(dinitial_ref, s + width - 1, dx, s < 0)
         return [*window, loaded[0]][1:], gs, dkernel, dbias
 
     def loads(t):
         return rows.load(x_ref, t), rows.load(dy_ref, t)
 
-    window = [rows.load(x_ref, rows.start - width + 1 + k) for k in range(width - 1)]
+    window = rows.first_window(x_ref, initial_ref, width)
     carry = (window, [zeros] * width, [zeros] * width, zeros)
     carry = _walk(rows, functools.partial(step, accumulate=True), carry, loads)
     end = rows.start + tiles.steps

@@ -2,14 +2,18 @@
 of in_proj's output around it)."""
 
 import jax
-import jax.numpy as jnp
+
+from pallas_kernels.causal_conv.reference import with_history
 
 
-def causal_conv1d_xla(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, silu: bool) -> jax.Array:
+def causal_conv1d_xla(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, silu: bool, initial_states: jax.Array | None = None
+) -> jax.Array:
     """As ``causal_conv1d_reference``, in x's dtype: w shifted products and their sum, which XLA fuses into the ops
-    that produce x and consume y. x (b, l, c); kernel (w, c) and bias (c,) cast to x's dtype. Returns (b, l, c)."""
+    that produce x and consume y. x (b, l, c); kernel (w, c) and bias (c,) cast to x's dtype; initial_states
+    (b, w - 1, c) or None. Returns (b, l, c)."""
     width, length = kernel.shape[0], x.shape[1]
-    padded = jnp.pad(x, ((0, 0), (width - 1, 0), (0, 0)))
+    padded = with_history(x, initial_states, width)
     kernel = kernel.astype(x.dtype)
     y = sum(padded[:, k : k + length] * kernel[k] for k in range(width))
     if bias is not None:
