@@ -18,6 +18,7 @@ from mamba_jax.mamba1 import Mamba
 from mamba_jax.mamba2 import Mamba2
 from mamba_jax.mha import MHA
 from mamba_jax.mlp import GatedMLP
+from pallas_kernels.head_argmax import head_argmax
 from pallas_kernels.mamba_step import settled
 
 NORM_EPS = 1e-5  # mamba_ssm's norm_epsilon default; its config has no field for it
@@ -262,6 +263,24 @@ class MambaLMHeadModel(nnx.Module):
             raise ValueError(f"tokens must be integer (batch,), found shape {tokens.shape} dtype {tokens.dtype}")
         hidden, cache = self.backbone.step(tokens, cache)
         return self.logits(hidden), cache
+
+    def greedy_step(self, tokens: jax.Array, cache: tuple) -> tuple[jax.Array, tuple]:
+        """``step`` and the arg-max of its logits over the real vocabulary (``config.vocab_size``), without the
+        logits: tokens int (b,) -> (next tokens int32 (b,), cache). The head's product and the arg-max are one pass
+        over the head (``pallas_kernels.head_argmax``; XLA's arg-max of the logits off a GPU). ``generate`` decodes
+        greedily with it where nothing else needs the logits (no scores, no repetition penalty)."""
+        if tokens.ndim != 1 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer (batch,), found shape {tokens.shape} dtype {tokens.dtype}")
+        hidden, cache = self.backbone.step(tokens, cache)
+        if self.config.tie_embeddings:
+            head, layout = self.backbone.embedding.embedding[...], "vd"  # (v, d)
+        else:
+            head, layout = self.lm_head.kernel[...], "dv"  # (d, v)
+        dtype = self.dtype or jnp.result_type(hidden, head)
+        next_tokens = head_argmax(
+            hidden.astype(dtype), head.astype(dtype), layout=layout, vocab_size=self.config.vocab_size
+        )
+        return next_tokens, cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """The LM head: hidden (..., d), the final normed hidden states -> float32 logits (..., v). ``model(ids)`` is

@@ -120,10 +120,48 @@ def test_decode_matches_full_forward_and_single_prompts(name):
     assert scores.shape == (3, NEW_TOKENS, VOCAB) and scores.dtype == np.float32
     assert_close(scores, full_forward_logits(model, prompts, PROMPT_LENGTHS, tokens), jnp.float32)
     np.testing.assert_array_equal(tokens, scores.argmax(-1))
+    # Without scores greedy decoding takes the arg-max from greedy_step (no logits): the same tokens.
+    without_scores = generate(model, prompts, max_new_tokens=NEW_TOKENS, prompt_lengths=PROMPT_LENGTHS)
+    np.testing.assert_array_equal(without_scores, tokens)
 
     if name == "hybrid":  # every kind of layer (compiling a batch of one costs time: once is enough)
         alone = generate(model, prompts[2:, :1], max_new_tokens=NEW_TOKENS)
         np.testing.assert_array_equal(alone, tokens[2:])
+
+
+@pytest.mark.parametrize("name", ["mamba1", "hybrid"])  # a tied head and an untied one
+def test_greedy_step_is_the_arg_max_of_step(name, monkeypatch):
+    """greedy_step returns the arg-max of step's logits over the real vocabulary (not the padding) and the same
+    cache; generate calls it for greedy decoding without scores or a repetition penalty, and only then."""
+    model = random_model(name, seed=6)
+    cache = model.init_cache(3, 4)
+    _, cache = model.prefill(jnp.asarray([[1, 2], [3, 4], [5, 6]]), cache)
+    tokens = jnp.asarray([7, 8, 9])
+    # Row r's largest logit put in padding column VOCAB + r (the head's row or column along its hidden state), so
+    # that reading the padding would be caught.
+    hidden = model.backbone.step(tokens, cache)[0]
+    along = 1e3 * hidden / jnp.linalg.norm(hidden, axis=1, keepdims=True)  # (3, d)
+    if model.config.tie_embeddings:
+        table = model.backbone.embedding.embedding
+        table[...] = table[...].at[VOCAB : VOCAB + 3].set(along)
+    else:
+        model.lm_head.kernel[...] = model.lm_head.kernel[...].at[:, VOCAB : VOCAB + 3].set(along.T)
+    logits, want_cache = model.step(tokens, cache)
+    np.testing.assert_array_equal(np.asarray(logits).argmax(-1), VOCAB + np.arange(3))
+    got, got_cache = model.greedy_step(tokens, cache)
+    np.testing.assert_array_equal(got, np.asarray(logits)[:, :VOCAB].argmax(-1))
+    for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    calls = []
+    original = type(model).greedy_step
+    monkeypatch.setattr(type(model), "greedy_step", lambda self, *a: calls.append(1) or original(self, *a))
+    prompts = np.asarray([[1, 2, 3]])
+    generate(model, prompts, max_new_tokens=3, return_scores=True)
+    generate(model, prompts, max_new_tokens=3, repetition_penalty=1.2)
+    assert not calls
+    generate(model, prompts, max_new_tokens=3)
+    assert calls
 
 
 def test_chunked_prefill_and_steps_match_full_forward():

@@ -9,7 +9,9 @@ The model is any pytree (flax NNX modules are) with the decode protocol of ``Mam
 - ``prefill(input_ids (b, l), cache, lengths (b,) or None)`` -> (logits (b, v) float32 at each row's last prompt
   token, cache): the whole prompt at once, with the parallel scan; lengths None when every prompt fills all l
   positions;
-- ``step(tokens (b,), cache)`` -> (logits (b, v) float32, cache): one token per row, O(1) in the sequence length.
+- ``step(tokens (b,), cache)`` -> (logits (b, v) float32, cache): one token per row, O(1) in the sequence length;
+- optionally ``greedy_step(tokens (b,), cache)`` -> (the arg-max of step's logits over the real vocabulary, int32
+  (b,), cache), which greedy decoding without scores or a repetition penalty calls instead of ``step``.
 """
 
 from __future__ import annotations
@@ -386,8 +388,9 @@ def _decode(
 
     def record(position, token, logits, key, tokens, scores, done, seen):
         """Record ``token`` (b,) at ``position``, chosen from ``logits`` (b, v) (None where no scores are kept)."""
-        token = jnp.where(done, fill, token)
-        done = done | (token == eos)
+        if stops:  # without an EOS no row finishes early: nothing to fill (two kernels a token saved)
+            token = jnp.where(done, fill, token)
+            done = done | (token == eos)
         tokens = tokens.at[:, position].set(token)
         if return_scores:
             scores = scores.at[:, position].set(logits)
@@ -406,8 +409,16 @@ def _decode(
         position, _, _, _, _, done, _, _ = carry
         return (position < max_new_tokens) & ~jnp.all(done)
 
+    # Greedy decoding that needs nothing but the arg-max takes it from the model without the logits where the model
+    # can (``MambaLMHeadModel.greedy_step``: one pass over the LM head instead of writing and reading the logits).
+    argmax_only = sampling.greedy and sampling.repetition_penalty == 1.0 and not return_scores
+    greedy_step = getattr(model, "greedy_step", None) if argmax_only else None
+
     def decode_one(carry):
         position, token, key, tokens, scores, done, seen, cache = carry
+        if greedy_step is not None:
+            token, cache = greedy_step(token, cache)
+            return (position + 1, *record(position, token, None, key, tokens, scores, done, seen), cache)
         logits, cache = model.step(token, cache)
         return (position + 1, *choose(position, logits, key, tokens, scores, done, seen), cache)
 
