@@ -94,6 +94,8 @@ def test_bad_arguments():
         head_argmax(hidden[0], head)
     with pytest.raises(ValueError, match=r"head must have shape \(d_model, vocab\) with d_model 32"):
         head_argmax(hidden, head, layout="dv")
+    with pytest.raises(ValueError, match=r"head must have shape \(vocab, d_model\) with d_model 32"):
+        head_argmax(hidden, head[0])
     with pytest.raises(ValueError, match=r"vocab_size must be an int in \[1, 64\], got 65"):
         head_argmax(hidden, head, vocab_size=65)
     with pytest.raises(ValueError, match="needs d_model a multiple of 16"):

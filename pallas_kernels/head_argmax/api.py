@@ -33,7 +33,7 @@ def head_argmax(
     ``MambaLMHeadModel.logits`` computes them; on ties the first index wins (``jnp.argmax``).
 
     implementation: "reference" (XLA: the float32 logits, then their arg-max), "pallas" (one GPU kernel that keeps
-      only each tile's largest logit and its index, then XLA's arg-max over the tiles; without a supported GPU it
+      only each tile's largest logit and its index, then one XLA reduction over those; without a supported GPU it
       runs in Pallas's interpreter, slowly), or None: "pallas" on a GPU Pallas compiles for where the kernel takes
       the shape (d a multiple of 16, vocab_size >= 16), else "reference". Not differentiable (an index).
     """
@@ -46,9 +46,9 @@ def head_argmax(
     if hidden.ndim != 2 or not jnp.issubdtype(hidden.dtype, jnp.floating):
         raise ValueError(f"head_argmax: hidden must be floating (batch, d_model), got {hidden.shape} {hidden.dtype}")
     d_model = hidden.shape[1]
-    head_d, vocab = (head.shape[1], head.shape[0]) if layout == "vd" else (head.shape[0], head.shape[1])
+    want = "(vocab, d_model)" if layout == "vd" else "(d_model, vocab)"
+    head_d, vocab = (head.shape[-1], head.shape[0]) if layout == "vd" else (head.shape[0], head.shape[-1])
     if head.ndim != 2 or head_d != d_model:
-        want = "(vocab, d_model)" if layout == "vd" else "(d_model, vocab)"
         raise ValueError(
             f"head_argmax: head must have shape {want} with d_model {d_model} for layout {layout!r}, got {head.shape}"
         )
