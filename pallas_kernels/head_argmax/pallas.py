@@ -4,7 +4,7 @@ The head's columns are cut into tiles of ``columns``; grid (programs, row blocks
 hidden's rows (padded to a power of 2 of at least 16, ``tl.dot``'s smallest tile, at most MAX_ROWS) and the tiles
 p, p + programs, p + 2 programs, ... in one loop over (tile, tile of ``depth`` rows of d) pairs, so that Triton's
 pipeline keeps ``num_stages`` loads of the head in flight across the tiles (a loop per tile refills it every tile:
-at d = 768 that is six loads, and the head read at ~2.2 TB/s instead of ~2.7). After a tile's last product the
+at d = 768 that is six loads, and the head read at ~2.2 TB/s instead of ~2.5). After a tile's last product the
 program folds its logits into each row's largest value so far and the first column holding it, and stores them:
 (programs, b) float32 and int32, instead of the (b, V) float32 logits that XLA writes and its arg-max reads again.
 XLA then takes, per row, the first column among the programs holding the largest value (one variadic reduction).
@@ -29,7 +29,8 @@ from pallas_kernels.mamba_step.pallas import MIN_ROWS, first_column
 MAX_ROWS = 64  # rows a program holds: a (64, 128) float32 accumulator is 64 registers a thread at 4 warps
 COLUMNS = 128  # columns of the head a tile covers
 DEPTH = 128  # rows of d a loop iteration multiplies
-PROGRAMS = 132  # programs along the columns: one an SM of an H100 (a program's 4 stages fill its shared memory)
+PROGRAMS = 132  # programs along the columns: an H100's SMs (4 stages of 128 x 128 head and 64 x 128 row tiles, 16-bit,
+# are 192 KB of shared memory: one program an SM)
 NUM_WARPS = 4
 NUM_STAGES = 4
 
