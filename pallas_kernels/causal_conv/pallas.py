@@ -45,57 +45,38 @@ def causal_conv1d_pallas(
     if tiles.steps % tiles.tile or tiles.steps < kernel.shape[0] - 1:
         raise ValueError(f"causal_conv1d_pallas: steps must be a multiple of tile and at least w - 1, got {tiles}")
     bias = jnp.zeros(kernel.shape[1:], jnp.float32) if bias is None else bias
-    if initial_states is None:
-        return _conv(x, kernel, bias, silu, interpret, tiles)
-    return _conv_from(x, initial_states, kernel, bias, silu, interpret, tiles)
+    return _conv(x, initial_states, kernel, bias, silu, interpret, tiles)
 
 
-def _conv_call(args, silu, interpret, tiles):
-    return _split(lambda *a: _forward(*a, silu=silu, interpret=interpret, tiles=tiles), args, 2)
-
-
-def _conv_grads(args, dy, silu, interpret, tiles):
-    """The cotangents of ``args`` ([x, (initial_states,) kernel, bias]) from the backward kernel's outputs."""
-    x, *initial, kernel, bias = args
-    dims = (2, *[2] * len(initial), 3, 2)
-    grads = _split(
-        lambda *a: _backward(*a, silu=silu, interpret=interpret, tiles=tiles), [x, *initial, dy, kernel, bias], dims
-    )
-    *dinputs, dkernel, dbias = grads
-    return (*dinputs, dkernel.sum(axis=(0, 1)).astype(kernel.dtype), dbias.sum(axis=(0, 1)).astype(bias.dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _conv(x, kernel, bias, silu, interpret, tiles):
-    return _conv_call([x, kernel, bias], silu, interpret, tiles)
-
-
-def _conv_fwd(x, kernel, bias, silu, interpret, tiles):
-    return _conv(x, kernel, bias, silu, interpret, tiles), (x, kernel, bias)
-
-
-def _conv_bwd(silu, interpret, tiles, residuals, dy):
-    return _conv_grads(list(residuals), dy, silu, interpret, tiles)
-
-
-_conv.defvjp(_conv_fwd, _conv_bwd)
+def _operands(x, initial_states, kernel, bias) -> list[jax.Array]:
+    """The kernels' array operands: [x, initial_states (where given), kernel, bias]."""
+    return [x, kernel, bias] if initial_states is None else [x, initial_states, kernel, bias]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _conv_from(x, initial_states, kernel, bias, silu, interpret, tiles):
-    return _conv_call([x, initial_states, kernel, bias], silu, interpret, tiles)
+def _conv(x, initial_states, kernel, bias, silu, interpret, tiles):
+    operands = _operands(x, initial_states, kernel, bias)
+    return _split(lambda *a: _forward(*a, silu=silu, interpret=interpret, tiles=tiles), operands, 2)
 
 
-def _conv_from_fwd(x, initial_states, kernel, bias, silu, interpret, tiles):
-    out = _conv_from(x, initial_states, kernel, bias, silu, interpret, tiles)
-    return out, (x, initial_states, kernel, bias)
+def _conv_fwd(x, initial_states, kernel, bias, silu, interpret, tiles):
+    return _conv(x, initial_states, kernel, bias, silu, interpret, tiles), (x, initial_states, kernel, bias)
 
 
-def _conv_from_bwd(silu, interpret, tiles, residuals, dy):
-    return _conv_grads(list(residuals), dy, silu, interpret, tiles)
+def _conv_bwd(silu, interpret, tiles, residuals, dy):
+    """The cotangents of (x, initial_states (None where not given), kernel, bias) from the backward kernel."""
+    x, initial_states, kernel, bias = residuals
+    operands = _operands(x, initial_states, kernel, bias)
+    dims = (2, 2, 3, 2) if initial_states is not None else (2, 3, 2)
+    grads = _split(
+        lambda *a: _backward(*a, silu=silu, interpret=interpret, tiles=tiles), [*operands[:-2], dy, kernel, bias], dims
+    )
+    *dinputs, dkernel, dbias = grads
+    dx, dinitial = dinputs if initial_states is not None else (dinputs[0], None)
+    return dx, dinitial, dkernel.sum(axis=(0, 1)).astype(kernel.dtype), dbias.sum(axis=(0, 1)).astype(bias.dtype)
 
 
-_conv_from.defvjp(_conv_from_fwd, _conv_from_bwd)
+_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def _split(fn, args, result_channel_dims):
