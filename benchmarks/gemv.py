@@ -5,6 +5,7 @@ of the H100's ~3.0 (benchmarks/RESULTS.md). ``--rows 64`` times the batch-64 ste
 
     PYTHONPATH=. python3 benchmarks/gemv.py --out benchmarks/results/gemv_h100.json
     PYTHONPATH=. python3 benchmarks/gemv.py --backends triton,mosaic --out benchmarks/results/gemv_mosaic_h100.json
+    PYTHONPATH=. python3 benchmarks/gemv.py --backends blocked,triton --shapes 0,1,2,4   # W's layout
     PYTHONPATH=. python3 benchmarks/gemv.py --rows 64 --variants skinny --out benchmarks/results/gemm_b64_h100.json
     PYTHONPATH=. python3 benchmarks/gemv.py --tiny        # a small shape in the interpreter, for a CPU check
 
@@ -71,6 +72,8 @@ VARIANTS = [
     (256, 64, 2, 8, 4),
     (256, 64, 2, 8, 2),
     (128, 128, 4, 8, 3),
+    (64, 128, 2, 8, 3),  # in_proj's default tiling in the fused step (1.4b)
+    (64, 256, 2, 8, 3),
 ]
 # Past one row (``--variants skinny``): few columns a program so that W's read spreads over every multiprocessor.
 SKINNY_VARIANTS = [
@@ -89,6 +92,15 @@ SKINNY_VARIANTS = [
     (128, 64, 4, 4, 4),
     (256, 64, 1, 8, 3),
     (256, 64, 2, 8, 3),
+]
+# ("blocked", columns, depth, splits, warps, stages): a Triton tiling as above, on W stored as (N / columns, K,
+# columns), each program's columns one contiguous block (does the strided (K, N) read cost bandwidth? it did not:
+# benchmarks/RESULTS.md, twenty-fourth session)
+BLOCKED_VARIANTS = [
+    ("blocked", 64, 128, 2, 8, 3),
+    ("blocked", 128, 128, 4, 8, 3),
+    ("blocked", 64, 128, 1, 8, 3),
+    ("blocked", 64, 256, 2, 8, 3),
 ]
 # ("mosaic", columns, depth, splits, stages)
 MOSAIC_VARIANTS = [
@@ -124,20 +136,23 @@ def _gemv_kernel(u_ref, w_ref, out_ref, *, depth: int):
 
 
 def pallas_gemv(variant, interpret: bool):
-    """u (M, K), W (K, N) -> y (M, N) float32 with the tiling ``variant``."""
-    columns, depth, splits, warps, stages = variant
+    """u (M, K), W (K, N) -> y (M, N) float32 with the tiling ``variant``; a "blocked" variant takes W as
+    (N / columns, K, columns) (``blocked``)."""
+    is_blocked = variant[0] == "blocked"
+    columns, depth, splits, warps, stages = variant[1:] if is_blocked else variant
 
     def gemv(u, w):
-        (m, k), n = u.shape, w.shape[1]
+        (m, k), n = u.shape, w.shape[0] * w.shape[2] if is_blocked else w.shape[1]
         rows = k // splits
+        if is_blocked:
+            w_spec = pl.BlockSpec((None, rows, columns), lambda j, s: (j, s, 0))
+        else:
+            w_spec = pl.BlockSpec((rows, columns), lambda j, s: (s, j))
         partial = pl.pallas_call(
             functools.partial(_gemv_kernel, depth=depth),
             out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
             grid=(n // columns, splits),
-            in_specs=[
-                pl.BlockSpec((m, rows), lambda j, s: (0, s)),
-                pl.BlockSpec((rows, columns), lambda j, s: (s, j)),
-            ],
+            in_specs=[pl.BlockSpec((m, rows), lambda j, s: (0, s)), w_spec],
             out_specs=pl.BlockSpec((None, m, columns), lambda j, s: (s, 0, j)),
             compiler_params=plt.CompilerParams(num_warps=warps, num_stages=stages),
             interpret=interpret,
@@ -188,6 +203,12 @@ def mosaic_gemv(variant, interpret: bool):
     return gemv
 
 
+def blocked(w: jax.Array, columns: int) -> jax.Array:
+    """W (K, N) as (N / columns, K, columns): block j holds columns j columns ... contiguously."""
+    k, n = w.shape
+    return w.reshape(k, n // columns, columns).transpose(1, 0, 2)
+
+
 def xla_gemv(u, w):
     """XLA's product as the decode step asks for it: in W's dtype (float32 accumulation inside). Asked for a float32
     result instead, XLA picks another kernel, 2-8 us slower at the in_proj shapes (benchmarks/RESULTS.md)."""
@@ -221,20 +242,23 @@ def measure(name, k, n, variants, args, interpret) -> list[dict]:
     rows = []
     for variant in ["xla", *variants]:
         row = {"shape": name, "K": k, "N": n, "variant": str(variant)}
+        operands = matrices
         try:
             if variant == "xla":
                 gemv = xla_gemv
             else:
                 mosaic = variant[0] == "mosaic"
-                columns, depth, splits = variant[1:4] if mosaic else variant[:3]
+                columns, depth, splits = variant[1:4] if isinstance(variant[0], str) else variant[:3]
                 if n % columns or k % (depth * splits):
                     raise ValueError("the tiling does not divide the shape")
                 if mosaic and args.rows > 1:
                     raise ValueError("the Mosaic GPU variants take one row")
                 gemv = mosaic_gemv(variant, interpret) if mosaic else pallas_gemv(variant, interpret)
-            got = jax.jit(gemv)(u, matrices[0])
+                if variant[0] == "blocked":
+                    operands = tuple(blocked(w, columns) for w in matrices)
+            got = jax.jit(gemv)(u, operands[0])
             row["max_rel_err"] = float(jnp.max(jnp.abs(got - exact)) / jnp.max(jnp.abs(exact)))
-            timing = time_ms(loop(gemv, args.iters), matrices, u, reps=args.reps, warmup=2)
+            timing = time_ms(loop(gemv, args.iters), operands, u, reps=args.reps, warmup=2)
             row["us"] = 1e3 * timing["median_ms"] / (args.iters * args.matrices)
             row["TB_per_s"] = nbytes / row["us"] / 1e6
         except Exception as e:  # a tiling Triton cannot compile: keep the others
@@ -253,7 +277,9 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="one small shape, two or three tilings, interpreted")
     parser.add_argument("--rows", type=int, default=1, help="M, the rows of u (the decode batch)")
     parser.add_argument("--variants", default="gemv", choices=("gemv", "skinny"), help="the Triton tilings to time")
-    parser.add_argument("--backends", default="triton", help="comma-separated, of triton and mosaic (jax >= 0.11)")
+    parser.add_argument(
+        "--backends", default="triton", help="comma-separated, of triton, blocked (W's blocked layout) and mosaic"
+    )
     parser.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -261,8 +287,8 @@ def main():
     if not interpret:
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
     backends = args.backends.split(",")
-    if not set(backends) <= {"triton", "mosaic"}:
-        parser.error(f"--backends: comma-separated, of triton and mosaic, got {args.backends!r}")
+    if not set(backends) <= {"triton", "blocked", "mosaic"}:
+        parser.error(f"--backends: comma-separated, of triton, blocked and mosaic, got {args.backends!r}")
     if "mosaic" in backends and not mosaic_fwd.available():
         parser.error(f"--backends mosaic: needs jax >= 0.11's Mosaic GPU API, this is jax {jax.__version__}")
     indices = args.shapes.split(",") if args.shapes else [str(i) for i in range(len(SHAPES))]
@@ -270,11 +296,13 @@ def main():
         parser.error(f"--shapes: comma-separated indices from 0 to {len(SHAPES) - 1}, got {args.shapes!r}")
     shapes = [SHAPES[int(i)] for i in indices]
     triton_variants = SKINNY_VARIANTS if args.variants == "skinny" else VARIANTS
-    variants = (triton_variants if "triton" in backends else []) + (MOSAIC_VARIANTS if "mosaic" in backends else [])
+    variants = (triton_variants if "triton" in backends else []) + (BLOCKED_VARIANTS if "blocked" in backends else [])
+    variants += MOSAIC_VARIANTS if "mosaic" in backends else []
     if args.tiny:
         shapes, variants = [("tiny", 64, 256)], [(64, 16, 1, 4, 3), (32, 16, 2, 4, 3)]
         if args.rows > 1:
             variants = [(64, 16, 1, 4, 3), (32, 32, 2, 4, 3)]
+        variants += [("blocked", 32, 16, 2, 4, 3)] if "blocked" in backends else []
         variants += [("mosaic", 128, 64, 1, 2)] if "mosaic" in backends else []
         args.matrices, args.iters, args.reps = 2, 2, 2
     rows = []

@@ -52,6 +52,7 @@ VARIANTS = [
     dict(xla_state=True, conv_channels=16),
     dict(xla_state=True, conv_channels=64),
     dict(xla_state=True, conv_channels=128),
+    dict(xla_out_proj=True),  # one row: the gated norm and out_proj by XLA (from the state kernel's sums of squares)
 ]
 
 

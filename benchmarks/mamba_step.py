@@ -60,6 +60,11 @@ VARIANTS = [
     dict(conv_in_proj=True, proj_columns=32),  # 130m: 96 programs of 32 columns, the conv in the same kernel
     dict(channels=32),  # past one row: state tiles 16 rows x 32 channels x n
     dict(channels=32, num_warps=8),
+    dict(depth=256),  # one row: in_proj's tiles 256 rows deep
+    dict(depth=256, prefetch=0),
+    dict(depth=256, prefetch=2),
+    dict(depth=256, splits=4),
+    dict(depth=256, num_stages=4),
 ]
 
 

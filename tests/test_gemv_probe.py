@@ -1,6 +1,6 @@
 """benchmarks/gemv.py's product kernels (a probe, not used by the model) against the float64 product, in the
-interpreters: the Triton tiling at one row and at 16 (tl.dot tiles) and, where jax has Mosaic GPU's interpreter
-(>= 0.11), the Mosaic GPU kernel."""
+interpreters: the Triton tiling at one row and at 16 (tl.dot tiles), on W's blocked layout too, and, where jax has
+Mosaic GPU's interpreter (>= 0.11), the Mosaic GPU kernel."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks.gemv import mosaic_gemv, pallas_gemv
+from benchmarks.gemv import blocked, mosaic_gemv, pallas_gemv
 from pallas_kernels.selective_scan import mosaic_fwd
 
 
@@ -18,6 +18,7 @@ from pallas_kernels.selective_scan import mosaic_fwd
     [
         ((64, 16, 2, 4, 3), 1),
         ((64, 32, 2, 4, 3), 16),
+        (("blocked", 64, 16, 2, 4, 3), 1),
         pytest.param(
             ("mosaic", 128, 64, 2, 2),
             1,
@@ -33,4 +34,5 @@ def test_gemv_kernels_match_product(variant, rows):
     w = jnp.asarray(rng.standard_normal((k, n)) / k**0.5, jnp.float16)
     gemv = mosaic_gemv(variant, True) if variant[0] == "mosaic" else pallas_gemv(variant, True)
     expected = np.asarray(u, np.float64) @ np.asarray(w, np.float64)
-    np.testing.assert_allclose(np.asarray(jax.jit(gemv)(u, w)), expected, rtol=0, atol=1e-5)
+    operand = blocked(w, variant[1]) if variant[0] == "blocked" else w
+    np.testing.assert_allclose(np.asarray(jax.jit(gemv)(u, operand)), expected, rtol=0, atol=1e-5)
