@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.batch_split import over_batch
-from pallas_kernels.mamba_step.pallas import MIN_ROWS, first_column
+from pallas_kernels.mamba_step.tiles import MIN_ROWS, first_column
 
 MAX_ROWS = 64  # rows a program holds: a (64, 128) float32 accumulator is 64 registers a thread at 4 warps
 COLUMNS = 128  # columns of the head a tile covers

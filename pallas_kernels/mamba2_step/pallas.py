@@ -50,27 +50,29 @@ from pallas_kernels.mamba2_step.reference import (
     state_readout,
 )
 from pallas_kernels.mamba_step.pallas import (
-    MIN_ROWS,
     PROJ_COLUMNS,
-    Span,
     batch_rows,
-    conv_silu,
-    conv_window,
     default_splits,
     depth_for,
-    first_column,
     in_proj_partials,
-    load,
     prenorm_launch,
     program_rows,
-    project,
-    rounded,
     step_over_batch,
-    store,
-    sum_partials,
     xla_projections,
 )
 from pallas_kernels.mamba_step.reference import PreNorm, with_residual
+from pallas_kernels.mamba_step.tiles import (
+    MIN_ROWS,
+    Span,
+    conv_silu,
+    conv_window,
+    first_column,
+    load,
+    project,
+    rounded,
+    store,
+    sum_partials,
+)
 from pallas_kernels.selective_scan.kernel_math import LOG2_E, KernelMath
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,12 +56,24 @@ from pallas_kernels.mamba_step.reference import (
     mamba_step_reference,
     with_residual,
 )
+from pallas_kernels.mamba_step.tiles import (
+    MIN_ROWS,
+    Span,
+    biased,
+    conv_window,
+    first_column,
+    load,
+    padded,
+    partial_sum,
+    product,
+    project,
+    rounded,
+    store,
+    sum_partials,
+)
 from pallas_kernels.selective_scan.kernel_math import LOG2_E, KernelMath
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
-from pallas_kernels.selective_scan.pallas_fwd import as_index
-from pallas_kernels.state_update.pallas import combined_mask, masked_ds
 
-MIN_ROWS = 16  # tl.dot's smallest M, N and K
 MAX_BATCH = 16  # the batch rows one program holds (its state tile is rows x channels x n float32)
 MAX_PROJ_ROWS = 64  # the batch rows in_proj's kernel holds in one tile (past them in_proj is XLA's product)
 # Channels of d_inner per program and warps per program, at batch 1 and past it. Per layer on an H100 at batch 16
@@ -92,121 +103,6 @@ XLA_OUT_PROJ_FROM = 2560
 # partial sums left for the next block's norm launch to add (``PartialSums``): in a loop of layers on an H100 at
 # 130m's size, batch 64, 1.4 us less kernel time a layer and one launch less (benchmarks/RESULTS.md).
 OUT_PARTS = 4
-
-
-class Span(NamedTuple):
-    """``size`` consecutive positions from ``start`` along one dimension, the first ``valid`` of them in range."""
-
-    start: object
-    size: int
-    valid: int
-
-    @property
-    def in_range(self) -> bool:
-        """All ``size`` positions in range (known while tracing)."""
-        return isinstance(self.valid, int) and self.valid >= self.size
-
-    def slice(self) -> pl.Slice:
-        return masked_ds(self.start, self.size, not self.in_range)
-
-    def mask(self) -> jax.Array | None:
-        return None if self.in_range else lax.iota(jnp.int32, self.size) < self.valid
-
-
-def _view(ref, index):
-    """ref.at[index] and the mask of its in-range elements (None: all): Spans become slices, others indices."""
-    parts, masks, shape = [], [], []
-    for part in index:
-        if isinstance(part, Span):
-            parts.append(part.slice())
-            masks.append(part.mask())
-            shape.append(part.size)
-        else:
-            parts.append(as_index(part))
-    return ref.at[tuple(parts)], combined_mask(masks, shape)
-
-
-def load(ref, *index) -> jax.Array:
-    """float32 ref[index]; positions out of range read as 0."""
-    view, mask = _view(ref, index)
-    value = view[...] if mask is None else plt.load(view, mask=mask, other=0)
-    return value.astype(jnp.float32)
-
-
-def store(ref, value: jax.Array, *index) -> None:
-    """ref[index] = value in ref's dtype, positions out of range skipped."""
-    view, mask = _view(ref, index)
-    plt.store(view, value.astype(ref.dtype), mask=mask)
-
-
-def product(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a (rows, k) @ b (k, n) accumulated in float32: one row as products summed over k (a GEMV), more with tl.dot
-    (float32 operands exactly: IEEE, not TF32)."""
-    if a.shape[0] == 1:
-        return jnp.sum(a.astype(jnp.float32).T * b.astype(jnp.float32), axis=0, keepdims=True)
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
-
-
-def rounded(x: jax.Array, dtype) -> jax.Array:
-    """x rounded to ``dtype`` and back to float32."""
-    return x.astype(dtype).astype(jnp.float32)
-
-
-def project(
-    u_ref,
-    kernel_ref,
-    first,
-    rows: Span,
-    columns: int,
-    depth: int,
-    dtype,
-    prefetch: int,
-    start,
-    steps: int,
-    prepare=None,
-):
-    """u (b, d) @ kernel[start : start + steps * depth, first : first + columns] in float32, (rows, columns), in one
-    loop over the rows in tiles of ``depth``. One batch row keeps (depth, columns) products and sums them after the
-    loop. ``prefetch``: how many iterations ahead the tiles are loaded: iteration k loads tile k + prefetch, then
-    uses tile k, loaded earlier, so that prefetch + 1 tiles are in flight (the last iterations load the last tile
-    again, unused). ``start`` is a traced multiple of ``depth``. ``prepare(tile, row)``, if given, maps each float32
-    (rows, depth) tile of u, from u's column ``row`` on, to what is multiplied: as it is in a GEMV (products in
-    float32), rounded to ``dtype`` for ``tl.dot``. Without it u's tiles are rounded to ``dtype``."""
-    gemv = rows.size == 1
-
-    def fetch(k):
-        row = pl.multiple_of(start + k * depth, depth)
-        u = load(u_ref, rows, Span(row, depth, depth))
-        if prepare is not None:
-            u = prepare(u, row)
-        return u, kernel_ref[pl.ds(row, depth), pl.ds(first, columns)]
-
-    def tile(k, carry):
-        acc, loaded = carry
-        loaded = (*loaded, fetch(jnp.minimum(k + prefetch, steps - 1)))
-        u, kernel = loaded[0]
-        kernel = kernel.astype(dtype)
-        if not gemv:
-            acc = acc + product(u.astype(dtype), kernel)
-        elif prepare is not None:  # a prepared tile as prepare gives it
-            acc = acc + u.T * kernel.astype(jnp.float32)
-        else:
-            acc = acc + rounded(u, dtype).T * kernel.astype(jnp.float32)
-        return acc, loaded[1:]
-
-    zeros = jnp.zeros((depth, columns) if gemv else (rows.size, columns), jnp.float32)
-    acc, _ = lax.fori_loop(0, steps, tile, (zeros, tuple(fetch(min(k, steps - 1)) for k in range(prefetch))))
-    return jnp.sum(acc, axis=0, keepdims=True) if gemv else acc
-
-
-def first_column(column, columns: int, width: int):
-    """The first of the ``columns`` columns that program ``column`` of a grid of cdiv(width, columns) programs
-    covers: column * columns, except for a last block that would overhang ``width``, which ends at ``width`` instead
-    (overlapping its neighbour, which computes and stores the same values)."""
-    if width % columns == 0:
-        return pl.multiple_of(column * columns, columns)
-    return pl.multiple_of(jnp.minimum(column * columns, width - columns), width & -width)
 
 
 def proj_kernel(ins, outs, *, columns: int, depth: int, prefetch: int, rows: Span, dtype, norm=None, ops=None):
@@ -421,49 +317,6 @@ def _norm_kernel(ins, outs, *, eps: float, dtype):
     store(outs["x"], s * inverse_rms(s, d, eps) * load(ins["norm_weight"], whole)[None], row, whole)
 
 
-def partial_sum(ref, rows, span: Span) -> jax.Array:
-    """float32 sum over ref (parts, b, m)'s first axis of its ``rows`` (an index or a Span), columns ``span``."""
-    return functools.reduce(jnp.add, [load(ref, part, rows, span) for part in range(ref.shape[0])])
-
-
-def sum_partials(xz_ref, rows, span: Span, bias_ref, dtype) -> jax.Array:
-    """Columns ``span`` of in_proj's output for ``rows`` (an index or a Span): the sum of ``proj_kernel``'s partial
-    sums (xz_ref (splits, b, m)), rounded to ``dtype``, plus the rounded bias and rounded again, as ``nnx.Linear``
-    computes it; float32. (A single "split" of XLA's product in ``dtype`` passes through the rounding unchanged.)"""
-    return biased(rounded(partial_sum(xz_ref, rows, span), dtype), bias_ref, span, dtype)
-
-
-def biased(value, bias_ref, span: Span, dtype) -> jax.Array:
-    """value (rows, span) float32, already rounded to ``dtype``, plus the rounded bias (where there is one) and
-    rounded again, as ``nnx.Linear`` adds it."""
-    if bias_ref is None:
-        return value
-    return rounded(value + rounded(load(bias_ref, span), dtype), dtype)
-
-
-def conv_window(ins, outs, rows: Span, lanes: Span, x, dtype, ops: KernelMath) -> jax.Array:
-    """The conv step of channels ``lanes``: the window (ins["conv_state"] (b, w, di)) shifted in place with the new
-    input x (rows, channels) float32 last, and silu(conv) in ``dtype`` returned."""
-    width = ins["conv"].shape[0]
-    window = [load(ins["conv_state"], rows, k, lanes) for k in range(1, width)] + [x]
-    ops.barrier()  # the window is shifted in place: every warp reads it first
-    for k, tap in enumerate(window):
-        store(outs["conv_state"], tap, rows, k, lanes)
-    return conv_silu(window, ins["conv"], ins.get("conv_bias"), lanes, dtype, ops).astype(dtype)
-
-
-def conv_silu(window: list[jax.Array], conv_ref, bias_ref, span: Span, dtype, ops: KernelMath) -> jax.Array:
-    """silu(the depthwise conv of the taps ``window``, oldest first as the reference sums them, over channels
-    ``span``), the conv and the silu each rounded to ``dtype``; float32."""
-    conv = 0.0
-    for k, tap in enumerate(window):
-        conv = conv + rounded(tap, dtype) * rounded(load(conv_ref, k, span), dtype)
-    if bias_ref is not None:
-        conv = conv + rounded(load(bias_ref, span), dtype)
-    conv = rounded(conv, dtype)
-    return rounded(conv * ops.sigmoid(conv), dtype)
-
-
 def _in_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMath):
     """ins: xz (splits, b, 2di) (``in_proj_partials``) [in_proj_bias (2di,)], conv_state
     (b, w, di), conv (w, di) [conv_bias (di,)] [x_proj (di, r + 2n)] [ssm_state (b, di, n)]. outs: conv_state
@@ -551,11 +404,6 @@ def _state_kernel(ins, outs, *, channels: int, rows: Span, dtype, ops: KernelMat
     ops.barrier()  # in place: every warp has read the state before any writes
     store(outs["ssm_state"], state, rows, lanes, Span(0, state.shape[2], ins["A_log"].shape[1]))
     store(outs["y"], y, rows, lanes)
-
-
-def padded(n: int) -> int:
-    """n rounded up to a power of 2 of at least MIN_ROWS (a tl.dot operand's dimension)."""
-    return max(MIN_ROWS, pl.next_power_of_2(n))
 
 
 def batch_rows(batch: int) -> Span:
