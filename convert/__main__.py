@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"run SRC in torch (transformers) and DST in JAX on a fixed prompt; fail above {REL_ERR_LIMIT:.0e} "
         "relative logits error",
     )
-    parser.add_argument("--force", action="store_true", help="replace an existing DST, once the new one is complete")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing DST that is empty or a checkpoint this tool wrote, once the new one is complete",
+    )
     return parser
 
 

@@ -17,13 +17,11 @@ from safetensors.numpy import save_file
 
 from convert import keymap
 from convert.errors import ConversionError
-from convert.formats import TOKENIZER_FILES
+from convert.formats import SAFETENSORS_FILE, TOKENIZER_FILES
 from convert.pipeline import abstract_model
 from convert.writer import check_destination, check_not_overlapping, is_converted, staged_directory
 from mamba_jax.config import MambaConfig
 from mamba_jax.pretrained import EMBEDDING_PATH, read_config, restore_params, stored_params
-
-WEIGHTS_FILE = "model.safetensors"
 
 # mamba_ssm mixer arguments (ssm_cfg) -> transformers config keys, with mamba_ssm's defaults.
 _MAMBA1_KEYS = {
@@ -109,9 +107,9 @@ def transformers_classes(model_type: str):
 
 def export_to_transformers(src: Path, dst: Path, *, dtype=None, force: bool = False) -> None:
     """Write our converted checkpoint ``src`` as a transformers directory ``dst`` (cast to ``dtype`` if given)."""
+    check_destination(dst, force)
     if not is_converted(src):
         raise ConversionError(f"{src} is not a checkpoint written by python -m convert (no config.json + params/)")
-    check_destination(dst, force)
     check_not_overlapping(src, dst)
     config = read_config(src)
     hf = transformers_config(config)
@@ -132,7 +130,7 @@ def export_to_transformers(src: Path, dst: Path, *, dtype=None, force: bool = Fa
     del restored
     _, config_class = transformers_classes(hf["model_type"])
     with staged_directory(dst, force) as staging:
-        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        save_file(tensors, staging / SAFETENSORS_FILE, metadata={"format": "pt"})
         config_class(**{k: v for k, v in hf.items() if k != "model_type"}).save_pretrained(staging)
         for name in TOKENIZER_FILES:
             if (src / name).is_file():

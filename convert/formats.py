@@ -22,10 +22,11 @@ MAMBA_SSM = "mamba_ssm"
 TRANSFORMERS = "transformers"
 
 CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
 # Weight files in order of preference: safetensors first (no pickle at all), then torch zip; an index json names shards.
 WEIGHT_FILES = (
     "model.safetensors.index.json",
-    "model.safetensors",
+    SAFETENSORS_FILE,
     "pytorch_model.bin.index.json",
     "pytorch_model.bin",
 )

@@ -2,9 +2,9 @@
 
 1. ``model_config``: the source's config.json -> MambaConfig.
 2. ``abstract_params``: the parameter tree of ``MambaLMHeadModel(config)``, built abstractly (no memory).
-3. ``plan``: every source tensor matched to one parameter through ``keymap``, names and shapes checked, before any
-   tensor data is read: nothing missing, nothing unexpected (but ``lm_head.weight`` of a tied model, which must
-   equal the embedding), every shape as the config says.
+3. ``plan``: every source tensor matched to one parameter through ``keymap``, names, dtypes and shapes checked
+   before any tensor data is read: nothing missing, nothing unexpected (but ``lm_head.weight`` of a tied model, which
+   must equal the embedding), every dtype a float one, every shape as the config says.
 4. ``convert_tensors``: read, re-lay out and cast each tensor in turn, so host memory holds about one copy of the
    converted parameters plus one source tensor.
 """
@@ -30,6 +30,8 @@ ParamPath = tuple[str | int, ...]
 
 LM_HEAD = "lm_head.weight"
 EMBEDDING = "backbone.embedding.weight"
+# Source tensors must hold real floating-point numbers (cast to the parameter dtype on conversion).
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def model_config(source: Source) -> MambaConfig:
@@ -80,6 +82,15 @@ def _listing(names: list[str], limit: int = 3) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+def check_dtype(weights: Weights, name: str) -> None:
+    """Refuse a tensor that is not of one of ``FLOAT_DTYPES`` (integers, complex, float8 ...)."""
+    dtype = weights.dtype(name)
+    if dtype not in FLOAT_DTYPES:
+        raise ConversionError(
+            f"{weights.file_of(name)}: tensor '{name}' has dtype {dtype}; expected one of {', '.join(FLOAT_DTYPES)}"
+        )
+
+
 def plan(
     weights: Weights, dialect: str, targets: dict[str, tuple[ParamPath, jax.ShapeDtypeStruct]], tied: bool
 ) -> list[Step]:
@@ -97,6 +108,7 @@ def plan(
         path, target = targets[dotted]
         if dotted in steps:
             raise ConversionError(f"tensors '{steps[dotted].source}' and '{name}' both map to parameter {dotted}")
+        check_dtype(weights, name)
         try:
             shape = _shape_through(hook, weights.shape(name), to_ours=True)
         except ConversionError as e:
@@ -120,6 +132,7 @@ def check_tied_head(weights: Weights, embedding: str) -> None:
     """A tied model's checkpoint may carry ``lm_head.weight``; if so it must equal the embedding exactly."""
     if LM_HEAD not in weights.names:
         return
+    check_dtype(weights, LM_HEAD)
     head, table = weights.read(LM_HEAD), weights.read(embedding)
     if head.shape != table.shape or not np.array_equal(head, table):
         raise ConversionError(

@@ -14,9 +14,30 @@ from safetensors import SafetensorError, safe_open
 from convert.errors import ConversionError
 from convert.torch_zip import TorchZipReader
 
+# safetensors' dtype codes -> torch's names (the names the torch zip reader and our errors use).
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+}
+
 
 class SafetensorsReader:
-    """The tensors of one ``.safetensors`` file: ``names``, ``shape(name)``, ``read(name)``."""
+    """The tensors of one ``.safetensors`` file: ``names``, ``shape(name)``, ``dtype(name)``, ``read(name)``."""
 
     def __init__(self, path: Path, stack: ExitStack):
         self.path = path
@@ -28,6 +49,11 @@ class SafetensorsReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._file.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The tensor's dtype, by torch's name (safetensors' own code when torch has no name for it)."""
+        code = self._file.get_slice(name).get_dtype()
+        return SAFETENSORS_DTYPES.get(code, code)
 
     def read(self, name: str) -> np.ndarray:
         try:
@@ -60,8 +86,8 @@ def _read_index(index: Path) -> dict[str, str]:
 class Weights:
     """All tensors of a checkpoint, from weight files or one index json of shards.
 
-    ``names`` (in file order), ``shape(name)``, ``read(name) -> np.ndarray``. A context manager: files stay open
-    (memory-mapped or seekable) until it exits.
+    ``names`` (in file order), ``shape(name)``, ``dtype(name)`` (torch's name), ``read(name) -> np.ndarray``. A
+    context manager: files stay open (memory-mapped or seekable) until it exits.
     """
 
     def __init__(self, files: list[Path]):
@@ -97,6 +123,9 @@ class Weights:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name].shape(name)
+
+    def dtype(self, name: str) -> str:
+        return self._where[name].dtype(name)
 
     def read(self, name: str) -> np.ndarray:
         return self._where[name].read(name)

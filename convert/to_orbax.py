@@ -15,7 +15,7 @@ from convert.hub import resolve_source
 from convert.pipeline import convert_tensors, model_config, plan_source, set_path
 from convert.readers import Weights
 from convert.verify import torch_config, verify
-from convert.writer import check_destination, check_not_overlapping, save_params, staged_directory
+from convert.writer import check_destination, check_not_overlapping, is_converted, save_params, staged_directory
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -42,6 +42,11 @@ def convert_checkpoint(
     if revision is not None and directory == Path(src).expanduser():
         raise ConversionError(f"--revision applies to Hub repo ids, but {src} is a local directory")
     check_not_overlapping(directory, dst)
+    if is_converted(directory):
+        raise ConversionError(
+            f"{directory} looks like a checkpoint converted by python -m convert (config.json and params/): load it "
+            "with mamba_jax.load_pretrained, or export it with python -m convert --to hf SRC DST"
+        )
     source = inspect_source(directory)
     config = model_config(source)
     if verify_logits:

@@ -3,7 +3,9 @@
 A ``pytorch_model.bin`` is a zip archive. ``<prefix>/data.pkl`` pickles the state dict; in it every tensor is a call
 ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`` and every storage a persistent id
 ``("storage", torch.<Type>Storage, key, location, numel)`` whose raw little-endian bytes are the zip member
-``<prefix>/data/<key>``. Unpickling may call any importable function, so our unpickler resolves only the few names
+``<prefix>/data/<key>``; dtypes without a storage class (uint16, float8, ...) are ``_rebuild_tensor_v3(..., dtype)``
+calls on an untyped (byte) storage. We read the float and integer dtypes; the others are recognised, so that an
+error can name them. Unpickling may call any importable function, so our unpickler resolves only the few names
 that rebuilding tensors needs, each to an inert stand-in, and refuses every other global before anything runs.
 Tensors are then read one at a time, only the bytes each one spans.
 """
@@ -22,26 +24,68 @@ import numpy as np
 
 from convert.errors import ConversionError
 
-# torch's storage class names (how the pickle names a storage's element type) -> numpy dtype.
+# torch's storage classes (how the pickle names a storage's element type) -> that element dtype, by torch's name.
 STORAGE_DTYPES = {
-    "DoubleStorage": np.dtype(np.float64),
-    "FloatStorage": np.dtype(np.float32),
-    "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype(np.int64),
-    "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8),
-    "BoolStorage": np.dtype(np.bool_),
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64",
 }
+# The dtypes this reader hands out, as numpy dtypes.
+NUMPY_DTYPES = {
+    "float64": np.dtype(np.float64),
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "int64": np.dtype(np.int64),
+    "int32": np.dtype(np.int32),
+    "int16": np.dtype(np.int16),
+    "int8": np.dtype(np.int8),
+    "uint8": np.dtype(np.uint8),
+    "bool": np.dtype(np.bool_),
+}
+# dtypes that torch.save writes with ``_rebuild_tensor_v3`` (the tensor's dtype as a global ``torch.<dtype>``, its
+# storage untyped bytes): recognised so that an error can name them, never read.
+V3_DTYPES = (
+    "uint16",
+    "uint32",
+    "uint64",
+    "complex32",
+    "float8_e5m2",
+    "float8_e4m3fn",
+    "float8_e5m2fnuz",
+    "float8_e4m3fnuz",
+    "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
+    "bits8",
+    "bits16",
+    "bits1x8",
+    "bits2x4",
+    "bits4x2",
+)
 
 
 @dataclass(frozen=True)
 class StorageType:
-    """Stand-in for a ``torch.<Type>Storage`` class: only its element dtype matters."""
+    """Stand-in for a ``torch.<Type>Storage`` class (or ``torch.storage.UntypedStorage``: bytes): only its element
+    dtype matters."""
 
-    dtype: np.dtype
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TorchDtype:
+    """Stand-in for a ``torch.<dtype>`` object, as ``_rebuild_tensor_v3`` receives it."""
+
+    name: str
 
 
 @dataclass(frozen=True)
@@ -49,36 +93,48 @@ class Storage:
     """One storage of the checkpoint: ``numel`` elements of ``dtype`` in the zip member ``data/<key>``."""
 
     key: str
-    dtype: np.dtype
+    dtype: str
     numel: int
 
 
 @dataclass(frozen=True)
 class TensorRef:
-    """Where a tensor's elements are: a strided view of a storage (offset and stride counted in elements)."""
+    """Where a tensor's elements are: a strided view of a storage (offset and stride counted in elements), and the
+    tensor's dtype (torch's name; the storage's, but for ``_rebuild_tensor_v3`` tensors)."""
 
     storage: Storage
     offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.storage.dtype
+    dtype: str
 
 
 def _is_int_tuple(value) -> bool:
     return isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    """Stand-in for ``torch._utils._rebuild_tensor_v2``: records the view instead of building a tensor."""
-    del requires_grad, backward_hooks, metadata  # autograd state, irrelevant to the values
+def _check_record(storage, storage_offset, size, stride) -> None:
+    """Raise unless the arguments of a rebuild call describe a strided view of a storage."""
     if not (isinstance(storage, Storage) and isinstance(storage_offset, int) and _is_int_tuple(size)):
         raise pickle.UnpicklingError(f"malformed tensor record (storage={storage!r}, offset={storage_offset!r})")
     if not _is_int_tuple(stride) or len(stride) != len(size):
         raise pickle.UnpicklingError(f"malformed tensor record: size {size!r} with stride {stride!r}")
-    return TensorRef(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """Stand-in for ``torch._utils._rebuild_tensor_v2``: records the view instead of building a tensor."""
+    del requires_grad, backward_hooks, metadata  # autograd state, irrelevant to the values
+    _check_record(storage, storage_offset, size, stride)
+    return TensorRef(storage, storage_offset, size, stride, storage.dtype)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
+    """Stand-in for ``torch._utils._rebuild_tensor_v3`` (the dtypes of ``V3_DTYPES``): records the view and dtype."""
+    del requires_grad, backward_hooks, metadata
+    _check_record(storage, storage_offset, size, stride)
+    if not isinstance(dtype, TorchDtype):
+        raise pickle.UnpicklingError(f"malformed tensor record: dtype {dtype!r}")
+    return TensorRef(storage, storage_offset, size, stride, dtype.name)
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks):
@@ -89,9 +145,12 @@ def _rebuild_parameter(data, requires_grad, backward_hooks):
 
 ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch.storage", "UntypedStorage"): StorageType("uint8"),
     **{("torch", name): StorageType(dtype) for name, dtype in STORAGE_DTYPES.items()},
+    **{("torch", name): TorchDtype(name) for name in V3_DTYPES},
 }
 
 
@@ -187,15 +246,19 @@ class TorchZipReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name].shape
 
-    def dtype(self, name: str) -> np.dtype:
+    def dtype(self, name: str) -> str:
+        """The tensor's dtype, by torch's name ("float32", "bfloat16", "float8_e4m3fn", ...)."""
         return self.tensors[name].dtype
 
     def read(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a read-only numpy array of its shape and dtype (reads only its bytes)."""
         ref = self.tensors[name]
-        storage, itemsize = ref.storage, ref.dtype.itemsize
+        if ref.dtype not in NUMPY_DTYPES:
+            raise ConversionError(f"{self.path}: tensor '{name}' has dtype {ref.dtype}, which this reader cannot read")
+        storage, dtype = ref.storage, NUMPY_DTYPES[ref.dtype]
+        itemsize = dtype.itemsize
         if 0 in ref.shape:
-            return np.zeros(ref.shape, ref.dtype)
+            return np.zeros(ref.shape, dtype)
         last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride, strict=True))
         if ref.offset < 0 or min(ref.stride, default=0) < 0 or last >= storage.numel:
             raise ConversionError(
@@ -212,7 +275,7 @@ class TorchZipReader:
                 f"{self.path}: storage {member} has {size} bytes, expected {storage.numel} x {itemsize}; corrupt"
             )
         data = self._read_member(member, ref.offset * itemsize, (last - ref.offset + 1) * itemsize)
-        flat = np.frombuffer(data, ref.dtype)
+        flat = np.frombuffer(data, dtype)
         strides = tuple(s * itemsize for s in ref.stride)
         return np.lib.stride_tricks.as_strided(flat, ref.shape, strides, writeable=False)
 

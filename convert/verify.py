@@ -23,7 +23,7 @@ from convert.export_hf import transformers_classes, transformers_config
 from convert.formats import TRANSFORMERS, Source
 from convert.pipeline import LM_HEAD, Step
 from convert.readers import Weights
-from mamba_jax.config import MambaConfig
+from mamba_jax.config import MambaConfig, decode_special_floats
 from mamba_jax.pretrained import load_pretrained
 
 REL_ERR_LIMIT = 1e-5
@@ -47,7 +47,10 @@ def torch_config(source: Source, config: MambaConfig) -> dict:
     except ImportError:
         raise ConversionError("--verify needs torch and transformers installed") from None
     try:
-        hf_config = source.config if source.dialect == TRANSFORMERS else transformers_config(config)
+        if source.dialect == TRANSFORMERS:  # transformers 5 writes inf as {"__float__": "Infinity"}
+            hf_config = decode_special_floats(source.config)
+        else:
+            hf_config = transformers_config(config)
     except ConversionError as e:
         raise ConversionError(f"--verify cannot run: {e}") from None
     grouped = config.ssm_layer == "Mamba2" and config.mixer_kwargs.get("ngroups", 1) > 1

@@ -8,11 +8,12 @@ Layout::
 
 Everything is written into a temporary directory next to DST, which replaces DST by a rename only once complete: an
 interrupted or failed conversion leaves no DST, and an existing DST is replaced only with ``force`` (and only after
-the new one is complete).
+the new one is complete), and only when it is empty or looks like a checkpoint this tool wrote.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from convert.errors import ConversionError
-from convert.formats import CONFIG_FILE
+from convert.formats import CONFIG_FILE, SAFETENSORS_FILE
 
 PARAMS_DIR = "params"
 # Arrays are stored in chunks of at most this many bytes, so a device restoring one shard of a large matrix reads
@@ -38,8 +39,48 @@ def is_converted(path: Path) -> bool:
 
 
 def check_destination(dst: Path, force: bool) -> None:
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise ConversionError(f"destination {dst} already exists; pass --force to replace it")
+    """Refuse, before any work, a destination that cannot be created (under a file, or a name too long) or that
+    exists (replaced only with ``force``, and only when it is empty or a checkpoint this tool wrote)."""
+    _check_creatable(dst)
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise ConversionError(f"destination {dst} already exists; pass --force to replace it")
+        _check_replaceable(dst)
+
+
+def _check_creatable(dst: Path) -> None:
+    """Walk ``dst`` from its root: every existing part a directory, every name within the file system's limit (that
+    of the deepest existing directory). Names are checked before they are looked up, which could fail on them."""
+    directory = Path(dst.anchor)
+    limit = os.pathconf(directory, "PC_NAME_MAX")
+    for part in dst.parts[len(directory.parts) :]:
+        if (directory.exists() or directory.is_symlink()) and not directory.is_dir():
+            raise ConversionError(f"destination {dst}: {directory} is not a directory")
+        length = len(os.fsencode(part))
+        if length > limit:
+            name = "its name" if directory / part == dst else f"the directory name {part[:40]}..."
+            raise ConversionError(
+                f"destination {dst}: {name} is {length} bytes long; this file system allows at most {limit}"
+            )
+        directory /= part
+        if directory.is_dir():
+            limit = os.pathconf(directory, "PC_NAME_MAX")
+
+
+def _check_replaceable(dst: Path) -> None:
+    """--force replaces an empty directory or one that looks like a checkpoint this tool (or mamba_jax.train.export)
+    wrote: config.json with params/ (ours) or model.safetensors (--to hf). Anything else may be the user's."""
+    if dst.is_symlink() or not dst.is_dir():
+        kind = "a symlink" if dst.is_symlink() else "a file"
+        raise ConversionError(f"--force replaces only a directory, but {dst} is {kind}; choose another destination")
+    names = sorted(path.name for path in dst.iterdir())
+    if not names or (CONFIG_FILE in names and (PARAMS_DIR in names or SAFETENSORS_FILE in names)):
+        return
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise ConversionError(
+        f"--force replaces only an empty directory or a checkpoint this tool wrote ({CONFIG_FILE} with {PARAMS_DIR}/ "
+        f"or {SAFETENSORS_FILE}), but {dst} holds {shown}; move it away or choose another destination"
+    )
 
 
 def check_not_overlapping(src: Path, dst: Path) -> None:
@@ -51,23 +92,32 @@ def check_not_overlapping(src: Path, dst: Path) -> None:
 
 @contextmanager
 def staged_directory(dst: Path, force: bool) -> Iterator[Path]:
-    """Yield an empty temporary directory next to ``dst``; when the block succeeds, rename it to ``dst``."""
+    """Yield an empty directory; when the block succeeds, rename it to ``dst`` (replacing an old ``dst`` with
+    ``force``). It lies in a private temporary directory next to ``dst``, deleted at the end whatever happens, and is
+    made by a plain mkdir, so ``dst`` gets the mode the umask gives (not the 0o700 of ``tempfile.mkdtemp``)."""
     check_destination(dst, force)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dst.name[:64]}.partial-", dir=dst.parent))
+    except OSError as e:
+        raise ConversionError(f"cannot create destination {dst}: {e.strerror or e}") from None
+    try:
+        staging = work / "new"
+        staging.mkdir()
         yield staging
         check_destination(dst, force)  # again: something may have appeared there meanwhile
         if dst.exists() or dst.is_symlink():
-            trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.replaced-", dir=dst.parent))
-            os.rename(dst, trash / dst.name)
-            os.rename(staging, dst)
-            shutil.rmtree(trash)
-        else:
-            os.rename(staging, dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            os.rename(dst, work / "old")  # deleted with work, once the new dst is in place
+        os.rename(staging, dst)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class _SkipOcdbtMergeWarning(logging.Filter):
+    """Drops orbax's warning "Skipping merge of OCDBT checkpoints", given after every save: we write no OCDBT."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Skipping merge of OCDBT checkpoints" not in str(record.msg)
 
 
 def save_params(directory: Path, params: dict) -> None:
@@ -80,7 +130,10 @@ def save_params(directory: Path, params: dict) -> None:
     handler = ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=1, use_ocdbt=False)
     checkpointer = ocp.Checkpointer(handler)
     chunked = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
+    absl_logger, quiet = logging.getLogger("absl"), _SkipOcdbtMergeWarning()
+    absl_logger.addFilter(quiet)
     try:
         checkpointer.save((directory / PARAMS_DIR).absolute(), args=ocp.args.PyTreeSave(params, save_args=chunked))
     finally:
         checkpointer.close()
+        absl_logger.removeFilter(quiet)

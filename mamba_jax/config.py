@@ -110,6 +110,8 @@ class MambaConfig:
             raise ValueError(f"MambaConfig.attn_layer_idx has repeated entries: {list(self.attn_layer_idx)}")
         if self.ssm_layer not in MIXER_LAYERS:
             raise ValueError(f"MambaConfig.ssm_cfg['layer'] must be one of {MIXER_LAYERS}, found {self.ssm_layer!r}")
+        if "dt_limit" in self.ssm_cfg:
+            _check_dt_limit("MambaConfig.ssm_cfg['dt_limit']", self.ssm_cfg["dt_limit"])
 
     # ---- derived sizes ----
 
@@ -141,9 +143,10 @@ class MambaConfig:
         return {field.name: _thaw(getattr(self, field.name)) for field in dataclasses.fields(self)}
 
     def to_json(self, path: str | os.PathLike) -> None:
-        """Write the mamba_ssm config.json form to ``path``."""
+        """Write the mamba_ssm config.json form to ``path``; inf and nan (dt_limit's upper bound is usually inf) as
+        transformers 5 writes them (``encode_special_floats``), so the file is standard JSON."""
         with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+            json.dump(encode_special_floats(self.to_dict()), f, indent=2, allow_nan=False)
             f.write("\n")
 
     @classmethod
@@ -161,7 +164,7 @@ class MambaConfig:
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise ValueError(f"unknown mamba_ssm MambaConfig keys {unknown}; the keys are {names}")
-        return cls(**data)
+        return cls(**decode_special_floats(data))
 
     @classmethod
     def from_transformers_dict(cls, data: Mapping[str, Any]) -> MambaConfig:
@@ -179,7 +182,7 @@ class MambaConfig:
                 f"transformers config model_type must be one of {sorted(_TRANSFORMERS_FORMATS)}, found {model_type!r}"
             )
         fmt = _TRANSFORMERS_FORMATS[model_type]
-        data = {key: _decode_special_floats(value) for key, value in data.items()}
+        data = decode_special_floats(data)
         known = set(fmt["top"]) | set(fmt["ssm"]) | set(fmt["defaults"]) | fmt["ignored"] | _TRANSFORMERS_METADATA
         known |= {"layer_norm_epsilon", "hidden_act"}
         unknown = sorted(set(data) - known)
@@ -197,6 +200,8 @@ class MambaConfig:
         ssm_cfg = dict(fmt["fixed_ssm"])
         ssm_cfg.update({ours: data[theirs] for theirs, ours in fmt["ssm"].items() if theirs in data})
         if model_type == "mamba2":
+            if "time_step_limit" in data:  # checked here, to name the user's key (ours is ssm_cfg's dt_limit)
+                _check_dt_limit("time_step_limit", data["time_step_limit"])
             d_inner = ssm_cfg.get("expand", 2) * data["hidden_size"]
             heads, head_dim = data["num_heads"], ssm_cfg.get("headdim", 64)
             if heads * head_dim != d_inner:
@@ -229,12 +234,45 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"MambaConfig.{name} must be an int >= {minimum}, found {value!r}")
 
 
-def _decode_special_floats(value: Any) -> Any:
-    """transformers >= 5 writes inf / nan in config.json as {"__float__": "Infinity"}."""
-    if isinstance(value, Mapping) and set(value) == {"__float__"}:
-        return float(value["__float__"])
+def _check_dt_limit(name: str, value: Any) -> None:
+    """dt_limit (transformers: time_step_limit) must be [low, high] with 0 <= low <= high; ``name`` is the key the
+    user wrote."""
+    numbers = (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    )
+    if not (numbers and 0 <= value[0] <= value[1]):
+        raise ValueError(f"{name} must be a list [low, high] of two numbers with 0 <= low <= high, found {value!r}")
+
+
+# transformers >= 5 writes inf / nan in config.json as {"__float__": "Infinity"} (and "-Infinity", "NaN").
+_FLOAT_TAG = "__float__"
+_FLOAT_TAGS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def decode_special_floats(value: Any) -> Any:
+    """A config dict (or any JSON value) with every {"__float__": "Infinity" | "-Infinity" | "NaN"} replaced by the
+    float, as transformers reads its config.json; dicts and lists are copied, anything else is returned as is."""
+    if isinstance(value, Mapping):
+        tag = value.get(_FLOAT_TAG) if set(value) == {_FLOAT_TAG} else None
+        if isinstance(tag, str) and tag in _FLOAT_TAGS:
+            return _FLOAT_TAGS[tag]
+        return {key: decode_special_floats(v) for key, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_decode_special_floats(v) for v in value]
+        return [decode_special_floats(v) for v in value]
+    return value
+
+
+def encode_special_floats(value: Any) -> Any:
+    """The inverse of ``decode_special_floats``: inf, -inf and nan as {"__float__": ...}, as transformers 5 writes
+    them (Python's json would write the non-standard literals Infinity / NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {_FLOAT_TAG: "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")}
+    if isinstance(value, Mapping):
+        return {key: encode_special_floats(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [encode_special_floats(v) for v in value]
     return value
 
 

@@ -8,7 +8,9 @@ in chunks of at most 8 MiB (``convert.writer``), so each device reads about its 
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,9 +46,10 @@ def read_config(directory: Path) -> MambaConfig:
 
 
 def check_array_stores(params_dir: Path) -> None:
-    """ConversionError naming the first array whose zarr store is missing from an Orbax checkpoint written one store
-    per array (as ``convert.writer`` does). Orbax's own reads, when a store is missing, fail part-way and leave
-    tensorstore callbacks behind that fire on a closed event loop; this check runs before any of them."""
+    """ConversionError naming the first array whose zarr store, or a chunk of it, is missing from an Orbax checkpoint
+    written one store per array (as ``convert.writer`` does; a partial copy loses files). Orbax's own reads, when a
+    store or chunk is missing, fail part-way and leave tensorstore callbacks behind that fire on a closed event loop
+    (hundreds of lines after the error); this check runs before any of them."""
     try:
         index = json.loads((params_dir / "_METADATA").read_text())
         tree, ocdbt = index["tree_metadata"], index.get("use_ocdbt", False)
@@ -61,6 +64,24 @@ def check_array_stores(params_dir: Path) -> None:
         store = params_dir / name
         if not ((store / ".zarray").is_file() or (store / "zarr.json").is_file()):
             raise ConversionError(f"{params_dir}: incomplete Orbax checkpoint (array {name} missing)")
+        if (store / ".zarray").is_file() and (chunk := missing_chunk(store)) is not None:
+            raise ConversionError(f"{params_dir}: incomplete Orbax checkpoint (array {name}: chunk {chunk} missing)")
+
+
+def missing_chunk(store: Path) -> str | None:
+    """The key of the first chunk file that a zarr v2 array store lacks (Orbax writes every chunk), or None."""
+    try:
+        meta = json.loads((store / ".zarray").read_text())
+        shape, chunks = meta["shape"], meta["chunks"]
+        separator = meta.get("dimension_separator") or "."
+        counts = [math.ceil(size / chunk) for size, chunk in zip(shape, chunks, strict=True)]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConversionError(f"{store / '.zarray'}: unreadable zarr metadata ({first_line(e)})") from None
+    for index in itertools.product(*(range(count) for count in counts)):
+        key = separator.join(map(str, index)) if index else "0"
+        if not (store / key).is_file():
+            return key
+    return None
 
 
 def stored_params(directory: Path) -> dict[str, jax.ShapeDtypeStruct]:

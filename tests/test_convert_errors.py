@@ -4,10 +4,12 @@ and the destination never written or touched. Plus Hub repo-id resolution from a
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -108,9 +110,108 @@ def test_existing_destination_untouched(hf_dir, tmp_path, capsys):
     line = error_of(capsys, [hf_dir, hf_dir / "inside", "--force"])
     assert "overlaps the source" in line
 
-    assert main([str(hf_dir), str(dst), "--force"]) == 0
+    (dst / "config.json").write_text("{}")  # a config.json without weights is not a checkpoint of ours
+    line = error_of(capsys, [hf_dir, dst, "--force"])
+    assert line == (
+        "error: --force replaces only an empty directory or a checkpoint this tool wrote (config.json with params/ "
+        f"or model.safetensors), but {dst} holds config.json, keep.txt; move it away or choose another destination"
+    )
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "keep.txt"]
+    shutil.rmtree(dst)
+
+    assert main([str(hf_dir), str(dst)]) == 0
+    (dst / "tokenizer.json").write_text("{}")
+    assert main([str(hf_dir), str(dst), "--force"]) == 0  # replaces a converted checkpoint
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "params"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]  # no staging directories left behind
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(hf_dir), str(empty), "--force"]) == 0
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    line = error_of(capsys, [hf_dir, a_file, "--force"])
+    assert line == f"error: --force replaces only a directory, but {a_file} is a file; choose another destination"
+    assert a_file.read_text() == "mine"
+
+
+def test_destination_checked_before_converting(hf_dir, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("mine")
+    dst = tmp_path / "a_file" / "sub"
+    line = error_of(capsys, [tmp_path / "no_source", dst])  # the destination is refused before the source is read
+    assert line == f"error: destination {dst}: {tmp_path / 'a_file'} is not a directory"
+    line = error_of(capsys, ["--to", "hf", tmp_path / "no_source", dst])
+    assert line == f"error: destination {dst}: {tmp_path / 'a_file'} is not a directory"
+
+    too_long = tmp_path / ("x" * 256)
+    line = error_of(capsys, [hf_dir, too_long])
+    assert line == f"error: destination {too_long}: its name is 256 bytes long; this file system allows at most 255"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+    longest = tmp_path / ("x" * 255)  # the staging directory's name must not be longer than the destination's
+    assert main([str(hf_dir), str(longest)]) == 0
+    assert sorted(p.name for p in longest.iterdir()) == ["config.json", "params"]
+
+
+def test_destination_mode_follows_umask(hf_dir, tmp_path):
+    """A destination gets the mode mkdir gives (0o777 & ~umask), not the 0o700 of a temporary directory."""
+    previous = os.umask(0o027)
+    try:
+        assert main([str(hf_dir), str(tmp_path / "ours")]) == 0
+        assert main(["--to", "hf", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "ours").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "back").stat().st_mode) == 0o750
+
+
+def test_converted_checkpoint_as_source(hf_dir, tmp_path, capsys):
+    assert main([str(hf_dir), str(tmp_path / "ours")]) == 0
+    line = error_of(capsys, [tmp_path / "ours", tmp_path / "again"])
+    assert line == (
+        f"error: {tmp_path / 'ours'} looks like a checkpoint converted by python -m convert (config.json and params/): "
+        "load it with mamba_jax.load_pretrained, or export it with python -m convert --to hf SRC DST"
+    )
+
+
+def test_no_ocdbt_merge_warning(hf_dir, tmp_path, caplog):
+    assert main([str(hf_dir), str(tmp_path / "ours")]) == 0
+    assert not [r for r in caplog.records if "Skipping merge of OCDBT" in r.getMessage()]
+
+
+ACCEPTED = "expected one of float16, bfloat16, float32, float64"
+NON_FLOAT = ["int64", "uint16", "complex64", "float8_e4m3fn", "bool"]
+
+
+@pytest.mark.parametrize("dtype", NON_FLOAT)
+def test_non_float_tensor_in_safetensors(hf_dir, tmp_path, capsys, dtype):
+    def retype(t):
+        t["backbone.layers.0.mixer.D"] = t["backbone.layers.0.mixer.D"].astype(getattr(ml_dtypes, dtype, dtype))
+
+    src = edited_copy(hf_dir, tmp_path, retype)
+    line = error_of(capsys, [src, tmp_path / "dst"])
+    assert (
+        line == f"error: {src / 'model.safetensors'}: tensor 'backbone.layers.0.mixer.D' has dtype {dtype}; {ACCEPTED}"
+    )
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("dtype", NON_FLOAT)
+def test_non_float_tensor_in_bin(hf_dir, tmp_path, capsys, dtype):
+    """Also the dtypes torch.save writes with _rebuild_tensor_v3 (uint16, float8) and complex storages: named as
+    unsupported dtypes, not refused as foreign code."""
+    torch = pytest.importorskip("torch")
+    state = {name: torch.from_numpy(array) for name, array in load_file(hf_dir / "model.safetensors").items()}
+    name = "backbone.layers.0.mixer.D"
+    state[name] = state[name].to(getattr(torch, dtype))
+    src = tmp_path / "bin"
+    src.mkdir()
+    (src / "config.json").write_text((hf_dir / "config.json").read_text())
+    torch.save(state, src / "pytorch_model.bin")
+    line = error_of(capsys, [src, tmp_path / "dst"])
+    assert line == f"error: {src / 'pytorch_model.bin'}: tensor '{name}' has dtype {dtype}; {ACCEPTED}"
+    assert not (tmp_path / "dst").exists()
 
 
 def test_bad_arguments(hf_dir, tmp_path, capsys):
@@ -158,6 +259,7 @@ def test_hub_repo_id_from_offline_cache(hf_dir, tmp_path):
     ("removed", "problem"),
     [
         ("backbone.norm_f.weight", "array backbone.norm_f.weight missing"),
+        ("backbone.norm_f.weight/0", "array backbone.norm_f.weight: chunk 0 missing"),
         ("_METADATA", "cannot read _METADATA: "),
     ],
 )

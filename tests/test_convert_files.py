@@ -77,6 +77,19 @@ def test_torch_zip_refuses_code_and_runs_nothing(tmp_path, payload):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize(
+    "global_name", ["torch.load", "torch._utils._rebuild_qtensor", "torch.storage._load_from_bytes", "torch.nn.Module"]
+)
+def test_torch_zip_refuses_other_torch_globals(tmp_path, global_name):
+    """Recognising torch's dtypes and storage classes opens nothing else of torch."""
+    module, name = global_name.rsplit(".", 1)
+    path = tmp_path / "x.bin"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", f"c{module}\n{name}\n.".encode())  # protocol 0: GLOBAL, STOP
+    with pytest.raises(ConversionError, match=rf"refused to load: the pickle asks for the global '{global_name}'"):
+        TorchZipReader(path)
+
+
 def test_torch_zip_errors(tmp_path):
     torch = pytest.importorskip("torch")
     good = tmp_path / "good.bin"
@@ -167,6 +180,12 @@ def test_inspect_source(tmp_path):
         inspect_source(tmp_path)
 
 
+def write_checkpoint(directory: Path, version: str) -> None:
+    """What --force takes for a checkpoint of ours: config.json and params/."""
+    (directory / "config.json").write_text(version)
+    (directory / "params").mkdir()
+
+
 def test_staged_directory(tmp_path):
     dst = tmp_path / "out"
     with pytest.raises(RuntimeError), staged_directory(dst, force=False) as staging:
@@ -175,17 +194,17 @@ def test_staged_directory(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no DST, no leftover staging directory
 
     with staged_directory(dst, force=False) as staging:
-        (staging / "v1").write_text("1")
-    assert [p.name for p in dst.iterdir()] == ["v1"]
+        write_checkpoint(staging, "1")
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "params"]
 
     with pytest.raises(ConversionError, match=r"out already exists; pass --force"):
         with staged_directory(dst, force=False):
             pass
     with pytest.raises(RuntimeError), staged_directory(dst, force=True):
         raise RuntimeError("failed")
-    assert [p.name for p in dst.iterdir()] == ["v1"]  # a failed --force run leaves the old DST as it was
+    assert (dst / "config.json").read_text() == "1"  # a failed --force run leaves the old DST as it was
 
     with staged_directory(dst, force=True) as staging:
-        (staging / "v2").write_text("2")
-    assert [p.name for p in dst.iterdir()] == ["v2"]
+        write_checkpoint(staging, "2")
+    assert (dst / "config.json").read_text() == "2"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

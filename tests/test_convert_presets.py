@@ -21,7 +21,7 @@ from tests import checkpoints as ck
 
 
 class ShapesOnly:
-    """The reader interface ``plan`` uses, over names and shapes only."""
+    """The reader interface ``plan`` uses, over names and shapes only (every tensor float32)."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]]):
         self.shapes = shapes
@@ -29,6 +29,9 @@ class ShapesOnly:
 
     def shape(self, name):
         return self.shapes[name]
+
+    def dtype(self, name):
+        return "float32"
 
     def file_of(self, name):
         return "shapes-only"
