@@ -56,7 +56,7 @@ def main() -> None:
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
 
     # 4. Data: the text, tokenized to bytes, cut into windows of seq_len + 1 tokens, batch b from (seed, step).
-    streams = load_streams(cfg.data, text_glob=cfg.text_glob, tokenizer="byte", token_dtype="uint16")
+    streams, _ = load_streams(cfg.data, text_glob=cfg.text_glob, tokenizer="byte", token_dtype="uint16")
     train_split, _ = make_splits(
         streams, seq_len=cfg.seq_len, batch_size=cfg.batch_size, eval_batch_size=1, eval_fraction=0.0, seed=0
     )
@@ -74,7 +74,12 @@ def main() -> None:
 
     # 6. Save the parameters and optimizer state (Orbax; reload with mamba_jax.train.checkpoint.load_model).
     checkpoints = Checkpoints(Path(args.out) / "checkpoints")
-    meta = {"step": cfg.steps, "train_config": cfg.to_dict(), "model_config": model_config.to_dict()}
+    meta = {
+        "step": cfg.steps,
+        "train_config": cfg.to_dict(),
+        "model_config": model_config.to_dict(),
+        "tokenizer": "byte",  # saved with the model by mamba_jax.train.export, for generate
+    }
     checkpoints.save(cfg.steps, params, opt_state, meta)
     checkpoints.wait()
     checkpoints.close()

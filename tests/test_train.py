@@ -19,8 +19,10 @@ from mamba_jax.model import MambaLMHeadModel
 from mamba_jax.sharding import make_mesh, state_shardings
 from mamba_jax.train import TrainConfig, loop, train
 from mamba_jax.train import __main__ as cli
+from mamba_jax.train import export as export_cli
 from mamba_jax.train.checkpoint import Checkpoints, abstract_arrays, load_model
-from mamba_jax.train.data import load_streams, make_splits
+from mamba_jax.train.config import TrainError
+from mamba_jax.train.data import TOKENIZER_FILE, load_streams, make_splits, write_shard
 from mamba_jax.train.export import export_run
 from mamba_jax.train.optim import decays, learning_rate, make_optimizer, opt_state_shardings, weight_decay_mask
 from mamba_jax.train.remat import POLICIES, apply_remat
@@ -64,6 +66,12 @@ def test_command_line():
     assert (config.d_model, config.n_layer, config.vocab_size, config.ssm_cfg["d_state"]) == (768, 2, 257, 8)
     with pytest.raises(ValueError, match="--set expects KEY=VALUE, got 'n_layer'"):
         cli.model_config("mamba-130m", ["n_layer"])
+
+
+def test_settings_that_leave_the_training_unchanged_are_not_reported():
+    saved = TrainConfig(data="x", log_every=10, mesh_fsdp=8).to_dict()
+    cfg = TrainConfig(data="x", log_every=2, mesh_data=2, mesh_fsdp=4, eval_every=7, keep=1, lr=1e-3, steps=20)
+    assert cfg.trajectory_changes(saved) == ["lr", "steps"]
 
 
 def test_remat_policies_match_the_config():
@@ -267,9 +275,20 @@ def test_a_run_logs_evaluates_and_saves(full_run):
     assert saved_steps(tmp_path / "full") == [2, 4]
 
 
+def command_line(cfg: TrainConfig, model_json) -> list[str]:
+    """The arguments of ``python -m mamba_jax.train`` for ``cfg`` and the model config file ``model_json``."""
+    flags = ["--model", str(model_json)]
+    for name, value in cfg.to_dict().items():
+        if value is not None:
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
+
+
 def test_sigterm_saves_and_resuming_is_exact(full_run, monkeypatch):
+    """Preempted through the command line: the run saves, stops and exits 143; resumed, it goes on bit for bit."""
     tmp_path, _, records = full_run
     cfg = run_config(tmp_path, "interrupted", save_every=100, eval_batches=0)
+    (tmp_path / "model.json").write_text(json.dumps(MODEL.to_dict()))
     read_batch = loop.device_batch
 
     def preempted_at_step_1(split, step, *args):
@@ -278,8 +297,10 @@ def test_sigterm_saves_and_resuming_is_exact(full_run, monkeypatch):
         return read_batch(split, step, *args)
 
     monkeypatch.setattr(loop, "device_batch", preempted_at_step_1)
-    first = train(cfg, MODEL)
+    assert cli.main(command_line(cfg, tmp_path / "model.json")) == 128 + signal.SIGTERM
     monkeypatch.undo()
+    with open(tmp_path / "interrupted" / "metrics.jsonl") as f:
+        first = [json.loads(line) for line in f]
     assert max(losses(first)) == 2
     assert saved_steps(tmp_path / "interrupted") == [2]
     second = train(cfg)  # the model config comes from the checkpoint
@@ -315,15 +336,24 @@ def test_a_checkpoint_restores_onto_another_mesh(full_run):
 
 def test_export_then_fine_tune_from_it(full_run):
     tmp_path, _, _ = full_run
-    exported = export_run(tmp_path / "full", tmp_path / "exported")
+    exported = tmp_path / "exported"
+    assert export_run(tmp_path / "full", exported) == "byte"  # the run's tokenizer goes with it, for generate
+    assert json.loads((exported / TOKENIZER_FILE).read_text()) == {"tokenizer": "byte"}
     with pytest.raises(ValueError, match="already exists"):
-        export_run(tmp_path / "full", tmp_path / "exported")  # never overwritten silently
+        export_run(tmp_path / "full", exported)  # never overwritten silently
+    other = MambaConfig(**{**MODEL.to_dict(), "d_model": 8})
+    with pytest.raises(
+        TrainError, match=r"--init-from .*exported is a different model .* \(init-from vs asked: d_model 16 vs 8\)"
+    ):
+        train(run_config(tmp_path, "conflict", init_from=str(exported)), other)
     # Fine-tune on another mesh; its first loss is the exported model's loss on batch 0.
     tune = run_config(
         tmp_path, "tune", init_from=str(exported), steps=1, eval_batches=0, mesh_data=2, mesh_fsdp=2, mesh_tensor=2
     )
     records = train(tune)
-    streams = load_streams(tune.data, text_glob=tune.text_glob, tokenizer=tune.tokenizer, token_dtype=tune.token_dtype)
+    streams, _ = load_streams(
+        tune.data, text_glob=tune.text_glob, tokenizer=tune.tokenizer, token_dtype=tune.token_dtype
+    )
     train_split, _ = make_splits(
         streams,
         seq_len=tune.seq_len,
@@ -341,5 +371,55 @@ def test_bad_run_configurations_fail_early(tmp_path):
         train(TrainConfig(data="unused", batch_size=4, run_dir=str(tmp_path / "a")), MODEL)
     with pytest.raises(ValueError, match="fixed axes' product 3 does not divide 8"):
         train(TrainConfig(data="unused", mesh_data=3, run_dir=str(tmp_path / "b")), MODEL)
-    with pytest.raises(ValueError, match="model_config is required"):
-        train(TrainConfig(data="unused", run_dir=str(tmp_path / "c")))
+    write_corpus(tmp_path / "corpus")
+    with pytest.raises(ValueError, match="no model to train: give one"):
+        train(TrainConfig(data=str(tmp_path / "corpus"), run_dir=str(tmp_path / "c")))
+    # The byte tokenizer's EOS id 256 is no id of a 256-token model: found before training, nothing written.
+    with pytest.raises(
+        TrainError,
+        match=r"tokenizer 'byte' gives ids up to 256 .* model's vocab_size is 256: the model needs vocab_size >= 257",
+    ):
+        train(TrainConfig(data=str(tmp_path / "corpus"), run_dir=str(tmp_path / "d")), MambaConfig(vocab_size=256))
+    assert not (tmp_path / "d").exists()
+
+
+def test_resuming_another_model_is_refused(full_run, capsys):
+    """A run dir's checkpoint is resumed only with its own model: --model/--set left out, or the same."""
+    tmp_path, cfg, _ = full_run
+    (tmp_path / "model.json").write_text(json.dumps(MODEL.to_dict()))
+    flags = ["--data", cfg.data, "--run-dir", cfg.run_dir, "--seq-len", "16", "--steps", "4"]
+    other = ["--model", "mamba2-130m", "--set", "d_model=32", "n_layer=1", "vocab_size=257"]
+    assert cli.main([*flags, *other]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: run dir {cfg.run_dir} holds a checkpoint (step 4) of a different model ")
+    assert '(checkpoint vs asked: d_model 16 vs 32, ssm_cfg.d_state 4 vs unset, ssm_cfg.layer unset vs "Mamba2"' in (
+        message
+    )
+    for model in (["--model", str(tmp_path / "model.json")], []):
+        assert cli.main([*flags, *model]) == 0
+        assert capsys.readouterr().out == "run already at step 4 (>= --steps 4): nothing to do\n"
+    assert saved_steps(tmp_path / "full") == [2, 4]
+
+
+def test_an_error_mid_run_finishes_the_save_in_flight(tmp_path, monkeypatch):
+    """An error mid-run (here a bug: its traceback is kept) still finishes the save in flight, so the newest
+    checkpoint is whole. On token shards, whose tokenizer is unknown, the export has none."""
+    write_corpus(tmp_path / "corpus")
+    (stream,), _ = load_streams(str(tmp_path / "corpus"), text_glob="*.txt", tokenizer="byte", token_dtype="uint16")
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "a.bin", stream)
+    (tmp_path / "model.json").write_text(json.dumps(MODEL.to_dict()))
+    cfg = run_config(tmp_path, "run", data=str(tmp_path / "shards"), save_every=1, eval_batches=0)
+    read_batch = loop.device_batch
+
+    def failing_at_step_3(split, step, *args):
+        if step == 3:  # step 3 was just saved, in the background
+            raise RuntimeError("a bug")
+        return read_batch(split, step, *args)
+
+    monkeypatch.setattr(loop, "device_batch", failing_at_step_3)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(command_line(cfg, tmp_path / "model.json"))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1", "2", "3"]  # no *-tmp
+    assert export_cli.main([str(tmp_path / "run"), str(tmp_path / "exported")]) == 0
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.json", "params"]

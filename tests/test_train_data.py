@@ -1,15 +1,20 @@
 """mamba_jax.train.data: tokenizers, packing into windows, deterministic batches, splits, shards, errors."""
 
+import json
+
 import numpy as np
 import pytest
 
 from mamba_jax.train import pretokenize
+from mamba_jax.train.config import TrainError
 from mamba_jax.train.data import (
+    TOKENIZER_FILE,
     ByteTokenizer,
     Split,
     Windows,
     load_streams,
     make_splits,
+    save_tokenizer,
     tokenize_files,
     write_shard,
 )
@@ -96,7 +101,8 @@ def test_eval_split_is_the_held_out_tail_in_order():
 def test_binary_shards_are_memory_mapped(tmp_path):
     write_shard(tmp_path / "a.bin", np.arange(70000, 70010, dtype=np.uint32))
     write_shard(tmp_path / "b.bin", np.arange(5, dtype=np.uint32))
-    streams = load_streams(str(tmp_path), text_glob="*.txt", tokenizer="byte", token_dtype="uint32")
+    streams, tokenizer = load_streams(str(tmp_path), text_glob="*.txt", tokenizer="byte", token_dtype="uint32")
+    assert tokenizer is None  # shards do not say which tokenizer made them
     assert [type(s) for s in streams] == [np.memmap, np.memmap]
     np.testing.assert_array_equal(streams[0], np.arange(70000, 70010))
     with pytest.raises(ValueError, match="tokens must be uint16 or uint32, got int64"):
@@ -106,7 +112,7 @@ def test_binary_shards_are_memory_mapped(tmp_path):
 def test_pretokenize_writes_a_shard_the_loader_reads(tmp_path):
     (tmp_path / "a.txt").write_text("hi")
     pretokenize.main([str(tmp_path), str(tmp_path / "out" / "train.bin")])
-    (stream,) = load_streams(str(tmp_path / "out"), text_glob="*.txt", tokenizer="byte", token_dtype="uint16")
+    (stream,), _ = load_streams(str(tmp_path / "out"), text_glob="*.txt", tokenizer="byte", token_dtype="uint16")
     np.testing.assert_array_equal(stream, [104, 105, 256])
     with pytest.raises(SystemExit, match="exists; remove it first"):
         pretokenize.main([str(tmp_path), str(tmp_path / "out" / "train.bin")])
@@ -116,8 +122,9 @@ def test_text_folder_is_tokenized(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "x.py").write_text("xy")
     (tmp_path / "ignored.md").write_text("zz")
-    (stream,) = load_streams(str(tmp_path), text_glob="**/*.py", tokenizer="byte", token_dtype="uint16")
+    (stream,), tokenizer = load_streams(str(tmp_path), text_glob="**/*.py", tokenizer="byte", token_dtype="uint16")
     np.testing.assert_array_equal(stream, [120, 121, 256])
+    assert tokenizer.name == "byte"
 
 
 def test_missing_or_empty_data_is_a_clear_error(tmp_path):
@@ -139,5 +146,37 @@ def test_a_transformers_tokenizer_by_path(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<eos>", unk_token="[UNK]").save_pretrained(tmp_path)
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("state space model")
-    (stream,) = load_streams(str(tmp_path / "texts"), text_glob="*.txt", tokenizer=str(tmp_path), token_dtype="uint16")
+    (stream,), tokenizer = load_streams(
+        str(tmp_path / "texts"), text_glob="*.txt", tokenizer=str(tmp_path), token_dtype="uint16"
+    )
     np.testing.assert_array_equal(stream, [2, 3, 1, 0])
+    # Saved for an export: the tokenizer's own files, which load back as the same tokenizer.
+    assert tokenizer.name == str(tmp_path)
+    (tmp_path / "export").mkdir()
+    save_tokenizer(tokenizer.name, tmp_path / "export")
+    assert (tmp_path / "export" / "tokenizer.json").is_file() and not (tmp_path / "export" / TOKENIZER_FILE).exists()
+    assert PreTrainedTokenizerFast.from_pretrained(tmp_path / "export").encode("space state") == [3, 2]
+    with pytest.raises(TrainError, match=r"cannot load the tokenizer '.*nowhere'"):
+        load_streams(
+            str(tmp_path / "texts"), text_glob="*.txt", tokenizer=str(tmp_path / "nowhere"), token_dtype="uint16"
+        )
+
+
+def test_the_byte_tokenizer_is_saved_by_name(tmp_path):
+    save_tokenizer("byte", tmp_path)
+    assert json.loads((tmp_path / TOKENIZER_FILE).read_text()) == {"tokenizer": "byte"}
+    assert TOKENIZER_FILE == "mamba_jax_tokenizer.json"  # what python -m mamba_jax.generate reads
+
+
+def test_empty_shards_are_skipped_and_bad_sizes_named(tmp_path):
+    write_shard(tmp_path / "a.bin", np.arange(5, dtype=np.uint16))
+    (tmp_path / "b.bin").write_bytes(b"")
+    streams, _ = load_streams(str(tmp_path), text_glob="*.txt", tokenizer="byte", token_dtype="uint16")
+    np.testing.assert_array_equal(streams, [np.arange(5)])
+    with pytest.raises(TrainError, match=r"every \*.bin token shard is empty \(1 of them\)"):
+        load_streams(str(tmp_path / "b.bin"), text_glob="*.txt", tokenizer="byte", token_dtype="uint16")
+    # 10 bytes: five uint16 tokens, but not a whole number of uint32 ones.
+    with pytest.raises(
+        TrainError, match=r"token shard .*a.bin has 10 bytes, not a multiple of 4 \(--token-dtype uint32\)"
+    ):
+        load_streams(str(tmp_path), text_glob="*.txt", tokenizer="byte", token_dtype="uint32")

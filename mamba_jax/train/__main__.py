@@ -5,6 +5,9 @@ Every TrainConfig field is a flag (``--batch-size 16``); the model is a preset n
     python -m mamba_jax.train --data data/ --model mamba-130m --steps 10000 --run-dir runs/130m
     python -m mamba_jax.train --data texts/ --model mamba-130m --set d_model=256 n_layer=4 vocab_size=257
     python -m mamba_jax.train --data data/ --init-from converted/mamba-370m --lr 1e-5 --run-dir runs/ft
+
+A run dir holding a checkpoint is resumed, with the checkpoint's model: leave out --model/--set, or give the same.
+Bad arguments end in one ``error: ...`` line and exit status 2; a run stopped by SIGTERM (after saving) exits 143.
 """
 
 from __future__ import annotations
@@ -12,14 +15,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from mamba_jax.config import PRESETS, MambaConfig
-from mamba_jax.train.config import TrainConfig
-from mamba_jax.train.loop import train
+from mamba_jax.train.config import TrainConfig, TrainError
+from mamba_jax.train.loop import run_prepared
+from mamba_jax.train.prepare import prepare_run
 
 _TYPES = {"int": int, "float": float, "str": str}
+USAGE_ERROR = 2  # as argparse's
+SIGTERM_EXIT = 128 + 15  # the status of a process killed by SIGTERM, which the run was, after saving
 
 
 def model_config(name: str | None, overrides: Sequence[str]) -> MambaConfig | None:
@@ -56,14 +63,33 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def error(e: Exception) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv``; returns the exit status."""
     args = vars(parser().parse_args(argv))
-    config = model_config(args.pop("model"), args.pop("set"))
-    cfg = TrainConfig(**args)
-    if not cfg.data:
-        raise SystemExit("--data is required: a folder of *.bin token shards or of text files")
-    train(cfg, config)
+    # Start-up checks the arguments, the run dir and the data: a ValueError or OSError here is the user's input.
+    try:
+        config = model_config(args.pop("model"), args.pop("set"))
+        cfg = TrainConfig(**args)
+        if not cfg.data:
+            raise TrainError("--data is required: a folder of *.bin token shards or of text files")
+        run = prepare_run(cfg, config)
+    except (ValueError, OSError) as e:
+        return error(e)
+    # Training: only TrainError (e.g. a token id too large in a shard) is the input's; anything else is a bug.
+    try:
+        _, preempted = run_prepared(run)
+    except TrainError as e:
+        return error(e)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 128 + 2
+    return SIGTERM_EXIT if preempted else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

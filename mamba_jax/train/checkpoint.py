@@ -2,7 +2,8 @@
 
 A checkpoint at step s holds three items: ``params`` and ``opt_state`` (pure pytrees of arrays, each restored in
 whatever sharding the caller's abstract target asks for, so a run saved on one mesh resumes on another) and
-``meta`` (JSON: the train and model configs and the step). Inference needs only ``params``.
+``meta`` (JSON: the train and model configs, the step, and the tokenizer of text data or None). Inference needs
+only ``params``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from mamba_jax.config import MambaConfig
 from mamba_jax.model import MambaLMHeadModel
 from mamba_jax.sharding import state_shardings
+from mamba_jax.train.config import TrainError
 
 
 class Checkpoints:
@@ -77,6 +79,19 @@ class Checkpoints:
         self.manager.close()
 
 
+def run_meta(run_dir: str | Path, step: int | None = None) -> dict | None:
+    """The metadata of checkpoint ``step`` (default: the newest) of a run directory; None when the run has no
+    checkpoint. Creates nothing."""
+    directory = Path(run_dir) / "checkpoints"
+    if not directory.is_dir():
+        return None
+    checkpoints = Checkpoints(directory)
+    try:
+        return None if checkpoints.latest_step() is None else checkpoints.read_meta(step)
+    finally:
+        checkpoints.close()
+
+
 def abstract_arrays(tree: Any, shardings: Any) -> Any:
     """Abstract arrays (shape, dtype, sharding) for a tree of arrays or ShapeDtypeStructs and a tree of shardings."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
@@ -91,7 +106,7 @@ def load_model(
     ``dtype`` is the compute dtype (None: float32).
     """
     if not (Path(run_dir) / "checkpoints").is_dir():
-        raise ValueError(f"{run_dir} is not a training run: it has no checkpoints/ folder")
+        raise TrainError(f"{run_dir} is not a training run: it has no checkpoints/ folder")
     checkpoints = Checkpoints(Path(run_dir) / "checkpoints")
     try:
         config = MambaConfig.from_dict(checkpoints.read_meta(step)["model_config"])

@@ -7,6 +7,32 @@ from dataclasses import dataclass
 
 REMAT_POLICIES = ("none", "block", "dots", "dots_scan")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# Fields that do not change what is trained (the parameters after each step): where the run is, what is logged,
+# evaluated and saved, and how the work is laid out over devices and processes (a run resumed on another mesh
+# computes the same losses).
+NOT_TRAJECTORY = frozenset(
+    {
+        "run_dir",
+        "log_every",
+        "eval_every",
+        "eval_batches",
+        "save_every",
+        "keep",
+        "peak_tflops",
+        "mesh_data",
+        "mesh_fsdp",
+        "mesh_tensor",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
+    }
+)
+
+
+class TrainError(ValueError):
+    """Bad input the user can act on (an argument, a data file, a run directory); ``python -m mamba_jax.train``
+    prints its message as one line, without a traceback, so the message names the argument or file and what was
+    expected."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +125,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def trajectory_changes(self, saved: dict) -> list[str]:
+        """The fields that differ from ``saved`` (an earlier run's ``to_dict``) and change what is trained (not those
+        in NOT_TRAJECTORY), sorted."""
+        return sorted(k for k, v in self.to_dict().items() if k not in NOT_TRAJECTORY and saved.get(k) != v)
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:

@@ -13,16 +13,24 @@ Pre-tokenize text into shards with ``python -m mamba_jax.train.pretokenize SRC_D
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from mamba_jax.train.config import TrainError
+
+# Written by ``python -m mamba_jax.train.export`` next to an exported model whose tokenizer has no files of its own
+# (the byte-level one): {"tokenizer": "byte"}. ``python -m mamba_jax.generate`` reads it.
+TOKENIZER_FILE = "mamba_jax_tokenizer.json"
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255 and an end-of-document id 256: no files, no downloads."""
 
+    name = "byte"
     vocab_size = 257
     eos_id = 256
 
@@ -34,14 +42,19 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A transformers tokenizer by name or local path (imported lazily: only text data needs it)."""
+    """A transformers tokenizer by name or local path (imported lazily: only text data needs it). ``name`` is the
+    Hub name, or the local directory's absolute path (so an export run from elsewhere finds it again)."""
 
     def __init__(self, name: str):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as e:  # not found, or not in the cache when offline
+            raise TrainError(f"cannot load the tokenizer {name!r}: {str(e).strip().splitlines()[0]}") from None
         if self.tokenizer.eos_token_id is None:
-            raise ValueError(f"tokenizer {name!r} has no EOS token to separate documents")
+            raise TrainError(f"tokenizer {name!r} has no EOS token to separate documents")
+        self.name = str(Path(name).absolute()) if Path(name).is_dir() else name
         self.vocab_size = len(self.tokenizer)
         self.eos_id = self.tokenizer.eos_token_id
 
@@ -56,6 +69,15 @@ def get_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:
     return ByteTokenizer() if name == "byte" else HFTokenizer(name)
 
 
+def save_tokenizer(name: str, directory: Path) -> None:
+    """Save tokenizer ``name`` into ``directory`` for inference: a transformers tokenizer's own files, or for the
+    byte-level one (which has none) ``TOKENIZER_FILE`` naming it."""
+    if name == "byte":
+        (directory / TOKENIZER_FILE).write_text(json.dumps({"tokenizer": "byte"}) + "\n")
+    else:
+        HFTokenizer(name).tokenizer.save_pretrained(directory)
+
+
 def tokenize_files(paths: Sequence[Path], tokenizer) -> np.ndarray:
     """One stream: each file's tokens followed by EOS. uint16 when the vocab fits, else uint32. Shape (tokens,)."""
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
@@ -66,22 +88,42 @@ def tokenize_files(paths: Sequence[Path], tokenizer) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0,), dtype)
 
 
-def load_streams(path: str, *, text_glob: str, tokenizer: str, token_dtype: str) -> list[np.ndarray]:
-    """The token streams under ``path``: ``*.bin`` shards if there are any (memory-mapped), else text files.
+def read_shard(path: Path, token_dtype: str) -> np.memmap:
+    """A ``*.bin`` shard, memory-mapped as little-endian ``token_dtype``: (tokens,). TrainError naming the file and
+    --token-dtype when its size is not a whole number of tokens."""
+    dtype = np.dtype(token_dtype).newbyteorder("<")
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise TrainError(
+            f"token shard {path} has {size} bytes, not a multiple of {dtype.itemsize} (--token-dtype {token_dtype}): "
+            "a truncated file, or shards of another token dtype"
+        )
+    return np.memmap(path, dtype=dtype, mode="r")
 
-    Each stream has shape (tokens,). Raises a ValueError naming ``path`` when nothing usable is there.
+
+def load_streams(
+    path: str, *, text_glob: str, tokenizer: str, token_dtype: str
+) -> tuple[list[np.ndarray], ByteTokenizer | HFTokenizer | None]:
+    """(the token streams under ``path``, the tokenizer that made them). The streams are the ``*.bin`` shards if
+    there are any (memory-mapped; empty ones skipped; their tokenizer is unknown: None), else the text files matching
+    ``text_glob``, tokenized by ``tokenizer``.
+
+    Each stream has shape (tokens,). Raises a TrainError naming ``path`` when nothing usable is there.
     """
     root = Path(path)
     if not root.exists():
-        raise ValueError(f"data path {path!r} does not exist")
+        raise TrainError(f"data path {path!r} does not exist")
     shards = [root] if root.is_file() and root.suffix == ".bin" else sorted(root.glob("*.bin")) if root.is_dir() else []
     if shards:
-        streams = [np.memmap(shard, dtype=np.dtype(token_dtype).newbyteorder("<"), mode="r") for shard in shards]
-        return [stream for stream in streams if stream.size]
+        streams = [read_shard(shard, token_dtype) for shard in shards if shard.stat().st_size]
+        if not streams:
+            raise TrainError(f"data path {path!r}: every *.bin token shard is empty ({len(shards)} of them)")
+        return streams, None
     texts = [root] if root.is_file() else sorted(p for p in root.glob(text_glob) if p.is_file())
     if not texts:
-        raise ValueError(f"data path {path!r} holds no *.bin token shards and no text files matching {text_glob!r}")
-    return [tokenize_files(texts, get_tokenizer(tokenizer))]
+        raise TrainError(f"data path {path!r} holds no *.bin token shards and no text files matching {text_glob!r}")
+    text_tokenizer = get_tokenizer(tokenizer)
+    return [tokenize_files(texts, text_tokenizer)], text_tokenizer
 
 
 class Windows:
@@ -95,7 +137,7 @@ class Windows:
         self.first = np.cumsum([0, *counts])  # window index where each stream begins
         if self.first[-1] == 0:
             sizes = [len(s) for s in self.streams]
-            raise ValueError(f"no window of seq_len + 1 = {seq_len + 1} tokens fits in streams of sizes {sizes}")
+            raise TrainError(f"no window of seq_len + 1 = {seq_len + 1} tokens fits in streams of sizes {sizes}")
 
     def __len__(self) -> int:
         return int(self.first[-1])
@@ -119,7 +161,7 @@ class Split:
 
     def __init__(self, windows: Windows, indices: np.ndarray, batch_size: int, *, seed: int, shuffle: bool):
         if len(indices) == 0:
-            raise ValueError("a data split has no windows: use more data, a shorter seq_len or another eval_fraction")
+            raise TrainError("a data split has no windows: use more data, a shorter seq_len or another eval_fraction")
         self.windows = windows
         self.indices = indices
         self.batch_size = batch_size
@@ -164,7 +206,7 @@ def make_splits(
     windows = Windows(streams, seq_len)
     n_eval = math.ceil(len(windows) * eval_fraction)
     if n_eval >= len(windows):
-        raise ValueError(f"eval_fraction {eval_fraction} leaves no training windows out of {len(windows)}")
+        raise TrainError(f"eval_fraction {eval_fraction} leaves no training windows out of {len(windows)}")
     everything = np.arange(len(windows))
     train = Split(windows, everything[: len(windows) - n_eval], batch_size, seed=seed, shuffle=True)
     held_out = everything[len(windows) - n_eval :]

@@ -1,7 +1,8 @@
 """The training loop: a sharded model, AdamW, deterministic data, logging, evaluation and Orbax checkpoints.
 
-``train(cfg, model_config)`` runs (or resumes) the run in ``cfg.run_dir`` and returns the logged records. A run
-directory holds ``checkpoints/<step>/`` (Orbax) and ``metrics.jsonl`` (one JSON record per log or eval line).
+``train(cfg, model_config)`` runs (or resumes) the run in ``cfg.run_dir`` and returns the logged records: it checks
+everything (``prepare.prepare_run``), then trains (``run_prepared``). A run directory holds ``checkpoints/<step>/``
+(Orbax) and ``metrics.jsonl`` (one JSON record per log or eval line).
 
 The state of a run is the parameters and the optimizer state (pure pytrees of arrays, sharded by the rules in
 ``mamba_jax.sharding``) and the step number. The data of a step is a function of the step, so restoring those
@@ -23,20 +24,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mamba_jax.config import MambaConfig
 from mamba_jax.model import MambaLMHeadModel
-from mamba_jax.sharding import (
-    check_batch_size,
-    drop_mesh_axis,
-    kernel_split,
-    make_mesh,
-    named_sharding,
-    shard_model,
-    state_shardings,
-)
+from mamba_jax.sharding import drop_mesh_axis, kernel_split, named_sharding, shard_model, state_shardings
 from mamba_jax.train.checkpoint import Checkpoints, abstract_arrays
-from mamba_jax.train.config import TrainConfig
-from mamba_jax.train.data import Split, load_streams, make_splits
-from mamba_jax.train.distributed import StopOnSigterm, initialize_distributed
+from mamba_jax.train.config import TrainConfig, TrainError
+from mamba_jax.train.data import Split
+from mamba_jax.train.distributed import StopOnSigterm
 from mamba_jax.train.optim import learning_rate, make_optimizer, opt_state_shardings
+from mamba_jax.train.prepare import PreparedRun, prepare_run
 from mamba_jax.train.progress import Progress
 from mamba_jax.train.remat import apply_remat
 
@@ -181,35 +175,29 @@ def device_batch(split: Split, step: int, shape: tuple[int, ...], sharding: Name
         rows = np.arange(math.prod(rows_shape)).reshape(rows_shape)[index[:-1]]
         tokens = split.rows(step, rows.reshape(-1)).reshape(*rows.shape, shape[-1])[..., index[-1]]
         if tokens.max(initial=0) >= vocab_size:
-            raise ValueError(f"token id {tokens.max()} in the data is >= the model's vocab_size {vocab_size}")
+            raise TrainError(
+                f"token id {tokens.max()} in the data (batch {step}) is >= the model's vocab_size {vocab_size}: "
+                "token shards written for a larger vocabulary, or read with the wrong --token-dtype"
+            )
         return tokens
 
     return jax.make_array_from_callback(shape, sharding, fetch)
 
 
-def _initial_state(
-    cfg: TrainConfig, model_config: MambaConfig | None, mesh: Mesh, checkpoints: Checkpoints, start: int
-):
-    """(model_config, graphdef, tx, params, opt_state, shardings of both) of a run: resumed from checkpoint ``start``
-    (> 0), fine-tuned from ``cfg.init_from``, or fresh. Every array is created or restored in its sharding."""
-    if start:
-        model_config = MambaConfig.from_dict(checkpoints.read_meta(start)["model_config"])
-    elif cfg.init_from is None and model_config is None:
-        raise ValueError("train: model_config is required unless cfg.init_from or a checkpoint in run_dir gives one")
+def _initial_state(run: PreparedRun, checkpoints: Checkpoints):
+    """(graphdef, tx, params, opt_state, shardings of both) of a run: resumed from checkpoint ``run.start`` (> 0),
+    fine-tuned from ``run.pretrained``, or fresh. Every array is created or restored in its sharding."""
+    cfg, mesh = run.cfg, run.mesh
     dtype = jnp.dtype(cfg.dtype)
 
     def model_fn() -> MambaLMHeadModel:
-        model = MambaLMHeadModel(model_config, rngs=nnx.Rngs(cfg.seed), dtype=dtype, param_dtype=jnp.float32)
+        model = MambaLMHeadModel(run.model_config, rngs=nnx.Rngs(cfg.seed), dtype=dtype, param_dtype=jnp.float32)
         return apply_remat(model, cfg.remat)
 
-    if start:  # abstract: the checkpoint fills it below
+    if run.start:  # abstract: the checkpoint fills it below
         graphdef, state = nnx.split(nnx.eval_shape(model_fn))
-    elif cfg.init_from is not None:  # float32 pretrained weights, computing in ``dtype``
-        from mamba_jax.pretrained import load_pretrained  # only fine-tuning needs the converters
-
-        pretrained = load_pretrained(cfg.init_from, mesh=mesh, dtype=jnp.float32)
-        model_config = pretrained.config
-        graphdef, state = nnx.split(nnx.eval_shape(model_fn))[0], nnx.state(pretrained)
+    elif run.pretrained is not None:  # float32 pretrained weights, computing in ``dtype``
+        graphdef, state = nnx.split(nnx.eval_shape(model_fn))[0], nnx.state(run.pretrained)
     else:
         graphdef, state = nnx.split(shard_model(model_fn, mesh))
     param_shardings = nnx.to_pure_dict(state_shardings(state, mesh))
@@ -217,16 +205,16 @@ def _initial_state(
 
     tx = make_optimizer(cfg, params)
     opt_shardings = opt_state_shardings(tx, params, param_shardings, mesh)
-    if start:
+    if run.start:
         params, opt_state, _ = checkpoints.restore(
             abstract_arrays(params, param_shardings),
             abstract_arrays(jax.eval_shape(tx.init, params), opt_shardings),
-            step=start,
+            step=run.start,
         )
     else:
         params = jax.device_put(params, param_shardings)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    return model_config, graphdef, tx, params, opt_state, param_shardings, opt_shardings
+    return graphdef, tx, params, opt_state, param_shardings, opt_shardings
 
 
 def train(cfg: TrainConfig, model_config: MambaConfig | None = None) -> list[dict]:
@@ -234,29 +222,38 @@ def train(cfg: TrainConfig, model_config: MambaConfig | None = None) -> list[dic
 
     The model is ``MambaLMHeadModel(model_config)`` with float32 parameters computing in ``cfg.dtype``, initialised
     from ``cfg.seed``, or loaded from ``cfg.init_from`` (then ``model_config`` may be None). A run directory that
-    holds checkpoints is resumed from the newest one, with the model config stored there.
+    holds checkpoints is resumed from the newest one, with the model config stored there (``model_config``, if
+    given, must be the same).
     """
-    initialize_distributed(cfg)
-    mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
-    check_batch_size(cfg.micro_batch_size, mesh)
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    records, _ = run_prepared(prepare_run(cfg, model_config))
+    return records
+
+
+def run_prepared(run: PreparedRun) -> tuple[list[dict], bool]:
+    """Train a checked run from its start step to ``cfg.steps``: (the records, whether SIGTERM stopped it early).
+
+    However it ends (done, SIGTERM, an error, Ctrl-C), the saves in flight are finished before it returns or the
+    error goes on: the newest checkpoint is whole, and no save is left to a shutting-down interpreter."""
+    cfg = run.cfg
+    if run.start >= cfg.steps:
+        if jax.process_index() == 0:
+            print(f"run already at step {run.start} (>= --steps {cfg.steps}): nothing to do")
+        return [], False
     checkpoints = Checkpoints(Path(cfg.run_dir) / "checkpoints", keep=cfg.keep)
-    start = checkpoints.latest_step() or 0
-    model_config, graphdef, tx, params, opt_state, param_shardings, opt_shardings = _initial_state(
-        cfg, model_config, mesh, checkpoints, start
-    )
+    try:
+        return _train_steps(run, checkpoints)
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+
+
+def _train_steps(run: PreparedRun, checkpoints: Checkpoints) -> tuple[list[dict], bool]:
+    """The loop of ``run_prepared``; saves with ``checkpoints`` (whose saves the caller waits for)."""
+    cfg, mesh, model_config, start = run.cfg, run.mesh, run.model_config, run.start
+    graphdef, tx, params, opt_state, param_shardings, opt_shardings = _initial_state(run, checkpoints)
     n_params = sum(x.size for x in jax.tree.leaves(params))
 
     # Data: (accum, micro batch, seq_len + 1) token arrays, the micro batch split over the mesh's batch axes.
-    streams = load_streams(cfg.data, text_glob=cfg.text_glob, tokenizer=cfg.tokenizer, token_dtype=cfg.token_dtype)
-    train_split, eval_split = make_splits(
-        streams,
-        seq_len=cfg.seq_len,
-        batch_size=cfg.batch_size,
-        eval_batch_size=cfg.micro_batch_size,
-        eval_fraction=cfg.eval_fraction,
-        seed=cfg.seed,
-    )
     train_shape = (cfg.grad_accum, cfg.micro_batch_size, cfg.seq_len + 1)
     train_sharding = named_sharding((None, "batch", None), train_shape, mesh)
     eval_sharding = named_sharding(("batch", None), train_shape[1:], mesh)
@@ -268,31 +265,29 @@ def train(cfg: TrainConfig, model_config: MambaConfig | None = None) -> list[dic
     )
     eval_step = make_eval_step(graphdef, param_shardings, jnp.dtype(cfg.dtype), cfg.loss_chunk)
     schedule = jax.jit(learning_rate(cfg))  # read at every log line: one compilation, not one per op
-    progress = Progress(cfg, n_params, start)
-    progress.message(
-        f"{n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, {cfg.tokens_per_step} tokens per step, "
-        f"{len(train_split.indices)} training windows" + (f", resuming after step {start}" if start else "")
-    )
-    if start:
-        saved = checkpoints.read_meta(start)["train_config"]
-        changed = sorted(k for k, v in cfg.to_dict().items() if k != "run_dir" and saved.get(k) != v)
-        if changed:
-            progress.message(f"settings changed since the checkpoint: {changed} (not an exact continuation)")
 
     def evaluate(step: int) -> None:
-        if eval_split is None or cfg.eval_batches == 0:
+        if run.eval_split is None or cfg.eval_batches == 0:
             return
         batches = (
-            device_batch(eval_split, i, train_shape[1:], eval_sharding, model_config.vocab_size)
+            device_batch(run.eval_split, i, train_shape[1:], eval_sharding, model_config.vocab_size)
             for i in range(cfg.eval_batches)
         )
         loss = float(np.mean(jax.device_get([eval_step(params, batch) for batch in batches])))
         progress.write({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))})
 
     pending: list[dict] = []  # metrics of the steps since the last log line, still on the devices
-    with StopOnSigterm() as sigterm:
+    stopping = False
+    with Progress(cfg, n_params, start) as progress, StopOnSigterm() as sigterm:
+        progress.message(
+            f"{n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, {cfg.tokens_per_step} tokens per step, "
+            f"{len(run.train_split.indices)} training windows" + (f", resuming after step {start}" if start else "")
+        )
+        changed = cfg.trajectory_changes(run.saved_train_config) if start else []
+        if changed:
+            progress.message(f"settings changed since the checkpoint: {changed} (not an exact continuation)")
         for step in range(start, cfg.steps):
-            tokens = device_batch(train_split, step, train_shape, train_sharding, model_config.vocab_size)
+            tokens = device_batch(run.train_split, step, train_shape, train_sharding, model_config.vocab_size)
             params, opt_state, metrics = train_step(params, opt_state, tokens)
             pending.append(metrics)
             done = step + 1
@@ -311,13 +306,15 @@ def train(cfg: TrainConfig, model_config: MambaConfig | None = None) -> list[dic
                 progress.restart_clock()
             stopping = sigterm.any_process()
             if done % cfg.save_every == 0 or done == cfg.steps or stopping:
-                meta = {"step": done, "train_config": cfg.to_dict(), "model_config": model_config.to_dict()}
+                meta = {
+                    "step": done,
+                    "train_config": cfg.to_dict(),
+                    "model_config": model_config.to_dict(),
+                    "tokenizer": run.tokenizer,
+                }
                 checkpoints.save(done, params, opt_state, meta)
                 progress.restart_clock()
             if stopping:
                 progress.message(f"SIGTERM: saved step {done}, stopping")
                 break
-    checkpoints.wait()
-    checkpoints.close()
-    progress.close()
-    return progress.records
+    return progress.records, stopping

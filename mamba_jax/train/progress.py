@@ -26,7 +26,7 @@ def peak_tflops(cfg: TrainConfig) -> float | None:
 
 
 class Progress:
-    """Writes records (process 0 only) and times training between log points.
+    """Writes records (process 0 only) and times training between log points. A context manager: closes the bar.
 
     Model FLOPs per token are 6 * parameters (2 forward, 4 backward), the usual estimate; the scan's own FLOPs are
     not counted. MFU divides by the peak of all devices together.
@@ -74,3 +74,9 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # also on an error: the bar's line is finished before the error is printed
