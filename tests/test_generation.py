@@ -476,6 +476,8 @@ def test_generator_reads_values_set_in_place_and_shares_programs():
         (dict(rng="seed"), "rng must be None, an int seed or one jax.random.key"),
         (dict(rng=jax.random.split(jax.random.key(0), 2)), "rng must be None, an int seed or one jax.random.key"),
         (dict(callback=3), "callback must be callable"),
+        (dict(eos_token_id=np.float32(1)), "eos_token_id must be None or an int"),
+        (dict(max_new_tokens=np.array([2])), "max_new_tokens must be an int >= 1"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -1,6 +1,7 @@
 """``python -m mamba_jax.generate``: the command line on a tiny transformers checkpoint with a word-level tokenizer
 saved beside it (no network), its errors, and the ``-m`` entry point next to the ``mamba_jax.generate`` function."""
 
+import json
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from mamba_jax import generate
 from mamba_jax.generation import cli
 from mamba_jax.pretrained import load_pretrained
+from mamba_jax.train.data import TOKENIZER_FILE, ByteTokenizer
 from tests import checkpoints
 
 WORDS = ["<eos>", "[UNK]"] + [f"w{i}" for i in range(checkpoints.VOCAB - 2)]
@@ -114,3 +116,66 @@ def test_module_entry_point():
     assert result.returncode == 0, result.stderr
     assert "usage: python -m mamba_jax.generate" in result.stdout
     assert "--repetition-penalty" in result.stdout
+
+
+class Words:
+    """A tokenizer that decodes a text's first word without the space before it (as SentencePiece drops a leading
+    "▁"), so that a decoded window differs from the same ids inside a longer text."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"w{i}" for i in ids)
+
+
+def stream(streamer: cli.Streamer, ids) -> None:
+    for token in ids:
+        streamer(np.asarray([token]))
+
+
+@pytest.mark.parametrize("count", [5, cli.Streamer.WINDOW + 1, 3 * cli.Streamer.WINDOW + 7])
+def test_streamer_prints_the_whole_text_across_windows(capsys, count):
+    ids = list(range(count))
+    streamer = cli.Streamer(Words(), eos_token_id=None)
+    stream(streamer, ids)
+    streamer.finish()
+    assert capsys.readouterr().out == Words().decode(ids)
+    assert len(streamer.times) == count
+
+
+def test_streamer_waits_for_whole_characters_and_flushes_the_rest(capsys):
+    """Multi-byte characters print once complete; a character cut off by the end prints as the tokenizer renders
+    it (the replacement character) instead of being dropped; EOS ends the text."""
+    tokenizer = cli.ByteTextTokenizer()
+    ids = tokenizer("héllo wörld ✓")["input_ids"] + list("✓".encode())[:2]
+    streamer = cli.Streamer(tokenizer, tokenizer.eos_token_id)
+    for token in ids:
+        streamer(np.asarray([token]))
+        assert "\ufffd" not in capsys.readouterr().out or token == ids[-1]
+    streamer(np.asarray([tokenizer.eos_token_id]))
+    streamer(np.asarray([65]))  # after EOS: timed, not printed
+    assert capsys.readouterr().out == "\ufffd"
+    streamer.finish()
+    assert capsys.readouterr().out == ""
+    assert len(streamer.times) == len(ids) + 2
+
+
+def test_byte_tokenizer_by_name_or_from_the_checkpoint(tmp_path):
+    assert isinstance(cli.load_tokenizer("byte", tmp_path), cli.ByteTextTokenizer)
+    (tmp_path / TOKENIZER_FILE).write_text(json.dumps({"tokenizer": "byte"}))
+    tokenizer = cli.load_tokenizer(None, tmp_path)
+    assert tokenizer("aé")["input_ids"] == [97, 195, 169] and tokenizer.decode([97, 195, 169, 256]) == "aé"
+    (tmp_path / TOKENIZER_FILE).write_text('{"name": "byte"}')
+    with pytest.raises(OSError, match=r'mamba_jax_tokenizer.json: expected \{"tokenizer": NAME\}'):
+        cli.load_tokenizer(None, tmp_path)
+
+
+def test_byte_level_checkpoint_streams_its_text(tmp_path, capsys):
+    """A checkpoint that names the byte-level tokenizer (as mamba_jax.train.export writes for a byte-level run)
+    generates and prints bytes, with no tokenizer to download."""
+    pytest.importorskip("torch")
+    checkpoints.random_model("mamba", vocab_size=264, tie=True).save_pretrained(tmp_path)
+    (tmp_path / TOKENIZER_FILE).write_text(json.dumps({"tokenizer": "byte"}))
+    cli.main(["--model", str(tmp_path), "--prompt", "ab", "--max-new-tokens", "6"])
+    tokens = list(np.asarray(generate(load_pretrained(tmp_path), np.array([[97, 98]]), max_new_tokens=6))[0])
+    if 256 in tokens:
+        tokens = tokens[: tokens.index(256)]
+    assert capsys.readouterr().out == "ab" + ByteTokenizer().decode(tokens) + "\n"

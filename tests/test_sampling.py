@@ -148,8 +148,21 @@ def test_draws_follow_the_filtered_distribution():
         (dict(min_p=-0.1), r"min_p must be a number in \[0, 1\]"),
         (dict(repetition_penalty=0.0), "repetition_penalty must be a number > 0"),
         (dict(repetition_penalty=-2.0), "repetition_penalty must be a number > 0"),
+        (dict(top_k=True), "top_k must be an int"),
+        (dict(top_k=np.float32(2)), "top_k must be an int"),
+        (dict(top_p=np.array([0.5])), r"top_p must be a number in \(0, 1\]"),
+        (dict(temperature=np.float32("nan")), "temperature must be"),
     ],
 )
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingConfig(**kwargs)
+
+
+def test_numpy_and_jax_scalars_are_python_numbers_in_the_config():
+    """A setting computed with NumPy or JAX (np.float32, a 0-d array) means the same as the Python number: the
+    config holds Python numbers, so it hashes and compares as the plain one (no second compilation)."""
+    config = SamplingConfig(np.float32(0.5), np.int64(5), jnp.asarray(0.75), np.array(0.125), jnp.int32(2))
+    plain = SamplingConfig(0.5, 5, 0.75, 0.125, 2.0)
+    assert config == plain and hash(config) == hash(plain)
+    assert type(config.top_k) is int and all(type(v) is float for v in (config.top_p, config.min_p, config.temperature))

@@ -4,14 +4,17 @@ of the prompt, report the speed.
     python -m mamba_jax.generate --model state-spaces/mamba-130m --prompt "Mamba is" --max-new-tokens 64
 
 The model comes from ``mamba_jax.load_pretrained`` (a directory written by ``python -m convert``, a mamba_ssm or
-transformers checkpoint directory, or a Hub repo id). The tokenizer is ``--tokenizer`` if given, else the
-checkpoint's own tokenizer files, else EleutherAI/gpt-neox-20b (the state-spaces models' tokenizer). With
-HF_HUB_OFFLINE=1 every name must already be in the Hugging Face cache.
+transformers checkpoint directory, or a Hub repo id). The tokenizer is ``--tokenizer`` if given ("byte": the
+training CLI's byte-level one), else the checkpoint's own (its transformers tokenizer files, or the
+``mamba_jax_tokenizer.json`` that ``python -m mamba_jax.train.export`` writes for a byte-level run), else
+EleutherAI/gpt-neox-20b (the state-spaces models' tokenizer). With HF_HUB_OFFLINE=1 every name must already be in
+the Hugging Face cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +30,7 @@ from convert.hub import resolve_source
 from mamba_jax.generation.loop import generate
 from mamba_jax.generation.sampling import SamplingConfig
 from mamba_jax.pretrained import load_pretrained
+from mamba_jax.train.data import TOKENIZER_FILE, ByteTokenizer
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -59,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the SSM states' dtype between tokens (16 bits: half their bytes, as mamba_ssm keeps them)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer", default=None, help="transformers tokenizer name or directory")
+    parser.add_argument(
+        "--tokenizer", default=None, help='transformers tokenizer name or directory, or "byte" (byte-level)'
+    )
     return parser
 
 
@@ -69,11 +75,42 @@ def checkpoint_directory(model: str) -> Path:
     return path if path.is_dir() else resolve_source(model)
 
 
+class ByteTextTokenizer:
+    """The training CLI's byte-level tokenizer (``mamba_jax.train.data.ByteTokenizer``) in the parts of the
+    transformers tokenizer interface this CLI uses."""
+
+    def __init__(self):
+        self.bytes = ByteTokenizer()
+        self.eos_token_id = self.bytes.eos_id
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": self.bytes.encode(text).tolist()}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.bytes.decode(ids)  # the EOS id is never text
+
+
+def saved_tokenizer_name(directory: Path) -> str | None:
+    """The tokenizer named by the directory's ``TOKENIZER_FILE`` ({"tokenizer": NAME}), if it has one."""
+    path = directory / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    try:
+        name = json.loads(path.read_text())["tokenizer"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise OSError(f'{path}: expected {{"tokenizer": NAME}} ({type(e).__name__}: {e})') from None
+    if not isinstance(name, str):
+        raise OSError(f'{path}: expected {{"tokenizer": NAME}} with a string NAME, found {name!r}')
+    return name
+
+
 def load_tokenizer(name: str | None, directory: Path):
     """``name`` if given, else the checkpoint directory's tokenizer, else DEFAULT_TOKENIZER; OSError if it fails."""
     if name is None:
         has_files = any((directory / file).is_file() for file in TOKENIZER_FILES)
-        name = str(directory) if has_files else DEFAULT_TOKENIZER
+        name = str(directory) if has_files else saved_tokenizer_name(directory) or DEFAULT_TOKENIZER
+    if name == "byte":
+        return ByteTextTokenizer()
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
@@ -85,13 +122,22 @@ def load_tokenizer(name: str | None, directory: Path):
 
 
 class Streamer:
-    """The generate() callback: prints row 0's text as it grows and records when each position arrived."""
+    """The generate() callback: prints row 0's text as it grows and records when each position arrived.
+
+    Each step decodes only a window of the latest ids (from ``start``; a few printed ids stay in it as context, so
+    that tokenizers which decode a token differently at the start of a text do not drop its leading space), and
+    prints what that window's text adds to what was printed of it. Text that ends inside a multi-byte character, or
+    whose tail the decoding rewrote, waits for the next id; ``finish`` prints whatever is left."""
+
+    WINDOW = 64  # ids decoded at most before the window moves on
+    CONTEXT = 8  # printed ids kept at the window's start
 
     def __init__(self, tokenizer, eos_token_id: int | None):
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
         self.ids: list[int] = []
-        self.printed = ""
+        self.start = 0  # the window: ids[start:]
+        self.printed = ""  # the text of the window printed so far
         self.finished = False
         self.times: list[float] = []
 
@@ -101,14 +147,29 @@ class Streamer:
             return
         token = int(tokens[0])
         if token == self.eos_token_id:
-            self.finished = True
+            self.finish()
             return
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        # Wait while the text ends inside a multi-byte character, or while the decoding rewrites its tail.
+        text = self._window_text()
         if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            self._print(text)
+            if len(self.ids) - self.start > self.WINDOW:
+                self.start = len(self.ids) - self.CONTEXT
+                self.printed = self._window_text()
+
+    def finish(self) -> None:
+        """Print the rest of the window's text (a dangling partial character as the tokenizer renders it)."""
+        if not self.finished:
+            self.finished = True
+            self._print(self._window_text())
+
+    def _window_text(self) -> str:
+        return self.tokenizer.decode(self.ids[self.start :], skip_special_tokens=True)
+
+    def _print(self, text: str) -> None:
+        if text.startswith(self.printed) and len(text) > len(self.printed):
             print(text[len(self.printed) :], end="", flush=True)
-            self.printed = text
+        self.printed = text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     jax.block_until_ready(tokens)
     jax.effects_barrier()
     end = time.perf_counter()
+    streamer.finish()
     print()
     for row in range(1, args.batch):
         print(f"--- row {row} ---\n{args.prompt}{tokenizer.decode(np.asarray(tokens[row]), skip_special_tokens=True)}")

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mamba_jax.generation.sampling import SamplingConfig, sample_next
+from mamba_jax.generation.sampling import SamplingConfig, python_scalar, sample_next
 
 STATE_DTYPES = tuple(map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16)))
 # XLA options of the program with an EOS: its while loop (and conditionals) inside CUDA graphs too (XLA's default
@@ -261,8 +261,10 @@ def _arguments(
     state_dtype,
 ) -> tuple[GenerateArgs, dict]:
     """Check ``generate``'s arguments -> (traced arguments, static arguments) of the compiled program."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+    count = python_scalar(max_new_tokens, integer=True)
+    if count is None or count < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, found {max_new_tokens!r}")
+    max_new_tokens = count
     eos_token_id = _check_token_id("eos_token_id", eos_token_id, vocab_size)
     pad_token_id = _check_token_id("pad_token_id", pad_token_id, vocab_size)
     ids, lengths = _check_prompts(input_ids, prompt_lengths, pad_token_id, vocab_size)
@@ -434,9 +436,10 @@ def _decode(
 def _check_token_id(name: str, value, vocab_size: int) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value < vocab_size:
+    token = python_scalar(value, integer=True)
+    if token is None or not 0 <= token < vocab_size:
         raise ValueError(f"{name} must be None or an int in [0, vocab_size={vocab_size}), found {value!r}")
-    return int(value)
+    return token
 
 
 def _check_prompts(input_ids, prompt_lengths, pad_token_id, vocab_size) -> tuple[np.ndarray, np.ndarray | None]:

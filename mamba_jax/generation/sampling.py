@@ -25,6 +25,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,21 +39,43 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        # Python, NumPy and 0-d JAX numbers are all accepted and stored as Python ones (the config is hashed).
+        top_k = python_scalar(self.top_k, integer=True)
+        if top_k is None or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0: no top-k filter, 1: greedy), found {self.top_k!r}")
-        _check_number("temperature", self.temperature, "a number >= 0 (0 means greedy)", lambda t: t >= 0)
-        _check_number("top_p", self.top_p, "a number in (0, 1]", lambda p: 0 < p <= 1)
-        _check_number("min_p", self.min_p, "a number in [0, 1]", lambda p: 0 <= p <= 1)
-        _check_number("repetition_penalty", self.repetition_penalty, "a number > 0", lambda r: r > 0)
+        object.__setattr__(self, "top_k", top_k)
+        _check_number(self, "temperature", "a number >= 0 (0 means greedy)", lambda t: t >= 0)
+        _check_number(self, "top_p", "a number in (0, 1]", lambda p: 0 < p <= 1)
+        _check_number(self, "min_p", "a number in [0, 1]", lambda p: 0 <= p <= 1)
+        _check_number(self, "repetition_penalty", "a number > 0", lambda r: r > 0)
 
     @property
     def greedy(self) -> bool:
         return self.top_k == 1 or self.temperature == 0
 
 
-def _check_number(name: str, value, expected: str, ok) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
+def python_scalar(value, *, integer: bool) -> int | float | None:
+    """``value`` as a Python int (``integer``) or float when it is a real number of that kind (Python, NumPy, or a
+    0-d NumPy / JAX array; an int counts as a float too), else None. bool is not a number here."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, np.ndarray | jax.Array) and value.shape == ():
+        kinds = [jnp.integer] if integer else [jnp.integer, jnp.floating]
+        is_number = any(jnp.issubdtype(value.dtype, kind) for kind in kinds)
+    else:
+        is_number = isinstance(value, int | np.integer) or (not integer and isinstance(value, float | np.floating))
+    if not is_number:
+        return None
+    return int(value) if integer else float(value)
+
+
+def _check_number(config: SamplingConfig, name: str, expected: str, ok) -> None:
+    """Store config.name as a Python float, or raise if it is not a finite number for which ``ok`` holds."""
+    value = getattr(config, name)
+    number = python_scalar(value, integer=False)
+    if number is None or not math.isfinite(number) or not ok(number):
         raise ValueError(f"{name} must be {expected}, found {value!r}")
+    object.__setattr__(config, name, number)
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
