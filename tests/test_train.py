@@ -22,9 +22,10 @@ from mamba_jax.train import __main__ as cli
 from mamba_jax.train import export as export_cli
 from mamba_jax.train.checkpoint import Checkpoints, abstract_arrays, load_model
 from mamba_jax.train.config import TrainError
-from mamba_jax.train.data import TOKENIZER_FILE, load_streams, make_splits, write_shard
+from mamba_jax.train.data import TOKENIZER_FILE, load_streams, write_shard
 from mamba_jax.train.export import export_run
 from mamba_jax.train.optim import decays, learning_rate, make_optimizer, opt_state_shardings, weight_decay_mask
+from mamba_jax.train.prepare import load_data
 from mamba_jax.train.remat import POLICIES, apply_remat
 from tests.tolerances import assert_close
 
@@ -351,17 +352,7 @@ def test_export_then_fine_tune_from_it(full_run):
         tmp_path, "tune", init_from=str(exported), steps=1, eval_batches=0, mesh_data=2, mesh_fsdp=2, mesh_tensor=2
     )
     records = train(tune)
-    streams, _ = load_streams(
-        tune.data, text_glob=tune.text_glob, tokenizer=tune.tokenizer, token_dtype=tune.token_dtype
-    )
-    train_split, _ = make_splits(
-        streams,
-        seq_len=tune.seq_len,
-        batch_size=tune.batch_size,
-        eval_batch_size=tune.micro_batch_size,
-        eval_fraction=tune.eval_fraction,
-        seed=tune.seed,
-    )
+    train_split, _, _ = load_data(tune)
     expected = nnx.jit(loop.next_token_loss)(load_model(tmp_path / "full"), jnp.asarray(train_split.batch(0)))
     assert_close(losses(records)[1], expected, jnp.float32)
 
@@ -391,7 +382,7 @@ def test_resuming_another_model_is_refused(full_run, capsys):
     other = ["--model", "mamba2-130m", "--set", "d_model=32", "n_layer=1", "vocab_size=257"]
     assert cli.main([*flags, *other]) == 2
     message = capsys.readouterr().err
-    assert message.startswith(f"error: run dir {cfg.run_dir} holds a checkpoint (step 4) of a different model ")
+    assert message.startswith(f"error: run dir {cfg.run_dir} holds a checkpoint (step 4) that is a different model ")
     assert '(checkpoint vs asked: d_model 16 vs 32, ssm_cfg.d_state 4 vs unset, ssm_cfg.layer unset vs "Mamba2"' in (
         message
     )

@@ -50,26 +50,28 @@ def prepare_run(cfg: TrainConfig, model_config: MambaConfig | None = None) -> Pr
         raise TrainError(f"--run-dir {cfg.run_dir} is a file, not a directory")
     meta = run_meta(run_dir)
 
-    streams, tokenizer = load_streams(
-        cfg.data, text_glob=cfg.text_glob, tokenizer=cfg.tokenizer, token_dtype=cfg.token_dtype
-    )
-    train_split, eval_split = make_splits(
-        streams,
-        seq_len=cfg.seq_len,
-        batch_size=cfg.batch_size,
-        eval_batch_size=cfg.micro_batch_size,
-        eval_fraction=cfg.eval_fraction,
-        seed=cfg.seed,
-    )
+    train_split, eval_split, tokenizer = load_data(cfg)
 
     pretrained = None
     if meta is not None:
-        model_config = resumed_model(cfg, meta, model_config)
+        model_config = settled_model(
+            MambaConfig.from_dict(meta["model_config"]),
+            model_config,
+            holder=f"run dir {cfg.run_dir} holds a checkpoint (step {meta['step']}) that",
+            label="checkpoint",
+            advice="use a new --run-dir, or the same --model/--set (or none) to resume",
+        )
     elif cfg.init_from is not None:
         from mamba_jax.pretrained import load_pretrained  # only fine-tuning needs the converters
 
         pretrained = load_pretrained(cfg.init_from, mesh=mesh, dtype=jnp.float32)
-        model_config = fine_tuned_model(cfg, pretrained.config, model_config)
+        model_config = settled_model(
+            pretrained.config,
+            model_config,
+            holder=f"--init-from {cfg.init_from}",
+            label="init-from",
+            advice="leave out --model/--set to fine-tune it as it is",
+        )
     elif model_config is None:
         raise TrainError(
             f"no model to train: give one (--model, --init-from), or a --run-dir holding a checkpoint to resume "
@@ -92,6 +94,22 @@ def prepare_run(cfg: TrainConfig, model_config: MambaConfig | None = None) -> Pr
     )
 
 
+def load_data(cfg: TrainConfig) -> tuple[Split, Split | None, ByteTokenizer | HFTokenizer | None]:
+    """``cfg.data``'s windows split for training and evaluation, and its tokenizer (None for token shards)."""
+    streams, tokenizer = load_streams(
+        cfg.data, text_glob=cfg.text_glob, tokenizer=cfg.tokenizer, token_dtype=cfg.token_dtype
+    )
+    train_split, eval_split = make_splits(
+        streams,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.micro_batch_size,
+        eval_fraction=cfg.eval_fraction,
+        seed=cfg.seed,
+    )
+    return train_split, eval_split, tokenizer
+
+
 def differences(have: dict, want: dict, prefix: str = "") -> list[str]:
     """ "field HAVE vs WANT" for each field that differs between two config dicts; dict-valued fields (ssm_cfg,
     attn_cfg) compared key by key ("ssm_cfg.d_state 4 vs unset")."""
@@ -106,27 +124,17 @@ def differences(have: dict, want: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def resumed_model(cfg: TrainConfig, meta: dict, requested: MambaConfig | None) -> MambaConfig:
-    """The model config of the checkpoint a run resumes from. TrainError if ``requested`` differs from it."""
-    saved = MambaConfig.from_dict(meta["model_config"])
-    if requested is not None and requested != saved:
-        changes = ", ".join(differences(saved.to_dict(), requested.to_dict()))
+def settled_model(
+    have: MambaConfig, requested: MambaConfig | None, *, holder: str, label: str, advice: str
+) -> MambaConfig:
+    """``have``, the model of a checkpoint or of --init-from (``holder`` names which); TrainError naming the differing
+    fields when ``requested`` (from --model/--set) is another model."""
+    if requested is not None and requested != have:
+        changes = ", ".join(differences(have.to_dict(), requested.to_dict()))
         raise TrainError(
-            f"run dir {cfg.run_dir} holds a checkpoint (step {meta['step']}) of a different model "
-            f"(checkpoint vs asked: {changes}); use a new --run-dir, or the same --model/--set (or none) to resume"
+            f"{holder} is a different model than --model/--set ask for ({label} vs asked: {changes}); {advice}"
         )
-    return saved
-
-
-def fine_tuned_model(cfg: TrainConfig, pretrained: MambaConfig, requested: MambaConfig | None) -> MambaConfig:
-    """The model config of ``cfg.init_from``. TrainError if ``requested`` differs from it."""
-    if requested is not None and requested != pretrained:
-        changes = ", ".join(differences(pretrained.to_dict(), requested.to_dict()))
-        raise TrainError(
-            f"--init-from {cfg.init_from} is a different model than --model/--set ask for (init-from vs asked: "
-            f"{changes}); leave out --model/--set to fine-tune it as it is"
-        )
-    return pretrained
+    return have
 
 
 def check_vocab(tokenizer: ByteTokenizer | HFTokenizer, model_config: MambaConfig) -> None:
