@@ -162,31 +162,40 @@ def pallas_gemv(variant, interpret: bool):
     return gemv
 
 
+def mosaic_rows_product(u_rows, w_rows, *, depth: int, stages: int) -> jax.Array:
+    """Inside a Mosaic GPU kernel (one warpgroup): u_rows (R,) @ w_rows (R, columns), refs in global memory, as
+    (columns,) float32 in a WG_STRIDED layout. The copy engine stages (depth, columns) tiles of W and depth elements of
+    u in shared memory, ``stages`` in flight; each thread adds u[r] times its columns of row r into registers."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    rows, columns = w_rows.shape
+    layout = plgpu.Layout.WG_STRIDED((columns,), columns // 128)
+
+    def tile(_, u_tile, w_tile, acc):
+        for r in range(depth):
+            u = jnp.broadcast_to(u_tile[r].astype(jnp.float32), (columns,))
+            acc = acc + u * plgpu.load(w_tile.at[r], layout=layout).astype(jnp.float32)
+        return acc
+
+    return plgpu.emit_pipeline(
+        tile,
+        grid=(rows // depth,),
+        in_specs=[plgpu.BlockSpec((depth,), lambda i: (i,)), plgpu.BlockSpec((depth, columns), lambda i: (i, 0))],
+        max_concurrent_steps=stages,
+        init_carry=plgpu.layout_cast(jnp.zeros((columns,), jnp.float32), layout),
+    )(u_rows, w_rows)
+
+
 def mosaic_gemv(variant, interpret: bool):
     """u (1, K), W (K, N) -> y (1, N) float32 by the Mosaic GPU kernel ``variant``."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     _, columns, depth, splits, stages = variant
-    layout = plgpu.Layout.WG_STRIDED((columns,), columns // 128)
 
     def body(u_ref, w_ref, out_ref):
         j, s = lax.axis_index("j"), lax.axis_index("s")
-        rows = pl.ds(s * (u_ref.shape[0] // splits), u_ref.shape[0] // splits)
-
-        def tile(_, u_tile, w_tile, acc):
-            for r in range(depth):
-                u = jnp.broadcast_to(u_tile[r].astype(jnp.float32), (columns,))
-                acc = acc + u * plgpu.load(w_tile.at[r], layout=layout).astype(jnp.float32)
-            return acc
-
-        acc = plgpu.emit_pipeline(
-            tile,
-            grid=(u_ref.shape[0] // splits // depth,),
-            in_specs=[plgpu.BlockSpec((depth,), lambda i: (i,)), plgpu.BlockSpec((depth, columns), lambda i: (i, 0))],
-            max_concurrent_steps=stages,
-            init_carry=plgpu.layout_cast(jnp.zeros((columns,), jnp.float32), layout),
-        )(u_ref.at[rows], w_ref.at[rows, pl.ds(j * columns, columns)])
-        out_ref[s, pl.ds(j * columns, columns)] = acc
+        rows, cols = pl.ds(s * (u_ref.shape[0] // splits), u_ref.shape[0] // splits), pl.ds(j * columns, columns)
+        out_ref[s, cols] = mosaic_rows_product(u_ref.at[rows], w_ref.at[rows, cols], depth=depth, stages=stages)
 
     def gemv(u, w):
         n = w.shape[1]

@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from benchmarks.gemv import mosaic_rows_product
 from benchmarks.timing import environment
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION
 
@@ -51,7 +52,6 @@ def product(mode: str):
     """u (K,) fp16, W (K, N) fp16 -> (SPLITS, N) float32 partial sums, on Mosaic GPU, PDL as ``mode`` says."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    layout = plgpu.Layout.WG_STRIDED((COLUMNS,), COLUMNS // 128)
     rows_per = K // SPLITS
 
     def body(u_ref, w_ref, out_ref, *scratch):
@@ -64,20 +64,7 @@ def product(mode: str):
         if mode in ("wait", "prefetch"):
             plgpu.griddepcontrol_wait()
 
-        def tile(_, u_tile, w_tile, acc):
-            for r in range(DEPTH):
-                u = jnp.broadcast_to(u_tile[r].astype(jnp.float32), (COLUMNS,))
-                acc = acc + u * plgpu.load(w_tile.at[r], layout=layout).astype(jnp.float32)
-            return acc
-
-        acc = plgpu.emit_pipeline(
-            tile,
-            grid=(rows_per // DEPTH,),
-            in_specs=[plgpu.BlockSpec((DEPTH,), lambda i: (i,)), plgpu.BlockSpec((DEPTH, COLUMNS), lambda i: (i, 0))],
-            max_concurrent_steps=STAGES,
-            init_carry=plgpu.layout_cast(jnp.zeros((COLUMNS,), jnp.float32), layout),
-        )(u_ref.at[rows], w_ref.at[rows, cols])
-        out_ref[s, cols] = acc
+        out_ref[s, cols] = mosaic_rows_product(u_ref.at[rows], w_ref.at[rows, cols], depth=DEPTH, stages=STAGES)
         if mode == "late_wait":
             plgpu.griddepcontrol_wait()
         if mode == "prefetch":
