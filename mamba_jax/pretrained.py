@@ -3,7 +3,8 @@ from a published one (converted in memory).
 
 Parameters are placed as they are read: the model is built abstractly, each parameter's sharding comes from its
 logical axes (``mamba_jax.sharding``), and Orbax restores every array directly into that sharding. Arrays are stored
-in chunks of at most 8 MiB (``convert.writer``), so each device reads about its own shards, not whole arrays.
+in chunks of at most 8 MiB (``convert.writer``), and each device reads the chunks that overlap its shards (along the
+arrays' largest dimension: an FSDP shard of d_model can span them all).
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ def load_pretrained(
     compute_dtype: the activations' dtype (``MambaLMHeadModel(dtype=...)``). None: the parameter dtype when that is
       16-bit (a bf16 / fp16 checkpoint runs in bf16 / fp16, as in mamba_ssm), else float32.
     mesh, rules: place every parameter by its logical axes on ``mesh`` with ``rules`` (default
-      ``mamba_jax.sharding.LOGICAL_AXIS_RULES``); each device reads only its shards. No mesh: the first device.
+      ``mamba_jax.sharding.LOGICAL_AXIS_RULES``); each device reads the chunks overlapping its shards. No mesh:
+      the first device.
     scan_implementation, ssd_implementation, step_implementation: as ``MambaLMHeadModel``'s (the Mamba-1 scan's, the
       Mamba-2 SSD's, and the decode step's: ``pallas_kernels.mamba_step`` / ``mamba2_step``); None: the platform's
       best, but the decode step XLA's where ``mesh`` splits parameters over devices (``placed_model``).

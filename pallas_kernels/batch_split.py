@@ -6,8 +6,9 @@ a decode step) that is wasted work and memory. ``over_batch`` wraps such a funct
 ``jax.experimental.custom_partitioning`` with one rule: the leading (batch) dimension of every batched operand and of
 every result keeps the operands' split over the mesh; all other dimensions, and the operands without a batch
 dimension (weights, per-channel parameters), are whole on every device. Each device then runs the function on its
-rows, with no collective. On one device, or outside jit, the function runs as written; so does a function with side
-effects (Pallas's Mosaic GPU interpreter uses callbacks), which custom_partitioning cannot take.
+rows, with no collective. In a process with one device the function runs as written (so jax.vmap over it works:
+custom_partitioning has no batching rule); so does a function with side effects (Pallas's Mosaic GPU interpreter uses
+callbacks), which custom_partitioning cannot take.
 
 Where the channels are independent too (the selective scan's: tensor parallelism splits d_inner), a ``ChannelSplit``
 names each operand's and result's channel dimension, and those keep the operands' split over other mesh axes as
@@ -118,6 +119,10 @@ def over_batch(
       another dimension is (partial sums (parts, b, d)), False where it has none.
     """
     args = tuple(args)  # the partitioner reads them later: a caller's list may change
+    if jax.device_count() == 1:
+        # Nothing to split; and custom_partitioning has no batching or differentiation rule, which jax.vmap over
+        # the caller, or a second derivative of it, needs.
+        return fn(*args)
     if len(args) != len(batched) or (channels is not None and len(channels.operands) != len(args)):
         raise ValueError(f"over_batch: {len(args)} arrays but {len(batched)} batched flags or channel dimensions")
     # the batch dimension of each operand, or None

@@ -3,6 +3,9 @@ of the batch inside a sharded jit (no collective, no gathered operand), and the 
 and the fused decode steps give one device's results, forward and gradients, with their inputs split over the batch."""
 
 import contextlib
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -412,3 +415,32 @@ def test_ssd_pallas_split_over_rows_and_heads():
     assert_close(loss, loss1, jnp.float32)
     for name, g, g1 in zip("x dt A B C D h0".split(), grads, grads1, strict=True):
         assert_close(g, g1, jnp.float32, err_msg=name)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VMAP_ON_ONE_DEVICE = """
+import jax
+jax.config.update("jax_num_cpu_devices", 1)
+import jax.numpy as jnp
+from flax import nnx
+from mamba_jax import Mamba, Mamba2
+
+x = jax.random.normal(jax.random.key(0), (3, 2, 8, 32))  # (an extra axis, batch, seqlen, d_model)
+for layer in (Mamba(32, d_state=4, rngs=nnx.Rngs(0), scan_implementation="pallas"),
+              Mamba2(32, d_state=4, headdim=16, rngs=nnx.Rngs(0), ssd_implementation="pallas")):
+    graph, state = nnx.split(layer)
+    f = lambda x: nnx.merge(graph, state)(x)
+    mapped = jax.vmap(f)(x)
+    assert max(float(jnp.max(jnp.abs(mapped[i] - f(x[i])))) for i in range(3)) < 1e-5
+print("ok")
+"""
+
+
+def test_vmap_over_the_pallas_paths_on_one_device():
+    """In a one-device process over_batch calls the kernels as they are: jax.vmap over a layer on its Pallas path
+    (the default on one GPU) works, where custom_partitioning, which has no batching rule, made it fail. (A process
+    of its own: the tests' own process has 8 devices.)"""
+    result = subprocess.run(
+        [sys.executable, "-c", VMAP_ON_ONE_DEVICE], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

@@ -393,3 +393,22 @@ def _valid(**overrides) -> dict:
 def test_bad_arguments(overrides, match):
     with pytest.raises(ValueError, match=match):
         selective_scan(**_valid(**overrides))
+
+
+def test_reference_takes_float64_arguments_with_a_float32_A():
+    """With x64 on, float64 u, delta, B, C and the API's float32 A: the sequential reference keeps its state in
+    float64 from zeros (its scan's carry was float32 zeros, a float64 state after one step: a type error)."""
+    keys = jax.random.split(jax.random.key(3), 5)
+    with jax.enable_x64(True):
+        u, delta = (jax.random.normal(k, (2, 7, 8), jnp.float64) for k in keys[:2])
+        B, C = (jax.random.normal(k, (2, 7, 4), jnp.float64) for k in keys[2:4])
+        A = -jnp.exp(jax.random.normal(keys[4], (8, 4), jnp.float32))
+        out, last = selective_scan(
+            u, delta, A, B, C, delta_softplus=True, return_last_state=True, implementation="reference"
+        )
+        assert out.dtype == last.dtype == jnp.float64
+        other, other_last = selective_scan(
+            u, delta, A, B, C, delta_softplus=True, return_last_state=True, implementation="associative"
+        )
+        np.testing.assert_allclose(np.asarray(out), np.asarray(other), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(last), np.asarray(other_last), rtol=1e-5, atol=1e-5)

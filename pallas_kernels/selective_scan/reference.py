@@ -57,8 +57,10 @@ def selective_scan_reference(
     # Channel d reads group d // (di / g).
     B = jnp.repeat(widen(B), dim // groups, axis=2)  # (b, l, di, n)
     C = jnp.repeat(widen(C), dim // groups, axis=2)  # (b, l, di, n)
+    # The state's dtype: float32, or float64 when any argument is (then the zeros and a float32 initial_state too).
+    state_dtype = jnp.result_type(delta.dtype, A.dtype, B.dtype, widen(u).dtype)
     if initial_state is None:
-        initial_state = jnp.zeros((batch, dim, A.shape[1]), A.dtype)
+        initial_state = jnp.zeros((batch, dim, A.shape[1]), state_dtype)
 
     def step(h, inputs):
         delta_t, u_t, B_t, C_t = inputs  # (b, di), (b, di), (b, di, n), (b, di, n)
@@ -69,5 +71,5 @@ def selective_scan_reference(
         return jnp.moveaxis(x, 1, 0)
 
     inputs = (time_major(delta), time_major(widen(u)), time_major(B), time_major(C))
-    last_state, y = lax.scan(step, widen(initial_state), inputs)
+    last_state, y = lax.scan(step, initial_state.astype(state_dtype), inputs)
     return gate_output(time_major(y), u, D, z), last_state
