@@ -74,7 +74,7 @@ def _check_replaceable(dst: Path) -> None:
         kind = "a symlink" if dst.is_symlink() else "a file"
         raise ConversionError(f"--force replaces only a directory, but {dst} is {kind}; choose another destination")
     names = sorted(path.name for path in dst.iterdir())
-    if not names or (CONFIG_FILE in names and (PARAMS_DIR in names or SAFETENSORS_FILE in names)):
+    if not names or is_converted(dst) or ((dst / CONFIG_FILE).is_file() and (dst / SAFETENSORS_FILE).is_file()):
         return
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     raise ConversionError(
