@@ -14,7 +14,6 @@ the Hugging Face cache.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from convert.hub import resolve_source
 from mamba_jax.generation.loop import generate
 from mamba_jax.generation.sampling import SamplingConfig
 from mamba_jax.pretrained import load_pretrained
-from mamba_jax.train.data import TOKENIZER_FILE, ByteTokenizer
+from mamba_jax.train.data import ByteTokenizer, saved_tokenizer
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -90,25 +89,11 @@ class ByteTextTokenizer:
         return self.bytes.decode(ids)  # the EOS id is never text
 
 
-def saved_tokenizer_name(directory: Path) -> str | None:
-    """The tokenizer named by the directory's ``TOKENIZER_FILE`` ({"tokenizer": NAME}), if it has one."""
-    path = directory / TOKENIZER_FILE
-    if not path.is_file():
-        return None
-    try:
-        name = json.loads(path.read_text())["tokenizer"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise OSError(f'{path}: expected {{"tokenizer": NAME}} ({type(e).__name__}: {e})') from None
-    if not isinstance(name, str):
-        raise OSError(f'{path}: expected {{"tokenizer": NAME}} with a string NAME, found {name!r}')
-    return name
-
-
 def load_tokenizer(name: str | None, directory: Path):
     """``name`` if given, else the checkpoint directory's tokenizer, else DEFAULT_TOKENIZER; OSError if it fails."""
     if name is None:
         has_files = any((directory / file).is_file() for file in TOKENIZER_FILES)
-        name = str(directory) if has_files else saved_tokenizer_name(directory) or DEFAULT_TOKENIZER
+        name = str(directory) if has_files else saved_tokenizer(directory) or DEFAULT_TOKENIZER
     if name == "byte":
         return ByteTextTokenizer()
     try:

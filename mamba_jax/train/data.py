@@ -78,6 +78,21 @@ def save_tokenizer(name: str, directory: Path) -> None:
         HFTokenizer(name).tokenizer.save_pretrained(directory)
 
 
+def saved_tokenizer(directory: Path) -> str | None:
+    """The tokenizer named by ``directory``'s ``TOKENIZER_FILE`` (as ``save_tokenizer`` writes it), or None when it
+    has none; OSError naming the file when it is not {"tokenizer": NAME}."""
+    path = directory / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    try:
+        name = json.loads(path.read_text())["tokenizer"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise OSError(f'{path}: expected {{"tokenizer": NAME}} ({type(e).__name__}: {e})') from None
+    if not isinstance(name, str):
+        raise OSError(f'{path}: expected {{"tokenizer": NAME}} with a string NAME, found {name!r}')
+    return name
+
+
 def tokenize_files(paths: Sequence[Path], tokenizer) -> np.ndarray:
     """One stream: each file's tokens followed by EOS. uint16 when the vocab fits, else uint32. Shape (tokens,)."""
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
