@@ -1,6 +1,9 @@
 """Multi-process (multi-host) training on CPU: ``python -m mamba_jax.train`` launched as 2 processes of 4 fake devices
 each, joined by ``jax.distributed`` (gloo collectives), against the same run in this one process of 8 devices: the
-same losses, checkpoints written by both processes together, and a run resumed by one process from them."""
+same losses, checkpoints written by both processes together, and a run resumed by one process from them.
+
+Process 1 reads the run directory a few seconds late: by then process 0 may have created ``checkpoints/``, which a
+process must not mistake for a run to resume (that once deadlocked the two, now and then, on a loaded machine)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -20,6 +24,26 @@ from tests.tolerances import assert_close
 
 PROCESSES, DEVICES_EACH = 2, 4  # 8 devices in all, as this process has (conftest.py)
 REPO = Path(__file__).resolve().parent.parent
+LAG_S = 5
+# ``python -m mamba_jax.train``, with process 1 reading the run directory LAG_S seconds after process 0.
+LAGGING_MAIN = f"""
+import sys, time
+import mamba_jax.train.prepare as prepare
+
+read = prepare.run_meta
+
+
+def read_late(*args, **kwargs):
+    time.sleep({LAG_S})
+    return read(*args, **kwargs)
+
+
+if sys.argv[sys.argv.index("--process-id") + 1] == "1":
+    prepare.run_meta = read_late
+from mamba_jax.train.__main__ import main
+
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def free_port() -> int:
@@ -29,7 +53,8 @@ def free_port() -> int:
 
 
 def launch(cfg, model_json: Path, timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """Run ``cfg`` as PROCESSES processes of ``python -m mamba_jax.train`` on one machine; their results."""
+    """Run ``cfg`` as PROCESSES processes of ``python -m mamba_jax.train`` (LAGGING_MAIN) on one machine; their
+    results."""
     flags = ["--model", str(model_json)]
     for name, value in cfg.to_dict().items():
         if value is not None:
@@ -45,7 +70,7 @@ def launch(cfg, model_json: Path, timeout: float = 600) -> list[subprocess.Compl
     env.pop("XLA_FLAGS", None)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "mamba_jax.train", *flags, "--process-id", str(i)],
+            [sys.executable, "-c", LAGGING_MAIN, *flags, "--process-id", str(i)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -53,16 +78,20 @@ def launch(cfg, model_json: Path, timeout: float = 600) -> list[subprocess.Compl
         )
         for i in range(PROCESSES)
     ]
-    results = []
+    deadline, results = time.monotonic() + timeout, []
     try:
         for proc in procs:
-            out, err = proc.communicate(timeout=timeout)
+            try:
+                out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:  # killed: its output still tells where it was
+                proc.kill()
+                out, err = proc.communicate()
             results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     finally:
         for proc in procs:
             proc.kill()
-    for i, result in enumerate(results):
-        assert result.returncode == 0, f"process {i} failed:\n{result.stderr[-3000:]}"
+    failed = [f"process {i} (exit {r.returncode}):\n{r.stderr[-3000:]}" for i, r in enumerate(results) if r.returncode]
+    assert not failed, "\n".join(failed)
     return results
 
 
@@ -97,3 +126,37 @@ def test_two_processes_train_as_one(tmp_path):
     assert sorted(losses(resumed_multi)) == [5, 6]
     for step, value in losses(resumed_single).items():
         assert_close(jnp.float32(losses(resumed_multi)[step]), jnp.float32(value), jnp.float32, err_msg=f"step {step}")
+
+
+# Each process claims to have found checkpoint step = its process id: every one must refuse to start.
+DIFFERENT_STARTS = """
+import sys
+from mamba_jax.train.config import TrainConfig, TrainError
+from mamba_jax.train.distributed import check_same_start, initialize_distributed
+
+address, process_id = sys.argv[1], int(sys.argv[2])
+initialize_distributed(TrainConfig(coordinator_address=address, num_processes=2, process_id=process_id))
+try:
+    check_same_start(process_id, "runs/x")
+except TrainError as e:
+    print(e)
+"""
+
+
+def test_processes_that_find_different_checkpoints_refuse_to_start():
+    address = f"localhost:{free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DIFFERENT_STARTS, address, str(i)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for i in range(PROCESSES)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for out in outputs:
+        assert "processes found different checkpoints in --run-dir runs/x (newest step by process: [0, 1]" in out

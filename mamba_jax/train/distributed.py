@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mamba_jax.train.config import TrainConfig
+from mamba_jax.train.config import TrainConfig, TrainError
 
 
 def initialize_distributed(cfg: TrainConfig) -> None:
@@ -30,6 +30,22 @@ def initialize_distributed(cfg: TrainConfig) -> None:
     if explicit or launched:
         jax.distributed.initialize(
             coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id
+        )
+
+
+def check_same_start(start: int, run_dir: str) -> None:
+    """Every process must resume from the same checkpoint step ``start`` (0: none): a collective over all processes.
+
+    It is also the barrier between reading the run directory and writing it: no process creates ``checkpoints/``
+    before every process has looked, so none mistakes another's fresh directory for a run to resume.
+    """
+    if jax.process_count() == 1:
+        return
+    starts = multihost_utils.process_allgather(np.int32(start)).tolist()
+    if len(set(starts)) > 1:
+        raise TrainError(
+            f"the processes found different checkpoints in --run-dir {run_dir} (newest step by process: {starts}, "
+            "0 = none): the run directory must be one directory that every host shares"
         )
 
 

@@ -1,9 +1,10 @@
 """The start of a run: every check of the user's input, before anything is written.
 
-``prepare_run(cfg, model_config)`` joins the processes, makes the mesh, reads the run directory's newest checkpoint,
-loads the data, settles the model (the checkpoint's when resuming, else ``cfg.init_from``'s, else ``model_config``;
-a ``model_config`` that differs from the checkpoint's or ``init_from``'s is an error, never silently replaced) and
-checks the data's tokenizer against it. Only then is the run directory created: a bad argument leaves nothing behind.
+``prepare_run(cfg, model_config)`` joins the processes, makes the mesh, reads the run directory's newest checkpoint
+(every process must find the same), loads the data, settles the model (the checkpoint's when resuming, else
+``cfg.init_from``'s, else ``model_config``; a ``model_config`` that differs from the checkpoint's or ``init_from``'s
+is an error, never silently replaced) and checks the data's tokenizer against it. Only then is the run directory
+created: a bad argument leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from mamba_jax.sharding import check_batch_size, make_mesh
 from mamba_jax.train.checkpoint import run_meta
 from mamba_jax.train.config import TrainConfig, TrainError
 from mamba_jax.train.data import ByteTokenizer, HFTokenizer, Split, load_streams, make_splits
-from mamba_jax.train.distributed import initialize_distributed
+from mamba_jax.train.distributed import check_same_start, initialize_distributed
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ def prepare_run(cfg: TrainConfig, model_config: MambaConfig | None = None) -> Pr
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainError(f"--run-dir {cfg.run_dir} is a file, not a directory")
     meta = run_meta(run_dir)
+    start = 0 if meta is None else meta["step"]
+    check_same_start(start, cfg.run_dir)
 
     train_split, eval_split, tokenizer = load_data(cfg)
 
@@ -85,7 +88,7 @@ def prepare_run(cfg: TrainConfig, model_config: MambaConfig | None = None) -> Pr
         cfg=cfg,
         model_config=model_config,
         mesh=mesh,
-        start=0 if meta is None else meta["step"],
+        start=start,
         saved_train_config=None if meta is None else meta["train_config"],
         pretrained=pretrained,
         train_split=train_split,
