@@ -116,8 +116,14 @@ def test_pallas_split_over_rows_and_channels():
 
 def test_bad_arguments():
     x = jnp.zeros((1, 4, 8))
-    with pytest.raises(ValueError, match=r"x must be \(batch, seqlen, channels\) and kernel \(width, channels\)"):
+    with pytest.raises(ValueError, match=r"x must be \(batch, seqlen, channels\) and kernel \(width >= 1, channels\)"):
         causal_conv1d(x, jnp.zeros((4, 6)))
+    with pytest.raises(ValueError, match=r"kernel \(width >= 1, channels\); got x \(1, 4, 8\), kernel \(0, 8\)"):
+        causal_conv1d(x, jnp.zeros((0, 8)))
+    with pytest.raises(ValueError, match="x must have a floating dtype, got int32"):
+        causal_conv1d(x.astype(jnp.int32), jnp.full((4, 8), 0.5))
+    with pytest.raises(ValueError, match="silu must be a Python bool"):
+        jax.jit(lambda silu: causal_conv1d(x, jnp.zeros((4, 8)), silu=silu))(True)
     with pytest.raises(ValueError, match=r"bias must have shape \(8,\), got \(3,\)"):
         causal_conv1d(x, jnp.zeros((4, 8)), jnp.zeros(3))
     with pytest.raises(ValueError, match="implementation must be one of"):
@@ -128,6 +134,12 @@ def test_bad_arguments():
         ValueError, match=r"initial_states must have shape \(batch, width - 1, channels\) = \(1, 3, 8\)"
     ):
         causal_conv1d(x, jnp.zeros((4, 8)), initial_states=jnp.zeros((1, 4, 8)))
+
+
+def test_nested_lists_are_arrays():
+    x, kernel = [[[1.0, 2.0], [3.0, 4.0]]], [[0.5, 1.0], [1.0, 0.5]]
+    got = causal_conv1d(x, kernel, implementation="reference")
+    assert_close(got, causal_conv1d(jnp.array(x), jnp.array(kernel), implementation="reference"), jnp.float32)
 
 
 @pytest.mark.gpu

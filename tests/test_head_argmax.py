@@ -71,6 +71,14 @@ def test_ties_go_to_the_first_index_and_padding_is_never_chosen():
         assert int(got[0]) == 5, implementation
 
 
+def test_pallas_under_enable_x64():
+    """With jax_enable_x64 the kernel's loop index stays int32 (it was int64 and failed to trace, also compiled)."""
+    hidden, head = inputs(3, 32, 100, "vd", jnp.float32)
+    with jax.enable_x64(True):
+        got = head_argmax(hidden, head, implementation="pallas", interpret=True)
+    check_argmax(got, hidden, head, "vd", 100)
+
+
 def test_split_over_the_batch_in_a_sharded_jit():
     """Inside a sharded jit each device runs the kernel on its rows (the head whole): no collective on the
     activations, the same tokens."""
@@ -98,6 +106,8 @@ def test_bad_arguments():
         head_argmax(hidden, head[0])
     with pytest.raises(ValueError, match=r"vocab_size must be an int in \[1, 64\], got 65"):
         head_argmax(hidden, head, vocab_size=65)
+    with pytest.raises(ValueError, match=r"vocab_size must be an int >= 1, got True"):
+        head_argmax(hidden, head, vocab_size=True)
     with pytest.raises(ValueError, match="needs d_model a multiple of 16"):
         head_argmax(hidden[:, :20], head[:, :20], implementation="pallas", interpret=True)
 

@@ -253,6 +253,9 @@ def test_errors():
         mamba2_step(u, conv_state, ssm_state, weights._replace(in_proj=weights.in_proj[:, 1:]), dtype=jnp.float32)
     with pytest.raises(ValueError, match=r"options\.ngroups must be a positive divisor of nheads 4, got 3"):
         mamba2_step(u, conv_state, ssm_state, weights, dtype=jnp.float32, options=Mamba2StepOptions(ngroups=3))
+    with pytest.raises(ValueError, match=r"options\.dt_limit must satisfy low <= high, got \(1\.0, 0\.0\)"):
+        options = Mamba2StepOptions(dt_limit=(1.0, 0.0))
+        mamba2_step(u, conv_state, ssm_state, weights, dtype=jnp.float32, options=options)
     with pytest.raises(ValueError, match="options must be a Mamba2StepOptions"):
         mamba2_step(u, conv_state, ssm_state, weights, dtype=jnp.float32, options={"ngroups": 1})
     with pytest.raises(ValueError, match=r"splits must be a positive int dividing 64 / 16, got 3"):

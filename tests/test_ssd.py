@@ -256,6 +256,8 @@ ERRORS = [
     ("seq_idx_shape", {"seq_idx": jnp.zeros((1, 9), jnp.int32)}, r"seq_idx must have shape \(1, 8\)"),
     ("chunk_size_zero", {"chunk_size": 0}, "chunk_size must be an int >= 1, got 0"),
     ("chunk_size_float", {"chunk_size": 2.5}, "chunk_size must be an int >= 1, got 2.5"),
+    ("chunk_size_bool", {"chunk_size": True}, "chunk_size must be an int >= 1, got True"),
+    ("dt_softplus_array", {"dt_softplus": jnp.array(True)}, "dt_softplus must be a Python bool"),
     ("dt_limit_order", {"dt_limit": (1.0, 0.1)}, "low <= high"),
     ("dt_limit_form", {"dt_limit": 0.1}, "dt_limit must be a pair"),
     ("implementation", {"implementation": "triton"}, "implementation must be one of"),

@@ -182,6 +182,7 @@ ERRORS = [
     ("mamba1_groups", MAMBA1, {"B": jnp.zeros((2, 4, 5), f32), "C": jnp.zeros((2, 4, 5), f32)}, r"dim \(6\).*ngroups"),
     ("mamba1_D", MAMBA1, {"D": jnp.zeros((6, 1), f32)}, r"D must have shape \(6,\)"),
     ("mamba1_dt_int", MAMBA1, {"dt": jnp.zeros((2, 6), jnp.int32)}, "dt must have a floating dtype"),
+    ("dt_softplus_array", MAMBA1, {"dt_softplus": jnp.array(True)}, "dt_softplus must be a Python bool"),
 ]
 
 

@@ -5,7 +5,9 @@ import logging
 import warnings
 
 import jax
+import jax.numpy as jnp
 
+from pallas_kernels.arguments import python_bool
 from pallas_kernels.causal_conv.pallas import MAX_WIDTH, causal_conv1d_pallas
 from pallas_kernels.causal_conv.reference import causal_conv1d_reference
 from pallas_kernels.causal_conv.xla import causal_conv1d_xla
@@ -34,12 +36,22 @@ def causal_conv1d(
     "xla" (XLA ops in x's dtype, fused by XLA with its neighbours), "pallas" (GPU kernels, float32 inside; ``interpret``
     None runs them compiled where Pallas supports the GPU, else in Pallas's interpreter), or None: "pallas" on a
     supported GPU for w <= MAX_WIDTH, else "xla".
+
+    Reverse-mode differentiable (``jax.grad`` / ``jax.vjp``) in x, kernel, bias and initial_states; "pallas" is a
+    ``custom_vjp``, so ``jax.jvp`` needs another implementation.
     """
-    if x.ndim != 3 or kernel.ndim != 2 or kernel.shape[1] != x.shape[2]:
+    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+    bias = None if bias is None else jnp.asarray(bias)
+    initial_states = None if initial_states is None else jnp.asarray(initial_states)
+    silu = python_bool("causal_conv1d: silu", silu)
+    if x.ndim != 3 or kernel.ndim != 2 or kernel.shape[1] != x.shape[2] or kernel.shape[0] < 1:
         raise ValueError(
-            f"causal_conv1d: x must be (batch, seqlen, channels) and kernel (width, channels); got x {x.shape}, "
+            f"causal_conv1d: x must be (batch, seqlen, channels) and kernel (width >= 1, channels); got x {x.shape}, "
             f"kernel {kernel.shape}"
         )
+    for name, a in (("x", x), ("kernel", kernel), ("bias", bias), ("initial_states", initial_states)):
+        if a is not None and not jnp.issubdtype(a.dtype, jnp.floating):
+            raise ValueError(f"causal_conv1d: {name} must have a floating dtype, got {a.dtype}")
     if bias is not None and bias.shape != kernel.shape[1:]:
         raise ValueError(f"causal_conv1d: bias must have shape {kernel.shape[1:]}, got {bias.shape}")
     history = (x.shape[0], kernel.shape[0] - 1, x.shape[2])

@@ -8,6 +8,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.arguments import python_int
 from pallas_kernels.head_argmax.pallas import head_argmax_pallas, supports
 from pallas_kernels.head_argmax.reference import head_argmax_reference
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
@@ -30,7 +31,8 @@ def head_argmax(
     hidden (b, d) floating, the final normed hidden states; head (V, d) for ``layout`` "vd" (a tied embedding), or
     (d, V) for "dv" (an ``lm_head`` kernel), cast to hidden's dtype; vocab_size (default V) leaves the padding rows of
     a padded vocabulary out. The logits are products in hidden's dtype accumulated in float32, as
-    ``MambaLMHeadModel.logits`` computes them; on ties the first index wins (``jnp.argmax``).
+    ``MambaLMHeadModel.logits`` computes them; on ties the first index wins (``jnp.argmax``). A row whose logits
+    hold a NaN gets the first NaN's index from "reference" (``jnp.argmax``), vocab_size - 1 from "pallas".
 
     implementation: "reference" (XLA: the float32 logits, then their arg-max), "pallas" (one GPU kernel that keeps
       only each tile's largest logit and its index, then one XLA reduction over those; without a supported GPU it
@@ -43,6 +45,7 @@ def head_argmax(
         )
     if layout not in LAYOUTS:
         raise ValueError(f"head_argmax: layout must be one of {LAYOUTS}, got {layout!r}")
+    hidden, head = jnp.asarray(hidden), jnp.asarray(head)
     if hidden.ndim != 2 or not jnp.issubdtype(hidden.dtype, jnp.floating):
         raise ValueError(f"head_argmax: hidden must be floating (batch, d_model), got {hidden.shape} {hidden.dtype}")
     d_model = hidden.shape[1]
@@ -52,8 +55,8 @@ def head_argmax(
         raise ValueError(
             f"head_argmax: head must have shape {want} with d_model {d_model} for layout {layout!r}, got {head.shape}"
         )
-    vocab_size = vocab if vocab_size is None else vocab_size
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= vocab:
+    vocab_size = vocab if vocab_size is None else python_int("head_argmax: vocab_size", vocab_size)
+    if vocab_size > vocab:
         raise ValueError(f"head_argmax: vocab_size must be an int in [1, {vocab}], got {vocab_size!r}")
     head = head.astype(hidden.dtype)
     rows = layout == "vd"

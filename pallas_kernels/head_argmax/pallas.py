@@ -141,6 +141,7 @@ def _kernel(h_ref, head_ref, best_ref, index_ref, *, columns, depth, programs, b
         jnp.full((block,), -jnp.inf, jnp.float32),
         jnp.full((block,), vocab_size, jnp.int32),
     )
-    _, best, index = lax.fori_loop(0, rounds * steps, step, carry)
+    # int32 bounds: Python ints would make k int64 under jax_enable_x64, which lax.rem with int32 refuses
+    _, best, index = lax.fori_loop(jnp.int32(0), jnp.int32(rounds * steps), step, carry)
     best_ref[program, pl.ds(first_row, block)] = best
     index_ref[program, pl.ds(first_row, block)] = jnp.minimum(index, vocab_size - 1)  # a NaN row: some column

@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.arguments import dt_limit_pair, python_int
 from pallas_kernels.mamba2_step.reference import (
     DEFAULT_OPTIONS,
     Mamba2StepOptions,
@@ -80,6 +81,10 @@ def mamba2_step(
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
     if not isinstance(options, Mamba2StepOptions):
         raise ValueError(f"mamba2_step: options must be a Mamba2StepOptions, got {type(options).__name__}")
+    options = options._replace(
+        ngroups=python_int("mamba2_step: options.ngroups", options.ngroups),
+        dt_limit=dt_limit_pair("mamba2_step: options.dt_limit", options.dt_limit),
+    )
     _check(u, conv_state, ssm_state, weights, options)
     check_prenorm("mamba2_step", u, prenorm)
     if implementation is None:
@@ -100,7 +105,7 @@ def _check(u, conv_state, ssm_state, weights: Mamba2StepWeights, options: Mamba2
     check_state_dtype("mamba2_step", ssm_state)
     _, heads, headdim, d_state = ssm_state.shape
     groups = options.ngroups
-    if not isinstance(groups, int) or groups < 1 or heads % groups:
+    if heads % groups:
         raise ValueError(f"mamba2_step: options.ngroups must be a positive divisor of nheads {heads}, got {groups!r}")
     d_ssm, width = heads * headdim, weights.conv.shape[0]
     d_inner = weights.out_proj.shape[0]

@@ -28,9 +28,9 @@ import logging
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import backend as jax_backend
 
+from pallas_kernels.arguments import python_bool
 from pallas_kernels.selective_scan.reference import selective_scan_reference
 from pallas_kernels.selective_scan.xla import selective_scan_associative, selective_scan_chunked
 
@@ -107,12 +107,6 @@ def _check_grouped(name: str, x, batch: int, seqlen: int, d_state: int) -> jax.A
     return _check_array(name, grouped, grouped.shape, shape_text)
 
 
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool | np.bool_):
-        raise ValueError(f"{name} must be a Python bool (it selects the computation), found {value!r}")
-    return bool(value)
-
-
 def selective_scan(
     u: jax.Array,
     delta: jax.Array,
@@ -142,12 +136,16 @@ def selective_scan(
             ("pallas" on an NVIDIA GPU when the kernel supports it, else "chunked").
 
     Returns:
-        out (b, l, di) in u's dtype, or (out, last_state (b, di, n) float32) with ``return_last_state``.
+        out (b, l, di) in u's dtype, or (out, last_state (b, di, n) float32) with ``return_last_state``; "reference"
+        scans in float64 (and returns that state) when an argument is float64 (under ``jax_enable_x64``).
+
+    Reverse-mode differentiable (``jax.grad`` / ``jax.vjp``) in every floating argument; "chunked" and "pallas" are
+    ``custom_vjp`` functions, so ``jax.jvp`` / ``jax.jacfwd`` / second derivatives need "reference" or "associative".
     """
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, found {implementation!r}")
-    delta_softplus = _check_bool("delta_softplus", delta_softplus)
-    return_last_state = _check_bool("return_last_state", return_last_state)
+    delta_softplus = python_bool("delta_softplus", delta_softplus)
+    return_last_state = python_bool("return_last_state", return_last_state)
 
     u = jnp.asarray(u)
     if u.ndim != 3 or 0 in u.shape:

@@ -7,13 +7,12 @@ the D skip and the z gate after it, sequence resets from ``seq_idx``) and dispat
 from __future__ import annotations
 
 import functools
-import math
-import operator
 import warnings
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.arguments import dt_limit_pair, python_bool, python_int
 from pallas_kernels.selective_scan.pallas import TRITON_DEPRECATION, pallas_supported
 from pallas_kernels.ssd.pallas import ssd_pallas
 from pallas_kernels.ssd.reference import ssd_reference
@@ -80,7 +79,8 @@ def mamba_chunk_scan(
       out (b, l, h, p) in x's dtype; with ``return_final_states`` the tuple (out, final_states), final_states
       (b, h, p, n) float32 (mamba_ssm returns them in C's dtype).
 
-    Jit-able with the arguments marked static above; differentiable in x, dt, A, B, C, D, z, dt_bias and
+    Jit-able with the arguments marked static above; differentiable (reverse mode: ``jax.grad`` / ``jax.vjp``; the
+    Pallas path is a ``custom_vjp``, so no ``jax.jvp`` through it) in x, dt, A, B, C, D, z, dt_bias and
     initial_states. "chunked" keeps a few (b, l / c, c, c, h) float32 intermediates (b l c h elements each: linear in
     l); the sequential "reference" stores every (b, h, p, n) state for its backward pass.
     """
@@ -92,8 +92,14 @@ def mamba_chunk_scan(
         raise ValueError("implementation='pallas' does not take seq_idx (packed sequences): use 'chunked' or None")
     if implementation == "pallas" and pallas_supported():
         warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
-    chunk_size = _check_chunk_size(chunk_size)
-    dt_limit = _check_dt_limit(dt_limit)
+    chunk_size = python_int("chunk_size", chunk_size)
+    dt_limit = dt_limit_pair("dt_limit", dt_limit)
+    dt_softplus = python_bool("dt_softplus", dt_softplus)
+    return_final_states = python_bool("return_final_states", return_final_states)
+    x, dt, A, B, C = (jnp.asarray(a) for a in (x, dt, A, B, C))
+    D, z, dt_bias, initial_states, seq_idx = (
+        None if a is None else jnp.asarray(a) for a in (D, z, dt_bias, initial_states, seq_idx)
+    )
     _check_arguments(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
     out, final_states = _mamba_chunk_scan(
         x,
@@ -107,7 +113,7 @@ def mamba_chunk_scan(
         initial_states,
         seq_idx,
         chunk_size=chunk_size,
-        dt_softplus=bool(dt_softplus),
+        dt_softplus=dt_softplus,
         dt_limit=dt_limit,
         implementation=implementation,
     )
@@ -155,26 +161,6 @@ def _mamba_chunk_scan(
     if z is not None:
         y = y * jax.nn.silu(z.astype(f32))
     return y.astype(x.dtype), final_states
-
-
-def _check_chunk_size(chunk_size) -> int:
-    try:
-        chunk_size = operator.index(chunk_size)
-    except TypeError:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}") from None
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size}")
-    return chunk_size
-
-
-def _check_dt_limit(dt_limit) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in dt_limit)
-    except (TypeError, ValueError):
-        raise ValueError(f"dt_limit must be a pair of floats (low, high), got {dt_limit!r}") from None
-    if math.isnan(low) or math.isnan(high) or low > high:
-        raise ValueError(f"dt_limit must satisfy low <= high, got {dt_limit!r}")
-    return low, high
 
 
 def _check_float(name: str, a: jax.Array) -> None:

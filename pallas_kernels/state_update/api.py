@@ -14,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.arguments import python_bool
 from pallas_kernels.state_update.reference import state_update_reference
 
 IMPLEMENTATIONS = ("pallas", "reference")
@@ -74,6 +75,9 @@ def selective_state_update(
     """
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
+    dt_softplus = python_bool("dt_softplus", dt_softplus)
+    state, x, dt, A, B, C = (jnp.asarray(a) for a in (state, x, dt, A, B, C))
+    D, z, dt_bias = (None if a is None else jnp.asarray(a) for a in (D, z, dt_bias))
     if state.ndim not in (3, 4):
         raise ValueError(
             "state must have shape (batch, dim, dstate) (Mamba-1) or (batch, nheads, headdim, dstate) (Mamba-2), "
@@ -100,7 +104,7 @@ def selective_state_update(
     if B.ndim == 2:
         B, C = B[:, None, :], C[:, None, :]
     update = _implementation(implementation or "reference")
-    out, new_state = update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=bool(dt_softplus))
+    out, new_state = update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=dt_softplus)
     if mamba1:
         return out.reshape(batch, dim), new_state.reshape(batch, dim, d_state)
     return out, new_state
