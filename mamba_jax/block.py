@@ -43,6 +43,7 @@ class Block(nnx.Module):
     def _add_and_norm(self, norm: nnx.Module, hidden: jax.Array, residual: jax.Array | None):
         """-> (norm(hidden + residual), hidden + residual), the sum in float32 when residual_in_fp32 (as mamba_ssm's
         fused add + norm kernel computes it); hidden (b, [l,] d) or a step's ``PartialSums``."""
+        _check_residual(hidden, residual)
         hidden = settled(hidden)
         if self.residual_in_fp32:
             hidden = hidden.astype(jnp.float32)
@@ -83,6 +84,7 @@ class Block(nnx.Module):
         ``PartialSums`` (out_proj's parts, for the next block's norm launch to add: one launch less a layer); hidden
         may be one, and every consumer adds the parts (``settled``) unless its kernels do."""
         if self.residual_in_fp32 and isinstance(self.norm, RMSNorm) and hasattr(self.mixer, "normed_step"):
+            _check_residual(hidden, residual)
             partial_out = self.mlp is None
             hidden, residual, cache = self.mixer.normed_step(hidden, residual, self.norm, cache, partial_out)
             return (*self._mlp_branch(hidden, residual), cache)
@@ -100,3 +102,10 @@ class Block(nnx.Module):
             hidden_normed, residual = self._add_and_norm(self.norm2, hidden, residual)
             hidden = self.mlp(hidden_normed)
         return hidden, residual
+
+
+def _check_residual(hidden, residual: jax.Array | None) -> None:
+    """A ValueError unless residual is None or has hidden's shape (hidden an array or a ``PartialSums``): a block
+    adds the two, and a size-1 dimension of either would broadcast."""
+    if residual is not None and residual.shape != hidden.shape:
+        raise ValueError(f"Block: residual must have hidden's shape {hidden.shape}, found {residual.shape}")

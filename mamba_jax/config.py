@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 MIXER_LAYERS = ("Mamba1", "Mamba2", "Mamba3")
+DEFAULT_DT_LIMIT = (0.0, math.inf)  # mamba_ssm's Mamba2 dt_limit: no limit
 
 
 class FrozenMapping(Mapping[str, Any]):
@@ -89,8 +91,8 @@ class MambaConfig:
 
     def __post_init__(self):
         for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("d_intermediate", self.d_intermediate, minimum=0)
+            object.__setattr__(self, name, _check_int(name, getattr(self, name), minimum=1))
+        object.__setattr__(self, "d_intermediate", _check_int("d_intermediate", self.d_intermediate, minimum=0))
         for name in ("rms_norm", "residual_in_fp32", "fused_add_norm", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MambaConfig.{name} must be a bool, found {getattr(self, name)!r}")
@@ -131,11 +133,6 @@ class MambaConfig:
         """ssm_cfg without ``layer``: the keyword arguments of the mixer constructor."""
         return {key: value for key, value in self.ssm_cfg.items() if key != "layer"}
 
-    @property
-    def n_residuals_per_layer(self) -> int:
-        """Residual branches per layer (mixer, plus the MLP when d_intermediate > 0): scales out_proj / fc2 init."""
-        return 1 if self.d_intermediate == 0 else 2
-
     # ---- serialisation ----
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,7 +140,7 @@ class MambaConfig:
         return {field.name: _thaw(getattr(self, field.name)) for field in dataclasses.fields(self)}
 
     def to_json(self, path: str | os.PathLike) -> None:
-        """Write the mamba_ssm config.json form to ``path``; inf and nan (dt_limit's upper bound is usually inf) as
+        """Write the mamba_ssm config.json form to ``path``; inf and nan (e.g. a dt_limit (0.1, inf) in ssm_cfg) as
         transformers 5 writes them (``encode_special_floats``), so the file is standard JSON."""
         with open(path, "w") as f:
             json.dump(encode_special_floats(self.to_dict()), f, indent=2, allow_nan=False)
@@ -175,6 +172,9 @@ class MambaConfig:
         RMSNorm gating before the norm whatever ``norm_before_gate`` says (transformers ignores that key; Codestral's
         config.json sets it True, yet mamba_ssm ran that model with the default False). Keys transformers ignores
         are ignored; values mamba_ssm cannot express (eps other than 1e-5, activation other than silu) raise.
+        A time_step_limit equal to mamba_ssm's default dt_limit (0, inf) is left out of ssm_cfg (transformers always
+        writes one), so that ``to_json`` writes no {"__float__": "Infinity"}, which mamba_ssm's plain json loader
+        would hand to Mamba2 as is.
         """
         model_type = data.get("model_type")
         if model_type not in _TRANSFORMERS_FORMATS:
@@ -202,6 +202,8 @@ class MambaConfig:
         if model_type == "mamba2":
             if "time_step_limit" in data:  # checked here, to name the user's key (ours is ssm_cfg's dt_limit)
                 _check_dt_limit("time_step_limit", data["time_step_limit"])
+                if tuple(data["time_step_limit"]) == DEFAULT_DT_LIMIT:
+                    del ssm_cfg["dt_limit"]
             d_inner = ssm_cfg.get("expand", 2) * data["hidden_size"]
             heads, head_dim = data["num_heads"], ssm_cfg.get("headdim", 64)
             if heads * head_dim != d_inner:
@@ -229,9 +231,17 @@ class MambaConfig:
         return PRESETS[name]
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as a Python int >= ``minimum`` (a Python or NumPy integer, not a bool), or a ValueError naming it."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        index = operator.index(value)
+    except TypeError:
+        index = minimum - 1
+    if index < minimum:
         raise ValueError(f"MambaConfig.{name} must be an int >= {minimum}, found {value!r}")
+    return index
 
 
 def _check_dt_limit(name: str, value: Any) -> None:

@@ -4,16 +4,52 @@ and the norms. Every parameter carries ``logical_axes`` metadata (see ``mamba_ja
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from pallas_kernels.causal_conv import IMPLEMENTATIONS as CONV_IMPLEMENTATIONS
 from pallas_kernels.causal_conv import causal_conv1d
 from pallas_kernels.mamba_step import PreNorm
 
 Axes = Sequence[str | None]
+
+
+def positive_int(owner: str, name: str, value) -> int:
+    """``value`` as a Python int >= 1 (a Python or NumPy integer, not a bool), or a ValueError naming ``owner``'s
+    argument ``name``."""
+    try:
+        if isinstance(value, bool | np.bool_):
+            raise TypeError
+        index = operator.index(value)
+    except TypeError:
+        index = 0
+    if index < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, found {value!r}")
+    return index
+
+
+def check_implementation(owner: str, name: str, value, implementations: tuple[str, ...]) -> None:
+    """A ValueError naming ``owner``'s argument ``name`` unless ``value`` is None or one of ``implementations`` (the
+    op's ``IMPLEMENTATIONS``)."""
+    if value is not None and value not in implementations:
+        raise ValueError(f"{owner}: {name} must be None or one of {implementations}, found {value!r}")
+
+
+def check_sequence_input(owner: str, u: jax.Array) -> None:
+    """A ValueError unless u (b, l, d) has b >= 1 and l >= 1 (the mixers take no empty batch or sequence)."""
+    if min(u.shape[:2]) < 1:
+        raise ValueError(f"{owner}: u must have batch >= 1 and seqlen >= 1, found shape {u.shape}")
+
+
+def check_last_dim(owner: str, x: jax.Array, dim: int) -> None:
+    """A ValueError unless x is (..., dim): a last dimension of 1 would broadcast against (dim,) parameters."""
+    if x.ndim < 1 or x.shape[-1] != dim:
+        raise ValueError(f"{owner}: x must have shape (..., dim={dim}), found {x.shape}")
 
 
 def torch_uniform_init(fan_in: int) -> nnx.Initializer:
@@ -117,6 +153,7 @@ class CausalConv1d(nnx.Module):
         param_dtype=jnp.float32,
         implementation: str | None = None,
     ):
+        check_implementation("CausalConv1d", "implementation", implementation, CONV_IMPLEMENTATIONS)
         init = torch_uniform_init(width)  # fan_in of a depthwise conv = 1 input channel * width
         self.kernel = param(rngs, init, (width, channels), param_dtype, ("conv", "inner"))
         self.bias = param(rngs, init, (channels,), param_dtype, ("inner",)) if use_bias else None
@@ -147,11 +184,13 @@ class RMSNorm(nnx.Module):
     ):
         del rngs  # ones-initialised; accepted for a uniform constructor signature
         self.weight = with_axes(nnx.Param(jnp.ones((dim,), param_dtype)), ("norm",))
+        self.dim = dim
         self.eps = eps
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (..., d) -> (..., d) in ``dtype`` (default: x's dtype)."""
+        check_last_dim("RMSNorm", x, self.dim)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (y * self.weight[...].astype(jnp.float32)).astype(self.dtype or x.dtype)
@@ -171,11 +210,13 @@ class LayerNorm(nnx.Module):
         del rngs
         self.weight = with_axes(nnx.Param(jnp.ones((dim,), param_dtype)), ("norm",))
         self.bias = with_axes(nnx.Param(jnp.zeros((dim,), param_dtype)), ("norm",))
+        self.dim = dim
         self.eps = eps
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (..., d) -> (..., d) in ``dtype`` (default: x's dtype)."""
+        check_last_dim("LayerNorm", x, self.dim)
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)

@@ -1,31 +1,38 @@
 """Mamba: the Mamba-1 selective SSM mixer (mamba_ssm ``modules/mamba_simple.py``): the full-sequence forward, and
 the cached prefill and one-token step used for generation.
 
-Shapes (docs/architecture.md): b batch, l seqlen, d d_model, di d_inner = expand * d, n d_state, r dt_rank,
+Shapes (docs/architecture.md): b batch, l seqlen, d d_model, di d_inner = int(expand * d), n d_state, r dt_rank,
 w d_conv.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mamba_jax.generation.cache import NormedStep, SSMCache, check_lengths, conv_prefill, mask_past_lengths
-from mamba_jax.layers import CausalConv1d, linear, linear_parts, value_or_none, with_axes
+from mamba_jax.layers import (
+    CausalConv1d,
+    check_implementation,
+    check_sequence_input,
+    linear,
+    linear_parts,
+    positive_int,
+    value_or_none,
+    with_axes,
+)
 from pallas_kernels.mamba_step import MambaStepWeights, PreNorm, mamba_step
+from pallas_kernels.mamba_step.api import IMPLEMENTATIONS as STEP_IMPLEMENTATIONS
+from pallas_kernels.selective_scan import IMPLEMENTATIONS as SCAN_IMPLEMENTATIONS
 from pallas_kernels.selective_scan import selective_scan
 
 # A pre-softplus dt for prefill positions past a row's length: softplus(-1e4 + dt_bias) underflows to exactly 0 in
 # float32, and a step with dt = 0 leaves the state as it is. Finite, so every softplus formula stays NaN-free.
 _MASKED_DT = -1e4
-
-
-def _check_positive(name: str, value, kind=int) -> None:
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        raise ValueError(f"Mamba: {name} must be a positive {kind.__name__}, found {value!r}")
 
 
 def dt_bias_init(dt_min: float, dt_max: float, dt_init_floor: float) -> nnx.Initializer:
@@ -69,7 +76,7 @@ class Mamba(NormedStep, nnx.Module):
         d_model: int,
         d_state: int = 16,
         d_conv: int = 4,
-        expand: int = 2,
+        expand: float = 2,
         dt_rank: int | str = "auto",
         dt_min: float = 0.001,
         dt_max: float = 0.1,
@@ -85,16 +92,25 @@ class Mamba(NormedStep, nnx.Module):
         scan_implementation: str | None = None,
         step_implementation: str | None = None,
     ):
-        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
-            _check_positive(name, value)
+        d_model = positive_int("Mamba", "d_model", d_model)
+        d_state = positive_int("Mamba", "d_state", d_state)
+        d_conv = positive_int("Mamba", "d_conv", d_conv)
+        if isinstance(expand, bool) or not isinstance(expand, numbers.Real) or not 0 < expand < math.inf:
+            raise ValueError(f"Mamba: expand must be a positive finite number, found {expand!r}")
+        d_inner = int(expand * d_model)  # as mamba_ssm: a real expand is rounded down
+        if d_inner < 1:
+            raise ValueError(
+                f"Mamba: d_inner = int(expand * d_model) must be >= 1, found int({expand} * {d_model}) = 0"
+            )
         if dt_rank == "auto":
             dt_rank = math.ceil(d_model / 16)
-        _check_positive("dt_rank (an int or 'auto')", dt_rank)
+        dt_rank = positive_int("Mamba", "dt_rank (an int or 'auto')", dt_rank)
         if dt_init not in ("random", "constant"):
             raise ValueError(f"Mamba: dt_init must be 'random' or 'constant', found {dt_init!r}")
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"Mamba: need 0 < dt_min <= dt_max, found dt_min={dt_min}, dt_max={dt_max}")
-        d_inner = expand * d_model
+        check_implementation("Mamba", "scan_implementation", scan_implementation, SCAN_IMPLEMENTATIONS)
+        check_implementation("Mamba", "step_implementation", step_implementation, STEP_IMPLEMENTATIONS)
         self.d_model, self.d_inner, self.d_state, self.dt_rank = d_model, d_inner, d_state, dt_rank
         self.dtype = dtype
         self.scan_implementation = scan_implementation
@@ -120,9 +136,10 @@ class Mamba(NormedStep, nnx.Module):
         self.out_proj = linear(d_inner, d_model, axes=("inner", "embed"), use_bias=bias, **common)
 
     def __call__(self, u: jax.Array) -> jax.Array:
-        """u (b, l, d) -> (b, l, d), in ``dtype`` (or the promoted input / parameter dtype)."""
+        """u (b, l, d) -> (b, l, d), in ``dtype`` (or the promoted input / parameter dtype); b, l >= 1."""
         if u.ndim != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba: u must have shape (batch, seqlen, d_model={self.d_model}), found {u.shape}")
+        check_sequence_input("Mamba", u)
         # x and z as two products: 4-6% less time a training step than one product split (benchmarks/RESULTS.md).
         x, z = linear_parts(self.in_proj, u, [self.d_inner, self.d_inner])  # (b, l, di) each
         x = self.conv1d(x, silu=True)
@@ -150,6 +167,7 @@ class Mamba(NormedStep, nnx.Module):
         """
         if u.ndim != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba: u must have shape (batch, seqlen, d_model={self.d_model}), found {u.shape}")
+        check_sequence_input("Mamba", u)
         lengths = check_lengths(lengths, u.shape[0], u.shape[1])
         # (b, l, di) each, as __call__; ordered: one merged product and two copies took 8% more time (130m, batch 64)
         x, z = linear_parts(self.in_proj, u, [self.d_inner, self.d_inner], ordered=True)

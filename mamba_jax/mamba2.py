@@ -13,6 +13,7 @@ branch, usually 0):
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +21,21 @@ import numpy as np
 from flax import nnx
 
 from mamba_jax.generation.cache import NormedStep, SSMCache, check_lengths, conv_prefill, mask_past_lengths
-from mamba_jax.layers import CausalConv1d, linear, param, value_or_none, with_axes
+from mamba_jax.layers import (
+    CausalConv1d,
+    check_implementation,
+    check_sequence_input,
+    linear,
+    param,
+    positive_int,
+    value_or_none,
+    with_axes,
+)
 from pallas_kernels.mamba2_step import Mamba2StepOptions, Mamba2StepWeights, mamba2_step
+from pallas_kernels.mamba2_step.api import IMPLEMENTATIONS as STEP_IMPLEMENTATIONS
 from pallas_kernels.mamba_step import PreNorm, settled
 from pallas_kernels.ssd import mamba_chunk_scan
+from pallas_kernels.ssd.api import IMPLEMENTATIONS as SSD_IMPLEMENTATIONS
 
 
 class RMSNormGated(nnx.Module):
@@ -150,28 +162,36 @@ class Mamba2(NormedStep, nnx.Module):
             )
         if device is not None:
             raise ValueError(f"Mamba2: device must be None (place arrays with jax sharding instead), got {device!r}")
-        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("headdim", headdim)):
-            _check_positive_int(name, value)
-        _check_positive_int("ngroups", ngroups)
-        _check_positive_int("chunk_size", chunk_size)
+        d_model = positive_int("Mamba2", "d_model", d_model)
+        d_state = positive_int("Mamba2", "d_state", d_state)
+        d_conv = positive_int("Mamba2", "d_conv", d_conv)
+        headdim = positive_int("Mamba2", "headdim", headdim)
+        ngroups = positive_int("Mamba2", "ngroups", ngroups)
+        chunk_size = positive_int("Mamba2", "chunk_size", chunk_size)
+        if isinstance(expand, bool) or not isinstance(expand, numbers.Real):
+            raise ValueError(f"Mamba2: expand must be a number, got {expand!r}")
         d_inner = expand * d_model
         if d_inner != int(d_inner) or d_inner <= 0:
             raise ValueError(f"Mamba2: expand * d_model must be a positive integer, got {expand} * {d_model}")
         d_inner = int(d_inner)
-        d_ssm = d_inner if d_ssm is None else d_ssm
-        if not isinstance(d_ssm, int) or not 0 < d_ssm <= d_inner:
+        d_ssm = d_inner if d_ssm is None else positive_int("Mamba2", "d_ssm", d_ssm)
+        if d_ssm > d_inner:
             raise ValueError(f"Mamba2: d_ssm must be an int in (0, d_inner={d_inner}], got {d_ssm!r}")
         if d_ssm % headdim != 0:
             raise ValueError(f"Mamba2: headdim={headdim} must divide d_ssm={d_ssm}")
         nheads = d_ssm // headdim
         if nheads % ngroups != 0:
             raise ValueError(f"Mamba2: ngroups={ngroups} must divide the number of heads d_ssm/headdim={nheads}")
+        for name, pair in (("A_init_range", A_init_range), ("dt_limit", dt_limit)):
+            _check_pair(name, pair)
         if not 0 < A_init_range[0] <= A_init_range[1]:
             raise ValueError(f"Mamba2: A_init_range must satisfy 0 < low <= high, got {tuple(A_init_range)}")
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"Mamba2: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         if not 0 <= dt_limit[0] <= dt_limit[1]:
             raise ValueError(f"Mamba2: dt_limit must satisfy 0 <= low <= high, got {tuple(dt_limit)}")
+        check_implementation("Mamba2", "ssd_implementation", ssd_implementation, SSD_IMPLEMENTATIONS)
+        check_implementation("Mamba2", "step_implementation", step_implementation, STEP_IMPLEMENTATIONS)
 
         self.d_model = d_model
         self.d_state = d_state
@@ -214,7 +234,7 @@ class Mamba2(NormedStep, nnx.Module):
         self.out_proj = linear(d_inner, d_model, axes=("inner", "embed"), use_bias=bias, **common)
 
     def __call__(self, u: jax.Array) -> jax.Array:
-        """u (b, l, d) -> (b, l, d)."""
+        """u (b, l, d) -> (b, l, d); b, l >= 1."""
         self._check_input(u, 3)
         b, l, _ = u.shape
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
@@ -335,9 +355,12 @@ class Mamba2(NormedStep, nnx.Module):
     # ---- pieces shared by the three paths ----
 
     def _check_input(self, u: jax.Array, ndim: int) -> None:
+        """u must be (b, l, d) with b, l >= 1 (ndim 3) or (b, d) (ndim 2)."""
         if u.ndim != ndim or u.shape[-1] != self.d_model:
             shape = "(batch, seqlen, " if ndim == 3 else "(batch, "
             raise ValueError(f"Mamba2: input must have shape {shape}{self.d_model}), got {u.shape}")
+        if ndim == 3:
+            check_sequence_input("Mamba2", u)
 
     def _split_projection(self, zxbcdt: jax.Array) -> list[jax.Array]:
         """in_proj output (..., 2di + 2gn + h) -> [z0, x0 (..., di - d_ssm), z (..., d_ssm), xBC, dt (..., h)]."""
@@ -363,6 +386,10 @@ class Mamba2(NormedStep, nnx.Module):
         return self.out_proj(y)
 
 
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"Mamba2: {name} must be a positive int, got {value!r}")
+def _check_pair(name: str, value) -> None:
+    """A ValueError naming ``name`` unless value is a pair (low, high) of real numbers (list or tuple)."""
+    numbers_only = isinstance(value, list | tuple) and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value
+    )
+    if not (numbers_only and len(value) == 2):
+        raise ValueError(f"Mamba2: {name} must be a pair (low, high) of numbers, got {value!r}")

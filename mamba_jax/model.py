@@ -8,6 +8,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mamba_jax.block import Block
@@ -185,7 +186,11 @@ class MambaLMHeadModel(nnx.Module):
 
     Tied (config.tie_embeddings): logits = hidden @ backbone.embedding.embedding.T and there is no ``lm_head``.
     Untied: ``lm_head`` kernel (d, v), no bias. Init follows mamba_ssm's ``_init_weights``: linear biases zero (but
-    dt_proj's), every ``out_proj`` / ``fc2`` kernel scaled by 1/sqrt(n_residuals_per_layer * n_layer).
+    dt_proj's), every ``out_proj`` / ``fc2`` kernel scaled by 1/sqrt(n_layer).
+
+    Token ids must lie in [0, v). ``__call__``, ``prefill``, ``step`` and ``greedy_step`` check that where the ids are
+    concrete arrays; under ``jax.jit`` (traced ids) they are not checked: an id >= v gives NaN logits and a negative
+    id wraps around to a row from the end of the embedding.
     """
 
     def __init__(
@@ -225,11 +230,12 @@ class MambaLMHeadModel(nnx.Module):
         _init_for_language_model(self, config)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
-        """input_ids int (b, l) -> logits float32 (b, l, v)."""
+        """input_ids int (b, l), each in [0, v) -> logits float32 (b, l, v)."""
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(
                 f"input_ids must be integer (batch, seqlen), found shape {input_ids.shape} dtype {input_ids.dtype}"
             )
+        self._check_ids_in_vocab("input_ids", input_ids)
         return self.logits(self.backbone(input_ids))
 
     # ---- decoding (mamba_jax.generation) ----
@@ -245,22 +251,25 @@ class MambaLMHeadModel(nnx.Module):
     def prefill(self, input_ids: jax.Array, cache: tuple, lengths: jax.Array | None = None) -> tuple[jax.Array, tuple]:
         """Process whole (right-padded) prompts with the parallel scans.
 
-        input_ids int (b, l); lengths int (b,) prompt tokens per row (default l) -> (logits float32 (b, v) at each
-        row's last prompt token, the cache after it). Continues from ``cache`` (a chunked prefill works too).
+        input_ids int (b, l), each in [0, v); lengths int (b,) prompt tokens per row (default l) -> (logits float32
+        (b, v) at each row's last prompt token, the cache after it). Continues from ``cache`` (a chunked prefill works
+        too).
         """
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(
                 f"input_ids must be integer (batch, seqlen), found shape {input_ids.shape} dtype {input_ids.dtype}"
             )
+        self._check_ids_in_vocab("input_ids", input_ids)
         lengths = check_lengths(lengths, *input_ids.shape)
         hidden, cache = self.backbone.prefill(input_ids, cache, lengths)
         return self.logits(hidden), cache
 
     def step(self, tokens: jax.Array, cache: tuple) -> tuple[jax.Array, tuple]:
-        """One token per row, O(1) in the sequence length for SSM layers: tokens int (b,) -> (logits float32 (b, v),
-        cache)."""
+        """One token per row, O(1) in the sequence length for SSM layers: tokens int (b,), each in [0, v) ->
+        (logits float32 (b, v), cache)."""
         if tokens.ndim != 1 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integer (batch,), found shape {tokens.shape} dtype {tokens.dtype}")
+        self._check_ids_in_vocab("tokens", tokens)
         hidden, cache = self.backbone.step(tokens, cache)
         return self.logits(hidden), cache
 
@@ -271,6 +280,7 @@ class MambaLMHeadModel(nnx.Module):
         greedily with it where nothing else needs the logits (no scores, no repetition penalty)."""
         if tokens.ndim != 1 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integer (batch,), found shape {tokens.shape} dtype {tokens.dtype}")
+        self._check_ids_in_vocab("tokens", tokens)
         hidden, cache = self.backbone.step(tokens, cache)
         if self.config.tie_embeddings:
             head, layout = self.backbone.embedding.embedding[...], "vd"  # (v, d)
@@ -281,6 +291,17 @@ class MambaLMHeadModel(nnx.Module):
             hidden.astype(dtype), head.astype(dtype), layout=layout, vocab_size=self.config.vocab_size
         )
         return next_tokens, cache
+
+    def _check_ids_in_vocab(self, name: str, ids: jax.Array) -> None:
+        """A ValueError naming the first id of ``ids`` outside [0, v), where ids is concrete and on this process's
+        devices. Traced ids (under jit) are not checked: that would need their values on the host."""
+        if isinstance(ids, jax.core.Tracer) or (isinstance(ids, jax.Array) and not ids.is_fully_addressable):
+            return
+        vocab = self.config.padded_vocab_size
+        values = np.asarray(ids)
+        bad = values[(values < 0) | (values >= vocab)]
+        if bad.size:
+            raise ValueError(f"{name} must be token ids in [0, {vocab}) (the padded vocabulary), found {bad[0]}")
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """The LM head: hidden (..., d), the final normed hidden states -> float32 logits (..., v). ``model(ids)`` is
@@ -320,9 +341,12 @@ head_product.defvjp(_head_product_fwd, _head_product_bwd)
 
 def _init_for_language_model(model: nnx.Module, config: MambaConfig) -> None:
     """mamba_ssm's LM-level re-init on top of each module's own init: zero every linear bias except dt_proj's (its
-    bias is the step-size init) and scale residual-branch output kernels (out_proj, fc2) by
-    1/sqrt(n_residuals_per_layer * n_layer), GPT-2 style, so the residual stream's variance does not grow with depth."""
-    scale = 1.0 / math.sqrt(config.n_residuals_per_layer * config.n_layer)
+    bias is the step-size init) and scale residual-branch output kernels (out_proj, fc2) by 1/sqrt(n_layer), GPT-2
+    style, so the residual stream's variance does not grow with depth."""
+    # 1/sqrt(n_layer) even with an MLP (d_intermediate > 0), not MixerModel's 1/sqrt(2 * n_layer): mamba_ssm's
+    # MambaLMHeadModel.__init__ runs _init_weights a second time with the default n_residuals_per_layer=1, which
+    # re-draws out_proj / fc2 (kaiming_uniform, a=sqrt(5): torch's default) and divides them by sqrt(n_layer).
+    scale = 1.0 / math.sqrt(config.n_layer)
     linears = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear)]
     # set_raw_value, not set_value: flax's set_value compares the old and new values' shardings, and under
     # nnx.eval_shape reading a tracer's sharding scans the whole trace so far: 18 s for a 64-layer abstract model.

@@ -7,6 +7,7 @@ import json
 import math
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -154,8 +155,16 @@ def test_padded_vocab_size(vocab, multiple, padded):
 def test_derived_properties():
     config = MambaConfig(ssm_cfg={"layer": "Mamba2", "ngroups": 8}, d_intermediate=128)
     assert config.ssm_layer == "Mamba2" and config.mixer_kwargs == {"ngroups": 8}
-    assert config.n_residuals_per_layer == 2
-    assert MambaConfig().ssm_layer == "Mamba1" and MambaConfig().n_residuals_per_layer == 1
+    assert MambaConfig().ssm_layer == "Mamba1"
+
+
+def test_numpy_integers_are_stored_as_python_ints():
+    config = MambaConfig(
+        d_model=np.int64(16), n_layer=np.int32(2), vocab_size=np.int64(100), d_intermediate=np.int64(0)
+    )
+    assert config == MambaConfig(d_model=16, n_layer=2, vocab_size=100)
+    assert all(type(getattr(config, name)) is int for name in ("d_model", "n_layer", "vocab_size", "d_intermediate"))
+    assert json.loads(json.dumps(config.to_dict()))["d_model"] == 16
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -206,12 +215,31 @@ def test_transformers_mamba2_config_maps_every_field(tmp_path):
         d_model=64, n_layer=2, vocab_size=100, residual_in_fp32=False, tie_embeddings=True, pad_vocab_size_multiple=1,
         ssm_cfg={"layer": "Mamba2", "rmsnorm": True, "norm_before_gate": False, "d_state": 16, "d_conv": 3,
                  "expand": 3, "headdim": 32, "ngroups": 2, "chunk_size": 32, "dt_min": 0.002, "dt_max": 0.2,
-                 "dt_init_floor": 1e-3, "dt_limit": (0.0, math.inf), "bias": True, "conv_bias": False},
+                 "dt_init_floor": 1e-3, "bias": True, "conv_bias": False},
     )  # fmt: skip
     assert MambaConfig.from_dict(hf.to_dict()) == expected
     path = tmp_path / "config.json"
     path.write_text(hf.to_json_string(use_diff=True))  # transformers 5 writes inf as {"__float__": "Infinity"}
     assert MambaConfig.from_json(path) == expected
+    limited = MambaConfig.from_dict({**hf.to_dict(), "time_step_limit": [0.01, math.inf]})
+    assert limited.ssm_cfg["dt_limit"] == (0.01, math.inf)
+
+
+def test_transformers_mamba2_default_dt_limit_is_left_out(tmp_path):
+    """transformers always writes time_step_limit, [0.0, inf] by default: mamba_ssm's default dt_limit, left out of
+    ssm_cfg so that our config.json holds no {"__float__": "Infinity"}, which mamba_ssm's plain json loader would
+    pass to Mamba2 as is."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.Mamba2Config(hidden_size=64, num_hidden_layers=2, vocab_size=100, num_heads=2, n_groups=1)
+    config = MambaConfig.from_dict(hf.to_dict())
+    assert "dt_limit" not in config.ssm_cfg
+    path = tmp_path / "config.json"
+    config.to_json(path)
+    text = path.read_text()
+    assert "dt_limit" not in text and "__float__" not in text
+    loaded = MambaConfig.from_json(path)
+    assert loaded == config and hash(loaded) == hash(config)
+    assert MambaConfig.from_dict(config.to_dict()) == config
 
 
 def test_published_transformers_configs():

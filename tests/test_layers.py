@@ -1,4 +1,7 @@
-"""linear_parts: the same numbers as the whole layer split, forward and gradients."""
+"""linear_parts: the same numbers as the whole layer split, forward and gradients. The norms' and CausalConv1d's
+argument checks."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mamba_jax.layers import linear, linear_parts
+from mamba_jax.layers import CausalConv1d, LayerNorm, RMSNorm, linear, linear_parts, positive_int
 from tests.tolerances import assert_close
 
 
@@ -49,3 +52,40 @@ def test_linear_parts_sizes_must_cover_the_outputs():
         linear_parts(layer, jnp.ones((1, 4)), [2, 3])
     with pytest.raises(ValueError, match=r"sizes \(6, 0\) must be positive"):
         linear_parts(layer, jnp.ones((1, 4)), [6, 0])
+
+
+@pytest.mark.parametrize("norm_cls", [RMSNorm, LayerNorm])
+def test_norms_refuse_a_last_dimension_that_would_broadcast(norm_cls):
+    """RMSNorm(16) of (2, 5, 1) used to broadcast to (2, 5, 16)."""
+    norm = norm_cls(16)
+    for shape in ((2, 5, 1), (2, 5, 8), ()):
+        message = re.escape(f"{norm_cls.__name__}: x must have shape (..., dim=16), found {shape}")
+        with pytest.raises(ValueError, match=message):
+            norm(jnp.ones(shape))
+        with pytest.raises(ValueError, match=message):
+            jax.jit(norm)(jnp.ones(shape))
+
+
+@pytest.mark.parametrize("norm_cls", [RMSNorm, LayerNorm])
+def test_norms_trace_under_jit_vmap_and_remat(norm_cls):
+    norm = norm_cls(16)
+    x = jax.random.normal(jax.random.key(0), (3, 4, 16))
+    expected = norm(x)
+    assert expected.shape == x.shape
+    assert_close(jax.jit(norm)(x), expected, jnp.float32)
+    assert_close(jax.vmap(norm)(x), expected, jnp.float32)
+    assert_close(jax.checkpoint(norm)(x), expected, jnp.float32)
+    assert jax.grad(lambda x: jax.checkpoint(norm)(x).sum())(x).shape == x.shape
+
+
+def test_causal_conv_implementation_is_checked_when_built():
+    message = r"^CausalConv1d: implementation must be None or one of \('reference', 'xla', 'pallas'\), found 'fast'$"
+    with pytest.raises(ValueError, match=message):
+        CausalConv1d(8, 4, rngs=nnx.Rngs(0), implementation="fast")
+
+
+def test_positive_int():
+    assert positive_int("M", "n", np.int64(3)) == 3 and type(positive_int("M", "n", np.int64(3))) is int
+    for value in (0, -1, True, np.True_, 2.0, "2", None):
+        with pytest.raises(ValueError, match=re.escape(f"M: n must be a positive int, found {value!r}")):
+            positive_int("M", "n", value)

@@ -7,6 +7,7 @@
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -345,7 +346,8 @@ def test_init_statistics():
 
 def test_param_dtype():
     module = Mamba2(32, d_state=8, headdim=16, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
-    assert module.A_log[...].dtype == jnp.float32 and module.D[...].dtype == jnp.float32  # as in mamba_ssm
+    # D float32 as in mamba_ssm; A_log float32 too, where mamba_ssm's Mamba-2 keeps it in the model's dtype
+    assert module.A_log[...].dtype == jnp.float32 and module.D[...].dtype == jnp.float32
     for variable in (module.dt_bias, module.in_proj.kernel, module.conv1d.kernel, module.norm.weight):
         assert variable[...].dtype == jnp.bfloat16
 
@@ -372,11 +374,34 @@ def test_jit_and_bfloat16():
         (dict(chunk_size=0), "chunk_size"),
         (dict(process_group=object()), "process_group"),
         (dict(device="cuda:0"), "device"),
+        (dict(d_conv=True), "^Mamba2: d_conv must be a positive int, found True$"),
+        (dict(headdim=16.0), "^Mamba2: headdim must be a positive int, found 16.0$"),
+        (dict(d_ssm=True), "^Mamba2: d_ssm must be a positive int, found True$"),
+        (dict(expand=True), "^Mamba2: expand must be a number, got True$"),
+        (dict(A_init_range=2.0), r"^Mamba2: A_init_range must be a pair \(low, high\) of numbers, got 2.0$"),
+        (dict(A_init_range=(1, 4, 16)), r"^Mamba2: A_init_range must be a pair \(low, high\) of numbers"),
+        (dict(dt_limit=0.1), r"^Mamba2: dt_limit must be a pair \(low, high\) of numbers, got 0.1$"),
+        (dict(dt_limit=("0", "1")), r"^Mamba2: dt_limit must be a pair \(low, high\) of numbers"),
+        (dict(ssd_implementation="bogus"), r"^Mamba2: ssd_implementation must be None or one of \('reference',"),
+        (dict(step_implementation="bogus"), r"^Mamba2: step_implementation must be None or one of \('pallas',"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Mamba2(32, d_state=8, **kwargs, rngs=nnx.Rngs(0))
+
+
+def test_bool_d_state_is_refused():
+    with pytest.raises(ValueError, match=r"^Mamba2: d_state must be a positive int, found True$"):
+        Mamba2(16, headdim=8, d_state=True, rngs=nnx.Rngs(0))
+
+
+def test_numpy_integer_arguments_are_python_ints():
+    module = nnx.eval_shape(
+        lambda: Mamba2(np.int64(32), d_state=np.int32(8), headdim=np.int64(16), ngroups=np.int64(2), rngs=nnx.Rngs(0))
+    )
+    assert (module.d_model, module.d_state, module.headdim, module.ngroups, module.nheads) == (32, 8, 16, 2, 4)
+    assert all(type(v) is int for v in (module.d_model, module.d_state, module.headdim, module.ngroups))
 
 
 def test_torch_only_arguments_are_accepted():
@@ -390,3 +415,14 @@ def test_bad_input_shape():
     module = Mamba2(32, d_state=8, headdim=16, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"\(batch, seqlen, 32\)"):
         module(jnp.ones((2, 5, 16)))
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 32), (2, 0, 32)])
+def test_empty_batch_or_sequence_raises(shape):
+    """As Mamba does (an empty batch used to return an empty array)."""
+    module = Mamba2(32, d_state=8, headdim=16, rngs=nnx.Rngs(0))
+    message = re.escape(f"Mamba2: u must have batch >= 1 and seqlen >= 1, found shape {shape}")
+    with pytest.raises(ValueError, match=message):
+        module(jnp.ones(shape))
+    with pytest.raises(ValueError, match=message):
+        module.prefill(jnp.ones(shape), module.init_cache(shape[0]))
