@@ -475,6 +475,7 @@ def test_generator_reads_values_set_in_place_and_shares_programs():
         (dict(pad_token_id=-1), "pad_token_id must be None or an int"),
         (dict(rng="seed"), "rng must be None, an int seed or one jax.random.key"),
         (dict(rng=jax.random.split(jax.random.key(0), 2)), "rng must be None, an int seed or one jax.random.key"),
+        (dict(rng=2**63), r"rng: an int seed must be in \[-2\*\*63, 2\*\*63\), found 9223372036854775808"),
         (dict(callback=3), "callback must be callable"),
         (dict(eos_token_id=np.float32(1)), "eos_token_id must be None or an int"),
         (dict(max_new_tokens=np.array([2])), "max_new_tokens must be an int >= 1"),

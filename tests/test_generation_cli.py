@@ -2,6 +2,7 @@
 saved beside it (no network), its errors, and the ``-m`` entry point next to the ``mamba_jax.generate`` function."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -42,8 +43,8 @@ def test_streams_the_greedy_continuation_and_reports_speed(checkpoint, capsys):
     row = list(tokens[0])
     if 0 in row:  # the tokenizer's EOS ends the text
         row = row[: row.index(0)]
-    text = " ".join(WORDS[i] for i in row)
-    assert out.startswith(f"w3 w1 w4{text}\n--- row 1 ---\nw3 w1 w4")
+    text = " ".join(["w3 w1 w4", *(WORDS[i] for i in row)])  # the prompt and the new words, spaced as one text
+    assert out.startswith(f"{text}\n--- row 1 ---\n{text}\n")
     assert "prompt 3 tokens" in err and "tokens/s" in err and "first token after" in err
 
 
@@ -118,6 +119,29 @@ def test_module_entry_point():
     assert "--repetition-penalty" in result.stdout
 
 
+def test_importing_the_cli_module_keeps_generate_callable():
+    """``import mamba_jax.generate`` binds the CLI module to the package's ``generate``: it forwards calls to the
+    function, so ``mamba_jax.generate(model, ...)`` works either way."""
+    code = (
+        "import mamba_jax, mamba_jax.generate, numpy as np\n"
+        "from flax import nnx\n"
+        "config = mamba_jax.MambaConfig(d_model=16, n_layer=1, vocab_size=32)\n"
+        "model = mamba_jax.MambaLMHeadModel(config, rngs=nnx.Rngs(0))\n"
+        "print(np.asarray(mamba_jax.generate(model, np.ones((1, 3), np.int32), max_new_tokens=2)).shape)\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1, 2)"
+
+
 class Words:
     """A tokenizer that decodes a text's first word without the space before it (as SentencePiece drops a leading
     "▁"), so that a decoded window differs from the same ids inside a longer text."""
@@ -139,6 +163,16 @@ def test_streamer_prints_the_whole_text_across_windows(capsys, count):
     streamer.finish()
     assert capsys.readouterr().out == Words().decode(ids)
     assert len(streamer.times) == count
+
+
+def test_streamer_continues_the_prompt_with_its_space(capsys):
+    """With the prompt's last ids as the window's first context, a tokenizer that drops a text's leading space still
+    prints the space between the prompt and the first new word (it glued them: "w7 w8w1 w2")."""
+    prompt = list(range(3, 3 + cli.Streamer.CONTEXT + 2))
+    streamer = cli.Streamer(Words(), eos_token_id=None, context=prompt)
+    stream(streamer, [1, 2])
+    streamer.finish()
+    assert capsys.readouterr().out == " w1 w2"
 
 
 def test_streamer_waits_for_whole_characters_and_flushes_the_rest(capsys):

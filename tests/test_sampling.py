@@ -77,10 +77,23 @@ def test_filters_match_reference(config):
     if config.top_p < 1:
         expected = keep_top_p(expected, config.top_p)
     ours = np.asarray(jax.jit(filter_logits, static_argnums=1)(jnp.asarray(logits), config))
+    # Logits are a distribution up to a constant per row: compare both from their largest.
+    ours, expected = (x - x.max(axis=-1, keepdims=True) for x in (ours, expected))
     np.testing.assert_array_equal(np.isinf(ours), np.isinf(expected))
     kept = ~np.isinf(expected)
     assert kept.any(axis=-1).all()
     assert_close(ours[kept], expected[kept], jnp.float32)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (0, 0.9), (50, 1.0)])
+def test_a_tiny_temperature_samples_the_argmax(top_k, top_p):
+    """logits / 1e-40 would overflow to +-inf: the first +inf, or NaN probabilities under top-p, gave other tokens."""
+    logits = jnp.asarray(random_logits(1))
+    config = SamplingConfig(temperature=1e-40, top_k=top_k, top_p=top_p)
+    seen = jnp.zeros(logits.shape, bool)
+    for seed in range(3):
+        got = sample_next(logits, seen, jax.random.key(seed), config)
+        np.testing.assert_array_equal(got, np.argmax(np.asarray(logits), axis=-1))
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -109,20 +110,21 @@ def load_tokenizer(name: str | None, directory: Path):
 class Streamer:
     """The generate() callback: prints row 0's text as it grows and records when each position arrived.
 
-    Each step decodes only a window of the latest ids (from ``start``; a few printed ids stay in it as context, so
-    that tokenizers which decode a token differently at the start of a text do not drop its leading space), and
-    prints what that window's text adds to what was printed of it. Text that ends inside a multi-byte character, or
+    Each step decodes only a window of the latest ids (from ``start``; a few printed ids stay in it as context, the
+    prompt's last ``context`` ids at first, so that tokenizers which decode a token differently at the start of a
+    text, such as SentencePiece's, do not drop its leading space), and prints what that window's text adds to what
+    was printed of it. Text that ends inside a multi-byte character, or
     whose tail the decoding rewrote, waits for the next id; ``finish`` prints whatever is left."""
 
     WINDOW = 64  # ids decoded at most before the window moves on
     CONTEXT = 8  # printed ids kept at the window's start
 
-    def __init__(self, tokenizer, eos_token_id: int | None):
+    def __init__(self, tokenizer, eos_token_id: int | None, context: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context)[-self.CONTEXT :]
         self.start = 0  # the window: ids[start:]
-        self.printed = ""  # the text of the window printed so far
+        self.printed = self._window_text()  # the text of the window printed so far (the context: by the caller)
         self.finished = False
         self.times: list[float] = []
 
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     eos = tokenizer.eos_token_id
     eos = eos if eos is not None and eos < model.config.vocab_size else None
 
-    streamer = Streamer(tokenizer, eos)
+    streamer = Streamer(tokenizer, eos, context=prompt_ids)
     print(args.prompt, end="", flush=True)
     start = time.perf_counter()
     try:
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             min_p=args.min_p,
             repetition_penalty=args.repetition_penalty,
             eos_token_id=eos,
-            rng=jax.random.key(args.seed),
+            rng=args.seed,
             callback=streamer,
             state_dtype=args.state_dtype,
         )
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     streamer.finish()
     print()
     for row in range(1, args.batch):
-        print(f"--- row {row} ---\n{args.prompt}{tokenizer.decode(np.asarray(tokens[row]), skip_special_tokens=True)}")
+        text = tokenizer.decode([*prompt_ids, *np.asarray(tokens[row]).tolist()], skip_special_tokens=True)
+        print(f"--- row {row} ---\n{text}")
     report(streamer.times, start, end, len(prompt_ids), args.batch)
 
 

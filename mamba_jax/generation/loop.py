@@ -489,6 +489,8 @@ def _check_rng(rng) -> jax.Array:
     if rng is None:
         return _seed_key(0)
     if isinstance(rng, int | np.integer) and not isinstance(rng, bool):
+        if not -(2**63) <= rng < 2**63:  # what jax.random.key takes
+            raise ValueError(f"rng: an int seed must be in [-2**63, 2**63), found {rng}")
         return _seed_key(int(rng))
     if isinstance(rng, jax.Array) and (
         (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.shape == ())

@@ -99,7 +99,10 @@ def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
         threshold = jnp.max(logits, axis=-1, keepdims=True) + math.log(config.min_p)
         logits = jnp.where(logits < threshold, neg_inf, logits)
     if config.temperature != 1.0:
-        logits = logits / config.temperature
+        # From the largest logit down, that one at 0: a tiny temperature (even one that float32 flushes to 0) then
+        # sends the rest to -inf, where logits / temperature would overflow to +-inf (and top-p's softmax to NaN).
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        logits = jnp.where(logits == top, 0.0, (logits - top) / config.temperature)
     if config.top_p < 1.0:
         order = jnp.argsort(-logits, axis=-1)  # most probable first; a stable sort keeps ties in id order
         sorted_probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
