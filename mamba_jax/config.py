@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import operator
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+from pallas_kernels.arguments import integer
 
 MIXER_LAYERS = ("Mamba1", "Mamba2", "Mamba3")
 DEFAULT_DT_LIMIT = (0.0, math.inf)  # mamba_ssm's Mamba2 dt_limit: no limit
@@ -233,13 +234,8 @@ class MambaConfig:
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
     """``value`` as a Python int >= ``minimum`` (a Python or NumPy integer, not a bool), or a ValueError naming it."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        index = operator.index(value)
-    except TypeError:
-        index = minimum - 1
-    if index < minimum:
+    index = integer(value)
+    if index is None or index < minimum:
         raise ValueError(f"MambaConfig.{name} must be an int >= {minimum}, found {value!r}")
     return index
 

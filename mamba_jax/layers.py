@@ -4,14 +4,13 @@ and the norms. Every parameter carries ``logical_axes`` metadata (see ``mamba_ja
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from pallas_kernels.arguments import integer
 from pallas_kernels.causal_conv import IMPLEMENTATIONS as CONV_IMPLEMENTATIONS
 from pallas_kernels.causal_conv import causal_conv1d
 from pallas_kernels.mamba_step import PreNorm
@@ -22,13 +21,8 @@ Axes = Sequence[str | None]
 def positive_int(owner: str, name: str, value) -> int:
     """``value`` as a Python int >= 1 (a Python or NumPy integer, not a bool), or a ValueError naming ``owner``'s
     argument ``name``."""
-    try:
-        if isinstance(value, bool | np.bool_):
-            raise TypeError
-        index = operator.index(value)
-    except TypeError:
-        index = 0
-    if index < 1:
+    index = integer(value)
+    if index is None or index < 1:
         raise ValueError(f"{owner}: {name} must be a positive int, found {value!r}")
     return index
 

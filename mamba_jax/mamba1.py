@@ -135,11 +135,15 @@ class Mamba(NormedStep, nnx.Module):
         self.D = with_axes(nnx.Param(jnp.ones((d_inner,), jnp.float32)), ("inner",))
         self.out_proj = linear(d_inner, d_model, axes=("inner", "embed"), use_bias=bias, **common)
 
-    def __call__(self, u: jax.Array) -> jax.Array:
-        """u (b, l, d) -> (b, l, d), in ``dtype`` (or the promoted input / parameter dtype); b, l >= 1."""
+    def _check_sequence(self, u: jax.Array) -> None:
+        """u must be (b, l, d) with b, l >= 1 (``__call__`` and ``prefill``)."""
         if u.ndim != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba: u must have shape (batch, seqlen, d_model={self.d_model}), found {u.shape}")
         check_sequence_input("Mamba", u)
+
+    def __call__(self, u: jax.Array) -> jax.Array:
+        """u (b, l, d) -> (b, l, d), in ``dtype`` (or the promoted input / parameter dtype); b, l >= 1."""
+        self._check_sequence(u)
         # x and z as two products: 4-6% less time a training step than one product split (benchmarks/RESULTS.md).
         x, z = linear_parts(self.in_proj, u, [self.d_inner, self.d_inner])  # (b, l, di) each
         x = self.conv1d(x, silu=True)
@@ -165,9 +169,7 @@ class Mamba(NormedStep, nnx.Module):
         row's last valid position). Outputs past a row's length are not meaningful. From an empty cache ``out``
         equals ``self(u)``.
         """
-        if u.ndim != 3 or u.shape[-1] != self.d_model:
-            raise ValueError(f"Mamba: u must have shape (batch, seqlen, d_model={self.d_model}), found {u.shape}")
-        check_sequence_input("Mamba", u)
+        self._check_sequence(u)
         lengths = check_lengths(lengths, u.shape[0], u.shape[1])
         # (b, l, di) each, as __call__; ordered: one merged product and two copies took 8% more time (130m, batch 64)
         x, z = linear_parts(self.in_proj, u, [self.d_inner, self.d_inner], ordered=True)

@@ -14,17 +14,24 @@ def python_bool(name: str, value) -> bool:
     return bool(value)
 
 
+def integer(value) -> int | None:
+    """``value`` as a Python int when it is a Python or NumPy integer (not a bool), else None."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def python_int(name: str, value, minimum: int = 1) -> int:
     """``value`` as an int >= ``minimum`` (a Python or NumPy integer, not a bool), or a ValueError naming ``name``."""
-    try:
-        if isinstance(value, bool | np.bool_):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
+    index = integer(value)
+    if index is None:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if index < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {index}")
+    return index
 
 
 def dt_limit_pair(name: str, dt_limit) -> tuple[float, float]:
