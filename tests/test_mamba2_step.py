@@ -4,6 +4,7 @@ derivatives, the dispatch and argument errors."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -93,8 +94,11 @@ def options_of(shape: Shape) -> Mamba2StepOptions:
     return Mamba2StepOptions(ngroups=shape.groups, dt_limit=shape.dt_limit)
 
 
-def check_kernels(shape: Shape, seed: int, interpret: bool | None, prenorm: PreNorm | None = None, **options) -> None:
-    """The kernels against the reference on random arguments for ``shape`` (``assert_step_results``)."""
+def check_kernels(
+    shape: Shape, seed: int, interpret: bool | None, prenorm: PreNorm | None = None, x64: bool = False, **options
+) -> None:
+    """The kernels against the reference on random arguments for ``shape`` (``assert_step_results``). ``x64``: the
+    kernels run under ``jax.enable_x64`` (the reference as always, without it)."""
     args = arguments(shape, seed)
     dtype, settings = jnp.dtype(shape.dtype), options_of(shape)
     reference = jax.jit(mamba2_step_reference, static_argnums=(4, 5))
@@ -102,7 +106,8 @@ def check_kernels(shape: Shape, seed: int, interpret: bool | None, prenorm: PreN
     kernels = jax.jit(
         functools.partial(mamba2_step_pallas, **options), static_argnames=("dtype", "options", "interpret")
     )
-    actual = kernels(*args, dtype=dtype, options=settings, prenorm=prenorm, interpret=interpret)
+    with jax.enable_x64(True) if x64 else contextlib.nullcontext():
+        actual = kernels(*args, dtype=dtype, options=settings, prenorm=prenorm, interpret=interpret)
     exact = reference(*as_float32(args), jnp.float32, settings, float32_prenorm(prenorm))
     assert_step_results(actual, expected, exact, shape, prenorm)
 
@@ -172,6 +177,25 @@ def test_kernel_options_match_reference(shape, options):
 def test_kernels_with_prenorm_match_reference(shape, first, options):
     """The block's add + RMSNorm taken into the step (``PreNorm``): out, both states and the new residual."""
     check_kernels(shape, seed=4, interpret=True, prenorm=random_prenorm(shape, 4, first), **options)
+
+
+@pytest.mark.parametrize(
+    "shape, prenorm, options",
+    [
+        # one row: in_proj's kernel, the state kernel, out_proj's kernel (B's and C's window shifted there)
+        (Shape(1, 64, 4, 16, 16, 1, 4, "float32"), False, dict(parts=1)),
+        (Shape(1, 48, 6, 32, 24, 2, 3, "float32", biases=True), True, dict(depth=16)),  # the norm in in_proj's
+        # past 16 rows: the conv and gate-and-norm kernels around XLA's state update; the state kernel
+        (Shape(17, 32, 2, 16, 8, 1, 2, "float32", biases=True), False, dict(conv_channels=16)),
+        (Shape(17, 32, 2, 16, 8, 1, 2, "float32", biases=True), False, dict(parts=1, xla_state=False)),
+    ],
+    ids=str,
+)
+def test_kernels_under_enable_x64(shape, prenorm, options):
+    """With jax_enable_x64 the kernels trace in Pallas's interpreter and match the reference. (Their stores' Python
+    int slice starts were int64 there, beside the int32 program ids, and the interpreter's store refused the mix.)"""
+    prenorm = random_prenorm(shape, 9) if prenorm else None
+    check_kernels(shape, seed=9, interpret=True, prenorm=prenorm, x64=True, **options)
 
 
 @pytest.mark.parametrize("rmsnorm", [True, False])

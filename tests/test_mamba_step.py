@@ -4,6 +4,7 @@ the dispatch and argument errors."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -76,14 +77,18 @@ def arguments(shape: Shape, seed: int):
     return u, conv_state, ssm_state, weights
 
 
-def check_kernels(shape: Shape, seed: int, interpret: bool | None, prenorm: PreNorm | None = None, **options) -> None:
-    """The kernels against the reference on random arguments for ``shape`` (``assert_step_results``)."""
+def check_kernels(
+    shape: Shape, seed: int, interpret: bool | None, prenorm: PreNorm | None = None, x64: bool = False, **options
+) -> None:
+    """The kernels against the reference on random arguments for ``shape`` (``assert_step_results``). ``x64``: the
+    kernels run under ``jax.enable_x64`` (the reference as always, without it)."""
     args = arguments(shape, seed)
     dtype = jnp.dtype(shape.dtype)
     reference = jax.jit(mamba_step_reference, static_argnums=4)
     expected = reference(*args, dtype, prenorm)
     kernels = jax.jit(functools.partial(mamba_step_pallas, **options), static_argnames=("dtype", "interpret"))
-    actual = kernels(*args, dtype=dtype, prenorm=prenorm, interpret=interpret)
+    with jax.enable_x64(True) if x64 else contextlib.nullcontext():
+        actual = kernels(*args, dtype=dtype, prenorm=prenorm, interpret=interpret)
     exact = reference(*as_float32(args), jnp.float32, float32_prenorm(prenorm))
     assert_step_results(actual, expected, exact, shape, prenorm)
 
@@ -154,6 +159,23 @@ def test_kernel_options_match_reference(shape, options):
 def test_kernels_with_prenorm_match_reference(shape, first, options):
     """The block's add + RMSNorm taken into the step (``PreNorm``): out, both states and the new residual."""
     check_kernels(shape, seed=4, interpret=True, prenorm=random_prenorm(shape, 4, first), **options)
+
+
+@pytest.mark.parametrize(
+    "shape, prenorm, options",
+    [
+        (Shape(1, 32, 64, 4, 2, 4, "float32"), False, {}),  # one row: in_proj's GEMV, the conv kernel, out_proj's
+        (Shape(1, 48, 96, 6, 3, 3, "float32", biases=True), True, dict(depth=16)),  # the norm in in_proj's kernel
+        (Shape(17, 32, 64, 4, 2, 4, "float32"), False, {}),  # past 16 rows: the state kernel, the last block masked
+        (Shape(3, 32, 64, 4, 2, 4, "bfloat16"), True, dict(conv_in_proj=True)),  # the norm launch, in_proj + conv
+    ],
+    ids=str,
+)
+def test_kernels_under_enable_x64(shape, prenorm, options):
+    """With jax_enable_x64 the kernels trace in Pallas's interpreter and match the reference. (Their stores' Python
+    int slice starts were int64 there, beside the int32 program ids, and the interpreter's store refused the mix.)"""
+    prenorm = random_prenorm(shape, 9) if prenorm else None
+    check_kernels(shape, seed=9, interpret=True, prenorm=prenorm, x64=True, **options)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ against a float64 NumPy recurrence written here, the layouts mamba_ssm passes, d
 Pallas kernel against the reference (in Pallas's interpreter on CPU; compiled, at full size, under the ``gpu``
 marker)."""
 
+import contextlib
 import dataclasses
 
 import jax
@@ -249,9 +250,11 @@ def step_inputs(step: Step, seed: int = 0) -> dict:
     }
 
 
-def check_pallas_step(step: Step, seed: int = 0) -> None:
+def check_pallas_step(step: Step, seed: int = 0, x64: bool = False) -> None:
+    """The kernel against the reference; ``x64``: the kernel under ``jax.enable_x64`` (the reference without it)."""
     inputs = step_inputs(step, seed)
-    out, state = selective_state_update(**inputs, implementation="pallas")
+    with jax.enable_x64(True) if x64 else contextlib.nullcontext():
+        out, state = selective_state_update(**inputs, implementation="pallas")
     expected, expected_state = selective_state_update(**inputs, implementation="reference")
     assert out.shape == inputs["x"].shape and out.dtype == jnp.dtype(step.dtype)
     assert state.shape == inputs["state"].shape and state.dtype == jnp.float32
@@ -278,6 +281,18 @@ PALLAS_STEPS = [
 @pytest.mark.parametrize("step", PALLAS_STEPS, ids=str)
 def test_pallas_matches_reference(step):
     check_pallas_step(step)
+
+
+# Rows masked (Mamba-1: 2 heads of 100 rows), neither (p = 48, n = 16), rows and columns (p = 6, n = 12), the
+# expanded layout in float16.
+X64_STEPS = [PALLAS_STEPS[0], PALLAS_STEPS[3], PALLAS_STEPS[5], PALLAS_STEPS[6]]
+
+
+@pytest.mark.parametrize("step", X64_STEPS, ids=str)
+def test_pallas_under_enable_x64(step):
+    """With jax_enable_x64 the kernel traces in Pallas's interpreter and matches the reference. (Its stores' Python
+    int slice starts were int64 there, beside the int32 program ids, and the interpreter's store refused the mix.)"""
+    check_pallas_step(step, x64=True)
 
 
 @pytest.mark.parametrize("rows", [1, 32])

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
@@ -88,9 +89,14 @@ def masked_ds(start, size: int, masked: bool) -> pl.Slice:
     """pl.ds(start, size) for a slice whose positions past the array's end are ``masked``. Pallas rejects a slice
     that overhangs its array where the start is a Python number (jax >= 0.12 also at start 0), not where it is an
     array: such a start becomes one. (An array start on an unmasked load failed Triton's lowering on jax 0.11, so
-    only masked slices get one.)"""
-    if masked and isinstance(start, int):
-        start = jnp.int32(start)
+    only masked slices get one.)
+
+    A Python int start is made int32 either way. Pallas's interpreter stores (``plt.store``) through one
+    lax.dynamic_slice of all the store's indices, which must share a dtype: the program ids are int32, and under
+    jax_enable_x64 a Python int start would become int64 and fail to trace. An unmasked start becomes a NumPy int32,
+    which Pallas still takes as a static start (the compiled kernel is the same as with a Python int)."""
+    if isinstance(start, int):
+        start = jnp.int32(start) if masked else np.int32(start)
     return pl.ds(start, size)
 
 
