@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.selective_scan import mosaic_fwd, pallas, pallas_bwd, pallas_fwd
+from pallas_kernels.selective_scan import mosaic_bwd, mosaic_fwd, pallas, pallas_bwd, pallas_fwd
 from pallas_kernels.selective_scan.pallas import selective_scan_pallas
 from pallas_kernels.selective_scan.pallas_config import ScanBlocks
 from pallas_kernels.selective_scan.reference import selective_scan_reference
@@ -164,10 +164,10 @@ def measure(name, implementation, shape, reps, interpret=False):
 
 
 def breakdown(shape, blocks, reps, interpret=False):
-    """Time each launch of the Pallas forward+backward alone (ms): the Mosaic GPU forward (both its launches) and
-    checkpoints where they apply; the Triton chunk ends, the Triton forward (which stitches the chunk ends into its
-    start states), the checkpoints, the adjoints, the reverse scan on Triton's own chunks; and the XLA stitching of
-    the adjoints."""
+    """Time each launch of the Pallas forward+backward alone (ms): the Mosaic GPU forward (both its launches),
+    checkpoints, adjoints and reverse scan where they apply (on the Mosaic chunks); the Triton chunk ends, the Triton
+    forward (which stitches the chunk ends into its start states), the checkpoints, the adjoints, the reverse scan on
+    Triton's own chunks; and the XLA stitching of the adjoints."""
     arrays = {k: v for k, v in make_inputs(shape).items() if v is not None}
     inputs = pallas._kernel_inputs(**{"D": None, "z": None, "delta_bias": None, "initial_state": None, **arrays})
     options = {"delta_softplus": True, "blocks": blocks, "interpret": interpret}
@@ -212,6 +212,28 @@ def breakdown(shape, blocks, reps, interpret=False):
     else:
         back["lam_in"] = dlast[:, None]
     stages["bwd reverse"] = (lambda x: pallas_bwd.scan_backward(x, **options), back)
+    if mosaic:
+        # The Mosaic GPU backward launches on the Mosaic chunks (the Triton rows above use the Triton chunks).
+        on_chunks = {
+            **back,
+            "checkpoints": jax.jit(stages[f"bwd checkpoints Mosaic GPU (chunk {planned.chunk})"][0])(mosaic_start)[
+                "checkpoints"
+            ],
+        }
+        chunk = planned.chunk
+        count = shape[1] // chunk
+        on_chunks["lam_in"] = jnp.zeros((shape[0], count, shape[3], shape[2]), jnp.float32)
+        if count > 1:
+            stages[f"bwd adjoints Mosaic GPU (chunk {chunk})"] = (
+                lambda x: mosaic_bwd.scan_adjoints(x, delta_softplus=True, chunk=chunk, interpret=False),
+                on_chunks,
+            )
+        stages[f"bwd reverse Mosaic GPU (chunk {chunk})"] = (
+            lambda x: mosaic_bwd.scan_backward(
+                x, delta_softplus=True, chunk=chunk, every=blocks.backward_steps, interpret=False
+            ),
+            on_chunks,
+        )
     for name, (fn, argument) in stages.items():
         row[name] = time_ms(jax.jit(fn), argument, reps=reps)[0]
     print(json.dumps(row), flush=True)

@@ -85,19 +85,23 @@ needs_mosaic = pytest.mark.skipif(not mosaic_fwd.available(), reason="Mosaic GPU
 
 @needs_mosaic
 @pytest.mark.parametrize(
-    "case",
+    ("case", "backward_steps"),
     [
-        Case(2, 64, 256, 4, 2, "bfloat16"),  # two groups of 128 channels, 4 chunks of 16, initial state
-        Case(1, 32, 128, 3, None, "bfloat16", with_D=False, with_z=False, softplus=False, with_init=False),
-        Case(2, 16, 128, 2, None, "bfloat16"),  # one chunk: no first launch, the initial state read directly
-        Case(2, 64, 256, 4, 2, "float16"),  # float32 B and C side by side (not packed), 4 chunks
-        Case(1, 32, 128, 3, None, "float32", with_z=False),  # float32 inputs, 2 chunks
+        (Case(2, 64, 256, 4, 2, "bfloat16"), 2),  # two groups of 128 channels, 4 chunks of 16, initial state
+        (Case(1, 32, 128, 3, None, "bfloat16", with_D=False, with_z=False, softplus=False, with_init=False), 2),
+        # One chunk (no first launch, no adjoints, the initial state read directly); 16 states: the dB/dC sums
+        # fill a warp's 32 lanes, as at the real sizes.
+        (Case(1, 16, 128, 16, None, "bfloat16"), 2),
+        (Case(2, 64, 256, 4, 2, "float16"), 2),  # float32 B and C side by side (not packed), 4 chunks
+        (Case(1, 32, 128, 3, None, "float32", with_z=False), 2),  # float32 inputs, 2 chunks
+        (Case(1, 32, 128, 3, None, "float32", with_z=False), 4),  # checkpoints every 4 steps
     ],
     ids=str,
 )
-def test_mosaic_forward_matches_reference_interpreted(case):
-    """The Mosaic GPU forward in its interpreter, the Triton backward behind it (on the forward's chunks)."""
-    blocks = dataclasses.replace(INTERPRET_BLOCKS, forward_backend="mosaic")
+def test_mosaic_kernels_match_reference_interpreted(case, backward_steps):
+    """The Mosaic GPU forward and backward launches in its interpreter (the backward on the forward's chunks, with
+    checkpoints every ``backward_steps`` steps)."""
+    blocks = dataclasses.replace(INTERPRET_BLOCKS, forward_backend="mosaic", backward_steps=backward_steps)
     check_forward_and_grads(functools.partial(selective_scan_pallas, blocks=blocks, interpret=True), case)
 
 

@@ -13,8 +13,8 @@ lg2.approx).
 Scope (``supports``): channels per group a multiple of 128, seqlen a multiple of 16. B and C come as
 ``pallas._kernel_inputs`` gives them: bfloat16 packed (one uint32 per (t, k)), or float32 B and C, which reach the
 kernel side by side in one (b, l, g, 2n) array (``_with_words``). ``pallas.py`` sends everything else to the Triton
-forward; the backward's adjoint and reverse launches are Triton's for both. Inputs and outputs are those of
-``pallas_fwd.scan_forward`` in modes "out" and "checkpoints".
+forward; the backward's adjoint and reverse launches run on the forward's backend (``mosaic_bwd.py`` here). Inputs and
+outputs are those of ``pallas_fwd.scan_forward`` in modes "out" and "checkpoints".
 """
 
 import jax

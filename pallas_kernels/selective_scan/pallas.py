@@ -2,10 +2,11 @@
 
 ``selective_scan_pallas`` takes the normalised arguments of ``api.py``. The forward reads u, delta, z, B and C once and
 writes the gated output once, with the state in registers: on Mosaic GPU (``mosaic_fwd.py``) where that backend is
-supported and covers the call, else on Triton (``pallas_fwd.py``). The backward (``pallas_bwd.py``, Triton) first
-re-runs the forward to store the state every ``blocks.backward_steps`` steps, then scans in reverse. Both split time
-into the same chunks, scanned in parallel: the forward stitches them inside its output launch, the backward with the
-small XLA chain below. Without a supported GPU the same kernels run in Pallas's interpreters (slow; for tests).
+supported and covers the call, else on Triton (``pallas_fwd.py``). The backward runs on the forward's backend
+(``mosaic_fwd.py`` and ``mosaic_bwd.py``, or ``pallas_fwd.py`` and ``pallas_bwd.py``): it first re-runs the forward
+to store the state every ``blocks.backward_steps`` steps, then scans in reverse. Both split time into the same chunks,
+scanned in parallel: the forward stitches them inside its output launch, the backward with the small XLA chain
+below. Without a supported GPU the same kernels run in Pallas's interpreters (slow; for tests).
 docs/kernels.md has the design and the measurements.
 """
 
@@ -20,7 +21,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.batch_split import ChannelSplit, over_batch
-from pallas_kernels.selective_scan import mosaic_fwd
+from pallas_kernels.selective_scan import mosaic_bwd, mosaic_fwd
 from pallas_kernels.selective_scan.api import SAVEABLE_NAMES
 from pallas_kernels.selective_scan.kernel_math import LOG2_E
 from pallas_kernels.selective_scan.pallas_bwd import scan_adjoints, scan_backward, unpack_lane_sums
@@ -266,23 +267,29 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 def _backward(inputs, delta_softplus, blocks, interpret) -> dict[str, jax.Array]:
     """The backward's launches on ``inputs`` (the kernel inputs, the cotangents dout (b, l, di) and dlast (b, n, di),
     the chunk start states h_start when the forward had them): the state checkpoints, the chunks' entering adjoints,
-    then ``scan_backward``'s per-row gradients (all batch-leading; the batch sums are the caller's)."""
-    options = {"delta_softplus": delta_softplus, "blocks": blocks, "interpret": interpret}
+    then the reverse scan's per-row gradients (all batch-leading; the batch sums are the caller's), each on the
+    forward's backend."""
     dout, dlast = inputs["dout"], inputs["dlast"]
     inputs = {name: value for name, value in inputs.items() if name not in ("dout", "dlast")}
     if blocks.forward_backend == "mosaic":
-        checkpoints = mosaic_fwd.scan_checkpoints(
-            inputs, delta_softplus=delta_softplus, chunk=blocks.chunk, every=blocks.backward_steps, interpret=interpret
-        )["checkpoints"]
+        options = {"delta_softplus": delta_softplus, "chunk": blocks.chunk, "interpret": interpret}
+        every = blocks.backward_steps
+        checkpoints = functools.partial(mosaic_fwd.scan_checkpoints, every=every, **options)
+        adjoints = functools.partial(mosaic_bwd.scan_adjoints, **options)
+        reverse = functools.partial(mosaic_bwd.scan_backward, every=every, **options)
     else:
-        checkpoints = scan_forward(inputs, mode="checkpoints", **options)["checkpoints"]
+        options = {"delta_softplus": delta_softplus, "blocks": blocks, "interpret": interpret}
+        checkpoints = functools.partial(scan_forward, mode="checkpoints", **options)
+        adjoints = functools.partial(scan_adjoints, **options)
+        reverse = functools.partial(scan_backward, **options)
+    inputs["checkpoints"] = checkpoints(inputs)["checkpoints"]
     inputs.pop("h_start", None)
-    inputs.update(dout=dout, checkpoints=checkpoints)
+    inputs["dout"] = dout
     if chunks_of(inputs, blocks).count > 1:
-        inputs["lam_in"] = chunk_entering_adjoints(scan_adjoints(inputs, **options), inputs["A2"], dlast)
+        inputs["lam_in"] = chunk_entering_adjoints(adjoints(inputs), inputs["A2"], dlast)
     else:
         inputs["lam_in"] = dlast[:, None]
-    return scan_backward(inputs, **options)
+    return reverse(inputs)
 
 
 def _check_arguments(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:

@@ -18,6 +18,8 @@ stitches those into each chunk's starting lam. Nothing of size (b, l, di, n) is 
 dB and dC are reduced within the program and written as one float32 partial per program, summed by the caller.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -133,24 +135,26 @@ def shuffle_xor(row: jax.Array, mask: int, interpret: bool) -> jax.Array:
     return shuffled
 
 
-def lane_sums(values: list[jax.Array], lane: jax.Array, interpret: bool) -> list[jax.Array]:
-    """Sum each of V (channels,) rows over its lanes, all at once, by a butterfly that halves the list at every
-    round: lanes with bit m set keep the upper half, the others the lower, and each adds its partner's copy of the
-    half it keeps. V rows cost V / 2 + V / 4 + ... shuffles instead of V log2(channels).
+def lane_sums(values: list[jax.Array], lane: jax.Array, shuffle, lanes: int) -> list[jax.Array]:
+    """Sum each of V rows over each group of ``lanes`` consecutive lanes (a power of 2 up to a warp), all at once, by
+    a butterfly that halves the list at every round: lanes with bit m set keep the upper half, the others the lower,
+    and each adds its partner's copy of the half it keeps. V rows cost V / 2 + V / 4 + ... shuffles instead of
+    V log2(lanes). ``lane``: each element's lane within its group; ``shuffle(row, m)``: the row with lane i holding
+    lane i ^ m's value (``shuffle_xor``).
 
-    With P = V rounded up to a power of 2 and C = channels, returns R = max(1, P / C) rows: row r, lane L holds the
+    With P = V rounded up to a power of 2 and C = lanes, returns R = max(1, P / C) rows: row r, lane L holds the
     sum of value R L + r when P >= C, of value L // (C / P) otherwise (``unpack_lane_sums`` undoes this)."""
     values = values + [jnp.zeros_like(values[0])] * (pl.next_power_of_2(len(values)) - len(values))
-    mask = lane.shape[0] // 2
+    mask = lanes // 2
     while mask:
         if len(values) == 1:
-            values = [values[0] + shuffle_xor(values[0], mask, interpret)]
+            values = [values[0] + shuffle(values[0], mask)]
         else:
             half = len(values) // 2
             upper = (lane & mask) != 0
             values = [
                 jnp.where(upper, values[i + half], values[i])
-                + shuffle_xor(jnp.where(upper, values[i], values[i + half]), mask, interpret)
+                + shuffle(jnp.where(upper, values[i], values[i + half]), mask)
                 for i in range(half)
             ]
         mask //= 2
@@ -191,6 +195,7 @@ def _backward_kernel(
     bias = lanes.load(ins["delta_bias"])
     zeros = jnp.zeros((blocks.channels,), jnp.float32)
     lane = lax.iota(jnp.int32, blocks.channels)
+    shuffle = functools.partial(shuffle_xor, interpret=ops.interpret)
 
     def load_tile(tile, size: int):
         """Everything tile ``tile`` (steps tile * s .. + size - 1) reads: its checkpoint (n rows), rows of delta, u,
@@ -244,7 +249,7 @@ def _backward_kernel(
                 lam_ah_A2 = ops.fma(lam_ah, A2[k], lam_ah_A2)
                 dA[k] = ops.fma(lam_ah, dt[s], dA[k])
                 lam[k] = decay * lam[k]
-            grads["dBC"][s] = lane_sums(dB + dC, lane, ops.interpret)
+            grads["dBC"][s] = lane_sums(dB + dC, lane, shuffle, blocks.channels)
             grads["du"][s] = ops.fma(gy, D, dt[s] * lam_B)
             ddt = ops.fma(u, lam_B, lam_ah_A2 * LN_2)
             grads["ddelta"][s] = ddt * ops.sigmoid(x[s]) if delta_softplus else ddt

@@ -40,7 +40,7 @@ class ScanBlocks:
     forward_backend: which lowering runs the forward: "triton" (``pallas_fwd.py``, every case), "mosaic"
     (``mosaic_fwd.py``: Mosaic GPU, faster on Hopper, for the cases ``mosaic_fwd.supports``), or "auto": Mosaic GPU
     where it is supported and covers the call, else Triton. With a Mosaic GPU forward the backward's checkpoint
-    launch runs there too; its adjoint and reverse launches always run on Triton.
+    launch and its adjoint and reverse launches run there too (``mosaic_bwd.py``), else on Triton.
     """
 
     channels: int = 32
