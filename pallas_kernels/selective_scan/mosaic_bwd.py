@@ -1,8 +1,8 @@
-"""The backward's reverse launch of the selective scan for Mosaic GPU (``plgpu.kernel``), the Hopper backend.
+"""The backward's adjoint and reverse launches of the selective scan for Mosaic GPU (``plgpu.kernel``), for Hopper.
 
-The same computation as ``pallas_bwd._backward_kernel`` (its docstring has the formulas), laid out as the Mosaic GPU
+The same computations as ``pallas_bwd.py``'s two kernels (its docstring has the formulas), laid out as the Mosaic GPU
 forward (``mosaic_fwd.py``): a program is one warpgroup, 128 threads, one channel each, walking one chunk of time
-backwards with the state cotangent lam as n (128,) float32 register rows. Tiles of STEPS steps of u, delta, dout, z,
+backwards with the state cotangent lam as n (128,) float32 register rows. Tiles of a few steps of u, delta, dout, z,
 the B/C words and the tile's state checkpoints reach shared memory through the copy engine, last tile first; each
 tile is walked in sub-tiles of ``every`` steps (the checkpoints' spacing), whose states are recomputed into registers
 from their checkpoint. B_t and C_t are words shared by the warpgroup, read from shared memory as broadcasts (the
@@ -22,12 +22,17 @@ from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.selective_scan.kernel_math import LN_2
-from pallas_kernels.selective_scan.mosaic_fwd import OPS, WIDTH, _load_row, _row_layout, _with_words
+from pallas_kernels.selective_scan.mosaic_fwd import OPS, WIDTH, load_row, row_layout, with_words
 from pallas_kernels.selective_scan.pallas_bwd import gated_cotangent, kahan_add, lane_sums
 from pallas_kernels.selective_scan.pallas_fwd import unpack_BC
 
-STEPS = 8  # time steps per staged tile (at least ``every``): its checkpoints are STEPS / every x n x 128 float32 words
-STAGES = 2  # tiles in flight
+# Time steps per staged tile, timed at (8, 2048, 2048, 16) on an H100 (benchmarks/RESULTS.md, v8): the reverse launch
+# 0.758 ms with tiles of 8, 1.25 with 16 (a tile's float32 checkpoints, steps / every x n x 128 words, then crowd out
+# a second program per multiprocessor), 0.716 with 4 (not yet checked on the GPU against the reference, so not the
+# default); the adjoints 0.194 ms with 8, 0.211 with 4.
+REVERSE_STEPS = 8  # at least ``every``: a tile holds whole sub-tiles
+ADJOINT_STEPS = 8
+STAGES = 2  # tiles in flight (3: 1.28 ms, tiles of 8)
 WARP = 32
 
 
@@ -38,8 +43,8 @@ def _shuffle_xor(row: jax.Array, mask: int, interpret: bool) -> jax.Array:
         return row.reshape(-1, 2, mask)[:, ::-1].reshape(row.shape)
 
     @plgpu.inline_mgpu(
-        arg_types=(_row_layout(),),
-        return_type=plgpu.ShapeDtypeStruct((WIDTH,), jnp.float32, layout=_row_layout()),
+        arg_types=(row_layout(),),
+        return_type=plgpu.ShapeDtypeStruct((WIDTH,), jnp.float32, layout=row_layout()),
     )
     def shuffle(ctx, x):
         registers = np.vectorize(lambda r: mgpu.utils.shfl_bfly(r, mask), otypes=[object])(x.registers)
@@ -65,13 +70,13 @@ def _reverse_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bo
     group = block // blocks_per_group
     block_in_group = block - group * blocks_per_group
     d_state = ins["A2"].shape[0]
-    A2 = [_load_row(ins["A2"].at[k, cols]) for k in range(d_state)]
-    D = _load_row(ins["D"].at[cols])
-    bias = _load_row(ins["delta_bias"].at[cols])
-    zeros = plgpu.layout_cast(jnp.zeros((WIDTH,), jnp.float32), _row_layout())
-    lane = plgpu.broadcasted_iota(jnp.int32, (WIDTH,), 0, layout=_row_layout()) & (WARP - 1)
+    A2 = [load_row(ins["A2"].at[k, cols]) for k in range(d_state)]
+    D = load_row(ins["D"].at[cols])
+    bias = load_row(ins["delta_bias"].at[cols])
+    zeros = plgpu.layout_cast(jnp.zeros((WIDTH,), jnp.float32), row_layout())
+    lane = plgpu.broadcasted_iota(jnp.int32, (WIDTH,), 0, layout=row_layout()) & (WARP - 1)
     row_names = ["u", "delta", "dout"] + (["z"] if "z" in ins else [])
-    steps = max(STEPS, every)  # a tile holds whole sub-tiles
+    steps = max(REVERSE_STEPS, every)
     tiles = chunk // steps
 
     def walk_back(carry, rows, words_ref, h_start, t0: int, tile_start):
@@ -82,7 +87,7 @@ def _reverse_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bo
         def accumulate(index, term):
             totals[index], compensations[index] = kahan_add(totals[index], compensations[index], term)
 
-        data = {name: [_load_row(rows[name].at[t0 + s]) for s in range(every)] for name in row_names}
+        data = {name: [load_row(rows[name].at[t0 + s]) for s in range(every)] for name in row_names}
         count = words_ref.shape[1]
         scalars = [
             unpack_BC([jnp.broadcast_to(words_ref[t0 + s, k], (WIDTH,)) for k in range(count)]) for s in range(every)
@@ -135,7 +140,7 @@ def _reverse_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bo
         words_ref, checkpoints_ref = refs[len(row_names) :]
         tile_start = chunk_index * chunk + (tiles - 1 - indices[0]) * steps
         for sub in reversed(range(steps // every)):
-            h_start = [_load_row(checkpoints_ref.at[sub, k]) for k in range(d_state)]
+            h_start = [load_row(checkpoints_ref.at[sub, k]) for k in range(d_state)]
             carry = walk_back(carry, rows, words_ref, h_start, sub * every, tile_start)
         return carry
 
@@ -151,7 +156,7 @@ def _reverse_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bo
         ],
         max_concurrent_steps=STAGES,
         init_carry=(
-            [_load_row(ins["lam_in"].at[batch, chunk_index, k, cols]) for k in range(d_state)],
+            [load_row(ins["lam_in"].at[batch, chunk_index, k, cols]) for k in range(d_state)],
             [zeros] * d_state,
             [zeros] * 2,
             [zeros] * 2,
@@ -179,11 +184,11 @@ def _adjoint_kernel(ins, outs, *, chunk: int, delta_softplus: bool):
     cols = pl.ds(block * WIDTH, WIDTH)
     group = block * WIDTH // (ins["delta"].shape[2] // ins["BC"].shape[2])
     d_state = ins["A2"].shape[0]
-    A2 = [_load_row(ins["A2"].at[k, cols]) for k in range(d_state)]
-    bias = _load_row(ins["delta_bias"].at[cols])
-    zeros = plgpu.layout_cast(jnp.zeros((WIDTH,), jnp.float32), _row_layout())
+    A2 = [load_row(ins["A2"].at[k, cols]) for k in range(d_state)]
+    bias = load_row(ins["delta_bias"].at[cols])
+    zeros = plgpu.layout_cast(jnp.zeros((WIDTH,), jnp.float32), row_layout())
     row_names = ["delta", "dout"] + (["z"] if "z" in ins else [])
-    tiles = chunk // STEPS
+    tiles = chunk // ADJOINT_STEPS
 
     def tile(indices, *refs_and_carry):
         *refs, (lam, dtsum) = refs_and_carry
@@ -191,13 +196,13 @@ def _adjoint_kernel(ins, outs, *, chunk: int, delta_softplus: bool):
         words_ref = refs[-1]
         lam = list(lam)
         count = words_ref.shape[1]
-        for s in reversed(range(STEPS)):
-            dt = _load_row(rows["delta"].at[s]) + bias
+        for s in reversed(range(ADJOINT_STEPS)):
+            dt = load_row(rows["delta"].at[s]) + bias
             if delta_softplus:
                 dt = OPS.softplus(dt)
             dtsum = dtsum + dt
-            z = _load_row(rows["z"].at[s]) if "z" in rows else None
-            gy, _ = gated_cotangent(_load_row(rows["dout"].at[s]), z, OPS)
+            z = load_row(rows["z"].at[s]) if "z" in rows else None
+            gy, _ = gated_cotangent(load_row(rows["dout"].at[s]), z, OPS)
             C = unpack_BC([jnp.broadcast_to(words_ref[s, k], (WIDTH,)) for k in range(count)])["C"]
             for k in range(d_state):
                 lam[k] = OPS.exp2(dt * A2[k]) * OPS.fma(gy, C[k], lam[k])
@@ -208,8 +213,8 @@ def _adjoint_kernel(ins, outs, *, chunk: int, delta_softplus: bool):
     pipeline = plgpu.emit_pipeline(
         tile,
         grid=(tiles,),
-        in_specs=[plgpu.BlockSpec((STEPS, WIDTH), reverse)] * len(row_names)
-        + [plgpu.BlockSpec((STEPS, ins["BC"].shape[3]), reverse)],
+        in_specs=[plgpu.BlockSpec((ADJOINT_STEPS, WIDTH), reverse)] * len(row_names)
+        + [plgpu.BlockSpec((ADJOINT_STEPS, ins["BC"].shape[3]), reverse)],
         max_concurrent_steps=STAGES,
         init_carry=([zeros] * d_state, zeros),
     )
@@ -243,7 +248,7 @@ def _launch(kernel, ins: dict, out_type: dict, programs: int, *, interpret: bool
 def scan_adjoints(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: int, interpret: bool):
     """The adjoint launch on chunks 1 .. K - 1 (K = l / chunk > 1): {lam float32 (b, K - 1, n, di), dtsum float32
     (b, K - 1, di)}, entry j for chunk j + 1, as ``pallas_bwd.scan_adjoints``."""
-    inputs = _with_words(inputs)
+    inputs = with_words(inputs)
     batch, seqlen, dim = inputs["delta"].shape
     d_state = inputs["A2"].shape[0]
     count = seqlen // chunk
@@ -260,7 +265,7 @@ def scan_backward(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: 
     """The reverse launch on the inputs of ``pallas_bwd.scan_backward`` (checkpoints every ``every`` steps, a divisor
     of ``mosaic_fwd.STEPS``; chunks of ``chunk`` steps as the Mosaic GPU forward's); returns its outputs, dBC laid out
     as the Triton kernel's (b, l, g, group_dim / 32, R, 32)."""
-    inputs = _with_words(inputs)
+    inputs = with_words(inputs)
     u = inputs["u"]
     batch, seqlen, dim = u.shape
     groups, d_state = inputs["BC"].shape[2], inputs["A2"].shape[0]

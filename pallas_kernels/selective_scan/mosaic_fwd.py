@@ -12,7 +12,7 @@ lg2.approx).
 
 Scope (``supports``): channels per group a multiple of 128, seqlen a multiple of 16. B and C come as
 ``pallas._kernel_inputs`` gives them: bfloat16 packed (one uint32 per (t, k)), or float32 B and C, which reach the
-kernel side by side in one (b, l, g, 2n) array (``_with_words``). ``pallas.py`` sends everything else to the Triton
+kernel side by side in one (b, l, g, 2n) array (``with_words``). ``pallas.py`` sends everything else to the Triton
 forward; the backward's adjoint and reverse launches run on the forward's backend (``mosaic_bwd.py`` here). Inputs and
 outputs are those of ``pallas_fwd.scan_forward`` in modes "out" and "checkpoints".
 """
@@ -58,13 +58,13 @@ def chunk_length(seqlen: int, wanted: int) -> int:
     return length
 
 
-def _row_layout():
+def row_layout():
     return plgpu.Layout.WG_STRIDED((WIDTH,), 1)
 
 
-def _load_row(ref) -> jax.Array:
+def load_row(ref) -> jax.Array:
     """A (WIDTH,) row of a shared- or global-memory ref as float32, one element per thread."""
-    return plgpu.load(ref, layout=_row_layout()).astype(jnp.float32)
+    return plgpu.load(ref, layout=row_layout()).astype(jnp.float32)
 
 
 # The Triton kernels' arithmetic as plain jnp operations; ``approx_math`` makes each exp2 / log2 one instruction.
@@ -86,21 +86,21 @@ def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool,
     group = block * WIDTH // group_dim
     d_state = ins["A2"].shape[0]
     with_output = "out" in outs
-    A2 = [_load_row(ins["A2"].at[k, cols]) for k in range(d_state)]
-    D = _load_row(ins["D"].at[cols])
-    bias = _load_row(ins["delta_bias"].at[cols])
-    zeros = plgpu.layout_cast(jnp.zeros((WIDTH,), jnp.float32), _row_layout())
+    A2 = [load_row(ins["A2"].at[k, cols]) for k in range(d_state)]
+    D = load_row(ins["D"].at[cols])
+    bias = load_row(ins["delta_bias"].at[cols])
+    zeros = plgpu.layout_cast(jnp.zeros((WIDTH,), jnp.float32), row_layout())
     h = [zeros] * d_state
     if "h0" in ins:
-        h = [_load_row(ins["h0"].at[batch, k, cols]) for k in range(d_state)]
+        h = [load_row(ins["h0"].at[batch, k, cols]) for k in range(d_state)]
     if "h_start" in ins:
-        h = [_load_row(ins["h_start"].at[batch, chunk_index, k, cols]) for k in range(d_state)]
+        h = [load_row(ins["h_start"].at[batch, chunk_index, k, cols]) for k in range(d_state)]
     if "ends" in ins:
         # start_{j+1} = exp(A sum dt_j) start_j + end_j over the chunks before this one
         def stitch(j, h):
-            decay = _load_row(ins["dtsum"].at[batch, j, cols])
+            decay = load_row(ins["dtsum"].at[batch, j, cols])
             return [
-                OPS.fma(OPS.exp2(decay * A2[k]), h[k], _load_row(ins["ends"].at[batch, j, k, cols]))
+                OPS.fma(OPS.exp2(decay * A2[k]), h[k], load_row(ins["ends"].at[batch, j, k, cols]))
                 for k in range(d_state)
             ]
 
@@ -121,8 +121,8 @@ def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool,
         h = list(h)
         t0 = chunk_index * chunk + indices[0] * STEPS
         for s in range(STEPS):
-            u = _load_row(rows["u"].at[s])
-            dt = _load_row(rows["delta"].at[s]) + bias
+            u = load_row(rows["u"].at[s])
+            dt = load_row(rows["delta"].at[s]) + bias
             if delta_softplus:
                 dt = OPS.softplus(dt)
             dtsum = dtsum + dt
@@ -141,7 +141,7 @@ def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool,
                 for k in range(d_state):
                     y = y + h[k] * scalars["C"][k]
                 if "z" in rows:
-                    z = _load_row(rows["z"].at[s])
+                    z = load_row(rows["z"].at[s])
                     y = y * (z * OPS.sigmoid(z))
                 outs["out"][batch, t0 + s, cols] = y.astype(outs["out"].dtype)
         return h, dtsum
@@ -189,7 +189,7 @@ def _launch(ins: dict, out_type: dict, programs: int, *, interpret: bool, **opti
     return dict(zip(out_type, results, strict=True))
 
 
-def _with_words(inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def with_words(inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """``inputs`` with float32 B and C (b, l, g, n) as one BC (b, l, g, 2n), B's n values then C's for each (t, g):
     one copy a tile stages in shared memory, as the packed words are."""
     if "BC" in inputs:
@@ -202,7 +202,7 @@ def scan_forward(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: i
     """The forward over chunks of ``chunk`` steps (a multiple of STEPS dividing seqlen): {out (b, l, di) in u's
     dtype, h_end float32 (b, K, n, di), each chunk's end state}. inputs: ``pallas._kernel_inputs`` that ``supports``
     accepts."""
-    inputs = _with_words(inputs)
+    inputs = with_words(inputs)
     u = inputs["u"]
     batch, seqlen, dim = u.shape
     d_state = inputs["A2"].shape[0]
@@ -230,7 +230,7 @@ def scan_checkpoints(inputs: dict[str, jax.Array], *, delta_softplus: bool, chun
     last, each chunk starting from inputs' h_start (b, K, n, di) (zeros when absent). ``every`` divides STEPS."""
     if STEPS % every:
         raise ValueError(f"mosaic_fwd.scan_checkpoints: every={every} must divide STEPS={STEPS}")
-    inputs = _with_words(inputs)
+    inputs = with_words(inputs)
     batch, seqlen, dim = inputs["u"].shape
     d_state = inputs["A2"].shape[0]
     ins = {name: value for name, value in inputs.items() if name not in ("z", "h0")}
