@@ -3,7 +3,8 @@ each, joined by ``jax.distributed`` (gloo collectives), against the same run in 
 same losses, checkpoints written by both processes together, and a run resumed by one process from them.
 
 Process 1 reads the run directory a few seconds late: by then process 0 may have created ``checkpoints/``, which a
-process must not mistake for a run to resume (that once deadlocked the two, now and then, on a loaded machine)."""
+process must not mistake for a run to resume (that once deadlocked the two, now and then, on a loaded machine).
+A bad input that only one process sees stops every process at start-up, at once (``agree_to_start``)."""
 
 from __future__ import annotations
 
@@ -52,9 +53,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cfg, model_json: Path, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+def launch(
+    cfg, model_json: Path, timeout: float = 600, flags_of: dict[int, list[str]] | None = None
+) -> list[subprocess.CompletedProcess]:
     """Run ``cfg`` as PROCESSES processes of ``python -m mamba_jax.train`` (LAGGING_MAIN) on one machine; their
-    results."""
+    results, whatever their exit status. ``flags_of``: more flags for some processes, by process id (a flag given
+    again overrides ``cfg``'s)."""
     flags = ["--model", str(model_json)]
     for name, value in cfg.to_dict().items():
         if value is not None:
@@ -70,7 +74,7 @@ def launch(cfg, model_json: Path, timeout: float = 600) -> list[subprocess.Compl
     env.pop("XLA_FLAGS", None)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", LAGGING_MAIN, *flags, "--process-id", str(i)],
+            [sys.executable, "-c", LAGGING_MAIN, *flags, "--process-id", str(i), *(flags_of or {}).get(i, [])],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -90,6 +94,12 @@ def launch(cfg, model_json: Path, timeout: float = 600) -> list[subprocess.Compl
     finally:
         for proc in procs:
             proc.kill()
+    return results
+
+
+def launch_ok(cfg, model_json: Path) -> list[subprocess.CompletedProcess]:
+    """``launch``, every process of which must succeed."""
+    results = launch(cfg, model_json)
     failed = [f"process {i} (exit {r.returncode}):\n{r.stderr[-3000:]}" for i, r in enumerate(results) if r.returncode]
     assert not failed, "\n".join(failed)
     return results
@@ -111,7 +121,7 @@ def test_two_processes_train_as_one(tmp_path):
     model_json.write_text(json.dumps(MODEL.to_dict()))
 
     single = train(run_config(tmp_path, "single"), MODEL)
-    launch(run_config(tmp_path, "multi"), model_json)
+    launch_ok(run_config(tmp_path, "multi"), model_json)
     multi = records_of(tmp_path / "multi")
     # The same program over 8 devices either way; only the reductions' order across processes may differ.
     assert sorted(losses(multi)) == [1, 2, 3, 4] and sorted(eval_losses(multi)) == [2, 4]
@@ -128,35 +138,68 @@ def test_two_processes_train_as_one(tmp_path):
         assert_close(jnp.float32(losses(resumed_multi)[step]), jnp.float32(value), jnp.float32, err_msg=f"step {step}")
 
 
-# Each process claims to have found checkpoint step = its process id: every one must refuse to start.
-DIFFERENT_STARTS = """
+# agree_to_start, three times over: process 1 fails its checks; both fail; each process claims to have found
+# checkpoint step = its process id. Every process must refuse to start each time, with its own error if it had one.
+AGREEMENTS = """
 import sys
-from mamba_jax.train.config import TrainConfig, TrainError
-from mamba_jax.train.distributed import check_same_start, initialize_distributed
+from mamba_jax.train.config import TrainConfig
+from mamba_jax.train.distributed import agree_to_start, initialize_distributed
 
 address, process_id = sys.argv[1], int(sys.argv[2])
 initialize_distributed(TrainConfig(coordinator_address=address, num_processes=2, process_id=process_id))
-try:
-    check_same_start(process_id, "runs/x")
-except TrainError as e:
-    print(e)
+own = OSError(f"process {process_id}'s own error")
+for start, error in ((0, own if process_id == 1 else None), (0, own), (process_id, None)):
+    try:
+        agree_to_start(start, "runs/x", error)
+    except Exception as e:
+        print("raised", type(e).__name__, e)
 """
 
 
-def test_processes_that_find_different_checkpoints_refuse_to_start():
+def test_processes_agree_to_start_or_all_stop():
     address = f"localhost:{free_port()}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
     env.pop("XLA_FLAGS", None)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", DIFFERENT_STARTS, address, str(i)], env=env, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", AGREEMENTS, address, str(i)], env=env, stdout=subprocess.PIPE, text=True
         )
         for i in range(PROCESSES)
     ]
     try:
-        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+        outputs = [proc.communicate(timeout=120)[0].splitlines() for proc in procs]
     finally:
         for proc in procs:
             proc.kill()
-    for out in outputs:
-        assert "processes found different checkpoints in --run-dir runs/x (newest step by process: [0, 1]" in out
+    outputs = [[line.removeprefix("raised ") for line in lines if line.startswith("raised ")] for lines in outputs]
+    different = (
+        "TrainError the processes found different checkpoints in --run-dir runs/x (newest step by process: [0, 1], "
+        "0 = none): the run directory must be one directory that every host shares"
+    )
+    assert outputs[0] == [
+        "TrainError process 1 of 2 failed its start-up checks, so process 0 stops too: read process 1's log for the "
+        "error",
+        "OSError process 0's own error",
+        different,
+    ]
+    assert outputs[1] == ["OSError process 1's own error", "OSError process 1's own error", different]
+
+
+def test_a_bad_input_on_one_process_stops_every_process(tmp_path):
+    """Process 1 alone is given a data path that does not exist: it fails its start-up checks with its own error,
+    process 0 (whose checks pass) stops too, naming process 1, and both exit within seconds, not when a JAX timeout
+    would end a process left waiting in a collective. Nothing is written."""
+    write_corpus(tmp_path / "corpus")
+    model_json = tmp_path / "model.json"
+    model_json.write_text(json.dumps(MODEL.to_dict()))
+    missing = tmp_path / "missing"
+
+    began = time.monotonic()
+    results = launch(run_config(tmp_path, "multi"), model_json, timeout=120, flags_of={1: ["--data", str(missing)]})
+    elapsed = time.monotonic() - began
+    assert [r.returncode for r in results] == [2, 2], [r.stderr[-3000:] for r in results]
+    assert elapsed < 60, elapsed  # about 10 s; before, process 0 waited until killed
+    assert f"error: data path '{missing}' does not exist" in results[1].stderr
+    assert "error: process 1 of 2 failed its start-up checks" in results[0].stderr
+    assert "read process 1's log" in results[0].stderr
+    assert not (tmp_path / "multi").exists()

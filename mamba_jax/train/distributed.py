@@ -9,6 +9,7 @@ import threading
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mamba_jax.train.config import TrainConfig, TrainError
 
@@ -33,20 +34,62 @@ def initialize_distributed(cfg: TrainConfig) -> None:
         )
 
 
-def check_same_start(start: int, run_dir: str) -> None:
-    """Every process must resume from the same checkpoint step ``start`` (0: none): a collective over all processes.
+def agree_to_start(start: int, run_dir: str, error: Exception | None = None) -> None:
+    """The end of start-up: every process has run its own checks (``error``: the one they raised, None if they
+    passed) and found the newest checkpoint step ``start`` (0: none); one collective tells every process how all the
+    others did, so that all of them start, or all of them stop.
+
+    If any process failed, every process raises: a failed one its own ``error``, the others a TrainError naming the
+    failed processes (whose logs say why). An error on one process never leaves the others waiting in a collective
+    until a timeout. Then every process must resume from the same ``start``: a TrainError otherwise.
 
     It is also the barrier between reading the run directory and writing it: no process creates ``checkpoints/``
-    before every process has looked, so none mistakes another's fresh directory for a run to resume.
+    before every process has looked, so none mistakes another's fresh directory for a run to resume. With one
+    process it only raises ``error``.
     """
     if jax.process_count() == 1:
+        if error is not None:
+            raise error
         return
-    starts = multihost_utils.process_allgather(np.int32(start)).tolist()
+    try:
+        rows = gather_from_processes(np.array([error is not None, start], np.int32)).tolist()
+    except Exception:
+        if error is None:
+            raise
+        # The collective broke (another process died?): this process's own error is still the one to show.
+    if error is not None:
+        raise error
+    failed = [i for i, (flag, _) in enumerate(rows) if flag]
+    if len(failed) == 1:
+        raise TrainError(
+            f"process {failed[0]} of {len(rows)} failed its start-up checks, so process {jax.process_index()} stops "
+            f"too: read process {failed[0]}'s log for the error"
+        )
+    if failed:
+        raise TrainError(
+            f"processes {', '.join(map(str, failed))} of {len(rows)} failed their start-up checks, so process "
+            f"{jax.process_index()} stops too: read their logs for the errors"
+        )
+    starts = [start for _, start in rows]
     if len(set(starts)) > 1:
         raise TrainError(
             f"the processes found different checkpoints in --run-dir {run_dir} (newest step by process: {starts}, "
             "0 = none): the run directory must be one directory that every host shares"
         )
+
+
+def gather_from_processes(row: np.ndarray) -> np.ndarray:
+    """``row`` of every process, stacked in process order: (process_count, *row.shape). A collective.
+
+    It runs on one device per process. ``multihost_utils.process_allgather(row)`` runs one collective per local device
+    and returns when this process's first one is done: a process that then exits (as all do when one fails to start)
+    can leave another's still waiting for it (seen on CPU: a process hung at exit, in gloo's connect)."""
+    first = {}
+    for device in jax.devices():
+        first.setdefault(device.process_index, device)
+    mesh = Mesh(np.array([first[i] for i in range(jax.process_count())]), ("processes",))
+    rows = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("processes")), row[None])
+    return multihost_utils.process_allgather(rows, tiled=True)
 
 
 class StopOnSigterm:
@@ -75,4 +118,4 @@ class StopOnSigterm:
         """Whether any process got SIGTERM: all processes must save the same step together."""
         if jax.process_count() == 1:
             return self.requested
-        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+        return bool(np.max(gather_from_processes(np.array([self.requested], np.int32))))

@@ -1,9 +1,10 @@
 """The start of a run: every check of the user's input, before anything is written.
 
-``prepare_run(cfg, model_config)`` joins the processes, makes the mesh, reads the run directory's newest checkpoint
-(every process must find the same), loads the data, settles the model (the checkpoint's when resuming, else
-``cfg.init_from``'s, else ``model_config``; a ``model_config`` that differs from the checkpoint's or ``init_from``'s
-is an error, never silently replaced) and checks the data's tokenizer against it. Only then is the run directory
+``prepare_run(cfg, model_config)`` joins the processes, makes the mesh, reads the run directory's newest checkpoint,
+loads the data, settles the model (the checkpoint's when resuming, else ``cfg.init_from``'s, else ``model_config``;
+a ``model_config`` that differs from the checkpoint's or ``init_from``'s is an error, never silently replaced) and
+checks the data's tokenizer against it. Then the processes agree to start (every process must have passed its checks
+and found the same checkpoint) or all stop; only then are ``init_from``'s weights loaded and the run directory
 created: a bad argument leaves nothing behind.
 """
 
@@ -22,7 +23,7 @@ from mamba_jax.sharding import check_batch_size, make_mesh
 from mamba_jax.train.checkpoint import run_meta
 from mamba_jax.train.config import TrainConfig, TrainError
 from mamba_jax.train.data import ByteTokenizer, HFTokenizer, Split, load_streams, make_splits
-from mamba_jax.train.distributed import check_same_start, initialize_distributed
+from mamba_jax.train.distributed import agree_to_start, initialize_distributed
 
 
 @dataclass(frozen=True)
@@ -42,47 +43,37 @@ class PreparedRun:
 
 def prepare_run(cfg: TrainConfig, model_config: MambaConfig | None = None) -> PreparedRun:
     """Check ``cfg`` and ``model_config`` against the devices, the run directory and the data; then create the run
-    directory. Errors in the user's input are ValueErrors (most of them TrainError) naming the argument or file."""
-    initialize_distributed(cfg)
-    mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
-    check_batch_size(cfg.micro_batch_size, mesh)
-    run_dir = Path(cfg.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TrainError(f"--run-dir {cfg.run_dir} is a file, not a directory")
-    meta = run_meta(run_dir)
-    start = 0 if meta is None else meta["step"]
-    check_same_start(start, cfg.run_dir)
+    directory. Errors in the user's input are ValueErrors (most of them TrainError) naming the argument or file.
 
-    train_split, eval_split, tokenizer = load_data(cfg)
+    In a multi-process run each process checks its own view (its data, its files), then all of them agree to start
+    or all stop (``agree_to_start``): a process whose checks fail raises its own error, the others a TrainError naming
+    it, instead of waiting for it in a collective until a timeout. So between joining and agreeing, a check must not
+    be a collective that a process which failed an earlier check would skip: ``init_from``'s weights (Orbax reads
+    and placements, collectives) load after the agreement, and only checks that every process answers alike (the
+    mesh, from the arguments; the shared run directory) come before reading a checkpoint (Orbax: a collective)."""
+    initialize_distributed(cfg)
+    start, error = 0, None
+    try:
+        mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+        check_batch_size(cfg.micro_batch_size, mesh)
+        run_dir = Path(cfg.run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise TrainError(f"--run-dir {cfg.run_dir} is a file, not a directory")
+        meta = run_meta(run_dir)
+        start = 0 if meta is None else meta["step"]
+        train_split, eval_split, tokenizer = load_data(cfg)
+        model_config = chosen_model(cfg, meta, model_config)
+        if tokenizer is not None:
+            check_vocab(tokenizer, model_config)
+    except Exception as e:  # raised again by agree_to_start, once every process knows that this one failed
+        error = e
+    agree_to_start(start, cfg.run_dir, error)  # raises unless every process passed
 
     pretrained = None
-    if meta is not None:
-        model_config = settled_model(
-            MambaConfig.from_dict(meta["model_config"]),
-            model_config,
-            holder=f"run dir {cfg.run_dir} holds a checkpoint (step {meta['step']}) that",
-            label="checkpoint",
-            advice="use a new --run-dir, or the same --model/--set (or none) to resume",
-        )
-    elif cfg.init_from is not None:
+    if meta is None and cfg.init_from is not None:
         from mamba_jax.pretrained import load_pretrained  # only fine-tuning needs the converters
 
         pretrained = load_pretrained(cfg.init_from, mesh=mesh, dtype=jnp.float32)
-        model_config = settled_model(
-            pretrained.config,
-            model_config,
-            holder=f"--init-from {cfg.init_from}",
-            label="init-from",
-            advice="leave out --model/--set to fine-tune it as it is",
-        )
-    elif model_config is None:
-        raise TrainError(
-            f"no model to train: give one (--model, --init-from), or a --run-dir holding a checkpoint to resume "
-            f"({cfg.run_dir} has none)"
-        )
-    if tokenizer is not None:
-        check_vocab(tokenizer, model_config)
-
     run_dir.mkdir(parents=True, exist_ok=True)
     return PreparedRun(
         cfg=cfg,
@@ -95,6 +86,48 @@ def prepare_run(cfg: TrainConfig, model_config: MambaConfig | None = None) -> Pr
         eval_split=eval_split,
         tokenizer=None if tokenizer is None else tokenizer.name,
     )
+
+
+def chosen_model(cfg: TrainConfig, meta: dict | None, requested: MambaConfig | None) -> MambaConfig:
+    """The model to train: the checkpoint's (``meta``, when resuming), else ``cfg.init_from``'s, else ``requested``
+    (from --model/--set); a ``requested`` model that differs from the checkpoint's or init_from's is a TrainError."""
+    if meta is not None:
+        return settled_model(
+            MambaConfig.from_dict(meta["model_config"]),
+            requested,
+            holder=f"run dir {cfg.run_dir} holds a checkpoint (step {meta['step']}) that",
+            label="checkpoint",
+            advice="use a new --run-dir, or the same --model/--set (or none) to resume",
+        )
+    if cfg.init_from is not None:
+        return settled_model(
+            init_from_config(cfg.init_from),
+            requested,
+            holder=f"--init-from {cfg.init_from}",
+            label="init-from",
+            advice="leave out --model/--set to fine-tune it as it is",
+        )
+    if requested is None:
+        raise TrainError(
+            f"no model to train: give one (--model, --init-from), or a --run-dir holding a checkpoint to resume "
+            f"({cfg.run_dir} has none)"
+        )
+    return requested
+
+
+def init_from_config(source: str) -> MambaConfig:
+    """The config of ``load_pretrained(source)``'s model, read without its weights (they load once every process
+    has passed its checks): a converted checkpoint's config.json, else the config of the source it would convert."""
+    from convert.formats import inspect_source  # only fine-tuning needs the converters
+    from convert.hub import resolve_source
+    from convert.pipeline import model_config
+    from convert.writer import is_converted
+    from mamba_jax.pretrained import read_config
+
+    directory = Path(source).expanduser()
+    if is_converted(directory):
+        return read_config(directory)
+    return model_config(inspect_source(resolve_source(source)))
 
 
 def load_data(cfg: TrainConfig) -> tuple[Split, Split | None, ByteTokenizer | HFTokenizer | None]:
