@@ -21,9 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.selective_scan.kernel_math import LN_2
-from pallas_kernels.selective_scan.mosaic_fwd import OPS, WIDTH, load_row, row_layout, with_words
-from pallas_kernels.selective_scan.pallas_bwd import gated_cotangent, kahan_add, lane_sums
+from pallas_kernels.selective_scan.mosaic_fwd import OPS, WIDTH, launch, load_row, row_layout, with_words
+from pallas_kernels.selective_scan.pallas_bwd import gated_cotangent, kahan_add, lane_sums, reverse_step
 from pallas_kernels.selective_scan.pallas_fwd import unpack_BC
 
 # Time steps per staged tile, timed at (8, 2048, 2048, 16) on an H100 (benchmarks/RESULTS.md, v8): the reverse launch
@@ -102,36 +101,16 @@ def _reverse_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bo
             )
         for s in reversed(range(every)):
             t = tile_start + t0 + s
-            u, g = data["u"][s], data["dout"][s]
-            B, C = scalars[s]["B"], scalars[s]["C"]
-            gy, sig_z = gated_cotangent(g, data["z"][s] if "z" in data else None, OPS)
-            if "z" in data:
-                z = data["z"][s]
-                y = OPS.dot(states[s + 1], C, D * u)
-                dz = g * y * sig_z * OPS.fma(z, 1.0 - sig_z, 1.0)
-                outs["dz"][batch, t, cols] = dz.astype(outs["dz"].dtype)
-            accumulate(0, gy * u)  # dD
-            dtu = dt[s] * u
-            lam_B = zeros  # <lam_t, B_t>
-            lam_ah_A2 = zeros  # <lam_t, a_t h_{t-1}> A log2(e)
-            dB, dC = [], []
-            for k in range(d_state):
-                lam[k] = OPS.fma(gy, C[k], lam[k])
-                dC.append(gy * states[s + 1][k])
-                dB.append(lam[k] * dtu)
-                lam_B = OPS.fma(lam[k], B[k], lam_B)
-                decay = OPS.exp2(dt[s] * A2[k])
-                lam_ah = lam[k] * decay * states[s][k]
-                lam_ah_A2 = OPS.fma(lam_ah, A2[k], lam_ah_A2)
-                dA[k] = OPS.fma(lam_ah, dt[s], dA[k])
-                lam[k] = decay * lam[k]
-            for r, row in enumerate(lane_sums(dB + dC, lane, shuffle, lanes=WARP)):
+            step = {"u": data["u"][s], "g": data["dout"][s], "z": data["z"][s] if "z" in data else None, "x": x[s]}
+            step.update(dt=dt[s], B=scalars[s]["B"], C=scalars[s]["C"], h=states[s], h_next=states[s + 1])
+            grads = reverse_step(step, lam, dA, A2, D, delta_softplus, OPS)
+            for r, row in enumerate(lane_sums(grads["dBC"], lane, shuffle, lanes=WARP)):
                 outs["dBC"][batch, t, group, block_in_group, r, pl.ds(0, WIDTH)] = row
-            outs["du"][batch, t, cols] = OPS.fma(gy, D, dt[s] * lam_B).astype(outs["du"].dtype)
-            ddt = OPS.fma(u, lam_B, lam_ah_A2 * LN_2)
-            ddelta = ddt * OPS.sigmoid(x[s]) if delta_softplus else ddt
-            outs["ddelta"][batch, t, cols] = ddelta.astype(outs["ddelta"].dtype)
-            accumulate(1, ddelta)  # ddelta_bias
+            for name in ("du", "ddelta", "dz"):
+                if grads[name] is not None:
+                    outs[name][batch, t, cols] = grads[name].astype(outs[name].dtype)
+            accumulate(0, grads["dD"])
+            accumulate(1, grads["ddelta"])  # ddelta_bias
         return lam, dA, totals, compensations
 
     def tile(indices, *refs_and_carry):
@@ -224,27 +203,6 @@ def _adjoint_kernel(ins, outs, *, chunk: int, delta_softplus: bool):
     outs["dtsum"][batch, j, cols] = dtsum
 
 
-def _launch(kernel, ins: dict, out_type: dict, programs: int, *, interpret: bool, **options) -> dict:
-    """``plgpu.kernel`` of ``kernel(ins, outs, **options)`` over the grid (b, di / WIDTH, programs): {name: array} of
-    ``out_type``'s names."""
-    batch, _, dim = ins["delta"].shape
-    names = list(ins) + list(out_type)
-
-    def body(*refs):
-        refs = dict(zip(names, refs, strict=True))
-        kernel({name: refs[name] for name in ins}, {name: refs[name] for name in out_type}, **options)
-
-    results = plgpu.kernel(
-        body,
-        out_type=tuple(out_type.values()),
-        grid=(batch, dim // WIDTH, programs),
-        grid_names=("b", "c", "j"),
-        compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
-        interpret=plgpu.InterpretGPUParams() if interpret else False,
-    )(*ins.values())
-    return dict(zip(out_type, results, strict=True))
-
-
 def scan_adjoints(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: int, interpret: bool):
     """The adjoint launch on chunks 1 .. K - 1 (K = l / chunk > 1): {lam float32 (b, K - 1, n, di), dtsum float32
     (b, K - 1, di)}, entry j for chunk j + 1, as ``pallas_bwd.scan_adjoints``."""
@@ -258,7 +216,7 @@ def scan_adjoints(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: 
     }
     ins = {name: inputs[name] for name in ("delta", "dout", "z", "BC", "A2", "delta_bias") if name in inputs}
     options = {"chunk": chunk, "delta_softplus": delta_softplus}
-    return _launch(_adjoint_kernel, ins, out_type, count - 1, interpret=interpret, **options)
+    return launch(_adjoint_kernel, ins, out_type, count - 1, interpret=interpret, **options)
 
 
 def scan_backward(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: int, every: int, interpret: bool):
@@ -289,7 +247,7 @@ def scan_backward(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: 
     shuffle = functools.partial(_shuffle_xor, interpret=interpret)
     options = {"chunk": chunk, "group_dim": group_dim, "delta_softplus": delta_softplus, "every": every}
     options["shuffle"] = shuffle
-    results = _launch(_reverse_kernel, ins, out_type, count, interpret=interpret, **options)
+    results = launch(_reverse_kernel, ins, out_type, count, interpret=interpret, **options)
     # (b, l, g, blocks of 128, R, 4 warps x 32) -> (b, l, g, blocks of 32, R, 32): one partial per warp, in order.
     dBC = results["dBC"].reshape(batch, seqlen, groups, group_dim // WIDTH, rows, WIDTH // WARP, WARP)
     results["dBC"] = jnp.swapaxes(dBC, 4, 5).reshape(batch, seqlen, groups, group_dim // WARP, rows, WARP)

@@ -163,20 +163,15 @@ def _scan_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bool,
         outs["dtsum"][batch, chunk_index, cols] = dtsum
 
 
-def _launch(ins: dict, out_type: dict, programs: int, *, interpret: bool, **options) -> dict:
-    """``plgpu.kernel`` of ``_scan_kernel`` over the grid (b, di / WIDTH, programs) with ``options`` bound: {name:
-    array} of ``out_type``'s names."""
-    batch, _, dim = ins["u"].shape
+def launch(kernel, ins: dict, out_type: dict, programs: int, *, interpret: bool, **options) -> dict:
+    """``plgpu.kernel`` of ``kernel(ins, outs, **options)`` (refs by name) over the grid (b, di / WIDTH, programs),
+    named b, c, j, with b and di from ``ins["delta"]``: {name: array} of ``out_type``'s names."""
+    batch, _, dim = ins["delta"].shape
     names = list(ins) + list(out_type)
 
     def body(*refs):
         refs = dict(zip(names, refs, strict=True))
-        _scan_kernel(
-            {name: refs[name] for name in ins},
-            {name: refs[name] for name in out_type},
-            group_dim=dim // ins["BC"].shape[2],
-            **options,
-        )
+        kernel({name: refs[name] for name in ins}, {name: refs[name] for name in out_type}, **options)
 
     results = plgpu.kernel(
         body,
@@ -208,7 +203,14 @@ def scan_forward(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: i
     d_state = inputs["A2"].shape[0]
     count = seqlen // chunk
     f32 = jnp.float32
-    options = {"chunk": chunk, "delta_softplus": delta_softplus, "every": 1, "interpret": interpret}
+    group_dim = dim // inputs["BC"].shape[2]
+    options = {
+        "chunk": chunk,
+        "group_dim": group_dim,
+        "delta_softplus": delta_softplus,
+        "every": 1,
+        "interpret": interpret,
+    }
     first = {name: value for name, value in inputs.items() if name not in ("z", "h0")}
     second = dict(inputs)
     if count > 1:
@@ -216,13 +218,13 @@ def scan_forward(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: i
             "h_end": jax.ShapeDtypeStruct((batch, count - 1, d_state, dim), f32),
             "dtsum": jax.ShapeDtypeStruct((batch, count - 1, dim), f32),
         }
-        ends = _launch(first, ends, count - 1, **options)
+        ends = launch(_scan_kernel, first, ends, count - 1, **options)
         second["ends"], second["dtsum"] = ends["h_end"], ends["dtsum"]
     results = {
         "out": jax.ShapeDtypeStruct(u.shape, u.dtype),
         "h_end": jax.ShapeDtypeStruct((batch, count, d_state, dim), f32),
     }
-    return _launch(second, results, count, **options)
+    return launch(_scan_kernel, second, results, count, **options)
 
 
 def scan_checkpoints(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: int, every: int, interpret: bool):
@@ -235,5 +237,12 @@ def scan_checkpoints(inputs: dict[str, jax.Array], *, delta_softplus: bool, chun
     d_state = inputs["A2"].shape[0]
     ins = {name: value for name, value in inputs.items() if name not in ("z", "h0")}
     checkpoints = jax.ShapeDtypeStruct((batch, seqlen // every + 1, d_state, dim), jnp.float32)
-    options = {"chunk": chunk, "delta_softplus": delta_softplus, "every": every, "interpret": interpret}
-    return _launch(ins, {"checkpoints": checkpoints}, seqlen // chunk, **options)
+    group_dim = dim // inputs["BC"].shape[2]
+    options = {
+        "chunk": chunk,
+        "group_dim": group_dim,
+        "delta_softplus": delta_softplus,
+        "every": every,
+        "interpret": interpret,
+    }
+    return launch(_scan_kernel, ins, {"checkpoints": checkpoints}, seqlen // chunk, **options)

@@ -60,6 +60,43 @@ def gated_cotangent(g, z, ops: KernelMath):
     return g * z * sig_z, sig_z
 
 
+def reverse_step(step: dict, lam: list, dA: list, A2: list, D: jax.Array, delta_softplus: bool, ops: KernelMath):
+    """Step t of the reverse walk, for both backends' kernels (rows of one value per channel, lists over the n state
+    indices). step: u, g (the output's cotangent), z (or None), x (delta + delta_bias), dt, B and C (n scalars each),
+    h (h_{t-1}) and h_next (h_t). Updates lam (lam_t + the readout's share -> what step t - 1 receives) and the dA
+    sums in place; returns {dz (None without z), dD (this step's term), du, ddelta, dBC: the 2n rows dB_t, then
+    dC_t, before their sum over channels}."""
+    u, g, dt = step["u"], step["g"], step["dt"]
+    gy, sig_z = gated_cotangent(g, step["z"], ops)
+    dz = None
+    if step["z"] is not None:
+        y = ops.dot(step["h_next"], step["C"], D * u)
+        dz = g * y * sig_z * ops.fma(step["z"], 1.0 - sig_z, 1.0)
+    dtu = dt * u
+    lam_B = lam_ah_A2 = None  # <lam_t, B_t> and <lam_t, a_t h_{t-1}> A log2(e)
+    dB, dC = [], []
+    for k in range(len(lam)):
+        lam[k] = ops.fma(gy, step["C"][k], lam[k])
+        dC.append(gy * step["h_next"][k])
+        dB.append(lam[k] * dtu)
+        decay = ops.exp2(dt * A2[k])
+        lam_ah = lam[k] * decay * step["h"][k]
+        if k == 0:
+            lam_B, lam_ah_A2 = lam[k] * step["B"][k], lam_ah * A2[k]
+        else:
+            lam_B, lam_ah_A2 = ops.fma(lam[k], step["B"][k], lam_B), ops.fma(lam_ah, A2[k], lam_ah_A2)
+        dA[k] = ops.fma(lam_ah, dt, dA[k])
+        lam[k] = decay * lam[k]
+    ddt = ops.fma(u, lam_B, lam_ah_A2 * LN_2)
+    return {
+        "dz": dz,
+        "dD": gy * u,
+        "du": ops.fma(gy, D, dt * lam_B),
+        "ddelta": ddt * ops.sigmoid(step["x"]) if delta_softplus else ddt,
+        "dBC": dB + dC,
+    }
+
+
 def _adjoint_kernel(
     ins, outs, *, blocks: ScanBlocks, group_dim: int, delta_softplus: bool, chunks: Chunks, ops: KernelMath
 ):
@@ -228,32 +265,14 @@ def _backward_kernel(
             states.append([ops.fma(ops.exp2(dt[s] * A2[k]), states[s][k], dtu * B[s][k]) for k in range(d_state)])
         grads = {name: [None] * size for name in ("du", "ddelta", "dz", "dBC")}
         for s in reversed(range(size)):
-            u, g = data["u"][s], data["dout"][s]
-            gy, sig_z = gated_cotangent(g, data["z"][s] if "z" in data else None, ops)
-            if "z" in data:
-                z = data["z"][s]
-                y = ops.dot(states[s + 1], C[s], D * u)
-                grads["dz"][s] = g * y * sig_z * ops.fma(z, 1.0 - sig_z, 1.0)
-            accumulate(0, gy * u)  # dD
-            dtu = dt[s] * u
-            lam_B = zeros  # <lam_t, B_t>
-            lam_ah_A2 = zeros  # <lam_t, a_t h_{t-1}> A log2(e)
-            dB, dC = [], []
-            for k in range(d_state):
-                lam[k] = ops.fma(gy, C[s][k], lam[k])
-                dC.append(gy * states[s + 1][k])
-                dB.append(lam[k] * dtu)
-                lam_B = ops.fma(lam[k], B[s][k], lam_B)
-                decay = ops.exp2(dt[s] * A2[k])
-                lam_ah = lam[k] * decay * states[s][k]
-                lam_ah_A2 = ops.fma(lam_ah, A2[k], lam_ah_A2)
-                dA[k] = ops.fma(lam_ah, dt[s], dA[k])
-                lam[k] = decay * lam[k]
-            grads["dBC"][s] = lane_sums(dB + dC, lane, shuffle, blocks.channels)
-            grads["du"][s] = ops.fma(gy, D, dt[s] * lam_B)
-            ddt = ops.fma(u, lam_B, lam_ah_A2 * LN_2)
-            grads["ddelta"][s] = ddt * ops.sigmoid(x[s]) if delta_softplus else ddt
-            accumulate(1, grads["ddelta"][s])  # ddelta_bias
+            step = {"u": data["u"][s], "g": data["dout"][s], "z": data["z"][s] if "z" in data else None, "x": x[s]}
+            step.update(dt=dt[s], B=B[s], C=C[s], h=states[s], h_next=states[s + 1])
+            step_grads = reverse_step(step, lam, dA, A2, D, delta_softplus, ops)
+            grads["dBC"][s] = lane_sums(step_grads["dBC"], lane, shuffle, blocks.channels)
+            for name in ("du", "ddelta", "dz"):
+                grads[name][s] = step_grads[name]
+            accumulate(0, step_grads["dD"])
+            accumulate(1, step_grads["ddelta"])  # ddelta_bias
         for s in range(size):
             for name in ("du", "ddelta", "dz"):
                 if name in outs:
