@@ -124,14 +124,17 @@ def _reverse_kernel(ins, outs, *, chunk: int, group_dim: int, delta_softplus: bo
         return carry
 
     times = pl.ds(chunk_index * chunk, chunk)
-    reverse = lambda i: (tiles - 1 - i, 0)  # noqa: E731
+
+    def reverse(i, *rest):  # the tiles last first
+        return (tiles - 1 - i, *rest)
+
     pipeline = plgpu.emit_pipeline(
         tile,
         grid=(tiles,),
-        in_specs=[plgpu.BlockSpec((steps, WIDTH), reverse)] * len(row_names)
+        in_specs=[plgpu.BlockSpec((steps, WIDTH), lambda i: reverse(i, 0))] * len(row_names)
         + [
-            plgpu.BlockSpec((steps, ins["BC"].shape[3]), reverse),
-            plgpu.BlockSpec((steps // every, d_state, WIDTH), lambda i: (tiles - 1 - i, 0, 0)),
+            plgpu.BlockSpec((steps, ins["BC"].shape[3]), lambda i: reverse(i, 0)),
+            plgpu.BlockSpec((steps // every, d_state, WIDTH), lambda i: reverse(i, 0, 0)),
         ],
         max_concurrent_steps=STAGES,
         init_carry=(
@@ -188,7 +191,10 @@ def _adjoint_kernel(ins, outs, *, chunk: int, delta_softplus: bool):
         return lam, dtsum
 
     times = pl.ds((j + 1) * chunk, chunk)
-    reverse = lambda i: (tiles - 1 - i, 0)  # noqa: E731
+
+    def reverse(i):  # the tiles last first
+        return (tiles - 1 - i, 0)
+
     pipeline = plgpu.emit_pipeline(
         tile,
         grid=(tiles,),
@@ -246,8 +252,7 @@ def scan_backward(inputs: dict[str, jax.Array], *, delta_softplus: bool, chunk: 
     ins = {name: inputs[name] for name in names if name in inputs}
     shuffle = functools.partial(_shuffle_xor, interpret=interpret)
     options = {"chunk": chunk, "group_dim": group_dim, "delta_softplus": delta_softplus, "every": every}
-    options["shuffle"] = shuffle
-    results = launch(_reverse_kernel, ins, out_type, count, interpret=interpret, **options)
+    results = launch(_reverse_kernel, ins, out_type, count, interpret=interpret, shuffle=shuffle, **options)
     # (b, l, g, blocks of 128, R, 4 warps x 32) -> (b, l, g, blocks of 32, R, 32): one partial per warp, in order.
     dBC = results["dBC"].reshape(batch, seqlen, groups, group_dim // WIDTH, rows, WIDTH // WARP, WARP)
     results["dBC"] = jnp.swapaxes(dBC, 4, 5).reshape(batch, seqlen, groups, group_dim // WARP, rows, WARP)
