@@ -185,21 +185,26 @@ def test_processes_agree_to_start_or_all_stop():
     assert outputs[1] == ["OSError process 1's own error", "OSError process 1's own error", different]
 
 
-def test_a_bad_input_on_one_process_stops_every_process(tmp_path):
-    """Process 1 alone is given a data path that does not exist: it fails its start-up checks with its own error,
-    process 0 (whose checks pass) stops too, naming process 1, and both exit within seconds, not when a JAX timeout
-    would end a process left waiting in a collective. Nothing is written."""
+@pytest.mark.parametrize("bad_input", ["data", "model"])
+def test_a_bad_input_on_one_process_stops_every_process(tmp_path, bad_input):
+    """Process 1 alone is given a data path (or a --model file) that does not exist: it fails its start-up checks
+    with its own error, process 0 (whose checks pass) stops too, naming process 1, and both exit within seconds, not
+    when a JAX timeout would end a process left waiting in a collective. Nothing is written."""
     write_corpus(tmp_path / "corpus")
     model_json = tmp_path / "model.json"
     model_json.write_text(json.dumps(MODEL.to_dict()))
     missing = tmp_path / "missing"
+    flag, message = {
+        "data": ("--data", f"error: data path '{missing}' does not exist"),
+        "model": ("--model", f"error: --model {missing} is not a config file, and unknown preset"),
+    }[bad_input]
 
     began = time.monotonic()
-    results = launch(run_config(tmp_path, "multi"), model_json, timeout=120, flags_of={1: ["--data", str(missing)]})
+    results = launch(run_config(tmp_path, "multi"), model_json, timeout=120, flags_of={1: [flag, str(missing)]})
     elapsed = time.monotonic() - began
     assert [r.returncode for r in results] == [2, 2], [r.stderr[-3000:] for r in results]
     assert elapsed < 60, elapsed  # about 10 s; before, process 0 waited until killed
-    assert f"error: data path '{missing}' does not exist" in results[1].stderr
+    assert message in results[1].stderr
     assert "error: process 1 of 2 failed its start-up checks" in results[0].stderr
     assert "read process 1's log" in results[0].stderr
     assert not (tmp_path / "multi").exists()

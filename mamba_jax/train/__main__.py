@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mamba_jax.config import PRESETS, MambaConfig
 from mamba_jax.train.config import TrainConfig, TrainError
+from mamba_jax.train.distributed import agree_to_start, initialize_distributed
 from mamba_jax.train.loop import run_prepared
 from mamba_jax.train.prepare import prepare_run
 
@@ -35,7 +36,13 @@ def model_config(name: str | None, overrides: Sequence[str]) -> MambaConfig | No
         if overrides:
             raise ValueError("--set needs --model (the config the overrides apply to)")
         return None
-    config = MambaConfig.from_json(name) if Path(name).is_file() else MambaConfig.preset(name)
+    if Path(name).is_file():
+        config = MambaConfig.from_json(name)
+    else:
+        try:
+            config = MambaConfig.preset(name)
+        except ValueError as e:
+            raise ValueError(f"--model {name} is not a config file, and {e}") from None
     values = {}
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -71,12 +78,19 @@ def error(e: Exception) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv``; returns the exit status."""
     args = vars(parser().parse_args(argv))
+    name, overrides = args.pop("model"), args.pop("set")
     # Start-up checks the arguments, the run dir and the data: a ValueError or OSError here is the user's input.
     try:
-        config = model_config(args.pop("model"), args.pop("set"))
         cfg = TrainConfig(**args)
-        if not cfg.data:
-            raise TrainError("--data is required: a folder of *.bin token shards or of text files")
+        try:
+            config = model_config(name, overrides)
+            if not cfg.data:
+                raise TrainError("--data is required: a folder of *.bin token shards or of text files")
+        except (ValueError, OSError) as e:
+            # Possibly this process's alone (its --model file): it joins the run and takes part in prepare_run's
+            # agreement (the first collective), so that the other processes stop too instead of waiting for it.
+            initialize_distributed(cfg)
+            agree_to_start(0, cfg.run_dir, e)
         run = prepare_run(cfg, config)
     except (ValueError, OSError) as e:
         return error(e)
